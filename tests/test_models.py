@@ -1,0 +1,85 @@
+"""Model sources: the real packaged SmolLM2 and the GGUF conversion cache."""
+import pytest
+import torch
+
+from corpus_tools import models
+from conftest import make_tiny_tokenizer
+
+PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good"
+
+
+def test_smollm2_loads_with_finite_logits(smollm2):
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = smollm2.model(ids).logits
+    assert logits.shape == (1, ids.shape[1], smollm2.info.vocab_size)
+    assert torch.isfinite(logits.float()).all()
+    info = smollm2.info
+    assert (info.n_layers, info.hidden_size, info.vocab_size) == (30, 576, 49152)
+    assert 130e6 < info.n_params < 140e6
+
+
+def test_greedy_is_deterministic_and_sensible(smollm2):
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids
+    outs = [smollm2.model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+            for _ in range(2)]
+    assert outs[0] == outs[1]
+
+
+def test_real_weights_predict_real_text(smollm2):
+    """Random weights give ~log|V| = 10.8 nats/token; the real model must do far better on prose."""
+    ids = smollm2.tokenizer(PROMPT + " fortune, must be in want of a wife.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = smollm2.model(ids, labels=ids).loss.item()
+    assert loss < 5.0
+
+
+def test_cached_reload_gives_same_logits(smollm2):
+    again = models.load("smollm2-135m")
+    assert again.info.path == smollm2.info.path  # the same cached conversion, not a new one
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = smollm2.model(ids).logits, again.model(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
+    """A crash mid-conversion leaves no cache entry; the next call converts and the one after reuses."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    paths = models.packaged_gguf("smollm2-135m")
+    import transformers
+    real_save = transformers.PreTrainedModel.save_pretrained
+
+    def crash(self, *a, **k):
+        real_save(self, *a, **k)
+        raise KeyboardInterrupt("simulated kill after writing weights")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        models.convert_gguf(paths, "smollm2-135m")
+    assert list((tmp_path / "models").iterdir()) == []  # no half-written entry, temp dir removed
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", real_save)
+    dst = models.convert_gguf(paths, "smollm2-135m")
+    assert (dst / "model.safetensors").exists()
+    mtime = (dst / "model.safetensors").stat().st_mtime_ns
+    assert models.convert_gguf(paths, "smollm2-135m") == dst
+    assert (dst / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_fingerprint_distinguishes_tokenizers(smollm2):
+    tiny = make_tiny_tokenizer()
+    fp_smol = smollm2.info.fingerprint
+    assert fp_smol == models.tokenizer_fingerprint(smollm2.tokenizer)
+    assert fp_smol != models.tokenizer_fingerprint(tiny)
+    with pytest.raises(models.TokenizerMismatch, match="do not share a tokenizer"):
+        models.check_same_tokenizer({"smollm2": fp_smol, "tiny": models.tokenizer_fingerprint(tiny)})
+    assert models.check_same_tokenizer({"a": fp_smol, "b": fp_smol}) == fp_smol
+
+
+def test_bad_model_names_are_explained(tmp_path):
+    with pytest.raises(models.ModelSourceError, match="does not exist"):
+        models.resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(models.ModelSourceError, match="no config.json"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(models.ModelSourceError, match="unknown model"):
+        models.resolve("no-such-alias")
