@@ -249,9 +249,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "bfloat16", device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer by any supported name. bf16 is the default: on these CPUs
-    it was 1.3-2x faster than fp32 (greedy outputs differ between dtypes: compare within one)."""
+def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer by any supported name. float32 is the default: on CPUs without
+    AVX512-BF16 (the AVX2 machines here) bf16 matmuls measured ~5x slower than fp32 (corpus_tools/record.py);
+    pass dtype="bfloat16" on a GPU. Greedy outputs differ between dtypes: record, fit and decode with one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="train.py models", description=main.__doc__)
     ap.add_argument("name", nargs="?", help="alias, hub id, local dir or .gguf file to load")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = ap.parse_args(argv)
     if not args.name:
         for alias, e in ALIASES.items():

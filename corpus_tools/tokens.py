@@ -1,0 +1,53 @@
+"""What kind of text a token is: punctuation, the continuation of a word, the start of a word, or other.
+
+The seed's question ("are the sure positions punctuation and word suffixes?") needs this, and so do the gate's
+reports. Word boundaries come from the tokenizer's own space marker: byte-level BPE writes a leading space as
+'Ġ', SentencePiece as '▁'. A word after a newline or an opening quote has no marker, so, given the token before
+it (`prev_ids`), a token only counts as a continuation when it is glued to a letter or digit.
+"""
+from __future__ import annotations
+
+import functools
+import unicodedata
+
+import numpy as np
+
+CLASSES = ("punct", "continuation", "word_start", "other")
+PUNCT, CONTINUATION, WORD_START, OTHER = range(4)
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab_table(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Per vocabulary id: its class without context, and whether its text ends in a letter or digit."""
+    n = len(tokenizer)
+    cls = np.full(n, OTHER, dtype=np.int8)
+    ends_alnum = np.zeros(n, dtype=bool)
+    special = set(tokenizer.all_special_ids)
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(n)))):
+        if piece is None or i in special:
+            continue
+        text = tokenizer.convert_tokens_to_string([piece])
+        body = text.strip()
+        ends_alnum[i] = text[-1:].isalnum()
+        if not body or "\ufffd" in body:  # whitespace, or a partial UTF-8 byte sequence
+            continue
+        if all(unicodedata.category(c).startswith("P") for c in body):
+            cls[i] = PUNCT
+        elif body[0].isalnum() or (body[0] in "'\u2019" and body[1:].isalpha()):  # "'s", "’t" are suffixes
+            starts_word = piece.startswith(("\u0120", "\u2581")) or text[:1].isspace()
+            cls[i] = WORD_START if starts_word else CONTINUATION
+    return cls, ends_alnum
+
+
+def token_class(tokenizer, ids, prev_ids=None) -> np.ndarray:
+    """Class names (CLASSES) of `ids`; with `prev_ids` (the token before each one) a marker-less word that
+    follows a non-letter (newline, quote, dash, start of text) is a word start, not a continuation."""
+    cls_table, ends_alnum = _vocab_table(tokenizer)
+    ids = np.asarray(ids, dtype=np.int64)
+    known = (ids >= 0) & (ids < len(cls_table))  # padded output rows beyond the tokenizer's vocabulary
+    cls = np.where(known, cls_table[np.where(known, ids, 0)], OTHER)
+    if prev_ids is not None:
+        prev = np.asarray(prev_ids, dtype=np.int64)
+        glued = (prev >= 0) & (prev < len(ends_alnum)) & ends_alnum[np.clip(prev, 0, len(ends_alnum) - 1)]
+        cls = np.where((cls == CONTINUATION) & ~glued, WORD_START, cls)
+    return np.asarray(CLASSES)[cls]
