@@ -29,14 +29,27 @@ model: venv
 
 books: data/books/.done
 data/books/.done: data/make_demo_books.py | venv
-	$(PY) data/make_demo_books.py --out data/books
+	$(PY) data/make_demo_books.py --out data/books --force
 	touch $@
 
+# Demo size: the first DEMO_TOKENS positions of each of the six novels (about 10 minutes on 2 cores in all).
+DEMO_TOKENS ?= 4000
 demo: venv books model
 	$(PY) train.py corpus --epubs data/books --out $(RUN)/corpus
+	$(PY) train.py inventory --model $(MODEL) --corpus $(RUN)/corpus --split train --out $(RUN)/inventory
+	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/corpus --out $(RUN)/records \
+	    --max-tokens-per-book $(DEMO_TOKENS)
+	$(PY) train.py report --records $(RUN)/records --out $(RUN)/report
+	$(PY) train.py fit --records $(RUN)/records --out $(RUN)/gate
+	$(PY) train.py evaluate --records $(RUN)/records --gate $(RUN)/gate --out $(RUN)/eval
+	$(PY) infer.py --demo --corpus $(RUN)/corpus --gate $(RUN)/gate -m 64
 
 test: venv books model
 	$(PY) -m pytest
+
+bench: venv books model
+	$(PY) bench/record.py
+	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus
 
 clean:
 	rm -rf runs $(VENV) data/books data/debs

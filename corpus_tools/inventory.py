@@ -1,0 +1,261 @@
+"""Tokenizer inventory (seed 003): which tokens are punctuation, which continue a word, how often each occurs.
+
+`python train.py inventory --model M --corpus DIR [--out DIR] [--split train]` tokenizes the corpus books with
+the model's tokenizer and writes `inventory.json` (per-token kind and corpus count) and `inventory.md` (the
+findings: the punctuation and word-continuation tokens, how often they occur, what share of the text they are).
+
+Static token kinds (a property of the vocabulary, one per token id), from the token's decoded text:
+    punct   every non-space character is Unicode punctuation or a symbol (",", ".", ",\u201d", " \u201c", "--");
+    suffix  starts with a letter and has no leading space ("et" in " Benn|et"), or is an apostrophe clitic
+            ("'s", "\u2019ll"): a piece that continues a word when it follows a letter (seed 003's suffix tokens);
+    word    a space followed by a letter (" dear"): starts a new word;
+    space   only whitespace (newlines);
+    other   digits, special tokens, partial UTF-8 byte pieces, mixed symbols.
+
+Positional token classes (what a token is *at a position*; it depends on the token before it) are the project's
+shared definition in corpus_tools.tokens (CLASSES = punct / continuation / word_start / other: a marker-less
+alphanumeric piece glued to a letter or digit continues a word, after anything else it starts one). This module
+only adds an array form (`class_tables` once per tokenizer, then `token_class` on plain arrays) so the gate can
+classify at decode time without the tokenizer.
+
+`restricted_vocab()` is what the word-completion head uses to pick its output vocabulary (see gate/heads.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+
+from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
+
+KINDS = ("punct", "suffix", "word", "space", "other")
+PUNCT, SUFFIX, WORD, SPACE, OTHER_KIND = range(5)
+APOSTROPHES = ("'", "\u2019")
+
+
+def _is_punct_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "PS"
+
+
+def kind_of_text(text: str, special: bool = False) -> int:
+    """Static kind of a token from its decoded text (see the module docstring)."""
+    if special or not text or "\ufffd" in text:
+        return OTHER_KIND
+    core = text.strip()
+    if not core:
+        return SPACE
+    lead_space = text[0].isspace()
+    if all(_is_punct_char(c) for c in core):
+        return PUNCT
+    if core[0].isalpha():
+        return WORD if lead_space else SUFFIX
+    if (not lead_space and len(core) > 1 and core[0] in APOSTROPHES and core[1:].isalpha()):
+        return SUFFIX
+    return OTHER_KIND
+
+
+def token_table(tokenizer) -> dict[str, np.ndarray]:
+    """Per-token-id arrays over the whole vocabulary: `kind` (int8, KINDS), `texts`, and the shared class
+    tables `cls` (int8 index into CLASSES, without context) and `ends_alnum` (see `class_tables`)."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    kind = np.array([kind_of_text(t, i in special) for i, t in enumerate(texts)], dtype=np.int8)
+    cls, ends_alnum = class_tables(tokenizer)
+    return {"kind": kind, "cls": cls, "ends_alnum": ends_alnum, "texts": np.array(texts, dtype=object)}
+
+
+def class_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(context-free class per id, ends-with-letter-or-digit per id), exactly as corpus_tools.tokens uses them."""
+    from corpus_tools import tokens
+    ids = np.arange(len(tokenizer))
+    names = tokens.token_class(tokenizer, ids)
+    cls = np.array([CLASSES.index(c) for c in names], dtype=np.int8)
+    # ends_alnum: the ids after which a continuation-class token stays a continuation
+    prev_probe = tokens.token_class(tokenizer, np.full(len(ids), _a_continuation(cls)), ids)
+    ends_alnum = prev_probe == CLASSES[CONTINUATION]
+    return cls, ends_alnum
+
+
+def _a_continuation(cls: np.ndarray) -> int:
+    c = np.flatnonzero(cls == CONTINUATION)
+    if not len(c):
+        raise ValueError("tokenizer has no word-continuation tokens; cannot classify positions")
+    return int(c[0])
+
+
+def token_class(prev_ids, ids, cls: np.ndarray, ends_alnum: np.ndarray) -> np.ndarray:
+    """Positional class (CLASSES index, int8) of token `ids` after token `prev_ids` (arrays or ints; prev < 0
+    or outside the table means no glueing token). Same rule as corpus_tools.tokens.token_class, on arrays."""
+    ids = np.asarray(ids, dtype=np.int64)
+    prev = np.asarray(prev_ids, dtype=np.int64)
+    known = (ids >= 0) & (ids < len(cls))
+    out = np.where(known, cls[np.where(known, ids, 0)], OTHER).astype(np.int8)
+    pk = (prev >= 0) & (prev < len(ends_alnum))
+    glued = pk & ends_alnum[np.where(pk, prev, 0)]
+    out[(out == CONTINUATION) & ~glued] = WORD_START
+    return out
+
+
+def restricted_vocab(freq: np.ndarray, kind: np.ndarray, size: int,
+                     always_kinds: tuple[int, ...] = (PUNCT,), min_count: int = 1) -> np.ndarray:
+    """The output vocabulary of a restricted head: sorted token ids, at most `size` of them.
+
+    First every token of `always_kinds` (punctuation by default) seen at least `min_count` times, then the
+    most frequent remaining tokens by `freq` (ties broken by id, so the choice is deterministic). `freq` is
+    what the head should predict: the fit uses the big model's argmax counts on the train split, plus the
+    text counts as a tie-breaker. Tokens never seen are never chosen.
+    """
+    freq = np.asarray(freq, dtype=np.float64)
+    if freq.shape != kind.shape:
+        raise ValueError(f"freq has {freq.shape[0]} entries but the vocabulary has {kind.shape[0]}")
+    seen = freq >= max(min_count, 1e-12)
+    must = np.flatnonzero(np.isin(kind, always_kinds) & seen)
+    order = np.lexsort((np.arange(freq.size), -freq))         # by frequency desc, then id
+    must = must[np.argsort(-freq[must], kind="stable")][:size]
+    chosen = list(must)
+    taken = set(chosen)
+    for i in order:
+        if len(chosen) >= size or not seen[i]:
+            break
+        if i not in taken:
+            chosen.append(int(i))
+            taken.add(int(i))
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- corpus side
+def read_corpus(corpus: Path, split: str | None = None) -> list[tuple[str, str]]:
+    """(book_id, text) for the books of a corpus folder (manifest.jsonl + text/<book_id>.txt)."""
+    man = corpus / "manifest.jsonl"
+    if not man.is_file():
+        raise FileNotFoundError(f"{man}: no corpus manifest (make one with `python train.py corpus`)")
+    rows = []
+    for n, line in enumerate(man.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{man}:{n}: not JSON ({e})") from None
+    if split:
+        rows = [r for r in rows if r.get("split") == split]
+    if not rows:
+        raise ValueError(f"{man}: no books" + (f" in split {split!r}" if split else ""))
+    out = []
+    for r in rows:
+        p = corpus / "text" / f"{r['book_id']}.txt"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: listed in {man} but missing")
+        out.append((r["book_id"], p.read_text(encoding="utf-8")))
+    return out
+
+
+def count_tokens(tokenizer, books: list[tuple[str, str]], cls, ends_alnum):
+    """Token counts over the vocabulary, counts per positional class, and per-token counts of the positions
+    where the token is a word continuation."""
+    n = len(tokenizer)
+    counts = np.zeros(n, dtype=np.int64)
+    cont_counts = np.zeros(n, dtype=np.int64)
+    cls_counts = np.zeros(len(CLASSES), dtype=np.int64)
+    for _, text in books:
+        ids = np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+        if ids.size == 0:
+            continue
+        counts += np.bincount(ids, minlength=n)[:n]
+        prev = np.concatenate([[-1], ids[:-1]])
+        c = token_class(prev, ids, cls, ends_alnum)
+        cls_counts += np.bincount(c, minlength=len(CLASSES))
+        cont_counts += np.bincount(ids[c == CONTINUATION], minlength=n)[:n]
+    return counts, cls_counts, cont_counts
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _md_token(text: str) -> str:
+    """A token's text inside a markdown table code span: whitespace made visible, pipes escaped."""
+    return (text.replace("\n", "\\n").replace("\t", "\\t").replace("|", "\\|").replace("`", "'")
+            .replace(" ", "\u2423"))
+
+
+def build_inventory(tokenizer, books, top: int = 40) -> tuple[dict, str]:
+    tab = token_table(tokenizer)
+    kind, texts = tab["kind"], tab["texts"]
+    counts, cls_counts, cont_counts = count_tokens(tokenizer, books, tab["cls"], tab["ends_alnum"])
+    total = int(counts.sum())
+    from corpus_tools.models import tokenizer_fingerprint
+    inv = {
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": int(len(tokenizer)),
+        "books": [b for b, _ in books],
+        "corpus_tokens": total,
+        "kinds": {k: int((kind == i).sum()) for i, k in enumerate(KINDS)},
+        "kind_share_of_corpus": {k: float(counts[kind == i].sum() / max(total, 1)) for i, k in enumerate(KINDS)},
+        "class_share_of_corpus": {c: float(cls_counts[i] / max(total, 1)) for i, c in enumerate(CLASSES)},
+        "tokens": [{"id": int(i), "text": texts[i], "kind": KINDS[kind[i]], "count": int(counts[i]),
+                    "as_continuation": int(cont_counts[i])} for i in np.flatnonzero(counts)],
+    }
+    # markdown findings
+    lines = [f"# Tokenizer inventory ({len(books)} books, {total:,} tokens)", "",
+             f"Tokenizer fingerprint `{inv['fingerprint']}`, vocabulary {inv['vocab_size']:,}.", "",
+             "| kind | tokens in vocabulary | used in corpus | share of corpus tokens |", "|---|---|---|---|"]
+    for i, k in enumerate(KINDS):
+        lines.append(f"| {k} | {int((kind == i).sum()):,} | {int(((kind == i) & (counts > 0)).sum()):,} | "
+                     f"{inv['kind_share_of_corpus'][k]:.1%} |")
+    lines += ["", "Positional classes (corpus_tools.tokens: a marker-less piece glued to a letter or digit continues "
+              "a word):", "",
+              "| class | share of corpus tokens |", "|---|---|"]
+    lines += [f"| {c} | {inv['class_share_of_corpus'][c]:.1%} |" for c in CLASSES]
+    for title, cnt, sel in (("punctuation tokens", counts, kind == PUNCT),
+                            ("suffix-kind tokens (no leading space; a word start after a quote or newline)", counts,
+                             kind == SUFFIX),
+                            ("word-continuation tokens, counted where they continue a word", cont_counts,
+                             cont_counts > 0)):
+        ids = np.flatnonzero(sel & (cnt > 0))
+        ids = ids[np.argsort(-cnt[ids], kind="stable")][:top]
+        lines += ["", f"## Most frequent {title}", "", "| id | token | count | share of corpus |",
+                  "|---|---|---|---|"]
+        lines += [f"| {j} | `{_md_token(texts[j])}` | {cnt[j]:,} | {cnt[j] / max(total, 1):.2%} |" for j in ids]
+    return inv, "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """`python train.py inventory`: punctuation and word-continuation tokens of a tokenizer, counted in a corpus."""
+    ap = argparse.ArgumentParser(prog="train.py inventory", description=main.__doc__)
+    ap.add_argument("--model", default="smollm2-135m", help="model whose tokenizer to inventory")
+    ap.add_argument("--corpus", required=True, help="corpus folder (manifest.jsonl + text/)")
+    ap.add_argument("--split", default=None, help="count only the books of this split (default: all)")
+    ap.add_argument("--out", default=None, help="output folder (default: CORPUS/../inventory)")
+    ap.add_argument("--top", type=int, default=40, help="tokens listed per kind in inventory.md")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    from transformers import AutoTokenizer
+
+    from corpus_tools.models import resolve
+    corpus = Path(args.corpus)
+    books = read_corpus(corpus, args.split)
+    tok = AutoTokenizer.from_pretrained(resolve(args.model))
+    inv, md = build_inventory(tok, books, args.top)
+    inv["model"] = args.model
+    out = Path(args.out) if args.out else corpus.resolve().parent / "inventory"
+    atomic_write_text(out / "inventory.json", json.dumps(inv, ensure_ascii=False))
+    atomic_write_text(out / "inventory.md", md)
+    print(md)
+    print(f"[inventory] wrote {out}/inventory.json and inventory.md in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The Drafter (docs/interfaces.md): the trained heads + gate as one artifact the `gate` decode policy loads.
+
+    drafter = load_drafter(path, big_info)       # refuses another tokenizer (TokenizerMismatch)
+    tok, score = drafter.propose(ids, hidden, since_big)
+
+`propose` returns the candidate for position len(ids) and the gate's estimate of P(candidate == the big model's
+greedy token there). `hidden` is the big model's hidden state at `drafter.hidden_layer` at the last position
+p it computed; ids has p + 1 + since_big entries. The decode policy skips while score >= drafter.threshold and
+since_big < drafter.max_skip, so proposals are trained and calibrated for since_big = 1 .. max_skip - 1 (the
+future heads predict t+2 .. t+max_skip); for since_big >= max_skip propose still returns a candidate but with
+score 0.0 (never skip).
+
+Artifact (a folder, written by `python train.py fit`):
+    drafter.json          metadata: format, big model (name, fingerprint, vocab, hidden size, layers), hidden
+                          layer, max_skip, predictor mode, feature names, gates and the primary one, threshold +
+                          calibration (target precision, delta, Learn-then-Test result), metrics, training data
+                          (records path, splits, token counts), head sizes/FLOPs, library versions, files with
+                          sha256; written last, so a folder without it is incomplete.
+    drafter.safetensors   all tensors: word head (baked embedding table), future heads, hidden standardisation,
+                          PCA, restricted vocabulary ids, token kinds, gates.
+Every file is written to a temporary name and renamed into place; `load_drafter` checks the sha256 of each file
+listed in drafter.json, so a half-rewritten folder is refused rather than half-loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from corpus_tools.models import ModelInfo, TokenizerMismatch
+from gate.gatemodel import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, select
+from gate.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
+
+FORMAT = "skipgate-drafter/1"
+META_FILE, TENSOR_FILE = "drafter.json", "drafter.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """A drafter folder that is missing, incomplete or inconsistent; the message names the path."""
+
+
+class Predictor:
+    """Word head + future heads + PCA + token tables: (context, stale hidden, since_big) -> candidate, features."""
+
+    def __init__(self, word: WordHead, future: FutureHeads, norm: HiddenNorm, rids: torch.Tensor,
+                 tables: dict[str, np.ndarray], pca_mean: torch.Tensor, pca_proj: torch.Tensor,
+                 mode: str = "word", max_s: int = 3, ngram=None):
+        self.word, self.future, self.norm = word.eval(), future.eval(), norm
+        self.rids = rids.long()
+        self.tables = {"kind": np.asarray(tables["kind"], dtype=np.int8),
+                       "cls": np.asarray(tables["cls"], dtype=np.int8),
+                       "ends_alnum": np.asarray(tables["ends_alnum"], dtype=bool)}
+        self.pca_mean, self.pca_proj = pca_mean.float(), pca_proj.float()
+        self.mode, self.max_s = mode, max_s
+        self.n_ctx, self.pad = word.n_ctx, word.pad
+        self.ngram = ngram
+        self.rmap = np.full(word.vocab_size, len(self.rids), dtype=np.int64)
+        self.rmap[self.rids.numpy()] = np.arange(len(self.rids))
+
+    @property
+    def feature_names(self) -> list[str]:
+        return feature_names(self.max_s, self.pca_proj.shape[1])
+
+    def context(self, ids: Sequence[int]) -> torch.Tensor:
+        ctx = list(ids[-self.n_ctx:])
+        return torch.tensor([self.pad] * (self.n_ctx - len(ctx)) + ctx, dtype=torch.long)
+
+    @torch.inference_mode()
+    def run(self, ctx: torch.Tensor, hidden: torch.Tensor, s: torch.Tensor, copy: dict | None = None,
+            mode: str | None = None) -> dict:
+        """ctx [B, N] (pad = vocab_size), hidden [B, D] raw big hidden at p, s [B] since_big (clamped to max_s),
+        copy: in-context copy statistics per order (gate.heads.ContextIndex / context_copy_stats)."""
+        s = s.long().clamp(1, self.max_s)
+        hn = self.norm(hidden.float())
+        pw = torch.softmax(self.word(ctx.long(), hn, s).float(), -1)
+        pf = torch.softmax(self.future(hn, s).float(), -1)
+        z = (hn - self.pca_mean) @ self.pca_proj
+        ng = self.ngram.lookup(ctx.numpy(), self.pad) if self.ngram is not None else None
+        out = compute_features(pw, pf, mode or self.mode, self.rids, self.rmap, ctx[:, -1].long(), s, z,
+                               self.tables, self.max_s, ng, copy)
+        out["pw"], out["pf"] = pw, pf
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"word.{k}": v for k, v in self.word.state_dict().items()}
+        t.update({f"future.{k}": v for k, v in self.future.state_dict().items()})
+        t.update({"norm.mean": self.norm.mean, "norm.std": self.norm.std, "rids": self.rids,
+                  "pca.mean": self.pca_mean, "pca.proj": self.pca_proj})
+        t.update({f"tables.{k}": torch.from_numpy(v.copy()) for k, v in self.tables.items()})
+        if self.ngram is not None:
+            t.update({f"ngram.{k}": v for k, v in self.ngram.tensors().items()})
+        return t
+
+    def config(self) -> dict:
+        return {"word": self.word.config(), "future": self.future.config(), "mode": self.mode,
+                "max_s": self.max_s, "n_restricted": int(len(self.rids)), "n_pca": int(self.pca_proj.shape[1]),
+                "ngram_entries": self.ngram.n_entries() if self.ngram is not None else 0}
+
+    @classmethod
+    def from_tensors(cls, t: dict, cfg: dict) -> "Predictor":
+        word = WordHead(**cfg["word"])
+        word.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("word.")})
+        future = FutureHeads(**cfg["future"])
+        future.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("future.")})
+        norm = HiddenNorm(len(t["norm.mean"]), t["norm.mean"], t["norm.std"])
+        tables = {k[7:]: v.numpy() for k, v in t.items() if k.startswith("tables.")}
+        ng = {k[6:]: v for k, v in t.items() if k.startswith("ngram.")}
+        ngram = NgramTable.from_tensors(ng, cfg["word"]["vocab_size"]) if ng else None
+        return cls(word, future, norm, t["rids"], tables, t["pca.mean"], t["pca.proj"], cfg["mode"], cfg["max_s"],
+                   ngram)
+
+    def cost(self, big_params: int | None = None) -> dict:
+        w, f = self.word.flops_per_token(), self.future.flops_per_token()
+        out = {"word_head_params": self.word.n_params(), "future_heads_params": self.future.n_params(),
+               "word_head_flops_per_token": w, "future_head_flops_per_token": f,
+               "drafter_flops_per_token": w + f + 2 * self.pca_proj.numel()}
+        if big_params:
+            out["big_flops_per_token"] = 2 * big_params
+            out["drafter_flops_vs_big"] = out["drafter_flops_per_token"] / (2 * big_params)
+        return out
+
+
+class Drafter:
+    """Implements the Drafter contract of docs/interfaces.md around a Predictor and a trained gate."""
+
+    def __init__(self, predictor: Predictor, gates: dict, primary: str, threshold: float, max_skip: int,
+                 hidden_layer: int, meta: dict | None = None):
+        self.predictor, self.gates, self.primary = predictor, gates, primary
+        self.threshold, self.max_skip, self.hidden_layer = float(threshold), int(max_skip), int(hidden_layer)
+        self.meta = meta or {}
+        self.index = ContextIndex(NGRAM_ORDERS)
+
+    def start(self) -> None:
+        """A new text begins (the decode policy calls this): forget the in-context copy statistics."""
+        self.index.reset()
+
+    @property
+    def gate(self):
+        return self.gates[self.primary]
+
+    def score(self, out: dict, gate: str | None = None) -> torch.Tensor:
+        """Gate scores [B, K] for the candidates of Predictor.run's output."""
+        X = out["X"]
+        return self.gates[gate or self.primary].score(X.reshape(-1, X.shape[-1])).reshape(X.shape[:2])
+
+    def propose(self, ids: Sequence[int], hidden: torch.Tensor, since_big: int) -> tuple[int, float]:
+        if since_big < 1:
+            raise ValueError(f"since_big must be >= 1 (got {since_big}): the big model's own token comes first")
+        if hidden is None:
+            raise ValueError(f"the drafter needs the big model's hidden state at layer {self.hidden_layer}")
+        if not ids:
+            raise ValueError("empty ids")
+        self.index.sync(ids)
+        tops, ps, tots = self.index.query()
+        copy = {}
+        for n in range(len(tops)):
+            copy[f"top{n + 1}"], copy[f"p{n + 1}"], copy[f"n{n + 1}"] = (np.array([tops[n]]), np.array([ps[n]]),
+                                                                         np.array([tots[n]]))
+        h = torch.as_tensor(hidden).reshape(1, -1)
+        out = self.predictor.run(self.predictor.context(ids)[None], h, torch.tensor([since_big]), copy)
+        _, tok, score = select(self.score(out), out)
+        score = float(score[0])
+        if since_big >= self.max_skip:
+            score = 0.0
+        return int(tok[0]), score
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {f"pred.{k}": v.detach().contiguous().cpu() for k, v in self.predictor.tensors().items()}
+        for name, g in self.gates.items():
+            tensors.update({f"gate.{name}.{k}": v.detach().contiguous().cpu() for k, v in g.state().items()})
+        fd, tmp = tempfile.mkstemp(prefix=f".{TENSOR_FILE}.", dir=path)
+        os.close(fd)
+        save_file(tensors, tmp)
+        sha = _sha256(Path(tmp))
+        os.replace(tmp, path / TENSOR_FILE)
+        meta = dict(self.meta)
+        meta.update(format=FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
+                    threshold=self.threshold, primary_gate=self.primary,
+                    gates={n: {"kind": g.kind, "config": g.config()} for n, g in self.gates.items()},
+                    predictor=self.predictor.config(), features=self.predictor.feature_names,
+                    files={TENSOR_FILE: sha}, versions=library_versions())
+        write_json_atomic(path / META_FILE, meta)
+        self.meta = meta
+        return path
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "scipy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    mf = path / META_FILE
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such drafter folder (build one with `python train.py fit`)")
+    if not mf.is_file():
+        raise ArtifactError(f"{mf}: missing - {path} is not a finished drafter artifact (fit interrupted?)")
+    try:
+        meta = json.loads(mf.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mf}: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{mf}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
+    return meta
+
+
+def check_big_model(meta: dict, big_info, where: str) -> None:
+    """Raise TokenizerMismatch / ArtifactError unless big_info matches the artifact's big model."""
+    if big_info is None:
+        return
+    info = big_info.to_dict() if isinstance(big_info, ModelInfo) else dict(big_info)
+    big = meta["big_model"]
+    if info.get("fingerprint") != big["fingerprint"]:
+        raise TokenizerMismatch(
+            f"{where}: drafter trained for {big['name']!r} (tokenizer {big['fingerprint']}) but the big model "
+            f"{info.get('name')!r} has tokenizer {info.get('fingerprint')}; the same text gives other token "
+            "ids, so its proposals would be meaningless - retrain it with `python train.py fit` on records of "
+            "this model")
+    for key in ("hidden_size", "vocab_size"):
+        if key in info and info[key] != big[key]:
+            raise ArtifactError(f"{where}: drafter expects {key} {big[key]} but {info.get('name')!r} has "
+                                f"{info[key]}")
+    n_layers = info.get("n_layers")
+    if n_layers is not None and not 0 <= meta["hidden_layer"] <= n_layers:
+        raise ArtifactError(f"{where}: drafter reads hidden layer {meta['hidden_layer']} but "
+                            f"{info.get('name')!r} has layers 0..{n_layers}")
+
+
+def load_drafter(path: str | Path, big_info: ModelInfo | dict | None) -> Drafter:
+    """Load an artifact folder; refuses a big model with another tokenizer (TokenizerMismatch)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    meta = read_meta(path)
+    check_big_model(meta, big_info, str(path))
+    for name, sha in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{f}: listed in {path / META_FILE} but missing")
+        if _sha256(f) != sha:
+            raise ArtifactError(f"{f}: sha256 differs from {path / META_FILE} (folder partly rewritten?)")
+    t = load_file(str(path / TENSOR_FILE))
+    pred = Predictor.from_tensors({k[5:]: v for k, v in t.items() if k.startswith("pred.")}, meta["predictor"])
+    gates = {}
+    for name, g in meta["gates"].items():
+        pre = f"gate.{name}."
+        gates[name] = GATES[g["kind"]].from_state({k[len(pre):]: v for k, v in t.items() if k.startswith(pre)},
+                                                  g["config"])
+    return Drafter(pred, gates, meta["primary_gate"], meta.get("threshold", NEVER), meta["max_skip"],
+                   meta["hidden_layer"], meta)
+
+
+__all__ = ["Drafter", "Predictor", "load_drafter", "read_meta", "ArtifactError", "TokenizerMismatch"]

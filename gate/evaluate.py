@@ -1,0 +1,505 @@
+"""`python train.py evaluate --records DIR --gate DIR [--out DIR]`: the gate on the held-out test books.
+
+Definitions (every number in the report uses these):
+    position    a record position t of a test book: the big model has read tokens[..t]; its greedy choice for
+                token t+1 is argmax[t]. With since_big = s (1 .. max_skip-1) the drafter sees the tokens up to t
+                and the big hidden state at t - s (gate/heads.py). A "pair" is (t, s).
+    candidate   the drafter predictor's token for t+1 (the top token of its restricted distribution).
+    coverage    share of positions (pairs) skipped: score >= threshold.
+    precision   share of skipped positions where the emitted token (the candidate) equals the big model's
+                argmax. "Coverage at 99% precision" is the largest coverage over thresholds whose precision on
+                the test pairs is >= 99% (an oracle choice of threshold for every method alike: it compares
+                rankings; the deployed threshold is the calibrated one, reported separately).
+    methods     learned gates (logreg, mlp) scored on the same candidates as:
+                entropy   the predictor's entropy normalised by log(|R| + 1) (seed 001; skip when low),
+                max_prob  the predictor's probability of its candidate (BiLD's fallback rule),
+                oracle    skips exactly the pairs where the candidate is right: coverage = predictor accuracy
+                          at 100% precision, the ceiling for any gate on this predictor.
+    classes     the candidate's positional class (punct / continuation / word / other, corpus_tools.inventory);
+                per-class coverage uses a threshold chosen within the class.
+    policy      a teacher-forced simulation of the decode policy on each test stretch: after a big pass at p
+                the drafter is asked at s = 1, 2, ... and the position is skipped while score >= the calibrated
+                threshold and s < max_skip; otherwise the big model runs there (p = t). Coverage = skipped
+                positions / positions = the share of sequential big-model passes saved (skipped tokens are still
+                fed to the big model in the next catch-up pass, so this saves passes/latency, not FLOPs).
+    run length  for the future-token heads alone: from each p, the number of consecutive s = 1, 2, ... whose
+                head prediction from h[p] equals the big model's argmax (capped at max_skip - 1): how many
+                tokens could be skipped after one big pass with a perfect gate.
+
+Outputs in --out (default GATE/eval): report.md, metrics.json, curves.png, curves_by_class.png, runlengths.png,
+probes.png.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from corpus_tools.inventory import CLASSES
+from corpus_tools.models import TokenizerMismatch
+from gate.drafter import ArtifactError, load_drafter, read_meta, write_json_atomic
+from gate.fit import FitError, find_split, load_fields, load_split, open_records_checked, predict_pairs
+from gate.gatemodel import SOURCES, coverage_at_precision, precision_curve
+from gate.heads import context_copy_stats, pair_index
+
+TARGETS = (0.95, 0.98, 0.99, 0.995)
+
+
+def check_records_vs_gate(rec, rec_path, meta, gate_path) -> str:
+    big = meta["big_model"]
+    if rec.fingerprint != big["fingerprint"]:
+        raise TokenizerMismatch(
+            f"records {rec_path} were made with tokenizer {rec.fingerprint} ({', '.join(rec.models)}) but the gate "
+            f"{gate_path} was trained for {big['name']!r} with tokenizer {big['fingerprint']}")
+    if big["name"] not in rec.models:
+        raise FitError(f"records {rec_path} hold no records of {big['name']!r} (the gate's big model); "
+                       f"they hold {', '.join(rec.models)}")
+    entry = next(m for m in rec.meta["models"] if m["name"] == big["name"])
+    if int(meta["hidden_layer"]) not in [int(x) for x in entry.get("layers", [])]:
+        raise FitError(f"records {rec_path}: hidden layer {meta['hidden_layer']} (read by the gate) not recorded "
+                       f"(recorded: {entry.get('layers')})")
+    return big["name"]
+
+
+def simulate_policy(scores_by_pair: dict, argmax: np.ndarray, cand_by_pair: dict, run_start: np.ndarray,
+                    threshold: float, max_skip: int) -> dict:
+    """Teacher-forced policy walk; scores_by_pair[(s)] are arrays over t (nan where the pair is invalid)."""
+    n = len(argmax)
+    skipped = np.zeros(n, dtype=bool)
+    right = np.zeros(n, dtype=bool)
+    runs = []                          # skipped positions right after each big pass
+    p, cur = None, 0
+    for t in range(n):
+        s = None if p is None or run_start[t] == t else t - p
+        if s is not None and s < max_skip and scores_by_pair[s][t] >= threshold:
+            skipped[t] = True
+            right[t] = cand_by_pair[s][t] == argmax[t]
+            cur += 1
+            continue
+        if p is not None:              # a big pass here (or a new stretch): close the previous run
+            runs.append(cur)
+        p, cur = t, 0
+    if p is not None:
+        runs.append(cur)
+    n_pos = n - len(np.unique(run_start))            # the first position of each stretch is never a choice
+    k = int(skipped.sum())
+    return {"positions": int(n_pos), "skipped": k, "coverage": k / max(n_pos, 1),
+            "precision": float(right[skipped].mean()) if k else None,
+            "errors": int(k - right[skipped].sum()),
+            "big_passes_per_1000_tokens": 1000 * (n_pos - k) / max(n_pos, 1),
+            "skip_run_hist": np.bincount(np.array(runs, dtype=np.int64), minlength=max_skip).tolist()}
+
+
+def safe_run_lengths(correct_by_s: dict, run_start: np.ndarray, max_s: int) -> list[int]:
+    """Histogram over p of the number of consecutive s = 1.. whose pair (p+s, s) is correct."""
+    n = len(run_start)
+    L = np.zeros(n, dtype=np.int64)
+    alive = np.ones(n, dtype=bool)
+    for s in range(1, max_s + 1):
+        t = np.arange(n) + s
+        ok = np.zeros(n, dtype=bool)
+        inb = t < n
+        ok[inb] = correct_by_s[s][t[inb]] & (run_start[t[inb]] == run_start[np.arange(n)[inb]])
+        alive &= ok
+        L += alive
+    has_next = np.zeros(n, dtype=bool)
+    has_next[:-1] = run_start[1:] == run_start[:-1]
+    return np.bincount(L[has_next], minlength=max_s + 1).tolist()
+
+
+def _by_pair(n: int, t: np.ndarray, s: np.ndarray, v: np.ndarray, max_s: int, fill) -> dict:
+    out = {}
+    for j in range(1, max_s + 1):
+        a = np.full(n, fill, dtype=np.asarray(v).dtype if fill is not np.nan else np.float64)
+        m = s == j
+        a[t[m]] = v[m]
+        out[j] = a
+    return out
+
+
+def _plot_curves(curves: dict, oracle_cov: float, path: Path, title: str, head_oracle: float | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    real = {k: v for k, v in curves.items() if not k.startswith("oracle")}
+    hi = [float(cov[prec >= 0.95].max()) for cov, prec in real.values() if (prec >= 0.95).any()]
+    zoom = max(0.05, 1.5 * max(hi, default=0.0))
+    for ax, ylo, xhi in zip(axes, (0.5, 0.95), (1.0, zoom)):
+        for name, (cov, prec) in real.items():
+            ax.plot(cov, prec, label=name, lw=1.5)
+        ax.plot([0, oracle_cov], [1, 1], "k--", lw=1.5, label=f"oracle ({oracle_cov:.1%})")
+        if head_oracle is not None:
+            ax.plot([0, head_oracle], [0.999, 0.999], ":", color="grey", lw=1.5,
+                    label=f"oracle, head top-1 ({head_oracle:.1%})")
+        for t in TARGETS:
+            ax.axhline(t, color="grey", lw=0.5, ls=":")
+        ax.set_ylim(ylo, 1.002)
+        ax.set_xlim(0, xhi)
+        ax.set_xlabel("coverage (share of positions skipped)")
+        ax.set_ylabel("precision (skipped tokens = big argmax)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower left", fontsize=8)
+    axes[1].set_title("zoom: precision >= 95%", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_by_class(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    classes = [c for c in CLASSES if c in res]
+    fig, axes = plt.subplots(1, len(classes), figsize=(4 * len(classes), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], classes):
+        for name, (cov, prec) in res[c]["curves"].items():
+            if not name.startswith("oracle"):
+                ax.plot(cov, prec, label=name, lw=1.2)
+        ax.plot([0, res[c]["oracle"]], [1, 1], "k--", lw=1.2, label="oracle")
+        ax.set_ylim(0.9, 1.002)
+        ax.set_title(f"{c} ({res[c]['share']:.0%} of pairs)")
+        ax.set_xlabel("coverage within class")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("precision")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_runs(hists: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    w = 0.8 / max(1, len(hists))
+    for i, (name, h) in enumerate(hists.items()):
+        h = np.asarray(h, dtype=float)
+        ax.bar(np.arange(len(h)) + i * w - 0.4 + w / 2, h / max(h.sum(), 1), width=w, label=name)
+    ax.set_xticks(range(max(len(np.asarray(h)) for h in hists.values())))
+    ax.set_xlabel("consecutive positions skipped (or skippable) after one big pass")
+    ax.set_ylabel("share of big passes")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _thin(cov, prec, n=400):
+    if len(cov) <= n:
+        return cov, prec
+    idx = np.unique(np.r_[np.linspace(0, len(cov) - 1, n).astype(int), len(cov) - 1])
+    return cov[idx], prec[idx]
+
+
+def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 600000, probes: bool = True,
+             probe_k: int = 512, log=print, command: str = "") -> dict:
+    t_start = time.time()
+    gate = Path(gate)
+    meta = read_meta(gate)
+    rec = records if hasattr(records, "load") else open_records_checked(records)
+    records = Path(getattr(rec, "path", records)) if not hasattr(records, "load") else getattr(rec, "path", "<records>")
+    name = check_records_vs_gate(rec, records, meta, gate)
+    entry = next(m for m in rec.meta["models"] if m["name"] == name)
+    dr = load_drafter(gate, {"name": name, "fingerprint": rec.fingerprint, "hidden_size": entry["hidden_size"],
+                             "vocab_size": entry["vocab_size"], "n_layers": entry["n_layers"]})
+    split = find_split(rec, records, split) if split in ("test", "validation") else split
+    if split not in rec.splits:
+        raise FitError(f"{records}: no split {split!r} (splits: {', '.join(rec.splits)})")
+    te = load_split(rec, records, split, name, dr.hidden_layer)
+    max_s = dr.predictor.max_s
+    out = Path(out) if out else gate / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    t, s = pair_index(te.run_start, np.arange(len(te)), max_s)
+    if len(t) == 0:
+        raise FitError(f"{records}: split {split!r} has no position with an earlier one in the same book")
+    n_used = len(te)
+    if len(t) > max_pairs:                 # whole positions only, so the policy walk sees every pair it needs
+        n_used = int(t[max_pairs])
+        keep = t < n_used
+        t, s = t[keep], s[keep]
+        log(f"[evaluate] evaluating the first {n_used:,} of {len(te):,} positions ({len(t):,} pairs, --max-pairs)")
+    te_copy = context_copy_stats(te.tokens, te.run_start)
+    o = predict_pairs(dr.predictor, te, t, s, gates=dr.gates, desc="test pairs", modes=("future",), copy=te_copy)
+    prim = o["sel"][dr.primary]
+    correct = prim["correct"]
+    fut = {"correct": o["head1_correct_future"]}
+    # each method: (score, correct, class of its candidate, its candidate)
+    head = (o["head1_correct"], o["cls"][:, 0], o["cands"][:, 0])
+    methods = {**{f"gate:{n}": (v["score"], v["correct"], v["cls"], v["token"]) for n, v in o["sel"].items()},
+               "max_prob": (o["head_p"], *head), "entropy": (1.0 - o["head_entropy"], *head),
+               "oracle": (correct.astype(np.float64), correct, prim["cls"], prim["token"]),
+               "oracle:head": (o["head1_correct"].astype(np.float64), *head)}
+    cap = {m: coverage_at_precision(v[0], v[1], TARGETS) for m, v in methods.items()}
+    curves = {m: _thin(*precision_curve(v[0], v[1])[1:]) for m, v in methods.items()}
+    acc = float(correct.mean())
+    any_right = float(o["correct"].any(1).mean())
+    _plot_curves(curves, acc, out / "curves.png",
+                 f"{name}: test pairs (s = 1..{max_s}); drafter candidate right {acc:.1%}, head top-1 "
+                 f"{o['head1_correct'].mean():.1%}", head_oracle=float(o["head1_correct"].mean()))
+    by_class = {}
+    for ci, c in enumerate(CLASSES):
+        sub = {k: (v[0][v[2] == ci], v[1][v[2] == ci]) for k, v in methods.items()}
+        m = prim["cls"] == ci
+        if m.sum() < 50:
+            continue
+        by_class[c] = {"share": float(m.mean()), "pairs": int(m.sum()), "oracle": float(correct[m].mean()),
+                       "coverage_at_precision": {k: coverage_at_precision(sc, ok, TARGETS) if len(sc) else
+                                                 {t_: 0.0 for t_ in TARGETS} for k, (sc, ok) in sub.items()},
+                       "curves": {k: _thin(*precision_curve(sc, ok)[1:], n=200) for k, (sc, ok) in sub.items()}}
+    _plot_by_class(by_class, out / "curves_by_class.png")
+    by_s = {int(j): {"pairs": int((s == j).sum()), "oracle": float(correct[s == j].mean()),
+                     "coverage_at_precision": {k: coverage_at_precision(v[0][s == j], v[1][s == j], TARGETS)
+                                               for k, v in methods.items()}}
+            for j in range(1, max_s + 1) if (s == j).any()}
+    # decode-like subset: the text from p+1 to t is what greedy decoding would have produced (each token is the
+    # big model's argmax at the position before it); in decoding the drafter's context always looks like this
+    agree = np.r_[te.tokens[1:] == te.argmax[:-1], False]
+    consistent = np.ones(len(t), dtype=bool)
+    for j in range(1, max_s + 1):
+        m = s >= j
+        consistent[m] &= agree[(t - j)[m]]
+    decode_like = {"share": float(consistent.mean()), "pairs": int(consistent.sum()),
+                   "oracle": float(correct[consistent].mean()) if consistent.any() else None,
+                   "coverage_at_precision": {k: coverage_at_precision(v[0][consistent], v[1][consistent], TARGETS)
+                                             for k, v in methods.items()}} if consistent.sum() >= 50 else None
+    by_source = {src: float((prim["slot"] == i).mean()) for i, src in enumerate(SOURCES)}
+    right_by_source = {src: float(o["correct"][:, i].mean()) for i, src in enumerate(SOURCES)}
+
+    # calibrated thresholds (from fit, on validation) applied to the test pairs
+    calib = {}
+    for n, c in meta.get("calibration", {}).items():
+        key = f"gate:{n}" if f"gate:{n}" in methods else n
+        if key not in methods:
+            continue
+        m = methods[key][0] >= c["threshold"]
+        ok = methods[key][1]
+        calib[n] = {"threshold": c["threshold"], "val_coverage": c["coverage"], "val_precision": c["precision"],
+                    "test_coverage": float(m.mean()), "test_precision": float(ok[m].mean()) if m.any() else None,
+                    "certified": c["certified"]}
+
+    # policy simulation with each calibrated score
+    n = n_used
+    policy = {}
+    for n_, c in meta.get("calibration", {}).items():
+        key = f"gate:{n_}" if f"gate:{n_}" in methods else n_
+        if key not in methods:
+            continue
+        sc_by = _by_pair(n, t, s, methods[key][0].astype(np.float64), max_s, np.nan)
+        cand_by = _by_pair(n, t, s, methods[key][3], max_s, -1)
+        policy[n_] = simulate_policy(sc_by, te.argmax[:n], cand_by, te.run_start[:n], c["threshold"], dr.max_skip)
+    runs = {"future heads alone (perfect gate)": safe_run_lengths(
+        _by_pair(n, t, s, fut["correct"], max_s, False), te.run_start[:n], max_s),
+        "drafter candidate (perfect gate)": safe_run_lengths(_by_pair(n, t, s, correct, max_s, False),
+                                                             te.run_start[:n], max_s)}
+    if dr.primary in policy:
+        runs[f"calibrated {dr.primary} gate (policy)"] = policy[dr.primary]["skip_run_hist"]
+    _plot_runs(runs, out / "runlengths.png")
+
+    # probes
+    probe_res = None
+    if probes:
+        from gate.fit import find_split as _fs
+        from gate.probes import plot_probes, run_probes
+        layers = sorted(int(x) for x in entry.get("layers", []))
+        tr_split = _fs(rec, records, "train")
+        base = ("token", "target", "argmax", "book", "pos")
+        a_tr = load_fields(rec, records, tr_split, name, base)
+        a_te = load_fields(rec, records, split, name, base)
+
+        def view(a):
+            return {"tokens": a["token"], "target": a["target"], "argmax": a[f"{name}/argmax"], "book": a["book"],
+                    "pos": a["pos"]}
+
+        def hidden(which, layer, rows):
+            sp = tr_split if which == "train" else split
+            h = load_fields(rec, records, sp, name, (f"hidden/{layer}",))[f"{name}/hidden/{layer}"]
+            return np.asarray(h[rows], dtype=np.float32)
+        t0 = time.time()
+        probe_res = run_probes(view(a_tr), view(a_te), hidden, layers, K=probe_k, log=log)
+        probe_res["seconds"] = round(time.time() - t0, 1)
+        plot_probes(probe_res, out / "probes.png")
+
+    best_gate = f"gate:{dr.primary}"
+    target = {"best_gate": best_gate, "gate_cov_99": cap[best_gate][0.99], "oracle_cov": acc,
+              "entropy_cov_99": cap["entropy"][0.99], "max_prob_cov_99": cap["max_prob"][0.99]}
+    target["ratio_to_oracle"] = target["gate_cov_99"] / max(acc, 1e-12)
+    target["ratio_to_entropy"] = (target["gate_cov_99"] / target["entropy_cov_99"]
+                                  if target["entropy_cov_99"] > 0 else None)
+    target["meets_half_oracle"] = target["ratio_to_oracle"] >= 0.5
+    target["meets_3x_entropy"] = (target["ratio_to_entropy"] is None and target["gate_cov_99"] > 0) or \
+        (target["ratio_to_entropy"] is not None and target["ratio_to_entropy"] >= 3)
+    metrics = {"records": str(records), "gate": str(gate), "split": split, "books": te.books,
+               "positions": n_used, "pairs": int(len(t)), "predictor": dr.predictor.mode,
+               "predictor_accuracy": acc, "head_accuracy": float(o["head1_correct"].mean()),
+               "any_candidate_right": any_right, "chosen_source": by_source, "source_right": right_by_source,
+               "future_heads_accuracy_by_s": {
+                   int(j): float(fut["correct"][s == j].mean()) for j in range(1, max_s + 1) if (s == j).any()},
+               "coverage_at_precision": cap, "by_class": {c: {k: v for k, v in d.items() if k != "curves"}
+                                                          for c, d in by_class.items()},
+               "by_since_big": by_s, "decode_like": decode_like, "calibrated": calib, "policy": policy, "run_lengths": runs,
+               "target": target, "probes": probe_res, "cost": meta.get("cost"), "command": command,
+               "seconds": round(time.time() - t_start, 1)}
+    write_json_atomic(out / "metrics.json", _jsonable(metrics))
+    md = report_markdown(metrics, meta, dr)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    log(md)
+    log(f"[evaluate] wrote {out}/report.md, metrics.json and figures in {time.time() - t_start:.0f}s")
+    return metrics
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def _pct(x, d=1):
+    return "-" if x is None else f"{100 * x:.{d}f}%"
+
+
+def report_markdown(m: dict, meta: dict, dr) -> str:
+    big = meta["big_model"]
+    cost = meta.get("cost", {})
+    L = [f"# Gate evaluation: {big['name']} on held-out {m['split']} books", "",
+         f"Command: `{m['command']}`" if m["command"] else "", "",
+         f"Test books: {', '.join(map(str, m['books']))}; {m['positions']:,} positions, {m['pairs']:,} pairs "
+         f"(t, since_big s = 1..{dr.max_skip - 1}). Drafter reads big-model layer {dr.hidden_layer}; head mode "
+         f"`{m['predictor']}`. The drafter's candidate (the best-scoring of: head top-1, head top-2, training-text "
+         f"n-gram, in-context copy) equals the big model's argmax on {_pct(m['predictor_accuracy'])} of pairs (= the "
+         f"oracle's coverage); the head's top-1 alone on {_pct(m['head_accuracy'])} (the candidate of the "
+         f"max_prob / entropy baselines, oracle:head); some candidate is right on {_pct(m['any_candidate_right'])}."
+         f" Chosen candidate by source: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["chosen_source"].items()) +
+         "; each source right: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["source_right"].items()) +
+         ". Definitions: see gate/evaluate.py (coverage = share of positions skipped; precision = share "
+         "of skipped positions whose token equals the big model's argmax).", ""]
+    if cost:
+        L += [f"Drafter cost: word head {cost['word_head_params'] / 1e6:.2f}M params, "
+              f"{cost['word_head_flops_per_token'] / 1e6:.2f} MFLOP/token; future heads "
+              f"{cost['future_heads_params'] / 1e6:.2f}M params, {cost['future_head_flops_per_token'] / 1e6:.2f} "
+              f"MFLOP/token; together {cost['drafter_flops_per_token'] / 1e6:.2f} MFLOP/token = "
+              f"{_pct(cost.get('drafter_flops_vs_big'), 2)} of the big model's "
+              f"{cost.get('big_flops_per_token', 0) / 1e6:.0f} MFLOP/token (2 x params).", ""]
+    L += ["## Coverage at precision (test pairs, threshold chosen per method on the test pairs)", "",
+          f"1% coverage = {m['pairs'] / 100:,.0f} pairs; at this size a coverage at 99% precision rests on a handful "
+          "of errors - compare methods on the whole curve.", "",
+          "| method | " + " | ".join(f"@{_pct(t, 1)}" for t in TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
+    for meth, row in m["coverage_at_precision"].items():
+        L.append(f"| {meth} | " + " | ".join(_pct(row[t]) for t in TARGETS) + " |")
+    L += ["", "![curves](curves.png)", "", "### By candidate class (threshold chosen within the class)", "",
+          "| class | share of pairs | oracle | " + " | ".join(
+              f"{k} @99%" for k in m["coverage_at_precision"] if k != "oracle") + " |",
+          "|---" * (2 + len(m["coverage_at_precision"])) + "|"]
+    for c, d in m["by_class"].items():
+        L.append(f"| {c} | {_pct(d['share'])} | {_pct(d['oracle'])} | " + " | ".join(
+            _pct(d["coverage_at_precision"][k][0.99]) for k in m["coverage_at_precision"] if k != "oracle") + " |")
+    L += ["", "Per class, coverage at each precision for the primary gate:", "",
+          "| class | " + " | ".join(f"@{_pct(t, 1)}" for t in TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
+    g = f"gate:{dr.primary}"
+    for c, d in m["by_class"].items():
+        L.append(f"| {c} | " + " | ".join(_pct(d["coverage_at_precision"][g][t]) for t in TARGETS) + " |")
+    L += ["", "![by class](curves_by_class.png)", "", "### By since_big", "",
+          "| s | pairs | oracle | " + " | ".join(f"{k} @99%" for k in m["coverage_at_precision"] if k != "oracle")
+          + " |", "|---" * (3 + len(m["coverage_at_precision"]) - 1) + "|"]
+    for j, d in m["by_since_big"].items():
+        L.append(f"| {j} | {d['pairs']:,} | {_pct(d['oracle'])} | " + " | ".join(
+            _pct(d["coverage_at_precision"][k][0.99]) for k in m["coverage_at_precision"] if k != "oracle") + " |")
+    dl = m.get("decode_like")
+    if dl:
+        L += ["", f"### Decode-like pairs ({dl['pairs']:,} = {_pct(dl['share'])} of pairs: the text from the big "
+              "model's last pass to t is its own greedy continuation, as the drafter's context always is in "
+              f"decoding; oracle {_pct(dl['oracle'])})", "",
+              "| method | " + " | ".join(f"@{_pct(t, 1)}" for t in TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
+        for meth, row in dl["coverage_at_precision"].items():
+            L.append(f"| {meth} | " + " | ".join(_pct(row[t]) for t in TARGETS) + " |")
+    tg = m["target"]
+    L += ["", "## Against the target (coverage at 99% precision)", "",
+          f"- learned gate ({tg['best_gate']}, the drafter's): {_pct(tg['gate_cov_99'])}; oracle "
+          f"{_pct(tg['oracle_cov'])} -> "
+          f"{tg['ratio_to_oracle']:.2f} of the oracle (target >= 0.50: "
+          f"{'met' if tg['meets_half_oracle'] else 'NOT met'})",
+          f"- entropy gate: {_pct(tg['entropy_cov_99'])} -> learned/entropy = "
+          + (f"{tg['ratio_to_entropy']:.1f}x" if tg["ratio_to_entropy"] is not None else "inf (entropy covers 0)")
+          + f" (target >= 3x: {'met' if tg['meets_3x_entropy'] else 'NOT met'}); max-prob gate "
+          f"{_pct(tg['max_prob_cov_99'])}", ""]
+    tp = meta.get("target_precision", 0.99)
+    L += [f"## Calibrated thresholds (Learn-then-Test on validation: precision >= {_pct(tp)} with probability >= "
+          f"{_pct(1 - meta.get('delta', 0.1), 0)})", "",
+          "| score | threshold | val coverage | val precision | test coverage | test precision |", "|---|---|---|---|---|---|"]
+    for n, c in m["calibrated"].items():
+        L.append(f"| {n}{' (primary)' if n == dr.primary else ''} | {c['threshold']:.4g} | {_pct(c['val_coverage'])} | "
+                 f"{_pct(c['val_precision'], 2)} | {_pct(c['test_coverage'])} | {_pct(c['test_precision'], 2)} |")
+    L += ["", "## Decode-policy simulation (teacher-forced; skip while score >= threshold and since_big < "
+          f"{dr.max_skip})", "",
+          "| score | positions | skipped (big passes saved) | precision of skipped | big passes / 1000 tokens |",
+          "|---|---|---|---|---|"]
+    for n, p in m["policy"].items():
+        L.append(f"| {n} | {p['positions']:,} | {p['skipped']:,} ({_pct(p['coverage'])}) | "
+                 f"{_pct(p['precision'], 2)} | {p['big_passes_per_1000_tokens']:.0f} |")
+    L += ["", "## Run lengths", "", "Share of big passes after which k consecutive positions are skippable:", "",
+          "| | " + " | ".join(f"k={k}" for k in range(dr.max_skip)) + " |", "|---" * (dr.max_skip + 1) + "|"]
+    for n, h in m["run_lengths"].items():
+        h = np.asarray(h, dtype=float)
+        L.append(f"| {n} | " + " | ".join(_pct(x / max(h.sum(), 1)) for x in h[:dr.max_skip]) + " |")
+    fa = m["future_heads_accuracy_by_s"]
+    L += ["", "Future heads alone, accuracy by offset: " + ", ".join(f"t+{j + 1}: {_pct(a)}" for j, a in fa.items()),
+          "", "![run lengths](runlengths.png)", ""]
+    pr = m.get("probes")
+    if pr:
+        L += ["## Linear probes (seed 003)", "",
+              f"Linear probes ({pr.get('method', 'ridge')}, gate/probes.py) from each recorded layer's hidden state "
+              f"at t to the token at t+k (train {pr['n_train']:,} / test {pr['n_test']:,} positions, top {pr['K']} "
+              "tokens + other); accuracy on the test books. bigram: the most frequent token at t+k after the token "
+              "at t; ceiling: share of test targets among the K classes (the most any probe over them can reach).",
+              "",
+              "| target | " + " | ".join(f"t+{k}" for k in pr["offsets"]) + " |", "|---" * (len(pr["offsets"]) + 1) + "|"]
+        for kind in ("argmax", "text"):
+            for l in pr["layers"]:
+                L.append(f"| {kind}, layer {l} | " + " | ".join(_pct(pr["accuracy"][f"{kind}/{k}/{l}"])
+                                                               for k in pr["offsets"]) + " |")
+            for b in ("bigram", "unigram", "ceiling"):
+                L.append(f"| {kind}, {b} | " + " | ".join(_pct(pr["baselines"][f"{kind}/{k}"][b])
+                                                         for k in pr["offsets"]) + " |")
+        L += ["", "![probes](probes.png)", ""]
+    L.append(f"Evaluation took {m['seconds']:.0f}s.")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    """`python train.py evaluate`: coverage/precision of the gate on the held-out test books, with probes."""
+    ap = argparse.ArgumentParser(prog="train.py evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--records", required=True)
+    ap.add_argument("--gate", required=True, help="drafter folder written by `python train.py fit`")
+    ap.add_argument("--out", default=None, help="report folder (default GATE/eval)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--max-pairs", type=int, default=600000)
+    ap.add_argument("--no-probes", action="store_true")
+    ap.add_argument("--probe-k", type=int, default=512, help="probe vocabulary: most frequent K tokens + other")
+    args = ap.parse_args(argv)
+    cmd = "python train.py evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        evaluate(args.records, args.gate, args.out, args.split, args.max_pairs, not args.no_probes, args.probe_k,
+                 log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd)
+    except (FitError, ArtifactError, TokenizerMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ == "RecordsError":
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0

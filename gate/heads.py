@@ -1,0 +1,568 @@
+"""Predictors trained from records: the word-completion head (seed 003) and Medusa-style future-token heads.
+
+Positions and offsets (records convention, docs/interfaces.md): at record position t the big model has read
+tokens[..t]; its greedy choice for token t+1 is argmax[t]. In decode the drafter is asked for token t+1 when
+the big model last computed position p = t - s (s = since_big >= 1): it has the big hidden state h[p] (stale
+by s positions) and every token up to t, where tokens p+1..t are the big model's own token y_{p+1} followed by
+s-1 tokens the drafter proposed and the gate accepted. So every training example is a pair (t, s):
+inputs (tokens[t-N+1..t], h[t-s], s), label argmax[t]. s = 1 is the freshest case (big hidden one position
+back, as in EAGLE: the feature plus the token sampled from it). The future-token head for s reads h[p] and
+predicts argmax[p+s], i.e. the big model's choice for token p+s+1 - the "t+2" head for s = 1.
+
+Both heads predict over a restricted vocabulary R (corpus_tools.inventory.restricted_vocab: all punctuation
+seen in training plus the most frequent big-model argmax tokens) plus one "other" class (index |R|) for
+"the big model's choice is outside R" - at such positions the drafter's candidate is certainly wrong, and
+p(other) is a gate feature. Targets are distilled from the records: the loss mixes cross-entropy on the big
+model's argmax with cross-entropy on its (renormalised) top-k distribution mapped into R (+ other).
+
+WordHead (item 1a): the last N tokens (default 8; across sentence boundaries - the head learns where a sentence
+starts), each embedded with the big model's frozen input embedding and projected to d_tok dims by a trained
+linear map, flattened in order; plus the standardised stale hidden state projected to d_hid dims; plus an
+embedding of s. Then a 2-layer SiLU MLP (residual) that predicts the big model's hidden state at t (standardised,
+D dims), and an output layer over R + 1 initialised from the big model's output-embedding rows of R (like the
+future heads below). The loss adds EAGLE's feature regression: smooth-L1 between the predicted and the actual
+hidden state at t (recorded at the drafter's layer). That target carries D numbers per position instead of one
+label, which matters with the few tens of thousands of positions a CPU can record; with the final-layer hidden
+state the big model's own output rows then turn a good hidden-state guess into its token. After training the
+frozen embedding and the projection are baked into one [V+1, d_tok] lookup table (row V = the padding vector
+used before the start of the text), so inference is N table lookups + a small MLP and the artifact does not
+carry the big model's embedding matrix.
+
+FutureHeads (item 1b, Medusa-1 style): for each s in 1..K a residual block x + SiLU(W_s x) (W_s zero-initialised)
+on the standardised hidden state, then one output layer over R + 1 shared by all heads and initialised from the
+big model's own output-embedding rows of R (so with the final-layer hidden state every head starts as the big
+model's own next-token prediction restricted to R), trainable. Trained on batches of p with all K targets
+argmax[p+1..p+K] at once (the loss weight of head s is 0.8^(s-1), as in Medusa), plus the same feature
+regression as the word head: block s's output towards the big model's hidden state at p+s.
+
+Cost per proposed token is reported by `flops_per_token()` (2 x multiply-accumulates; lookups are free) and
+compared with the big model's 2 x n_params by the fit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+# ------------------------------------------------------------------------------------------------ modules
+class HiddenNorm(nn.Module):
+    """Per-dimension standardisation of the big model's hidden state with train-split statistics."""
+
+    def __init__(self, hidden_size: int, mean=None, std=None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(hidden_size) if mean is None else torch.as_tensor(mean).float())
+        self.register_buffer("std", torch.ones(hidden_size) if std is None else torch.as_tensor(std).float())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (h.float() - self.mean) / self.std
+
+    @staticmethod
+    def stats(hidden: np.ndarray, n: int = 50000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.random.default_rng(seed).choice(len(hidden), size=min(n, len(hidden)), replace=False)
+        x = np.asarray(hidden[np.sort(idx)], dtype=np.float64)
+        return x.mean(0).astype(np.float32), (x.std(0) + 1e-3).astype(np.float32)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return x + F.silu(self.linear(x))
+
+
+class WordHead(nn.Module):
+    """Last N tokens (+ stale big hidden state, + since_big) -> distribution over R + 1. See module doc."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, n_out: int, *, n_ctx: int = 8, d_tok: int = 64,
+                 d_hid: int = 128, width: int = 512, max_s: int = 3, use_hidden: bool = True,
+                 embed: torch.Tensor | None = None):
+        super().__init__()
+        self.vocab_size, self.hidden_size, self.n_out = vocab_size, hidden_size, n_out
+        self.n_ctx, self.d_tok, self.d_hid, self.width = n_ctx, d_tok, d_hid, width
+        self.max_s, self.use_hidden = max_s, use_hidden
+        self.pad = vocab_size                       # context slots before the start of the text
+        if embed is not None:                       # training form: frozen big embedding + trained projection
+            self.register_buffer("embed", embed, persistent=False)   # kept in its dtype (bf16: half the memory)
+            self.tok_proj = nn.Linear(embed.shape[1], d_tok)
+            self.pad_vec = nn.Parameter(torch.zeros(d_tok))
+            self.table = None
+        else:                                       # inference form: baked lookup table [V+1, d_tok]
+            self.embed = None
+            self.table = nn.Parameter(torch.zeros(vocab_size + 1, d_tok), requires_grad=False)
+        self.s_emb = nn.Embedding(max_s + 1, 16)
+        d_in = n_ctx * d_tok + 16 + (d_hid if use_hidden else 0)
+        self.hid_proj = nn.Linear(hidden_size, d_hid) if use_hidden else None
+        self.fc1 = nn.Linear(d_in, width)
+        self.fc2 = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.to_h = nn.Linear(width, hidden_size)      # predicted (standardised) big hidden state at t
+        self.out = nn.Linear(hidden_size, n_out)       # big output rows of R (see init_output)
+
+    def init_output(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.out.weight.copy_(weight)
+            self.out.bias.copy_(bias)
+
+    def config(self) -> dict:
+        return dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, n_out=self.n_out,
+                    n_ctx=self.n_ctx, d_tok=self.d_tok, d_hid=self.d_hid, width=self.width,
+                    max_s=self.max_s, use_hidden=self.use_hidden)
+
+    def token_vectors(self, ctx: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[ctx]
+        is_pad = ctx >= self.vocab_size
+        v = self.tok_proj(self.embed[ctx.clamp(max=self.vocab_size - 1)].float())
+        return torch.where(is_pad[..., None], self.pad_vec.expand_as(v), v)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Replace (frozen embedding, projection) by the equivalent lookup table; drops the embedding."""
+        if self.table is not None:
+            return
+        rows = [self.tok_proj(self.embed[i:i + 16384].float()) for i in range(0, len(self.embed), 16384)]
+        tab = torch.cat(rows + [self.pad_vec[None]], 0)
+        self.table = nn.Parameter(tab.contiguous(), requires_grad=False)
+        del self.tok_proj, self.pad_vec
+        self.embed = None
+
+    def forward(self, ctx: torch.Tensor, hn: torch.Tensor | None, s: torch.Tensor, return_hidden: bool = False):
+        """ctx [B, N] token ids (pad = vocab_size), hn [B, D] standardised stale hidden, s [B] -> logits [B, n_out]
+        (and the predicted standardised hidden state at t [B, D] with return_hidden)."""
+        parts = [self.token_vectors(ctx).flatten(1), self.s_emb(s.clamp(0, self.max_s))]
+        if self.use_hidden:
+            parts.append(self.hid_proj(hn))
+        x = F.silu(self.fc1(torch.cat(parts, -1)))
+        x = x + F.silu(self.fc2(x))
+        h = self.to_h(self.norm(x))
+        logits = self.out(h)
+        return (logits, h) if return_hidden else logits
+
+    def n_params(self) -> int:
+        """Trained parameters used at inference (the lookup table counted as d_tok x (V+1))."""
+        n = sum(p.numel() for name, p in self.named_parameters() if name not in ("table",)
+                and not name.startswith(("tok_proj", "pad_vec")))
+        return n + (self.vocab_size + 1) * self.d_tok
+
+    def flops_per_token(self) -> int:
+        macs = (self.fc1.in_features * self.width + self.width * self.width + self.width * self.hidden_size
+                + self.hidden_size * self.n_out)
+        if self.use_hidden:
+            macs += self.hidden_size * self.d_hid
+        return 2 * macs
+
+
+class FutureHeads(nn.Module):
+    """K Medusa residual blocks on the standardised hidden state + one shared output layer over R + 1."""
+
+    def __init__(self, hidden_size: int, n_out: int, k: int, out_weight: torch.Tensor | None = None,
+                 out_bias: torch.Tensor | None = None):
+        super().__init__()
+        self.hidden_size, self.n_out, self.k = hidden_size, n_out, k
+        self.blocks = nn.ModuleList([ResBlock(hidden_size) for _ in range(k)])
+        self.out = nn.Linear(hidden_size, n_out)
+        with torch.no_grad():
+            if out_weight is not None:
+                self.out.weight.copy_(out_weight)
+            if out_bias is not None:
+                self.out.bias.copy_(out_bias)
+
+    def config(self) -> dict:
+        return dict(hidden_size=self.hidden_size, n_out=self.n_out, k=self.k)
+
+    def forward(self, hn: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """hn [B, D] standardised hidden at p, s [B] in 1..k -> logits [B, n_out] for argmax[p+s]."""
+        s = s.clamp(1, self.k)
+        x = torch.empty_like(hn)
+        for j in torch.unique(s).tolist():
+            m = s == j
+            x[m] = self.blocks[j - 1](hn[m])
+        return self.out(x)
+
+    def forward_all(self, hn: torch.Tensor, return_hidden: bool = False):
+        """[B, D] -> [B, k, n_out]: every head's logits (and [B, k, D] predicted hidden states)."""
+        h = torch.stack([b(hn) for b in self.blocks], 1)
+        return (self.out(h), h) if return_hidden else self.out(h)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """One head (one proposal): its residual block and the shared output layer."""
+        return 2 * (self.hidden_size * self.hidden_size + self.hidden_size * self.n_out)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class HeadData:
+    """Arrays of one split, as the heads need them (rows = record positions in file order)."""
+    tokens: np.ndarray          # int64 [N] token at t
+    argmax: np.ndarray          # int64 [N] big model's argmax at t (its choice for token t+1)
+    hidden: np.ndarray          # [N, D] (fp16 memmap ok) big hidden at the drafter's layer
+    run_start: np.ndarray       # int64 [N] first row of the contiguous run (same book, consecutive pos) of t
+    topk_ids: np.ndarray | None = None   # int [N, k]
+    topk_p: np.ndarray | None = None     # float [N, k]
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+def run_starts(book: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Row index where the contiguous stretch of each row starts (a new book or a gap in pos starts one)."""
+    book, pos = np.asarray(book), np.asarray(pos)
+    n = len(book)
+    new = np.ones(n, dtype=bool)
+    if n > 1:
+        new[1:] = (book[1:] != book[:-1]) | (pos[1:] != pos[:-1] + 1)
+    starts = np.flatnonzero(new)
+    return starts[np.searchsorted(starts, np.arange(n), side="right") - 1].astype(np.int64)
+
+
+def pair_index(run_start: np.ndarray, rows: np.ndarray, max_s: int) -> tuple[np.ndarray, np.ndarray]:
+    """All valid (t, s) for t in rows, s in 1..max_s with the stale position t - s in the same run; sorted by
+    t, then s."""
+    ts, ss = [], []
+    rows = np.asarray(rows, dtype=np.int64)
+    for s in range(1, max_s + 1):
+        ok = rows - s >= run_start[rows]
+        ts.append(rows[ok])
+        ss.append(np.full(int(ok.sum()), s, dtype=np.int64))
+    t, s = np.concatenate(ts), np.concatenate(ss)
+    order = np.lexsort((s, t))
+    return t[order], s[order]
+
+
+def context_ids(tokens: np.ndarray, run_start: np.ndarray, t: np.ndarray, n_ctx: int, pad: int) -> np.ndarray:
+    """[B, n_ctx] of tokens[t-n_ctx+1..t], with `pad` before the start of each run."""
+    idx = t[:, None] - np.arange(n_ctx - 1, -1, -1)[None, :]
+    ok = idx >= run_start[t][:, None]
+    return np.where(ok, tokens[np.clip(idx, 0, None)], pad)
+
+
+def soft_targets(topk_ids, topk_p, rmap: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Big model's top-k distribution, renormalised, mapped onto R + other."""
+    q = torch.zeros(topk_ids.shape[0], n_out)
+    q.scatter_add_(1, rmap[topk_ids.long()], topk_p.float())
+    return q / q.sum(1, keepdim=True).clamp_min(1e-8)
+
+
+def distill_loss(logits, hard, soft=None, soft_weight: float = 0.5, pred_h=None, true_h=None,
+                 reg_weight: float = 0.0):
+    loss = F.cross_entropy(logits, hard)
+    if soft is not None and soft_weight > 0:
+        loss = (1 - soft_weight) * loss - soft_weight * (soft * F.log_softmax(logits, -1)).sum(-1).mean()
+    if reg_weight > 0 and pred_h is not None:
+        loss = loss + reg_weight * F.smooth_l1_loss(pred_h, true_h)
+    return loss
+
+
+def _lr_at(step, total, base, warmup=100):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+
+
+def _batch_tensors(data: HeadData, t: np.ndarray, rmap: torch.Tensor, n_out: int, want_soft: bool):
+    hard = rmap[torch.from_numpy(data.argmax[t].astype(np.int64))]
+    soft = None
+    if want_soft and data.topk_ids is not None:
+        soft = soft_targets(torch.from_numpy(np.asarray(data.topk_ids[t], dtype=np.int64)),
+                            torch.from_numpy(np.asarray(data.topk_p[t], dtype=np.float32)), rmap, n_out)
+    return hard, soft
+
+
+def _sorted_take(arr, idx):
+    """arr[idx] for a memmap, reading rows in file order (much faster than random order), same result."""
+    order = np.argsort(idx, kind="stable")
+    out = np.asarray(arr[idx[order]])
+    res = np.empty_like(out)
+    res[order] = out
+    return res
+
+
+def n_steps_for(n_rows: int, epochs: float, batch: int, min_steps: int) -> int:
+    return max(min_steps, int(math.ceil(epochs * n_rows / batch)))
+
+
+def train_word_head(head: WordHead, norm: HiddenNorm, data: HeadData, rows: np.ndarray, rmap: torch.Tensor, *,
+                    epochs: float = 2.0, batch: int = 512, lr: float = 2e-3, soft_weight: float = 0.5,
+                    reg_weight: float = 1.0, min_steps: int = 0, seed: int = 0,
+                    desc: str = "word head") -> list[float]:
+    """Each epoch visits every row t once with s drawn uniformly from its valid range (deterministic).
+    Loss: distillation on the big model's choice + reg_weight x smooth-L1 between the head's predicted hidden
+    state and the big model's actual (standardised) hidden state at t (EAGLE's feature regression)."""
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    n_steps = n_steps_for(len(rows), epochs, batch, min_steps)
+    head.train()
+    losses = []
+    # valid s for row t: 1..min(max_s, t - run_start[t])
+    smax = np.minimum(head.max_s, rows - data.run_start[rows])
+    keep = smax >= 1
+    rows, smax = rows[keep], smax[keep]
+    if len(rows) == 0:
+        raise ValueError("no training positions with a previous position in the same run")
+    order = np.empty(0, dtype=np.int64)
+    bar = tqdm(range(n_steps), desc=desc, leave=False, mininterval=2)
+    for step in bar:
+        if len(order) < batch:
+            order = np.concatenate([order, rng.permutation(len(rows))])
+        b, order = order[:batch], order[batch:]
+        t = rows[b]
+        s = 1 + (rng.random(len(b)) * smax[b]).astype(np.int64)
+        ctx = torch.from_numpy(context_ids(data.tokens, data.run_start, t, head.n_ctx, head.pad))
+        both = norm(torch.from_numpy(_sorted_take(data.hidden, np.concatenate([t - s, t])).astype(np.float32)))
+        hn, hn_t = both[:len(t)], both[len(t):]
+        hard, soft = _batch_tensors(data, t, rmap, head.n_out, soft_weight > 0)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, n_steps, lr)
+        logits, pred_h = head(ctx, hn, torch.from_numpy(s), return_hidden=True)
+        loss = distill_loss(logits, hard, soft, soft_weight, pred_h, hn_t, reg_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    head.eval()
+    return losses
+
+
+def train_future_heads(heads: FutureHeads, norm: HiddenNorm, data: HeadData, rows: np.ndarray,
+                       rmap: torch.Tensor, *, epochs: float = 2.0, batch: int = 512, lr: float = 1e-3,
+                       soft_weight: float = 0.5, reg_weight: float = 1.0, decay: float = 0.8, min_steps: int = 0,
+                       seed: int = 0, desc: str = "future heads") -> list[float]:
+    """Batches of p (hidden rows); head s is trained on argmax[p+s] where p+s is in the same run, plus
+    reg_weight x smooth-L1 from its block's output to the big model's standardised hidden state at p+s."""
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.01)
+    k = heads.k
+    # p must have at least p+1 in the same run: run end = next run start - 1
+    n = len(data)
+    run_end = np.empty(n, dtype=np.int64)
+    starts = np.unique(data.run_start)
+    ends = np.append(starts[1:], n) - 1
+    run_end[:] = ends[np.searchsorted(starts, data.run_start)]
+    rows = rows[rows + 1 <= run_end[rows]]
+    if len(rows) == 0:
+        raise ValueError("no training positions with a next position in the same run")
+    n_steps = n_steps_for(len(rows), epochs, batch, min_steps)
+    heads.train()
+    losses = []
+    w = torch.tensor([decay ** j for j in range(k)])
+    order = np.empty(0, dtype=np.int64)
+    bar = tqdm(range(n_steps), desc=desc, leave=False, mininterval=2)
+    for step in bar:
+        if len(order) < batch:
+            order = np.concatenate([order, rng.permutation(len(rows))])
+        b, order = order[:batch], order[batch:]
+        p = rows[b]
+        tgts = [p + j + 1 for j in range(k)]
+        oks = [tg <= run_end[p] for tg in tgts]
+        idx = np.concatenate([p] + [np.where(ok, tg, p) for tg, ok in zip(tgts, oks)])
+        allh = norm(torch.from_numpy(_sorted_take(data.hidden, idx).astype(np.float32)))
+        hn = allh[:len(p)]
+        logits, pred_h = heads.forward_all(hn, return_hidden=True)   # [B, k, n_out], [B, k, D]
+        loss = 0.0
+        for j in range(k):
+            ok = oks[j]
+            if not ok.any():
+                continue
+            m = torch.from_numpy(ok)
+            true_h = allh[(j + 1) * len(p):(j + 2) * len(p)][m]
+            hard, soft = _batch_tensors(data, tgts[j][ok], rmap, heads.n_out, soft_weight > 0)
+            loss = loss + w[j] * distill_loss(logits[m, j], hard, soft, soft_weight, pred_h[m, j], true_h,
+                                              reg_weight)
+        loss = loss / w.sum()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, n_steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    heads.eval()
+    return losses
+
+
+# ------------------------------------------------------------------------------------------------ n-grams
+class NgramTable:
+    """Token n-gram statistics of the training books' text (orders 1..max_order): for a context of the last
+    n tokens, the most frequent next token, its count and the context's total count.
+
+    The word-completion idea of seed 003 at its simplest: "Benn" is followed by "et" in every book. It is built
+    from the full text of the train-split books (not only the recorded positions, so it sees far more text than
+    the heads), minus the positions the gate is trained on (so the gate sees the table's confidence as it is on
+    unseen text). Stored as sorted int64 context keys per order (key = ids in base V); lookup is a binary search.
+    Gate features only: the candidate stays the heads'.
+    """
+
+    def __init__(self, vocab_size: int, keys: list, top: list, top_count: list, total: list):
+        self.V = vocab_size
+        self.keys, self.top, self.top_count, self.total = keys, top, top_count, total
+        self.max_order = len(keys)
+
+    @classmethod
+    def build(cls, seqs: list[np.ndarray], vocab_size: int, max_order: int = 3, min_total: int = 2,
+              masks: list[np.ndarray] | None = None) -> "NgramTable":
+        """seqs: token id arrays; masks (same shapes, optional): True where position i+1 must not be counted
+        as the continuation of its context."""
+        if vocab_size ** (max_order + 1) >= 2 ** 63:
+            raise ValueError(f"vocabulary {vocab_size} too large for order {max_order} keys")
+        V = vocab_size
+        keys, top, top_count, total = [], [], [], []
+        for n in range(1, max_order + 1):
+            ctx_keys, nxt = [], []
+            for j, x in enumerate(seqs):
+                x = np.asarray(x, dtype=np.int64)
+                if len(x) <= n:
+                    continue
+                k = np.zeros(len(x) - n, dtype=np.int64)
+                for o in range(n):                      # context x[i-n+1..i] for i = n-1 .. len-2
+                    k = k * V + x[o:len(x) - n + o]
+                ok = np.ones(len(k), dtype=bool)
+                if masks is not None:
+                    ok = ~np.asarray(masks[j], dtype=bool)[n:]
+                ctx_keys.append(k[ok])
+                nxt.append(x[n:][ok])
+            if not ctx_keys:
+                keys.append(np.zeros(0, np.int64)); top.append(np.zeros(0, np.int32))
+                top_count.append(np.zeros(0, np.int32)); total.append(np.zeros(0, np.int32))
+                continue
+            k, y = np.concatenate(ctx_keys), np.concatenate(nxt)
+            pair, pc = np.unique(k * V + y, return_counts=True)    # sorted by (context, next)
+            pk, py = pair // V, pair % V
+            uk, start = np.unique(pk, return_index=True)
+            tot = np.add.reduceat(pc, start)
+            # most frequent next per context (ties: smallest id)
+            order = np.lexsort((py, -pc, pk))
+            first = np.r_[True, pk[order][1:] != pk[order][:-1]]
+            best = order[first]
+            keep = tot >= min_total
+            keys.append(uk[keep]); top.append(py[best][keep].astype(np.int32))
+            top_count.append(pc[best][keep].astype(np.int32)); total.append(tot[keep].astype(np.int32))
+        return cls(V, keys, top, top_count, total)
+
+    def lookup(self, ctx: np.ndarray, pad: int) -> dict[str, np.ndarray]:
+        """ctx [B, N] (pad before the text start). Per order n: top token (-1 if unseen), p_top, total."""
+        ctx = np.asarray(ctx, dtype=np.int64)
+        B = len(ctx)
+        out = {}
+        for n in range(1, self.max_order + 1):
+            c = ctx[:, -n:]
+            valid = (c != pad).all(1) & (c >= 0).all(1) & (c < self.V).all(1)
+            k = np.zeros(B, dtype=np.int64)
+            for o in range(n):
+                k = k * self.V + np.where(valid, c[:, o], 0)
+            i = np.searchsorted(self.keys[n - 1], k)
+            i = np.clip(i, 0, max(len(self.keys[n - 1]) - 1, 0))
+            hit = valid & (len(self.keys[n - 1]) > 0)
+            if len(self.keys[n - 1]):
+                hit &= self.keys[n - 1][i] == k
+            tot = np.where(hit, self.total[n - 1][i] if len(self.keys[n - 1]) else 0, 0)
+            out[f"top{n}"] = np.where(hit, self.top[n - 1][i] if len(self.keys[n - 1]) else -1, -1)
+            out[f"p{n}"] = np.where(hit, (self.top_count[n - 1][i] if len(self.keys[n - 1]) else 0)
+                                    / np.maximum(tot, 1), 0.0)
+            out[f"n{n}"] = tot
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {}
+        for n in range(self.max_order):
+            t[f"keys{n + 1}"] = torch.from_numpy(self.keys[n].copy())
+            t[f"top{n + 1}"] = torch.from_numpy(self.top[n].copy())
+            t[f"topc{n + 1}"] = torch.from_numpy(self.top_count[n].copy())
+            t[f"total{n + 1}"] = torch.from_numpy(self.total[n].copy())
+        return t
+
+    @classmethod
+    def from_tensors(cls, t: dict, vocab_size: int) -> "NgramTable":
+        n = len([k for k in t if k.startswith("keys")])
+        return cls(vocab_size, [t[f"keys{i}"].numpy() for i in range(1, n + 1)],
+                   [t[f"top{i}"].numpy() for i in range(1, n + 1)], [t[f"topc{i}"].numpy() for i in range(1, n + 1)],
+                   [t[f"total{i}"].numpy() for i in range(1, n + 1)])
+
+    def n_entries(self) -> int:
+        return int(sum(len(k) for k in self.keys))
+
+
+class ContextIndex:
+    """In-context copying ("prompt lookup"): continuation counts of the n-grams (n = 1..max_order) of the text
+    so far. Names are the typical case: once "Elinor" has been written, "El" is followed by "inor", a token the
+    restricted heads may not even have. At position t the statistics cover the pairs (n tokens ending at i,
+    token i+1) with i + 1 <= t; the query key is the last n tokens. The most frequent continuation wins, ties
+    going to the one that reached the count first, in train (records) and decode alike.
+    """
+
+    def __init__(self, max_order: int = 3):
+        self.max_order = max_order
+        self.reset()
+
+    def reset(self):
+        self.ids: list[int] = []
+        self.tables = [dict() for _ in range(self.max_order)]   # key -> [counts dict, top, top_count, total]
+
+    def extend(self, new_ids) -> None:
+        ids = self.ids
+        for y in new_ids:
+            y = int(y)
+            i = len(ids)                       # y is token i; add pairs (ids[i-n..i-1] -> y)
+            for n in range(1, self.max_order + 1):
+                if i - n < 0:
+                    break
+                key = tuple(ids[i - n:i])
+                e = self.tables[n - 1].get(key)
+                if e is None:
+                    self.tables[n - 1][key] = [{y: 1}, y, 1, 1]
+                    continue
+                c = e[0][y] = e[0].get(y, 0) + 1
+                e[3] += 1
+                if c > e[2]:
+                    e[1], e[2] = y, c
+            ids.append(y)
+
+    def query(self) -> tuple[list[int], list[float], list[int]]:
+        """(top, p_top, total) per order 1..max_order for the current last tokens (-1, 0, 0 when unseen)."""
+        tops, ps, tots = [], [], []
+        for n in range(1, self.max_order + 1):
+            e = self.tables[n - 1].get(tuple(self.ids[-n:])) if len(self.ids) >= n else None
+            if e is None:
+                tops.append(-1), ps.append(0.0), tots.append(0)
+            else:
+                tops.append(e[1]), ps.append(e[2] / e[3]), tots.append(e[3])
+        return tops, ps, tots
+
+    def sync(self, ids) -> None:
+        """Make the index cover exactly `ids` (extends when ids continue the indexed text, else rebuilds)."""
+        n = len(self.ids)
+        if len(ids) < n or (n and list(ids[max(0, n - 8):n]) != self.ids[max(0, n - 8):]):
+            self.reset()
+            n = 0
+        self.extend(ids[n:])
+
+
+def context_copy_stats(tokens: np.ndarray, run_start: np.ndarray, max_order: int = 3) -> dict[str, np.ndarray]:
+    """ContextIndex statistics at every record position (each contiguous run is its own text)."""
+    N = len(tokens)
+    out = {f"{k}{n}": np.zeros(N, dtype=np.int64 if k != "p" else np.float32)
+           for k in ("top", "p", "n") for n in range(1, max_order + 1)}
+    idx = ContextIndex(max_order)
+    for t in range(N):
+        if run_start[t] == t:
+            idx.reset()
+        idx.extend([tokens[t]])
+        tops, ps, tots = idx.query()
+        for n in range(max_order):
+            out[f"top{n + 1}"][t], out[f"p{n + 1}"][t], out[f"n{n + 1}"][t] = tops[n], ps[n], tots[n]
+    return out

@@ -1,0 +1,265 @@
+"""`train.py fit` / `evaluate` end to end: tiny random LLaMA records (fast, exercises every path), bad input,
+the artifact round trip, determinism and resume, and a small real SmolLM2 record set."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TEXT, make_tiny_llama, make_tiny_tokenizer
+from corpus_tools import record as rec_mod
+from corpus_tools.models import TokenizerMismatch, load
+from corpus_tools.records import open_records
+from gate import drafter as D
+from gate.evaluate import evaluate
+from gate.backend import HFBackend
+from gate.decode import Decoder
+from gate.fit import FitError, fit, main as fit_main
+from gate.policies import BigOnly, Gate
+from gate.evaluate import main as evaluate_main
+
+TINY_REC = dict(context=64, stride=48, batch_size=2, shard_tokens=400, dtype="float32", progress=False)
+SMALL_FIT = dict(restricted=48, width=32, d_tok=8, d_hid=16, epochs=3.0, future_epochs=3.0, n_pca=4,
+                 max_gate_pairs=20000, batch=64, dtype="float32")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for the whole module (module fixtures included): tiny models run faster, and the
+    determinism test compares runs that must use the same thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def write_corpus(path: Path, books: list[tuple[str, str, str]]) -> Path:
+    (path / "text").mkdir(parents=True)
+    rows = []
+    for book_id, split, text in books:
+        (path / "text" / f"{book_id}.txt").write_text(text, encoding="utf-8")
+        rows.append({"book_id": book_id, "title": book_id, "source": f"{book_id}.epub",
+                     "sha256": hashlib.sha256(text.encode()).hexdigest(), "chars": len(text),
+                     "words": len(text.split()), "paragraphs": text.count("\n\n") + 1, "split": split})
+    (path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def book(i: int, repeat: int) -> str:
+    return "\n\n".join((TINY_TEXT[i % 4:] + TINY_TEXT[:i % 4]) * repeat)
+
+
+def save_model(path: Path, model, tokenizer) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_llama, tiny_tokenizer):
+    """(model dir, corpus dir, records dir) for the tiny random LLaMA."""
+    root = tmp_path_factory.mktemp("fit")
+    model_dir = save_model(root / "tiny", tiny_llama, tiny_tokenizer)
+    corpus = write_corpus(root / "corpus", [("a", "train", book(0, 6)), ("b", "train", book(1, 6)),
+                                            ("c", "val", book(2, 5)), ("d", "test", book(3, 4))])
+    records = root / "records"
+    rec_mod.record([model_dir], corpus, records, layers=("middle", "last"), **TINY_REC)
+    return model_dir, corpus, records
+
+
+@pytest.fixture(scope="module")
+def tiny_gate(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate") / "drafter"
+    fit(tiny[2], out, log=lambda m: None, **SMALL_FIT)
+    return out
+
+
+def _info(model_dir):
+    return load(model_dir, dtype="float32").info
+
+
+def test_artifact_round_trip_and_contract(tiny, tiny_gate):
+    model_dir, _, records = tiny
+    info = _info(model_dir)
+    meta = json.loads((tiny_gate / "drafter.json").read_text())
+    assert meta["big_model"]["fingerprint"] == info.fingerprint
+    assert meta["hidden_layer"] == info.n_layers and meta["max_skip"] == 4
+    for key in ("training_data", "calibration", "metrics", "versions", "cost", "features", "threshold"):
+        assert key in meta
+    assert meta["training_data"]["counts"]["train"]["positions"] > 0
+    dr = D.load_drafter(tiny_gate, info)
+    assert (dr.hidden_layer, dr.max_skip) == (info.n_layers, 4)
+    assert dr.threshold == meta["threshold"]
+    # propose == the predictor + primary gate on the same inputs, and matches a second load exactly
+    rec = open_records(records)
+    name = rec.models[0]
+    a = rec.load("test", fields=["token", f"hidden/{info.n_layers}"], models=[name])
+    ids = a["token"][:30].tolist()
+    h = torch.from_numpy(a[f"{name}/hidden/{info.n_layers}"][27].astype(np.float32))
+    tok, score = dr.propose(ids, h, 2)                  # big computed position 27, ids has 27 + 1 + 2 entries
+    # the same through the records code path (context_copy_stats instead of the incremental index)
+    from gate.gatemodel import select
+    from gate.heads import context_copy_stats, run_starts
+    cp = context_copy_stats(np.array(ids), run_starts(np.zeros(len(ids)), np.arange(len(ids))))
+    cp = {k: v[-1:] for k, v in cp.items()}
+    out = dr.predictor.run(dr.predictor.context(ids)[None], h[None], torch.tensor([2]), cp)
+    _, want_tok, want_score = select(dr.score(out), out)
+    assert tok == int(want_tok[0]) and score == pytest.approx(float(want_score[0]))
+    assert 0 <= tok < info.vocab_size and 0.0 <= score <= 1.0
+    again = D.load_drafter(tiny_gate, info.to_dict())
+    assert again.propose(ids, h, 2) == (tok, score)
+    assert dr.propose(ids, h, 4)[1] == 0.0               # since_big >= max_skip: never skip
+    assert dr.propose(ids[:3], h, 1)[0] >= 0             # shorter than the context window: padded (and the
+    assert dr.propose(ids, h, 2) == (tok, score)         # copy index rebuilt for another text, then again)
+    dr.start()
+    assert dr.propose(ids, h, 2) == (tok, score)
+    with pytest.raises(ValueError):
+        dr.propose(ids, h, 0)
+
+
+def test_fit_is_deterministic_and_resumable(tiny, tiny_gate, tmp_path):
+    logs = []
+    fit(tiny[2], tmp_path / "again", log=logs.append, **SMALL_FIT)
+    a = (tiny_gate / "drafter.safetensors").read_bytes()
+    b = (tmp_path / "again" / "drafter.safetensors").read_bytes()
+    assert a == b
+    logs.clear()
+    fit(tiny[2], tmp_path / "again", log=logs.append, **SMALL_FIT)
+    assert any("heads: loaded finished stage" in m for m in logs)
+    assert any("gates: loaded finished stage" in m for m in logs)
+    assert (tmp_path / "again" / "drafter.safetensors").read_bytes() == a
+    # another seed retrains (and changes the weights)
+    logs.clear()
+    fit(tiny[2], tmp_path / "again", log=logs.append, **{**SMALL_FIT, "seed": 1})
+    assert not any("heads: loaded" in m for m in logs)
+    assert (tmp_path / "again" / "drafter.safetensors").read_bytes() != a
+
+
+def test_evaluate_writes_report(tiny, tiny_gate, tmp_path):
+    m = evaluate(tiny[2], tiny_gate, tmp_path / "eval", log=lambda x: None, probe_k=32)
+    for f in ("report.md", "metrics.json", "curves.png", "curves_by_class.png", "runlengths.png", "probes.png"):
+        assert (tmp_path / "eval" / f).is_file(), f
+    cap = m["coverage_at_precision"]
+    assert cap["oracle"][0.99] == pytest.approx(m["predictor_accuracy"])
+    assert cap["oracle:head"][0.99] == pytest.approx(m["head_accuracy"])
+    assert m["any_candidate_right"] >= max(m["predictor_accuracy"], m["head_accuracy"])
+    for meth in cap:
+        assert all(0 <= v <= 1 for v in cap[meth].values())
+        assert cap[meth][0.95] >= cap[meth][0.995]
+    pol = m["policy"][json.loads((tiny_gate / "drafter.json").read_text())["primary_gate"]]
+    assert 0 <= pol["coverage"] <= 1 and pol["positions"] > 0
+    assert "Coverage at precision" in (tmp_path / "eval" / "report.md").read_text()
+    assert set(m["probes"]["layers"]) == set(open_records(tiny[2]).meta["models"][0]["layers"])
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_refuses_other_tokenizer(tiny, tiny_gate, tmp_path):
+    other_tok = make_tiny_tokenizer(vocab_size=280)
+    other_dir = save_model(tmp_path / "other", make_tiny_llama(len(other_tok), seed=3), other_tok)
+    info = _info(other_dir)
+    with pytest.raises(TokenizerMismatch, match=str(tiny_gate)):
+        D.load_drafter(tiny_gate, info)
+    # records of the other tokenizer against this gate
+    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book(0, 2)), ("c", "val", book(2, 1)),
+                                                ("d", "test", book(3, 1))])
+    other_rec = tmp_path / "other_records"
+    rec_mod.record([other_dir], corpus, other_rec, layers=("last",), **TINY_REC)
+    with pytest.raises(TokenizerMismatch, match="other_records"):
+        evaluate(other_rec, tiny_gate, tmp_path / "ev", log=lambda x: None)
+    assert evaluate_main(["--records", str(other_rec), "--gate", str(tiny_gate), "--out", str(tmp_path / "e2")]) == 2
+    # fit with --model of another tokenizer than the records
+    with pytest.raises(TokenizerMismatch, match="records"):
+        fit(tiny[2], tmp_path / "g", model=other_dir, log=lambda m: None, **SMALL_FIT)
+
+
+def test_bad_records_give_clear_errors(tiny, tmp_path, capsys):
+    model_dir = tiny[0]
+    assert fit_main(["--records", str(tmp_path / "nope"), "--out", str(tmp_path / "g")]) == 2
+    assert "nope" in capsys.readouterr().err
+    # no validation split
+    corpus = write_corpus(tmp_path / "c1", [("a", "train", book(0, 2)), ("d", "test", book(3, 1))])
+    rec = tmp_path / "r1"
+    rec_mod.record([model_dir], corpus, rec, layers=("last",), **TINY_REC)
+    with pytest.raises(FitError, match=r"r1.*no validation split"):
+        fit(rec, tmp_path / "g1", log=lambda m: None, **SMALL_FIT)
+    # an empty validation split
+    corpus = write_corpus(tmp_path / "c2", [("a", "train", book(0, 2)), ("c", "val", ""), ("d", "test", "x")])
+    rec = tmp_path / "r2"
+    rec_mod.record([model_dir], corpus, rec, layers=("last",), **TINY_REC)
+    with pytest.raises(FitError, match=r"r2.*'val' is empty"):
+        fit(rec, tmp_path / "g2", log=lambda m: None, **SMALL_FIT)
+    # a hidden layer that was not recorded
+    with pytest.raises(FitError, match=r"hidden layer 1 .* not recorded"):
+        fit(rec, tmp_path / "g3", log=lambda m: None, **{**SMALL_FIT, "layer": 1})
+    # a gate folder that is not a finished artifact
+    (tmp_path / "half").mkdir()
+    with pytest.raises(D.ArtifactError, match="drafter.json"):
+        D.load_drafter(tmp_path / "half", None)
+
+
+def test_damaged_artifact_is_refused(tiny_gate, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_gate, bad)
+    with open(bad / "drafter.safetensors", "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\0" * 8)
+    with pytest.raises(D.ArtifactError, match="sha256"):
+        D.load_drafter(bad, None)
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+AUSTEN = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters.",
+    "\u201cMy dear Mr. Bennet,\u201d said his lady to him one day, \u201chave you heard that Netherfield Park is let "
+    "at last?\u201d Mr. Bennet replied that he had not. \u201cBut it is,\u201d returned she; \u201cfor Mrs. Long has "
+    "just been here, and she told me all about it.\u201d Mr. Bennet made no answer.",
+    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite "
+    "some of the best blessings of existence; and had lived nearly twenty-one years in the world with very little "
+    "to distress or vex her.",
+    "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, never took up any "
+    "book but the Baronetage; there he found occupation for an idle hour, and consolation in a distressed one.",
+]
+
+
+def test_smollm2_end_to_end(smollm2, tmp_path):
+    """Record a few hundred real tokens, fit, evaluate, and propose from a live big-model hidden state."""
+    corpus = write_corpus(tmp_path / "corpus", [
+        ("pp", "train", "\n\n".join(AUSTEN[:2] * 3)), ("em", "train", "\n\n".join(AUSTEN[2:] * 3)),
+        ("va", "val", "\n\n".join(AUSTEN[1:] + AUSTEN[:1])), ("te", "test", "\n\n".join(AUSTEN[3:] + AUSTEN[:3]))])
+    records = tmp_path / "records"
+    rec_mod.record(["smollm2-135m"], corpus, records, layers=("middle", "last"), context=128, stride=96,
+                   max_tokens_per_book=300, shard_tokens=1000, progress=False)
+    out = tmp_path / "drafter"
+    fit(records, out, log=lambda m: None, **{**SMALL_FIT, "restricted": 256, "width": 64})
+    meta = json.loads((out / "drafter.json").read_text())
+    assert meta["big_model"]["name"] == "smollm2-135m" and meta["hidden_layer"] == 30
+    assert meta["cost"]["drafter_flops_vs_big"] < 0.05
+    m = evaluate(records, out, tmp_path / "eval", log=lambda x: None, probe_k=64)
+    assert (tmp_path / "eval" / "report.md").is_file() and 0 < m["predictor_accuracy"] <= 1
+
+    dr = D.load_drafter(out, smollm2.info)
+    ids = smollm2.tokenizer(AUSTEN[0][:120], add_special_tokens=False).input_ids
+    with torch.no_grad():
+        hs = smollm2.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[dr.hidden_layer][0]
+    p = len(ids) - 2                                       # big model computed up to p; ids has p + 1 + 1
+    tok, score = dr.propose(ids, hs[p].float(), 1)
+    assert 0 <= tok < smollm2.info.vocab_size and 0 <= score <= 1
+
+    # the trained drafter in the decode loop: lossless under --verify at a threshold that skips everything
+    # it is asked about and at the calibrated one, token for token against plain greedy decoding
+    want = Decoder(HFBackend(smollm2.model, "big"), BigOnly()).generate(ids, 16).ids
+    for th in (0.0, dr.threshold):
+        big = HFBackend(smollm2.model, "big")
+        res = Decoder(big, Gate(dr, threshold=th), verify=True).generate(ids, 16)
+        assert res.ids == want, th
+        if th == 0.0:   # every proposal is drafted; each is checked, or dropped behind a rejected one
+            L = res.ledger
+            assert L["drafted"] > 0 and L["drafted"] == L["verified"] + L["rolled_back_tokens"] - L["rollbacks"]
