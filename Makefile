@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: all venv model books demo test test-fast bench clean help
 
 help:
-	@echo "make demo   - set up, then corpus -> records -> report -> fit -> evaluate -> side-by-side decode"
+	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit -> evaluate -> side-by-side decode"
 	@echo "make test   - set up, then run the test suite (pytest)"
 	@echo "make bench  - run the benchmarks in bench/ and write bench/results/"
 
@@ -32,16 +32,21 @@ data/books/.done: data/make_demo_books.py | venv
 	$(PY) data/make_demo_books.py --out data/books --force
 	touch $@
 
-# Demo size: the first DEMO_TOKENS positions of each of the six novels (about 10 minutes on 2 cores in all).
+# Demo size: the first DEMO_TOKENS positions of each of the six novels for the findings report, and SELFGEN
+# greedy continuations per novel (the decoder's own kind of text) for the gate: about 12 minutes on 2 cores.
 DEMO_TOKENS ?= 4000
+SELFGEN     ?= 50
 demo: venv books model
-	$(PY) train.py corpus --epubs data/books --out $(RUN)/corpus
+	$(PY) train.py corpus --epubs data/books --out $(RUN)/corpus --tokens-of $(MODEL)
 	$(PY) train.py inventory --model $(MODEL) --corpus $(RUN)/corpus --split train --out $(RUN)/inventory
 	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/corpus --out $(RUN)/records \
 	    --max-tokens-per-book $(DEMO_TOKENS)
 	$(PY) train.py report --records $(RUN)/records --out $(RUN)/report
-	$(PY) train.py fit --records $(RUN)/records --out $(RUN)/gate
-	$(PY) train.py evaluate --records $(RUN)/records --gate $(RUN)/gate --out $(RUN)/eval
+	$(PY) train.py selfgen --model $(MODEL) --corpus $(RUN)/corpus --out $(RUN)/selfgen --per-book $(SELFGEN)
+	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/selfgen --out $(RUN)/selfgen_records
+	$(PY) train.py fit --records $(RUN)/selfgen_records --out $(RUN)/gate
+	$(PY) train.py evaluate --records $(RUN)/selfgen_records --gate $(RUN)/gate --out $(RUN)/eval
+	$(PY) train.py evaluate --records $(RUN)/records --gate $(RUN)/gate --out $(RUN)/eval_books --no-probes
 	$(PY) infer.py --demo --corpus $(RUN)/corpus --gate $(RUN)/gate -m 64
 
 test: venv books model
@@ -49,7 +54,7 @@ test: venv books model
 
 bench: venv books model
 	$(PY) bench/record.py
-	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus
+	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts 12
 
 clean:
 	rm -rf runs $(VENV) data/books data/debs

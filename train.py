@@ -5,6 +5,7 @@
     python train.py inventory --model smollm2-135m --corpus runs/demo/corpus
     python train.py record    --model smollm2-135m --corpus runs/demo/corpus --out runs/demo/records
     python train.py report    --records runs/demo/records
+    python train.py selfgen   --model smollm2-135m --corpus runs/demo/corpus --out runs/demo/selfgen
     python train.py fit       --records runs/demo/records --out runs/demo/gate
     python train.py evaluate  --records runs/demo/records --gate runs/demo/gate
     python train.py models    [NAME]      list model aliases, or load one and print its info
@@ -23,6 +24,7 @@ COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (
     "inventory": "corpus_tools.inventory",
     "record": "corpus_tools.record",
     "report": "corpus_tools.report",
+    "selfgen": "corpus_tools.selfgen",
     "fit": "gate.fit",
     "evaluate": "gate.evaluate",
     "models": "corpus_tools.models",

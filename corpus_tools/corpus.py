@@ -35,6 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from corpus_tools.epub import EpubError, extract_text
+from corpus_tools.records import sha256_file
 
 SPLITS = ("train", "val", "test")
 EXTRACTOR_VERSION = 1  # bump when extraction changes: books converted by an older version are converted again
@@ -59,7 +60,7 @@ def build_corpus(inputs: list[Path], out: Path, val: float = 0.1, test: float = 
     entries: dict[str, dict] = {}  # sha256 -> manifest entry, in input order
     duplicates, reused = [], 0
     for path in tqdm(files, desc="corpus", unit="book", disable=not progress):
-        sha = _sha256(path)
+        sha = sha256_file(path)
         if sha in entries:  # the same book twice would leak across splits
             duplicates.append({"file": str(path), "same_as": entries[sha]["source"]})
             continue
@@ -160,14 +161,6 @@ def _find_epubs(inputs: list[Path]) -> tuple[list[Path], list[dict]]:
     return list(dict.fromkeys(files)), failed
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _converted(out: Path, entry: dict | None) -> bool:
     """An earlier run converted this exact file with this extractor, and its text file is complete."""
     if not entry or entry.get("extractor_version") != EXTRACTOR_VERSION:
@@ -252,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the deterministic split (default 0)")
     ap.add_argument("--pin", type=_pin_arg, action="append", default=[], metavar="SPLIT=PATTERN",
                     help="put books whose id or title contains PATTERN (case-insensitive) into SPLIT; repeatable")
+    ap.add_argument("--tokens-of", metavar="MODEL",
+                    help="also count tokens per split with this model's tokenizer (e.g. smollm2-135m)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     pins: dict[str, list[str]] = {}
@@ -262,8 +257,24 @@ def main(argv: list[str] | None = None) -> int:
                               progress=not args.quiet)
     except ValueError as e:
         ap.error(str(e))
+    if args.tokens_of and report["books"]:
+        report["tokens_of"] = args.tokens_of
+        for split, tokens in count_tokens(args.out, args.tokens_of).items():
+            report["splits"][split]["tokens"] = tokens
     print(format_summary(report))
     return 0 if report["books"] else 1
+
+
+def count_tokens(corpus: Path, model: str) -> dict[str, int]:
+    """Tokens per split under a model's tokenizer (the tokenizer only; no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    from corpus_tools.models import resolve
+    tok = AutoTokenizer.from_pretrained(resolve(model))
+    counts = dict.fromkeys(SPLITS, 0)
+    for e in load_manifest(corpus):
+        counts[e["split"]] += len(tok(read_book(corpus, e["book_id"]), verbose=False).input_ids)
+    return counts
 
 
 def format_summary(report: dict) -> str:
@@ -272,6 +283,7 @@ def format_summary(report: dict) -> str:
              f"{report['reused']} already there), {t['words']:,} words, {t['paragraphs']:,} paragraphs, "
              f"{report['seconds']:.1f} s"]
     lines += [f"  {s:<5} {v['books']:>5} books {v['words']:>12,} words {v['paragraphs']:>9,} paragraphs"
+              + (f" {v['tokens']:>12,} tokens ({report['tokens_of']})" if "tokens" in v else "")
               for s, v in report["splits"].items()]
     lines += [f"  failed: {f['file']}: {f['reason']}" for f in report["failed"]]
     lines += [f"  duplicate: {d['file']} (same file as {d['same_as']})" for d in report["duplicates"]]

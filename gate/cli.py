@@ -328,25 +328,14 @@ def encode(setup: Setup, text: str, chat: bool) -> list[int]:
 
 def held_out_prompts(corpus: str, tokenizer, n: int, n_tokens: int, split: str = "test") -> list[list[int]]:
     """n prompts of n_tokens tokens: the openings of long paragraphs spread over the held-out books."""
-    from corpus_tools.corpus import books_of_split, read_book
+    from corpus_tools.selfgen import split_prompts
 
     if not Path(corpus, "manifest.jsonl").exists():
         raise CliError(f"{corpus}: not a corpus folder (no manifest.jsonl; build it with train.py corpus)")
-    books = books_of_split(corpus, split)
-    if not books:
-        raise CliError(f"{corpus}: no books in split {split!r}")
-    per_book = -(-n // len(books))
-    prompts = []
-    for bi, book in enumerate(books):
-        paras = [p for p in read_book(corpus, book["book_id"]).split("\n\n")]
-        skip = len(paras) // 20                   # front matter: title pages, contents
-        long = [ids for ids in (tokenizer(p).input_ids for p in paras[skip:] if len(p) > 4 * n_tokens)
-                if len(ids) >= n_tokens + 16]
-        for j in range(min(per_book, len(long))):
-            prompts.append(long[(j + 1) * len(long) // (per_book + 1)][:n_tokens])
-    # interleave books: prompt i from book i % B
-    order = sorted(range(len(prompts)), key=lambda i: (i % per_book, i // per_book))
-    return [prompts[i] for i in order][:n]
+    try:
+        return split_prompts(corpus, tokenizer, n, n_tokens, split)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def run_demo(args, setup: Setup) -> int:

@@ -23,7 +23,6 @@ listed in drafter.json, so a half-rewritten folder is refused rather than half-l
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from corpus_tools.models import ModelInfo, TokenizerMismatch
+from corpus_tools.records import sha256_file
 from gate.gatemodel import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, select
 from gate.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
 
@@ -182,7 +182,7 @@ class Drafter:
         fd, tmp = tempfile.mkstemp(prefix=f".{TENSOR_FILE}.", dir=path)
         os.close(fd)
         save_file(tensors, tmp)
-        sha = _sha256(Path(tmp))
+        sha = sha256_file(Path(tmp))
         os.replace(tmp, path / TENSOR_FILE)
         meta = dict(self.meta)
         meta.update(format=FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
@@ -193,14 +193,6 @@ class Drafter:
         write_json_atomic(path / META_FILE, meta)
         self.meta = meta
         return path
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -283,7 +275,7 @@ def load_drafter(path: str | Path, big_info: ModelInfo | dict | None) -> Drafter
         f = path / name
         if not f.is_file():
             raise ArtifactError(f"{f}: listed in {path / META_FILE} but missing")
-        if _sha256(f) != sha:
+        if sha256_file(f) != sha:
             raise ArtifactError(f"{f}: sha256 differs from {path / META_FILE} (folder partly rewritten?)")
     t = load_file(str(path / TENSOR_FILE))
     pred = Predictor.from_tensors({k[5:]: v for k, v in t.items() if k.startswith("pred.")}, meta["predictor"])

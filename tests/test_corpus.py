@@ -73,6 +73,21 @@ def test_cli_exit_code_is_nonzero_only_when_nothing_converted(tmp_path, capsys):
     assert "1 books" in out and f"{len(BROKEN)} failed" in out and "train" in out
 
 
+def test_cli_counts_tokens_per_split(tmp_path, capsys, smollm2):
+    books = library(tmp_path / "books", TITLES[:3])
+    assert main(["--epubs", str(books), "--out", str(tmp_path / "out"), "--quiet", "--val", "0.34",
+                 "--tokens-of", "smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    want: dict[str, int] = {}
+    for e in load_manifest(tmp_path / "out"):
+        n = len(smollm2.tokenizer(read_book(tmp_path / "out", e["book_id"])).input_ids)
+        want[e["split"]] = want.get(e["split"], 0) + n
+    assert len(want) >= 2
+    for split, n in want.items():
+        line = next(x for x in out.splitlines() if x.strip().startswith(split))
+        assert f"{n:,} tokens (smollm2-135m)" in line
+
+
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
