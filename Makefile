@@ -44,7 +44,7 @@ demo: venv books model
 	$(PY) train.py report --records $(RUN)/records --out $(RUN)/report
 	$(PY) train.py selfgen --model $(MODEL) --corpus $(RUN)/corpus --out $(RUN)/selfgen --per-book $(SELFGEN)
 	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/selfgen --out $(RUN)/selfgen_records
-	$(PY) train.py fit --records $(RUN)/selfgen_records --out $(RUN)/gate
+	$(PY) train.py fit --records $(RUN)/selfgen_records --out $(RUN)/gate --max-skip 8
 	$(PY) train.py evaluate --records $(RUN)/selfgen_records --gate $(RUN)/gate --out $(RUN)/eval
 	$(PY) train.py evaluate --records $(RUN)/records --gate $(RUN)/gate --out $(RUN)/eval_books --no-probes
 	$(PY) infer.py --demo --corpus $(RUN)/corpus --gate $(RUN)/gate -m 64
