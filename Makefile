@@ -33,7 +33,7 @@ data/books/.done: data/make_demo_books.py | venv
 	touch $@
 
 # Demo size: the first DEMO_TOKENS positions of each of the six novels for the findings report, and SELFGEN
-# greedy continuations per novel (the decoder's own kind of text) for the gate: about 12 minutes on 2 cores.
+# greedy continuations per novel (the decoder's own kind of text) for the gate: about 15 minutes on 2 cores.
 DEMO_TOKENS ?= 4000
 SELFGEN     ?= 50
 demo: venv books model

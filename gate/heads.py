@@ -331,7 +331,7 @@ def train_word_head(head: WordHead, norm: HiddenNorm, data: HeadData, rows: np.n
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     head.eval()
@@ -389,7 +389,7 @@ def train_future_heads(heads: FutureHeads, norm: HiddenNorm, data: HeadData, row
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     heads.eval()

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
-from gate.backend import HFBackend, catch_up, early_exit_view
+from gate.backend import HFBackend, early_exit_view
 from gate.decode import Decoder, Draft, accept_draft, check_output
 from gate.drafter_lm import SmallLMDrafter
 from gate.policies import BigOnly, Cascade, Entropy, Gate, Ratio, SmallOnly

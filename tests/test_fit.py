@@ -2,15 +2,14 @@
 the artifact round trip, determinism and resume, and a small real SmolLM2 record set."""
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TEXT, make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from test_record import book_text, save_model, write_corpus
 from corpus_tools import record as rec_mod
 from corpus_tools.models import TokenizerMismatch, load
 from corpus_tools.records import open_records
@@ -37,35 +36,13 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def write_corpus(path: Path, books: list[tuple[str, str, str]]) -> Path:
-    (path / "text").mkdir(parents=True)
-    rows = []
-    for book_id, split, text in books:
-        (path / "text" / f"{book_id}.txt").write_text(text, encoding="utf-8")
-        rows.append({"book_id": book_id, "title": book_id, "source": f"{book_id}.epub",
-                     "sha256": hashlib.sha256(text.encode()).hexdigest(), "chars": len(text),
-                     "words": len(text.split()), "paragraphs": text.count("\n\n") + 1, "split": split})
-    (path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def book(i: int, repeat: int) -> str:
-    return "\n\n".join((TINY_TEXT[i % 4:] + TINY_TEXT[:i % 4]) * repeat)
-
-
-def save_model(path: Path, model, tokenizer) -> str:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_llama, tiny_tokenizer):
     """(model dir, corpus dir, records dir) for the tiny random LLaMA."""
     root = tmp_path_factory.mktemp("fit")
     model_dir = save_model(root / "tiny", tiny_llama, tiny_tokenizer)
-    corpus = write_corpus(root / "corpus", [("a", "train", book(0, 6)), ("b", "train", book(1, 6)),
-                                            ("c", "val", book(2, 5)), ("d", "test", book(3, 4))])
+    corpus = write_corpus(root / "corpus", [("a", "train", book_text(0, 6)), ("b", "train", book_text(1, 6)),
+                                            ("c", "val", book_text(2, 5)), ("d", "test", book_text(3, 4))])
     records = root / "records"
     rec_mod.record([model_dir], corpus, records, layers=("middle", "last"), **TINY_REC)
     return model_dir, corpus, records
@@ -164,8 +141,8 @@ def test_refuses_other_tokenizer(tiny, tiny_gate, tmp_path):
     with pytest.raises(TokenizerMismatch, match=str(tiny_gate)):
         D.load_drafter(tiny_gate, info)
     # records of the other tokenizer against this gate
-    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book(0, 2)), ("c", "val", book(2, 1)),
-                                                ("d", "test", book(3, 1))])
+    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("c", "val", book_text(2, 1)),
+                                                ("d", "test", book_text(3, 1))])
     other_rec = tmp_path / "other_records"
     rec_mod.record([other_dir], corpus, other_rec, layers=("last",), **TINY_REC)
     with pytest.raises(TokenizerMismatch, match="other_records"):
@@ -181,13 +158,13 @@ def test_bad_records_give_clear_errors(tiny, tmp_path, capsys):
     assert fit_main(["--records", str(tmp_path / "nope"), "--out", str(tmp_path / "g")]) == 2
     assert "nope" in capsys.readouterr().err
     # no validation split
-    corpus = write_corpus(tmp_path / "c1", [("a", "train", book(0, 2)), ("d", "test", book(3, 1))])
+    corpus = write_corpus(tmp_path / "c1", [("a", "train", book_text(0, 2)), ("d", "test", book_text(3, 1))])
     rec = tmp_path / "r1"
     rec_mod.record([model_dir], corpus, rec, layers=("last",), **TINY_REC)
     with pytest.raises(FitError, match=r"r1.*no validation split"):
         fit(rec, tmp_path / "g1", log=lambda m: None, **SMALL_FIT)
     # an empty validation split
-    corpus = write_corpus(tmp_path / "c2", [("a", "train", book(0, 2)), ("c", "val", ""), ("d", "test", "x")])
+    corpus = write_corpus(tmp_path / "c2", [("a", "train", book_text(0, 2)), ("c", "val", ""), ("d", "test", "x")])
     rec = tmp_path / "r2"
     rec_mod.record([model_dir], corpus, rec, layers=("last",), **TINY_REC)
     with pytest.raises(FitError, match=r"r2.*'val' is empty"):
