@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from corpus_tools.corpus import load_manifest, read_book
 from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
 
 KINDS = ("punct", "suffix", "word", "space", "other")
@@ -134,27 +135,10 @@ def restricted_vocab(freq: np.ndarray, kind: np.ndarray, size: int,
 # ---------------------------------------------------------------------------------------------- corpus side
 def read_corpus(corpus: Path, split: str | None = None) -> list[tuple[str, str]]:
     """(book_id, text) for the books of a corpus folder (manifest.jsonl + text/<book_id>.txt)."""
-    man = corpus / "manifest.jsonl"
-    if not man.is_file():
-        raise FileNotFoundError(f"{man}: no corpus manifest (make one with `python train.py corpus`)")
-    rows = []
-    for n, line in enumerate(man.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{man}:{n}: not JSON ({e})") from None
-    if split:
-        rows = [r for r in rows if r.get("split") == split]
+    rows = [r for r in load_manifest(corpus) if not split or r.get("split") == split]
     if not rows:
-        raise ValueError(f"{man}: no books" + (f" in split {split!r}" if split else ""))
-    out = []
-    for r in rows:
-        p = corpus / "text" / f"{r['book_id']}.txt"
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: listed in {man} but missing")
-        out.append((r["book_id"], p.read_text(encoding="utf-8")))
-    return out
+        raise ValueError(f"{corpus / 'manifest.jsonl'}: no books" + (f" in split {split!r}" if split else ""))
+    return [(r["book_id"], read_book(corpus, r["book_id"])) for r in rows]
 
 
 def count_tokens(tokenizer, books: list[tuple[str, str]], cls, ends_alnum):

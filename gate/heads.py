@@ -290,6 +290,18 @@ def _sorted_take(arr, idx):
     return res
 
 
+def _step(opt, loss, step: int, n_steps: int, lr: float, losses: list, bar) -> None:
+    """One optimiser step at the scheduled learning rate; the progress bar shows the recent mean loss."""
+    for g in opt.param_groups:
+        g["lr"] = _lr_at(step, n_steps, lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    if step % 50 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+
+
 def n_steps_for(n_rows: int, epochs: float, batch: int, min_steps: int) -> int:
     return max(min_steps, int(math.ceil(epochs * n_rows / batch)))
 
@@ -324,16 +336,9 @@ def train_word_head(head: WordHead, norm: HiddenNorm, data: HeadData, rows: np.n
         both = norm(torch.from_numpy(_sorted_take(data.hidden, np.concatenate([t - s, t])).astype(np.float32)))
         hn, hn_t = both[:len(t)], both[len(t):]
         hard, soft = _batch_tensors(data, t, rmap, head.n_out, soft_weight > 0)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, n_steps, lr)
         logits, pred_h = head(ctx, hn, torch.from_numpy(s), return_hidden=True)
         loss = distill_loss(logits, hard, soft, soft_weight, pred_h, hn_t, reg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        _step(opt, loss, step, n_steps, lr, losses, bar)
     head.eval()
     return losses
 
@@ -383,15 +388,7 @@ def train_future_heads(heads: FutureHeads, norm: HiddenNorm, data: HeadData, row
             hard, soft = _batch_tensors(data, tgts[j][ok], rmap, heads.n_out, soft_weight > 0)
             loss = loss + w[j] * distill_loss(logits[m, j], hard, soft, soft_weight, pred_h[m, j], true_h,
                                               reg_weight)
-        loss = loss / w.sum()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, n_steps, lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        _step(opt, loss / w.sum(), step, n_steps, lr, losses, bar)
     heads.eval()
     return losses
 
