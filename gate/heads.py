@@ -290,6 +290,17 @@ def _sorted_take(arr, idx):
     return res
 
 
+def _batches(rng, n_rows: int, batch: int, n_steps: int, desc: str):
+    """(step, row indices, progress bar) for n_steps batches; epochs are seeded permutations of the rows."""
+    order = np.empty(0, dtype=np.int64)
+    bar = tqdm(range(n_steps), desc=desc, leave=False, mininterval=2)
+    for step in bar:
+        if len(order) < batch:
+            order = np.concatenate([order, rng.permutation(n_rows)])
+        b, order = order[:batch], order[batch:]
+        yield step, b, bar
+
+
 def _step(opt, loss, step: int, n_steps: int, lr: float, losses: list, bar) -> None:
     """One optimiser step at the scheduled learning rate; the progress bar shows the recent mean loss."""
     for g in opt.param_groups:
@@ -324,12 +335,7 @@ def train_word_head(head: WordHead, norm: HiddenNorm, data: HeadData, rows: np.n
     rows, smax = rows[keep], smax[keep]
     if len(rows) == 0:
         raise ValueError("no training positions with a previous position in the same run")
-    order = np.empty(0, dtype=np.int64)
-    bar = tqdm(range(n_steps), desc=desc, leave=False, mininterval=2)
-    for step in bar:
-        if len(order) < batch:
-            order = np.concatenate([order, rng.permutation(len(rows))])
-        b, order = order[:batch], order[batch:]
+    for step, b, bar in _batches(rng, len(rows), batch, n_steps, desc):
         t = rows[b]
         s = 1 + (rng.random(len(b)) * smax[b]).astype(np.int64)
         ctx = torch.from_numpy(context_ids(data.tokens, data.run_start, t, head.n_ctx, head.pad))
@@ -365,12 +371,7 @@ def train_future_heads(heads: FutureHeads, norm: HiddenNorm, data: HeadData, row
     heads.train()
     losses = []
     w = torch.tensor([decay ** j for j in range(k)])
-    order = np.empty(0, dtype=np.int64)
-    bar = tqdm(range(n_steps), desc=desc, leave=False, mininterval=2)
-    for step in bar:
-        if len(order) < batch:
-            order = np.concatenate([order, rng.permutation(len(rows))])
-        b, order = order[:batch], order[batch:]
+    for step, b, bar in _batches(rng, len(rows), batch, n_steps, desc):
         p = rows[b]
         tgts = [p + j + 1 for j in range(k)]
         oks = [tg <= run_end[p] for tg in tgts]
