@@ -25,8 +25,8 @@ COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (
     "record": "corpus_tools.record",
     "report": "corpus_tools.report",
     "selfgen": "corpus_tools.selfgen",
-    "fit": "gate.fit",
-    "evaluate": "gate.evaluate",
+    "fit": "gate.train.fit",
+    "evaluate": "gate.train.evaluate",
     "models": "corpus_tools.models",
 }
 

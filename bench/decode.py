@@ -119,7 +119,7 @@ def hf_runner(model, eos, counter, **kw):
 
 
 def loop_runner(setup, make_policy, **kw):
-    from gate.decode import Decoder
+    from gate.decode.loop import Decoder
 
     def run(ids, n):
         dec = Decoder(setup.big, make_policy(), eos_ids=setup.eos_ids, **kw)
@@ -141,9 +141,9 @@ def tie_gap(big, prefix, a, b) -> float:
 
 
 def build(args, setup, notes):
-    from gate.cli import load_gate
-    from gate.drafter_lm import SmallLMDrafter
-    from gate.policies import BigOnly, Entropy, Gate, Ratio
+    from gate.decode.cli import load_gate
+    from gate.decode.drafters import SmallLMDrafter
+    from gate.decode.policies import BigOnly, Entropy, Gate, Ratio
 
     small = setup.predictors.get(args.small)
     model = setup.big.model
@@ -271,8 +271,8 @@ def markdown(results, argv) -> str:
 
 
 def run_dtype(args, dtype):
-    from gate.cli import held_out_prompts, open_models
-    from gate.decode import check_output
+    from gate.decode.cli import held_out_prompts, open_models
+    from gate.decode.loop import check_output
 
     load_before = os.getloadavg()
     setup = open_models(args.model, [args.small] + ([args.assistant] if args.assistant else []), dtype)

@@ -23,9 +23,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
-import secrets
 import sys
 import time
 import traceback
@@ -35,6 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from corpus_tools.epub import EpubError, extract_text
+from corpus_tools.files import write_text
 from corpus_tools.records import sha256_file
 
 SPLITS = ("train", "val", "test")
@@ -79,16 +78,16 @@ def build_corpus(inputs: list[Path], out: Path, val: float = 0.1, test: float = 
             continue
         book_id = f"{slug(book.title)}-{sha[:8]}"
         text = book.text
-        _write_atomic(out / "text" / f"{book_id}.txt", text)
+        write_text(out / "text" / f"{book_id}.txt", text)
         entries[sha] = {"book_id": book_id, "title": book.title, "author": book.author, "language": book.language,
                         "source": str(path), "sha256": sha, "chars": len(text), "words": len(text.split()),
                         "paragraphs": len(book.paragraphs), "split": None, "extractor_version": EXTRACTOR_VERSION}
-        _write_manifest(out, [*entries.values(), *(e for s, e in old.items() if s not in entries)])
+        write_manifest(out, [*entries.values(), *(e for s, e in old.items() if s not in entries)])
 
     books = list(entries.values())
     for book, split in zip(books, assign_splits(books, val, test, seed, pins)):
         book["split"] = split
-    _write_manifest(out, books)
+    write_manifest(out, books)
     for stale in set(e["book_id"] for e in old.values()) - set(e["book_id"] for e in books):
         (out / "text" / f"{stale}.txt").unlink(missing_ok=True)  # books no longer among the inputs
     report = {
@@ -100,7 +99,7 @@ def build_corpus(inputs: list[Path], out: Path, val: float = 0.1, test: float = 
         "settings": {"val": val, "test": test, "seed": seed, "pins": pins or {},
                      "extractor_version": EXTRACTOR_VERSION},
     }
-    _write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 
@@ -175,22 +174,8 @@ def slug(title: str, max_len: int = 40) -> str:
     return s or "book"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder + os.replace: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # not mkstemp: that makes files mode 0600
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_manifest(out: Path, entries: list[dict]) -> None:
-    _write_atomic(out / "manifest.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+def write_manifest(out: Path, entries: list[dict]) -> None:
+    write_text(out / "manifest.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
 
 
 def load_manifest(corpus_dir: str | Path) -> list[dict]:

@@ -18,15 +18,13 @@ alphanumeric piece glued to a letter or digit continues a word, after anything e
 only adds an array form (`class_tables` once per tokenizer, then `token_class` on plain arrays) so the gate can
 classify at decode time without the tokenizer.
 
-`restricted_vocab()` is what the word-completion head uses to pick its output vocabulary (see gate/heads.py).
+`restricted_vocab()` is what the word-completion head uses to pick its output vocabulary (see gate/model/heads.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 import unicodedata
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from corpus_tools.corpus import load_manifest, read_book
+from corpus_tools.files import write_text
 from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
 
 KINDS = ("punct", "suffix", "word", "space", "other")
@@ -160,14 +159,6 @@ def count_tokens(tokenizer, books: list[tuple[str, str]], cls, ends_alnum):
     return counts, cls_counts, cont_counts
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _md_token(text: str) -> str:
     """A token's text inside a markdown table code span: whitespace made visible, pipes escaped."""
     return (text.replace("\n", "\\n").replace("\t", "\\t").replace("|", "\\|").replace("`", "'")
@@ -234,8 +225,8 @@ def main(argv=None) -> int:
     inv, md = build_inventory(tok, books, args.top)
     inv["model"] = args.model
     out = Path(args.out) if args.out else corpus.resolve().parent / "inventory"
-    atomic_write_text(out / "inventory.json", json.dumps(inv, ensure_ascii=False))
-    atomic_write_text(out / "inventory.md", md)
+    write_text(out / "inventory.json", json.dumps(inv, ensure_ascii=False))
+    write_text(out / "inventory.md", md)
     print(md)
     print(f"[inventory] wrote {out}/inventory.json and inventory.md in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

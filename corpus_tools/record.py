@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from corpus_tools.corpus import SPLITS, books_of_split, load_manifest, read_book
 from corpus_tools.models import DTYPES, LoadedModel, ModelSourceError, TokenizerMismatch, check_same_tokenizer, load
+from corpus_tools.files import atomic_dir, write_json
 from corpus_tools.records import FORMAT, RecordsError, field_file, sha256_file
 
 HIDDEN_DTYPES = ("float16", "int8")
@@ -151,21 +152,13 @@ def record_windows(lms: list[LoadedModel], meta_models: list[dict], ids: torch.T
 
 def write_shard(final: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write all arrays of a shard plus shard.json (sha256 per file) into a temp folder, then rename it."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    files = {}
-    for rel, a in arrays.items():
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        np.save(tmp / rel, a)
-        files[rel] = sha256_file(tmp / rel)
-    (tmp / "shard.json").write_text(json.dumps({"n": len(arrays["token.npy"]), "files": files}, indent=1))
-    os.replace(tmp, final)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic_dir(final) as tmp:
+        files = {}
+        for rel, a in arrays.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp / rel, a)
+            files[rel] = sha256_file(tmp / rel)
+        (tmp / "shard.json").write_text(json.dumps({"n": len(arrays["token.npy"]), "files": files}, indent=1))
 
 
 def book_done(book_dir: Path) -> bool:
@@ -183,7 +176,7 @@ def record_book(lms, meta_models, text: str, book_dir: Path, cfg: dict, process:
     per_shard = max(1, cfg["shard_tokens"] // cfg["stride"])
     chunks = [wins[i:i + per_shard] for i in range(0, len(wins), per_shard)]
     book_dir.mkdir(parents=True, exist_ok=True)
-    for stale in book_dir.glob(".tmp-*"):  # left by a killed run
+    for stale in book_dir.glob(".*.tmp"):  # left by a killed run (the folder lock keeps live writers out)
         if stale.is_dir():
             shutil.rmtree(stale)
         else:

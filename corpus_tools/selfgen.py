@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from corpus_tools.corpus import SPLITS, _write_atomic, _write_manifest, books_of_split, read_book
+from corpus_tools.corpus import SPLITS, books_of_split, read_book, write_manifest
+from corpus_tools.files import write_text
 
 
 def prompts_of_book(text: str, tokenizer, n: int, n_tokens: int) -> list[list[int]]:
@@ -85,7 +86,7 @@ def selfgen(model_name: str, corpus: str | Path, out: str | Path, splits=SPLITS,
         chunk = todo[i:i + batch]
         conts = continue_greedy(lm.model, [ids for _, ids in chunk], new_tokens, eos)
         for (entry, ids), cont in zip(chunk, conts):
-            _write_atomic(out / "text" / f"{entry['book_id']}.txt", lm.tokenizer.decode(ids + cont))
+            write_text(out / "text" / f"{entry['book_id']}.txt", lm.tokenizer.decode(ids + cont))
         bar.update(len(chunk))
     bar.close()
     entries = []
@@ -93,7 +94,7 @@ def selfgen(model_name: str, corpus: str | Path, out: str | Path, splits=SPLITS,
         text = (out / "text" / f"{entry['book_id']}.txt").read_text(encoding="utf-8")
         entries.append(dict(entry, sha256=hashlib.sha256(text.encode()).hexdigest(), chars=len(text),
                             words=len(text.split()), paragraphs=text.count("\n\n") + 1))
-    _write_manifest(out, entries)
+    write_manifest(out, entries)
     return entries
 
 

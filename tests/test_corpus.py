@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_tools import corpus
+from corpus_tools import corpus, files
 from corpus_tools.corpus import assign_splits, books_of_split, build_corpus, load_manifest, main, read_book
 from corpus_tools.epub import extract_text
 from fixtures_epub import BROKEN, PRIDE, PRIDE_TEXT, make_broken, pride_epub
@@ -144,7 +144,7 @@ def test_crash_mid_write_leaves_no_partial_file_or_manifest_line(tmp_path, monke
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus.os, "fsync", crash_on_third_file)
+    monkeypatch.setattr(files.os, "fsync", crash_on_third_file)
     with pytest.raises(KeyboardInterrupt):
         build_corpus([books], tmp_path / "out", progress=False)
     out = tmp_path / "out"
@@ -165,14 +165,14 @@ def test_failed_manifest_replace_keeps_the_old_manifest(tmp_path, monkeypatch):
     build_corpus([books], tmp_path / "out", progress=False)
     before = (tmp_path / "out" / "manifest.jsonl").read_bytes()
     pride_epub(books / "new.epub", title="Lady Susan")
-    real_replace = corpus.os.replace
+    real_replace = files.os.replace
 
     def fail_manifest(src, dst):
         if Path(dst).name == "manifest.jsonl":
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(corpus.os, "replace", fail_manifest)
+    monkeypatch.setattr(files.os, "replace", fail_manifest)
     with pytest.raises(OSError, match="disk full"):
         build_corpus([books], tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "manifest.jsonl").read_bytes() == before

@@ -12,10 +12,10 @@ import random
 import pytest
 import torch
 
-from gate.backend import HFBackend, early_exit_view
-from gate.decode import Decoder, Draft, accept_draft, check_output
-from gate.drafter_lm import SmallLMDrafter
-from gate.policies import BigOnly, Cascade, Entropy, Gate, Ratio, SmallOnly
+from gate.decode.backend import HFBackend, early_exit_view
+from gate.decode.loop import Decoder, Draft, accept_draft, check_output
+from gate.decode.drafters import SmallLMDrafter
+from gate.decode.policies import BigOnly, Cascade, Entropy, Gate, Ratio, SmallOnly
 
 PROMPTS = ["It is a truth", "My dear Mr. Bennet", "However little known", "Netherfield Park is let",
            "she told me all about it", "a single man in possession"]
@@ -416,7 +416,7 @@ def test_smollm2_verify_is_lossless(smollm2, prompt):
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def test_cli_json_and_ledger(smollm2, tmp_path, capsys):
-    from gate.cli import main
+    from gate.decode.cli import main
     out = tmp_path / "r.json"
     rc = main(["It is a truth universally acknowledged", "-m", "6", "--policy", "ratio", "--small", "self:10",
                "--min-tokens", "2", "--json", str(out), "--check", "--no-color"])
@@ -431,7 +431,7 @@ def test_cli_json_and_ledger(smollm2, tmp_path, capsys):
 
 
 def test_cli_refuses_other_tokenizer(smollm2, tiny, tmp_path, capsys):
-    from gate.cli import main
+    from gate.decode.cli import main
     tok, _, small = tiny
     small.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
@@ -441,7 +441,7 @@ def test_cli_refuses_other_tokenizer(smollm2, tiny, tmp_path, capsys):
 
 
 def test_cli_user_errors(capsys):
-    from gate.cli import main
+    from gate.decode.cli import main
     assert main(["x", "--policy", "entropy"]) == 2
     assert "needs --small" in capsys.readouterr().err
     assert main(["x", "--policy", "ratio", "--small", "self:4", "-r", "2"]) == 2
@@ -462,13 +462,13 @@ def fake_corpus(path):
 
 
 def test_held_out_prompts(tmp_path, smollm2):
-    from gate.cli import held_out_prompts
+    from gate.decode.cli import held_out_prompts
     ps = held_out_prompts(str(fake_corpus(tmp_path)), smollm2.tokenizer, 3, 20)
     assert len(ps) == 3 and all(len(p) == 20 for p in ps)
 
 
 def test_cli_demo_side_by_side(tmp_path, smollm2, capsys):
-    from gate.cli import main
+    from gate.decode.cli import main
     corpus = fake_corpus(tmp_path / "corpus")
     rc = main(["--demo", "--corpus", str(corpus), "--small", "self:10", "-m", "3", "--n-prompts", "1",
                "--prompt-tokens", "12", "--json", str(tmp_path / "d.json")])

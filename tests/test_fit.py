@@ -13,13 +13,13 @@ from test_record import book_text, save_model, write_corpus
 from corpus_tools import record as rec_mod
 from corpus_tools.models import TokenizerMismatch, load
 from corpus_tools.records import open_records
-from gate import drafter as D
-from gate.evaluate import evaluate
-from gate.backend import HFBackend
-from gate.decode import Decoder
-from gate.fit import FitError, fit, main as fit_main
-from gate.policies import BigOnly, Gate
-from gate.evaluate import main as evaluate_main
+from gate.model import drafter as D
+from gate.train.evaluate import evaluate
+from gate.decode.backend import HFBackend
+from gate.decode.loop import Decoder
+from gate.train.fit import FitError, fit, main as fit_main
+from gate.decode.policies import BigOnly, Gate
+from gate.train.evaluate import main as evaluate_main
 
 TINY_REC = dict(context=64, stride=48, batch_size=2, shard_tokens=400, dtype="float32", progress=False)
 SMALL_FIT = dict(restricted=48, width=32, d_tok=8, d_hid=16, epochs=3.0, future_epochs=3.0, n_pca=4,
@@ -79,8 +79,8 @@ def test_artifact_round_trip_and_contract(tiny, tiny_gate):
     h = torch.from_numpy(a[f"{name}/hidden/{info.n_layers}"][27].astype(np.float32))
     tok, score = dr.propose(ids, h, 2)                  # big computed position 27, ids has 27 + 1 + 2 entries
     # the same through the records code path (context_copy_stats instead of the incremental index)
-    from gate.gatemodel import select
-    from gate.heads import context_copy_stats, run_starts
+    from gate.model.features import select
+    from gate.model.heads import context_copy_stats, run_starts
     cp = context_copy_stats(np.array(ids), run_starts(np.zeros(len(ids)), np.arange(len(ids))))
     cp = {k: v[-1:] for k, v in cp.items()}
     out = dr.predictor.run(dr.predictor.context(ids)[None], h[None], torch.tensor([2]), cp)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from corpus_tools import inventory as inv
-from gate import gatemodel as gm
+from gate.model import features as gm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,7 +193,7 @@ def test_ltt_fixed_sequence_stops_at_first_failure():
 
 def test_policy_simulation_and_run_lengths():
     """Hand-checked walk: one stretch of 8 positions, max_skip 3 (skip at s = 1, 2)."""
-    from gate.evaluate import safe_run_lengths, simulate_policy
+    from gate.train.evaluate import safe_run_lengths, simulate_policy
     n, max_s = 8, 2
     run_start = np.zeros(n, dtype=np.int64)
     argmax = np.arange(100, 108)

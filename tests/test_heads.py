@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from gate import heads as H
+from gate.model import heads as H
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

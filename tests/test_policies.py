@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from gate.backend import HFBackend, early_exit_view
-from gate.decode import Decoder
-from gate.drafter_lm import SmallLMDrafter
-from gate.policies import Cascade, Entropy, Gate, Ratio, SmallOnly, entropy
+from gate.decode.backend import HFBackend, early_exit_view
+from gate.decode.loop import Decoder
+from gate.decode.drafters import SmallLMDrafter
+from gate.decode.policies import Cascade, Entropy, Gate, Ratio, SmallOnly, entropy
 from test_decode import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively, single_thread  # noqa: F401
 
 

@@ -149,10 +149,13 @@ def test_resume_after_a_crash_gives_identical_files(tiny_dir, corpus, tiny_recor
         rec_mod.record([tiny_dir], corpus, tmp_path / "rec", **TINY)
     monkeypatch.setattr(rec_mod.np, "save", real_save)
     assert not (tmp_path / "rec" / "manifest.json").exists()
-    assert list((tmp_path / "rec" / "train" / "book-a").glob(".tmp-*"))  # the half-written shard
+    book = tmp_path / "rec" / "train" / "book-a"
+    assert not list(book.glob(".*.tmp"))  # an interrupted shard removes its temporary folder
+    (book / ".00002.999999-dead.tmp").mkdir()  # what a SIGKILL would leave: removed on resume
     with pytest.raises(RecordsError, match="incomplete"):
         open_records(tmp_path / "rec")
     rec_mod.record([tiny_dir], corpus, tmp_path / "rec", **TINY)
+    assert not list(book.glob(".*.tmp"))
     assert files_of(tmp_path / "rec") == files_of(tiny_records)
 
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from gate.backend import Backend, catch_up
+from gate.decode.backend import Backend, catch_up
 
 
 class SmallLMDrafter:

@@ -41,9 +41,9 @@ Thresholds with fewer served positions than n_min = ceil(log(delta) / log(1 - al
 cannot reject) are not tested (skipped, they do not stop the walk), as in common LTT implementations; this
 depends only on counts, not on labels. Reported alongside: the Clopper-Pearson one-sided (1 - delta) upper bound
 on the error rate at the chosen threshold (<= alpha by construction: p <= delta is equivalent to the CP upper
-bound being <= alpha), and the realised precision on the test split (gate/evaluate.py).
+bound being <= alpha), and the realised precision on the test split (gate/train/evaluate.py).
 When several learned gates are calibrated on the same validation pairs and the best certified one is kept, each is
-calibrated at delta / (number of gates), so the family-wise guarantee covers the choice (gate/fit.py).
+calibrated at delta / (number of gates), so the family-wise guarantee covers the choice (gate/train/fit.py).
 The guarantee is for positions drawn like the validation positions (held-out books, teacher-forced text, the
 since_big mix of the calibration pairs); decoding from a model's own output is a distribution shift the bound
 does not cover - the evaluation's policy simulation and the decode benchmarks measure that.

@@ -24,19 +24,18 @@ listed in drafter.json, so a half-rewritten folder is refused rather than half-l
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from corpus_tools.files import atomic_path, write_json
 from corpus_tools.models import ModelInfo, TokenizerMismatch
 from corpus_tools.records import sha256_file
-from gate.gatemodel import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, select
-from gate.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
+from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, select
+from gate.model.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
 
 FORMAT = "skipgate-drafter/1"
 META_FILE, TENSOR_FILE = "drafter.json", "drafter.safetensors"
@@ -179,41 +178,18 @@ class Drafter:
         tensors = {f"pred.{k}": v.detach().contiguous().cpu() for k, v in self.predictor.tensors().items()}
         for name, g in self.gates.items():
             tensors.update({f"gate.{name}.{k}": v.detach().contiguous().cpu() for k, v in g.state().items()})
-        fd, tmp = tempfile.mkstemp(prefix=f".{TENSOR_FILE}.", dir=path)
-        os.close(fd)
-        save_file(tensors, tmp)
-        sha = sha256_file(Path(tmp))
-        os.replace(tmp, path / TENSOR_FILE)
+        with atomic_path(path / TENSOR_FILE) as tmp:
+            save_file(tensors, str(tmp))
+            sha = sha256_file(tmp)
         meta = dict(self.meta)
         meta.update(format=FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
                     threshold=self.threshold, primary_gate=self.primary,
                     gates={n: {"kind": g.kind, "config": g.config()} for n, g in self.gates.items()},
                     predictor=self.predictor.config(), features=self.predictor.feature_names,
                     files={TENSOR_FILE: sha}, versions=library_versions())
-        write_json_atomic(path / META_FILE, meta)
+        write_json(path / META_FILE, meta)
         self.meta = meta
         return path
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def library_versions() -> dict:

@@ -116,7 +116,7 @@ class Setup:
 def open_models(big_name: str, small_names: list[str], dtype: str) -> Setup:
     """Load the big model and the predictors; refuse models whose tokenizers differ."""
     from corpus_tools.models import check_same_tokenizer, load
-    from gate.backend import HFBackend, early_exit_view
+    from gate.decode.backend import HFBackend, early_exit_view
 
     big = load(big_name, dtype)
     fps = {big_name: big.info.fingerprint}
@@ -150,7 +150,7 @@ def eos_ids_of(lm) -> tuple:
 
 
 def load_gate(path: str, big_info):
-    from gate.drafter import ArtifactError, load_drafter
+    from gate.model.drafter import ArtifactError, load_drafter
 
     if not Path(path).exists():
         raise CliError(f"--gate {path}: no such folder (train a gate with `python train.py fit`)")
@@ -176,8 +176,8 @@ def make_policy(args, setup: Setup):
 
 
 def _make_policy(args, setup: Setup):
-    from gate.drafter_lm import SmallLMDrafter
-    from gate.policies import BigOnly, Cascade, Entropy, Gate, Ratio, SmallOnly
+    from gate.decode.drafters import SmallLMDrafter
+    from gate.decode.policies import BigOnly, Cascade, Entropy, Gate, Ratio, SmallOnly
 
     p = args.policy
     small = setup.predictors.get(args.small) if args.small else None
@@ -285,7 +285,7 @@ def format_ledgers(columns: dict[str, dict]) -> str:
 
 # -- running -------------------------------------------------------------------------------------------------
 def run_one(setup: Setup, policy, prompt_ids: list[int], args, stream=None, verify=None) -> dict:
-    from gate.decode import Decoder, check_output
+    from gate.decode.loop import Decoder, check_output
 
     verify = args.verify if verify is None else verify
     dec = Decoder(setup.big, policy, verify=verify, verify_below=args.verify_below if verify else math.inf,
@@ -339,7 +339,7 @@ def held_out_prompts(corpus: str, tokenizer, n: int, n_tokens: int, split: str =
 
 def run_demo(args, setup: Setup) -> int:
     """Prompts from held-out books, each generated with big, the policy, and the policy with --verify."""
-    from gate.policies import BigOnly
+    from gate.decode.policies import BigOnly
 
     prompts = held_out_prompts(args.corpus, setup.tokenizer, args.n_prompts, args.prompt_tokens)
     color = sys.stdout.isatty() and not args.no_color

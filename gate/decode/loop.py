@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from gate.backend import Backend, catch_up
+from gate.decode.backend import Backend, catch_up
 
 BIG_SOURCES = ("big", "scaffold")   # tokens the big model generated; every other source is a skip
 

@@ -16,13 +16,13 @@ dealt to folds by a seeded shuffle):
     validation split            -> choice of the head mode (word / future / mix); Learn-then-Test threshold of
                                    every gate (at delta / n_gates) and of the baselines; the drafter keeps the
                                    gate with the largest certified coverage
-    test split                  -> untouched (gate/evaluate.py)
+    test split                  -> untouched (gate/train/evaluate.py)
 
 Candidates: the drafter proposes the best-scoring of the head's top-1 / top-2, the training-text n-gram
-continuation and the in-context copy continuation (gate/gatemodel.py); the gates are trained on every candidate
+continuation and the in-context copy continuation (gate/model/features.py); the gates are trained on every candidate
 of the gate-fold pairs (label: it equals the big model's argmax).
 
-Training pairs mimic decode (gate/heads.py explains the indexing): for each position t and s = 1..max_skip-1
+Training pairs mimic decode (gate/model/heads.py explains the indexing): for each position t and s = 1..max_skip-1
 (since_big), the inputs are the tokens up to t, the big hidden state at t - s and s; the label is the big
 model's argmax at t. The same code (gate.drafter.Predictor.run -> gate.gatemodel.compute_features) computes
 the features here and in Drafter.propose. The context tokens are the book's text, not the drafter's earlier
@@ -50,11 +50,12 @@ import torch
 
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
 from corpus_tools.models import TokenizerMismatch
-from gate.drafter import ArtifactError, Drafter, Predictor, write_json_atomic
-from gate.gatemodel import (GATES, LogisticGate, MLPGate, coverage_at_precision, ltt_calibrate)
-from gate.heads import (FutureHeads, HeadData, HiddenNorm, WordHead, context_copy_stats, context_ids,
+from corpus_tools.files import save_tensors, write_json
+from gate.model.drafter import ArtifactError, Drafter, Predictor
+from gate.model.features import (GATES, LogisticGate, MLPGate, coverage_at_precision, ltt_calibrate)
+from gate.model.heads import (FutureHeads, HeadData, HiddenNorm, WordHead, context_copy_stats, context_ids,
                         pair_index, run_starts)
-from gate.heads import train_future_heads, train_word_head
+from gate.model.heads import train_future_heads, train_word_head
 
 VAL_NAMES = ("validation", "val", "valid", "dev")
 GATE_VERSION = 3      # bump when the features change, so finished gate stages are not reused
@@ -204,7 +205,7 @@ def predict_pairs(pred: Predictor, data: SplitData, t: np.ndarray, s: np.ndarray
     predictor modes from the same head outputs."""
     from tqdm.auto import tqdm
 
-    from gate.gatemodel import combine, select
+    from gate.model.features import combine, select
     keys = ("cands", "valid", "cls", "head_p", "head_entropy") + (("X",) if keep_X else ())
     outs = {k: [] for k in keys}
     scores = {n: [] for n in (gates or {})}
@@ -264,7 +265,7 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
     if unknown:
         raise TypeError(f"unknown fit options: {sorted(unknown)}")
     cfg.update(opts)
-    from gate.gatemodel import torch_threads
+    from gate.model.features import torch_threads
     with torch_threads(cfg["threads"] or torch.get_num_threads()):
         return _fit(records, out, model, force, log, cfg)
 
@@ -361,7 +362,7 @@ def _fit(records, out, model, force, log, cfg) -> Path:
 
     stages = out / "stages"
     stages.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     # ---- stage 1: heads
     head_cfg = {k: cfg[k] for k in ("seed", "max_skip", "n_ctx", "restricted", "d_tok", "d_hid", "width", "epochs",
@@ -417,8 +418,8 @@ def _fit(records, out, model, force, log, cfg) -> Path:
         st = {f"word.{k}": v.contiguous() for k, v in word.state_dict().items()}
         st.update({f"future.{k}": v.contiguous() for k, v in future.state_dict().items()})
         st.update({"pca.mean": pca_mean.contiguous(), "pca.proj": pca_proj.contiguous()})
-        _save_atomic(save_file, st, heads_file)
-        write_json_atomic(heads_meta, {"key": k_heads, "timings": timings})
+        save_tensors(st, heads_file)
+        write_json(heads_meta, {"key": k_heads, "timings": timings})
         log(f"[fit] heads trained in {timings['future_heads_s'] + timings['word_head_s']:.0f}s -> {heads_file}")
     del embed
 
@@ -451,7 +452,7 @@ def _fit(records, out, model, force, log, cfg) -> Path:
         if mode not in acc:
             raise FitError(f"--predictor {mode!r}: choose auto, word, future or mix")
         mm = {"key": k_mode, "mode": mode, "val_accuracy": acc}
-        write_json_atomic(mode_meta, mm)
+        write_json(mode_meta, mm)
         log("[fit] val accuracy (candidate == big argmax): " +
             ", ".join(f"{m} {a['accuracy']:.1%}" for m, a in acc.items()) + f" -> predictor {mode}")
     pred.mode = mm["mode"]
@@ -481,7 +482,7 @@ def _fit(records, out, model, force, log, cfg) -> Path:
         X, y = o["X"][rows], o["correct"][rows].astype(np.float32)
         gates = {"logreg": LogisticGate().fit(X, y, seed=seed), "mlp": MLPGate(X.shape[1]).fit(X, y, seed=seed)}
         dev_cov = {}
-        from gate.gatemodel import select
+        from gate.model.features import select
         for n, g in gates.items():
             Xd = torch.from_numpy(o["X"][dev_pair])
             sc = g.score(Xd.reshape(-1, Xd.shape[-1])).reshape(Xd.shape[:2])
@@ -496,12 +497,12 @@ def _fit(records, out, model, force, log, cfg) -> Path:
         st = {}
         for n, g in gates.items():
             st.update({f"{n}.{k}": v.contiguous() for k, v in g.state().items()})
-        _save_atomic(save_file, st, gate_file)
+        save_tensors(st, gate_file)
         gm = {"key": k_gate, "gates": {n: {"kind": g.kind, "config": g.config()} for n, g in gates.items()},
               "primary": primary, "dev_coverage_at_target": dev_cov, "n_pairs": int(len(gt)),
               "n_train_rows": int(rows.sum()), "n_dev_pairs": int(dev_pair.sum()), "positive_rate": float(y.mean()),
               "any_candidate_right": float(o["correct"].any(1).mean()), "seconds": round(time.time() - t0, 1)}
-        write_json_atomic(gate_meta, gm)
+        write_json(gate_meta, gm)
         log(f"[fit] gates trained on {int(rows.sum()):,} candidates of {int((~dev_pair).sum()):,} pairs (right "
             f"{y.mean():.1%}; some candidate right for {gm['any_candidate_right']:.1%} of pairs); mean coverage at "
             "95-99.5% precision on the gate-dev chunks: " +
@@ -570,7 +571,7 @@ def build_ngram(rec, path, tr: SplitData, gate_rows: np.ndarray, tokenizer, V: i
     """NgramTable over the train books' full text (from the corpus the records name), masking the continuation
     of every gate-fold position; falls back to the recorded train tokens when the text is not there or does not
     tokenize to the recorded ids."""
-    from gate.heads import NgramTable
+    from gate.model.heads import NgramTable
     corpus = Path(str(rec.meta.get("corpus", "")))
     gate_mask_rows = np.zeros(len(tr), dtype=bool)
     gate_mask_rows[gate_rows] = True
@@ -605,15 +606,6 @@ def build_ngram(rec, path, tr: SplitData, gate_rows: np.ndarray, tokenizer, V: i
         source = f"recorded {tr.name} tokens of {path}"
     table = NgramTable.build(seqs, V, masks=masks)
     return table, {"source": source, "tokens": int(sum(len(x) for x in seqs)), "entries": table.n_entries()}
-
-
-def _save_atomic(save_file, tensors, path: Path):
-    import os
-    import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@
     cascade   seed 001: three or more models; level l speaks when its entropy is <= tau_l, else the next
     gate      the learned gate: a Drafter proposes a token and a score; skip while score >= threshold
 
-A policy only returns drafts; the loop in gate/decode.py feeds the big model (catch-up), verifies, rolls back.
+A policy only returns drafts; the loop in gate/decode/loop.py feeds the big model (catch-up), verifies, rolls back.
 Predictors keep their own caches in step with the text through `catch_up` (they, too, are fed in one pass
 every token they have not seen, e.g. the big model's tokens since they last ran).
 """
@@ -19,8 +19,8 @@ import re
 
 import torch
 
-from gate.backend import Backend, catch_up
-from gate.decode import Decoder, Draft, Policy, draft_probs, select
+from gate.decode.backend import Backend, catch_up
+from gate.decode.loop import Decoder, Draft, Policy, draft_probs, select
 
 
 def lm_draft(logits: torch.Tensor, dec: Decoder, source: str) -> Draft:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gate.heads import run_starts
+from gate.model.heads import run_starts
 
 
 def _run_end(run_start: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 Definitions (every number in the report uses these):
     position    a record position t of a test book: the big model has read tokens[..t]; its greedy choice for
                 token t+1 is argmax[t]. With since_big = s (1 .. max_skip-1) the drafter sees the tokens up to t
-                and the big hidden state at t - s (gate/heads.py). A "pair" is (t, s).
+                and the big hidden state at t - s (gate/model/heads.py). A "pair" is (t, s).
     candidate   the drafter predictor's token for t+1 (the top token of its restricted distribution).
     coverage    share of positions (pairs) skipped: score >= threshold.
     precision   share of skipped positions where the emitted token (the candidate) equals the big model's
@@ -41,10 +41,11 @@ import numpy as np
 
 from corpus_tools.inventory import CLASSES
 from corpus_tools.models import TokenizerMismatch
-from gate.drafter import ArtifactError, load_drafter, read_meta, write_json_atomic
-from gate.fit import FitError, find_split, load_fields, load_split, open_records_checked, predict_pairs
-from gate.gatemodel import SOURCES, coverage_at_precision, precision_curve
-from gate.heads import context_copy_stats, pair_index
+from corpus_tools.files import write_json
+from gate.model.drafter import ArtifactError, load_drafter, read_meta
+from gate.train.fit import FitError, find_split, load_fields, load_split, open_records_checked, predict_pairs
+from gate.model.features import SOURCES, coverage_at_precision, precision_curve
+from gate.model.heads import context_copy_stats, pair_index
 
 TARGETS = (0.95, 0.98, 0.99, 0.995)
 
@@ -306,8 +307,8 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
     # probes
     probe_res = None
     if probes:
-        from gate.fit import find_split as _fs
-        from gate.probes import plot_probes, run_probes
+        from gate.train.fit import find_split as _fs
+        from gate.train.probes import plot_probes, run_probes
         layers = sorted(int(x) for x in entry.get("layers", []))
         tr_split = _fs(rec, records, "train")
         base = ("token", "target", "argmax", "book", "pos")
@@ -347,7 +348,7 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
                "by_since_big": by_s, "decode_like": decode_like, "calibrated": calib, "policy": policy, "run_lengths": runs,
                "target": target, "probes": probe_res, "cost": meta.get("cost"), "command": command,
                "seconds": round(time.time() - t_start, 1)}
-    write_json_atomic(out / "metrics.json", _jsonable(metrics))
+    write_json(out / "metrics.json", _jsonable(metrics))
     md = report_markdown(metrics, meta, dr)
     (out / "report.md").write_text(md, encoding="utf-8")
     log(md)
@@ -384,7 +385,7 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
          f"max_prob / entropy baselines, oracle:head); some candidate is right on {_pct(m['any_candidate_right'])}."
          f" Chosen candidate by source: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["chosen_source"].items()) +
          "; each source right: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["source_right"].items()) +
-         ". Definitions: see gate/evaluate.py (coverage = share of positions skipped; precision = share "
+         ". Definitions: see gate/train/evaluate.py (coverage = share of positions skipped; precision = share "
          "of skipped positions whose token equals the big model's argmax).", ""]
     if cost:
         L += [f"Drafter cost: word head {cost['word_head_params'] / 1e6:.2f}M params, "
@@ -460,7 +461,7 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
     pr = m.get("probes")
     if pr:
         L += ["## Linear probes (seed 003)", "",
-              f"Linear probes ({pr.get('method', 'ridge')}, gate/probes.py) from each recorded layer's hidden state "
+              f"Linear probes ({pr.get('method', 'ridge')}, gate/train/probes.py) from each recorded layer's hidden state "
               f"at t to the token at t+k (train {pr['n_train']:,} / test {pr['n_test']:,} positions, top {pr['K']} "
               "tokens + other); accuracy on the test books. bigram: the most frequent token at t+k after the token "
               "at t; ceiling: share of test targets among the K classes (the most any probe over them can reach).",

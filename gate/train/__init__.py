@@ -1,0 +1,1 @@
+"""Training side: records -> heads + gates -> calibrated drafter artifact; evaluation and probes."""
