@@ -286,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     pins: dict[str, list[str]] = {}
     for split, pattern in args.pin:
         pins.setdefault(split, []).append(pattern)
+    if args.tokens_of:  # a bad model name fails now, not after the books are converted
+        from corpus_tools.models import ModelSourceError, resolve
+        try:
+            resolve(args.tokens_of)
+        except ModelSourceError as e:
+            print(f"train.py corpus: error: --tokens-of: {one_line(e)}", file=sys.stderr)
+            return 2
     try:
         report = build_corpus(args.epubs, args.out, val=args.val, test=args.test, seed=args.seed, pins=pins,
                               progress=not args.quiet, prune=args.prune)
