@@ -36,7 +36,8 @@ def prompts_of_book(text: str, tokenizer, n: int, n_tokens: int) -> list[list[in
     (the first 5% of paragraphs, title pages and contents, are left out)."""
     paras = text.split("\n\n")
     paras = paras[len(paras) // 20:]
-    long = [ids for ids in (encode_text(tokenizer, p) for p in paras if len(p) > 4 * n_tokens) if len(ids) >= n_tokens]
+    long = [ids for ids in (encode_text(tokenizer, p) for p in paras if len(p) > 4 * n_tokens)
+            if len(ids) >= n_tokens]
     pick = sorted({(j + 1) * len(long) // (n + 1) for j in range(n)} - {len(long)})
     return [long[i][:n_tokens] for i in pick]
 
@@ -131,8 +132,7 @@ def main(argv=None) -> int:
     try:
         entries = selfgen(args.model, args.corpus, args.out, args.splits, args.per_book, args.prompt_tokens,
                           args.new_tokens, args.batch, args.dtype, not args.no_progress)
-    except (CorpusError, OutputPathError, LockedError, ModelSourceError, ValueError) as e:  # ValueError: also
-        # ContextLengthError
+    except (CorpusError, OutputPathError, LockedError, ModelSourceError, ValueError) as e:  # and ContextLengthError
         print(f"train.py selfgen: error: {one_line(e)}", file=sys.stderr)
         return 2
     counts = {s: sum(e["split"] == s for e in entries) for s in SPLITS}
