@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
 from gate.decode.registry import add_policy_args, number, policies_help, policy_examples, registered
-from gate.decode.runtime import BACKENDS, Runtime, UsageError, held_out_prompts, open_models
+from gate.decode.runtime import Runtime, UsageError, add_runtime_args, held_out_prompts, open_models
 
 NOTES = """\
 A small model is a model name with the big model's tokenizer, or self:K = the big model's first K layers +
@@ -46,7 +46,7 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     ap.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin)")
     ap.add_argument("--prompt-file", help="read the prompt from a file")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    add_model_args(ap.add_argument_group("models"))
+    add_runtime_args(ap.add_argument_group("models"))
     g = ap.add_argument_group("policy", "each option lists the policies that read it in [brackets]")
     g.add_argument("--policy", default="big", choices=list(policies))
     g.add_argument("-m", "--max-new-tokens", type=int, default=128)
@@ -72,15 +72,6 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--n-prompts", type=int, default=2, help="demo: prompts (default: %(default)s)")
     g.add_argument("--prompt-tokens", type=int, default=48, help="demo: prompt length (default: %(default)s)")
     return ap
-
-
-def add_model_args(g) -> None:
-    """Options of the runtime, shared with bench/decode.py."""
-    g.add_argument("--model", default="smollm2-135m", help="the big model (default: %(default)s)")
-    g.add_argument("--dtype", default="float32", help="model dtype (default: %(default)s)")
-    g.add_argument("--backend", default="hf", choices=list(BACKENDS), help="model runtime (default: %(default)s)")
-    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice; on a busy machine "
-                   "--threads 1 avoids stalls: 2 threads on 2 busy cores ran 8x slower here)")
 
 
 # -- options -> runtime and policy ----------------------------------------------------------------------------

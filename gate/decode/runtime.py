@@ -63,6 +63,15 @@ class Runtime:
         return backend.model
 
 
+def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)") -> None:
+    """The runtime's options (infer.py and bench/decode.py): big model, dtype, backend, threads."""
+    g.add_argument("--model", default="smollm2-135m", help="the big model (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", help=dtype_help)
+    g.add_argument("--backend", default="hf", choices=list(BACKENDS), help="model runtime (default: %(default)s)")
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice; on a busy machine "
+                   "--threads 1 avoids stalls: 2 threads on 2 busy cores ran 8x slower here)")
+
+
 def open_models(big_name: str, small_names: list[str], dtype: str, kind: str = "hf") -> Runtime:
     """Load the big model and the predictors; refuse models whose tokenizers differ.
 
