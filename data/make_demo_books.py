@@ -54,24 +54,24 @@ VOLUME = re.compile(r"VOLUME\s+[IVX]+\.?", re.IGNORECASE)
 
 # ---------------------------------------------------------------------------------------------- the package
 
-def fetch_deb(debs: Path) -> Path:
-    """The cached .deb, downloading it with apt-get when there is none."""
+def fetch_deb(debs: Path, package: str = PACKAGE) -> Path:
+    """The cached .deb of `package`, downloading it with apt-get when there is none."""
     debs.mkdir(parents=True, exist_ok=True)
-    cached = sorted(debs.glob(f"{PACKAGE}_*.deb"))
+    cached = sorted(debs.glob(f"{package}_*.deb"))
     if cached:
         return cached[-1]
     with tempfile.TemporaryDirectory(dir=debs) as tmp:  # apt writes the file in place: download beside, then move
-        download = ["apt-get", "download", PACKAGE]
+        download = ["apt-get", "download", package]
         try:
             if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
                 print("apt-get download failed; running apt-get update once", file=sys.stderr)
                 subprocess.run(["apt-get", "update"], check=True, capture_output=True)
                 subprocess.run(download, cwd=tmp, check=True, capture_output=True)
         except FileNotFoundError:
-            sys.exit(f"apt-get not found: put {PACKAGE}_*.deb (from a Debian mirror) into {debs} and run again")
+            sys.exit(f"apt-get not found: put {package}_*.deb (from a Debian mirror) into {debs} and run again")
         except subprocess.CalledProcessError as e:
             sys.exit(f"{' '.join(e.cmd)} failed:\n{e.stderr.decode(errors='replace')}")
-        deb = next(Path(tmp).glob(f"{PACKAGE}_*.deb"))
+        deb = next(Path(tmp).glob(f"{package}_*.deb"))
         os.replace(deb, debs / deb.name)
     return debs / deb.name
 
@@ -201,17 +201,24 @@ def _html_paragraph(p: str) -> str:
 
 
 def make_epub(name: str, title: str, lines: list[str]) -> bytes:
+    front, chaps = chapters(paragraphs(lines))
+    return epub_bytes(f"urn:janeaustenr:{name}", title, AUTHOR,
+                      f"Debian package {PACKAGE} (text from Project Gutenberg)", front, chaps)
+
+
+def epub_bytes(identifier: str, title: str, author: str, source: str, front: list[str],
+               chaps: list[tuple[str, list[str]]]) -> bytes:
+    """An EPUB 3: a title page of `front` paragraphs, one XHTML per (heading, paragraphs), nav + NCX."""
     from ebooklib import epub  # imported here: --help should not need it
 
-    front, chaps = chapters(paragraphs(lines))
     book = epub.EpubBook()
-    book.set_identifier(f"urn:janeaustenr:{name}")
+    book.set_identifier(identifier)
     book.set_title(title)
     book.set_language("en")
-    book.add_author(AUTHOR)
-    book.add_metadata("DC", "source", f"Debian package {PACKAGE} (text from Project Gutenberg)")
+    book.add_author(author)
+    book.add_metadata("DC", "source", source)
     docs = [epub.EpubHtml(title=title, file_name="title.xhtml", lang="en")]
-    docs[0].content = "".join(map(_html_paragraph, front))
+    docs[0].content = "".join(map(_html_paragraph, front)) or f"<h1>{html.escape(title)}</h1>"
     for i, (heading, paras) in enumerate(chaps, 1):
         nav_title = re.sub(r"\b(CHAPTER|VOLUME)\b", lambda m: m[1].capitalize(), heading.replace("\n", ", "))
         doc = epub.EpubHtml(title=nav_title, file_name=f"chapter_{i:03d}.xhtml", lang="en")

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Held-out genres: English prose that is not a novel, as EPUBs, from Debian packages. Nothing is tuned on them.
+
+    python data/make_genre_books.py [--out data/genres] [--debs data/debs] [--force]
+
+The demo trains and calibrates on six Austen novels; a gate that only learned Austen (or only learned to copy)
+shows it here. Two genres, each from a Debian package (downloaded once with `apt-get download` into --debs):
+  manual    the Debian Policy Manual (package debian-policy): normative technical prose. The package ships an
+            EPUB, which is used as it is: a real-world EPUB, not one made by this project.
+  lexicon   the Jargon File 4.4.7 (package jargon-text): a lexicon of hacker slang with essay chapters, shipped
+            as plain text; made into an EPUB the way data/make_demo_books.py makes the novels (hard-wrapped lines
+            rejoined into paragraphs, a <p> each), one chapter per 60 paragraphs after the table of contents.
+Not used, on purpose: the Bible (bible-kjv*) and The Devil's Dictionary (dict-devil), which stay unseen by the
+project. Output bytes are the same on every run; each file is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from make_demo_books import epub_bytes, fetch_deb, paragraphs, write_atomic  # noqa: E402
+
+POLICY = ("debian-policy", "./usr/share/doc/debian-policy/policy.epub")
+JARGON = ("jargon-text", "./usr/share/doc/jargon-text/jargon.txt.gz")
+CHAPTER_PARAGRAPHS = 60
+
+
+def member(deb: Path, path: str) -> bytes:
+    """One file of a .deb's file system tree, streamed from dpkg-deb."""
+    proc = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True)
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        f = tar.extractfile(path)
+        if f is None:
+            sys.exit(f"{deb}: {path} is not a file")
+        return f.read()
+
+
+def jargon_epub(raw_gz: bytes) -> bytes:
+    paras = paragraphs(gzip.decompress(raw_gz).decode("utf-8").splitlines())
+    start = next(i for i, p in enumerate(paras) if len(p.split()) > 40)   # skip the title and table of contents
+    body = paras[start:]
+    chaps = [(f"Part {i // CHAPTER_PARAGRAPHS + 1}", body[i:i + CHAPTER_PARAGRAPHS])
+             for i in range(0, len(body), CHAPTER_PARAGRAPHS)]
+    return epub_bytes("urn:jargon-file:4.4.7", "The Jargon File", "Eric S. Raymond (ed.)",
+                      "Debian package jargon-text", paras[:1], chaps)
+
+
+BOOKS = {  # file name -> (package, how to make the EPUB from the .deb)
+    "debian-policy-manual.epub": (POLICY[0], lambda deb: member(deb, POLICY[1])),
+    "the-jargon-file.epub": (JARGON[0], lambda deb: jargon_epub(member(deb, JARGON[1]))),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    ap.add_argument("--out", type=Path, default=HERE / "genres", help="folder for the EPUBs (default data/genres)")
+    ap.add_argument("--debs", type=Path, default=HERE / "debs", help="cache of the .debs (default data/debs)")
+    ap.add_argument("--force", action="store_true", help="re-make books that already exist")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, (package, make) in BOOKS.items():
+        path = args.out / name
+        if path.is_file() and not args.force:
+            continue
+        write_atomic(path, make(fetch_deb(args.debs, package)))
+        print(f"{path}  {path.stat().st_size / 1e6:.2f} MB, from Debian package {package}")
+    print(f"genre books in {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

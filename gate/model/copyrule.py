@@ -1,0 +1,101 @@
+"""The copy rule: prompt lookup used as a gate, with no training; and which positions count as copies.
+
+Text that repeats itself (a greedy model looping, a name said again, a quoted phrase) can be continued without
+any model: if the last n tokens occurred earlier in the context, the token that followed them then is a good
+guess now. Prompt-lookup decoding (transformers' `prompt_lookup_num_tokens`) drafts with exactly this. It is
+the baseline every learned gate here must beat: a gate whose skips are all copies has learned nothing that this
+rule, with no training, does not already find.
+
+    index = CopyIndex(max_n=12)
+    index.sync(ids)                       # incremental: O(max_n) per new token; rebuilt if ids shrank
+    token, n = index.query()              # the copy candidate for position len(ids), and its match length
+    copy_rule(tokens, run_start) -> (cand, match_len)   # the same for every recorded position (records)
+
+The candidate is the token that followed the most recent earlier occurrence of the longest suffix (up to
+max_n tokens) of the context that occurred earlier; its score is the match length n (0 = no candidate, token
+-1). Longer matches are right more often; thresholding n trades coverage for precision.
+
+A *copy position* is one whose last COPY_SPAN = 4 tokens occurred earlier in the context, whatever followed
+them there (match length >= 4). Reports split every metric into copy and non-copy positions: what a learned gate
+adds over this rule shows on the non-copy ones.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+COPY_SPAN = 4       # a position is a copy position when this many tokens before it occurred earlier
+MAX_N = 12          # longest suffix the rule looks for
+
+
+class CopyIndex:
+    """Longest earlier occurrence of the text's suffix, kept up to date as tokens are appended.
+
+    For each length n <= max_n, a dict maps every n-gram that ends before the last position to the end index of
+    its most recent occurrence. If the n-gram ending at the last position is not among them, no longer one is
+    either (its suffix would be), so the search stops at the first miss.
+    """
+
+    def __init__(self, max_n: int = MAX_N):
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        self.max_n = max_n
+        self.reset()
+
+    def reset(self) -> None:
+        self.ids: list[int] = []
+        self.ends: list[dict[tuple, int]] = [{} for _ in range(self.max_n + 1)]
+
+    def push(self, token: int) -> None:
+        """Append one token: the n-grams ending at the previous last position become searchable."""
+        i = len(self.ids) - 1
+        for n in range(1, min(self.max_n, i + 1) + 1):
+            self.ends[n][tuple(self.ids[i - n + 1:i + 1])] = i
+        self.ids.append(int(token))
+
+    def sync(self, ids: Sequence[int]) -> None:
+        """Make the index describe `ids`: append what is new; rebuild after a rollback or another text."""
+        k = len(self.ids)
+        if len(ids) < k or list(ids[:k]) != self.ids:   # a C-speed compare: cheap next to a model call
+            self.reset()
+            k = 0
+        for t in ids[k:]:
+            self.push(t)
+
+    def query(self) -> tuple[int, int]:
+        """(candidate token, match length) for the position after the last token; (-1, 0) if none."""
+        t = len(self.ids) - 1
+        best_end, best_n = -1, 0
+        for n in range(1, min(self.max_n, t) + 1):
+            e = self.ends[n].get(tuple(self.ids[t - n + 1:]))
+            if e is None:
+                break
+            best_end, best_n = e, n
+        return (self.ids[best_end + 1], best_n) if best_n else (-1, 0)
+
+
+def copy_rule(tokens: np.ndarray, run_start: np.ndarray, max_n: int = MAX_N) -> tuple[np.ndarray, np.ndarray]:
+    """The copy rule at every recorded position: (candidate [N] int64, -1 for none; match length [N] int16).
+
+    Row i holds the token at position t of a run (a book's consecutive recorded positions, starting at row
+    run_start[i]); its context is the run's tokens up to and including row i.
+    """
+    n = len(tokens)
+    cand = np.full(n, -1, dtype=np.int64)
+    length = np.zeros(n, dtype=np.int16)
+    index = CopyIndex(max_n)
+    for i in range(n):
+        if run_start[i] == i:
+            index.reset()
+        index.push(int(tokens[i]))
+        cand[i], length[i] = index.query()
+    return cand, length
+
+
+def is_copy_position(match_len: np.ndarray) -> np.ndarray:
+    """Copy positions: the last COPY_SPAN tokens occurred earlier in the context."""
+    return np.asarray(match_len) >= COPY_SPAN
+
+
+__all__ = ["CopyIndex", "copy_rule", "is_copy_position", "COPY_SPAN", "MAX_N"]
