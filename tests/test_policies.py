@@ -9,7 +9,7 @@ import torch
 from gate.decode.backend import HFBackend, early_exit_view
 from gate.decode.loop import Decoder
 from gate.decode.drafters import SmallLMDrafter
-from gate.decode.policies import Cascade, Entropy, Gate, Ratio, SmallOnly, entropy
+from gate.decode.policies import Cascade, Copy, Entropy, Gate, Ratio, SmallOnly, entropy
 from test_decode import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: a second thread is pure overhead
@@ -225,3 +225,31 @@ def test_gate_with_small_lm_as_small_policy(tiny):
     sb = HFBackend(small, "small")
     res = run(big, Gate.small_lm(sb, 0.9, threshold=-math.inf, name="small"), ids, 20)
     assert res.sources == ["big"] + ["skip"] * 19 and res.ledger["big_calls"] == 1
+
+
+def test_copy_drafts_the_token_that_followed_the_repeated_suffix(tiny):
+    from gate.model.copyrule import CopyIndex
+    tok, big, _ = tiny
+    ids = tok(" ".join([PROMPTS[5]] * 3)).input_ids
+    res = run(big, Copy(min_match=2), ids, 30)
+    assert res.ledger["skipped"] > 0
+    text = ids + res.ids
+    for i, s in enumerate(res.sources):
+        if s == "skip":   # the copy rule's candidate on the text before it, with a match of >= 2 tokens
+            index = CopyIndex()
+            index.sync(text[:len(ids) + i])
+            cand, n = index.query()
+            assert cand == res.ids[i] and n >= 2
+
+
+def test_copy_verify_is_lossless(tiny):
+    tok, big, _ = tiny
+    drafted = 0
+    for prompt in PROMPTS:
+        ids = tok(" ".join([prompt] * 3)).input_ids
+        want = greedy(big, ids, 30)
+        for min_match, max_skip in ((1, 11), (2, 4), (4, 11)):
+            res = run(big, Copy(min_match, max_skip), ids, 30, verify=True)
+            assert res.ids == want, (prompt, min_match)
+            drafted += res.ledger["drafted"]
+    assert drafted > 0

@@ -179,3 +179,15 @@ def test_make_backend_registry(tiny_llama):
     assert isinstance(b, HFBackend) and b.name == "t"
     with pytest.raises(UsageError, match="unknown backend 'onnx'; choose from hf"):
         make_backend(tiny_llama, "onnx")
+
+
+def test_copy_policy_from_the_cli_verify_is_greedy_big(tiny_rt):
+    from gate.decode.loop import Decoder
+
+    ids = tiny_rt.tokenizer(" ".join([PROMPTS[0]] * 3)).input_ids
+    outputs = {}
+    for argv in (["--policy", "big"], ["--policy", "copy", "--verify", "--min-match", "2"]):
+        args = build_parser().parse_args(["x", *argv])
+        res = Decoder(tiny_rt.big, make_policy(args, tiny_rt), verify=args.verify).generate(ids, 24)
+        outputs[args.policy] = res
+    assert outputs["copy"].ids == outputs["big"].ids and outputs["copy"].ledger["drafted"] > 0

@@ -10,6 +10,7 @@
     cascade   entropy-gated switching over three or more models: level l speaks when its entropy is <= tau_l,
               else the next
     gate      the learned gate: a Drafter proposes a token and a score; skip while score >= threshold
+    copy      the copy rule: prompt lookup as a gate (no model, no training)
 
 A policy only returns drafts; the loop in gate/decode/loop.py feeds the big model (catch-up), verifies, rolls
 back, and keeps every predictor's cache in step with the text (a policy calls its predictors through `LM`
@@ -377,4 +378,48 @@ class Gate(Policy):
         raise ValueError("--policy gate needs --gate PATH (a trained gate) or --small M (a small LM as gate)")
 
 
-__all__ = ["BigOnly", "SmallOnly", "Ratio", "Entropy", "Cascade", "Gate", "entropy", "lm_draft", "suffix_regex"]
+@register
+class Copy(Policy):
+    """Prompt lookup used as a gate, with no model and no training (gate/model/copyrule.py): where the last
+    n >= min_match tokens occurred earlier in the text, draft the token that followed them there, with score n;
+    skip while such a candidate exists and since_big < max_skip. Drafted one position at a time, a long match
+    extends itself, so a repeated passage is drafted token by token like prompt-lookup decoding's k-token
+    drafts. Lossy alone; with --verify every draft is checked at the next big pass (lossless)."""
+    name = "copy"
+    source = "skip"
+    summary = ("the copy rule (prompt lookup as a gate, no training): where the last --min-match tokens\n"
+               "occurred earlier, skip with the token that followed them (up to --max-skip - 1 = 10 per\n"
+               "big pass by default); lossless with --verify")
+    args = (arg("--min-match", type=int, default=4, help="shortest repeated suffix that drafts a token"),
+            MAX_SKIP)
+    examples = ('"Call me Ishmael." --policy copy --min-match 3 --verify',)
+    DEFAULT_MAX_SKIP = 11   # up to 10 drafts per big pass, as transformers' prompt_lookup_num_tokens=10
+
+    def __init__(self, min_match: int = 4, max_skip: int = DEFAULT_MAX_SKIP):
+        from gate.model.copyrule import MAX_N, CopyIndex
+
+        if not 1 <= min_match <= MAX_N:
+            raise ValueError(f"--min-match must be in 1..{MAX_N}, got {min_match}")
+        super().__init__()
+        self.min_match, self.max_skip = min_match, max_skip
+        self.index = CopyIndex(MAX_N)
+
+    def start(self):
+        self.index.reset()
+
+    def propose(self, state):
+        if state.big_cached == 0 or not 1 <= state.since_big < self.max_skip:
+            return []
+        self.index.sync(state.ids)
+        tok, n = self.index.query()
+        self.calls += 1
+        return [Draft(tok, self.source, float(n))] if n >= self.min_match else []
+
+    @classmethod
+    def from_args(cls, args, rt):
+        max_skip = at_least("--max-skip", args.max_skip, 1)
+        return cls(args.min_match, cls.DEFAULT_MAX_SKIP if max_skip is None else max_skip)
+
+
+__all__ = ["BigOnly", "SmallOnly", "Ratio", "Entropy", "Cascade", "Gate", "Copy", "entropy", "lm_draft",
+           "suffix_regex"]
