@@ -118,13 +118,15 @@ def test_bench_skips_a_policy_with_incomplete_options(tiny_rt):
 # -- option values ----------------------------------------------------------------------------------------------
 BAD = [
     (["--policy", "gate", "--small", "self:15", "--threshold", "2"], "--threshold must be a number in [0, 1], got 2"),
-    (["--policy", "gate", "--small", "self:15", "--threshold", "nan"], "--threshold must be a number in [0, 1], got nan"),
+    (["--policy", "gate", "--small", "self:15", "--threshold", "nan"],
+     "--threshold must be a number in [0, 1], got nan"),
     (["--policy", "gate", "--small", "self:15", "--max-skip", "0"], "--max-skip must be >= 1, got 0"),
     (["--policy", "entropy", "--small", "self:15", "--tau", "0.2", "0.3"], "--policy entropy takes one --tau, got 2"),
     (["--policy", "entropy", "--small", "self:15", "--tau", "nan"], "--tau must be a number, got nan"),
     (["--policy", "entropy", "--small", "self:15", "--pattern", "["],
      "--pattern '[': not a regular expression (unterminated character set at position 0)"),
-    (["--policy", "entropy", "--small", "self:15", "--span", "two"], "--span takes a positive integer or 'line', got 'two'"),
+    (["--policy", "entropy", "--small", "self:15", "--span", "two"],
+     "--span takes a positive integer or 'line', got 'two'"),
     (["--policy", "entropy", "--small", "self:15", "--lookahead", "0"], "--lookahead must be >= 1, got 0"),
     (["--policy", "entropy"], "--policy entropy needs --small M"),
     (["--policy", "ratio", "--small", "self:15", "-r", "nan"], "ratio must be in [0, 1]"),
@@ -159,6 +161,7 @@ def test_good_policy_options_build(tiny_rt):
     (["-t", "nan"], "--temperature must be a finite number >= 0, got nan"),
     (["-t", "-1"], "--temperature must be a finite number >= 0, got -1"),
     (["--verify-below", "nan"], "--verify-below must be a number, got nan"),
+    (["--prompt-file", "/nonexistent/p.txt"], "--prompt-file /nonexistent/p.txt: No such file or directory"),
     (["-m", "0"], "-m must be >= 1"),
 ])
 def test_bad_run_options_exit_2_before_loading_models(argv, message, capsys):

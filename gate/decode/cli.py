@@ -169,7 +169,12 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
 
 def read_prompt(args) -> str:
     if args.prompt_file:
-        return Path(args.prompt_file).read_text()
+        try:
+            return Path(args.prompt_file).read_text()
+        except OSError as e:
+            raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e.reason})") from None
     if args.prompt == "-":
         return sys.stdin.read()
     if args.prompt:
@@ -190,14 +195,21 @@ def encode(rt: Runtime, text: str, chat: bool) -> list[int]:
     return list(ids)
 
 
+def save_json(path: str, obj) -> None:
+    from corpus_tools.files import write_json
+
+    try:
+        write_json(path, obj)
+    except OSError as e:
+        raise UsageError(f"--json {path}: {e.strerror or e}") from None
+
+
 def use_color(args) -> bool:
     return sys.stdout.isatty() and not args.no_color
 
 
 def run_prompt(args, policies) -> int:
     """Generate from one prompt, streaming the text to stdout and the ledger to stderr."""
-    from corpus_tools.files import write_json
-
     text = read_prompt(args)
     rt = open_runtime(args, policies)
     policy = make_policy(args, rt, policies)
@@ -212,13 +224,12 @@ def run_prompt(args, policies) -> int:
     led = Ledger.from_dict(r["ledger"])
     print(format_ledgers({policy_label(led): led}), file=sys.stderr)
     if args.json:
-        write_json(args.json, r)
+        save_json(args.json, r)
     return 0
 
 
 def run_demo(args, policies) -> int:
     """Prompts from held-out books, each generated with big, the policy, and the policy with --verify."""
-    from corpus_tools.files import write_json
     from gate.decode.policies import BigOnly
 
     rt = open_runtime(args, policies)
@@ -244,7 +255,7 @@ def run_demo(args, policies) -> int:
         print(f"\n=== all {len(prompts)} prompts ===")
         print(format_ledgers({k: sum_ledgers(v) for k, v in totals.items()}))
     if args.json:
-        write_json(args.json, dict(runs=runs))
+        save_json(args.json, dict(runs=runs))
     return 0
 
 
