@@ -172,8 +172,8 @@ def policy_methods(args, rt, policies, wanted, notes) -> dict[str, Method]:
             notes.append(f"{name}: skipped ({e}).")
             continue
         out[name] = loop_method(rt, policy, lossless=isinstance(policy, BigOnly))
-    if args.small.startswith("self:") and {"small", "ratio", "entropy", "spec_small"} & set(wanted):
-        notes.append(f"small, ratio, entropy, spec_small: the small model is {args.small}, the big model's first "
+    if args.small.startswith("self:") and {"ratio", "entropy", "spec_small"} & set(wanted):
+        notes.append(f"ratio, entropy, spec_small: the small model is {args.small}, the big model's first "
                      f"{args.small[5:]} layers + final norm + output layer (an untrained early exit; on Austen "
                      "text its argmax matched the big model's on ~16% of positions at 15 layers, and it is "
                      f"overconfident, hence entropy tau {' '.join(f'{t:g}' for t in args.tau)}); ratio "
