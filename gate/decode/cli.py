@@ -91,6 +91,8 @@ def settle_args(args) -> None:
         args.verify = True
     args.verify_below = math.inf if args.verify_below is None else args.verify_below
     if args.demo:
+        if args.n_prompts < 1 or args.prompt_tokens < 1:
+            raise UsageError("--n-prompts and --prompt-tokens must be >= 1")
         args.check = True
         args.policy = "gate" if args.policy == "big" else args.policy
         if args.policy == "gate" and not args.gate and not args.small:
