@@ -44,6 +44,8 @@ from gate.decode.registry import add_policy_args, registered  # noqa: E402
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
 GATE_VARIANTS = ("spec_small", "gate_sweep", "gate_verify", "gate_dial")
+# the self:15 early exit is overconfident: tau 0.08 is its median normalised entropy
+BENCH_DEFAULTS = dict(small="self:15", tau=0.08, gate="runs/demo/gate")
 SOURCE_CODES = {"big": "B", "scaffold": "S", "small": "s", "skip": "k"}   # runs' sources as one string
 
 
@@ -58,7 +60,9 @@ def parse(argv, policies=None):
     policies = registered() if policies is None else policies
     names = method_names(policies)
     ap = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.split("\n\n")[0],
-                                 epilog="methods: " + ", ".join(names),
+                                 epilog="methods: " + ", ".join(names) + "\n\npolicy option defaults that differ "
+                                 "from infer.py's: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                 for k, v in BENCH_DEFAULTS.items()),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_runtime_args(ap, dtype_help="one or more, comma-separated (e.g. bfloat16,float32)")
     ap.add_argument("--corpus", default="runs/demo/corpus")
@@ -79,8 +83,7 @@ def parse(argv, policies=None):
     ap.add_argument("--tie-eps", type=float, default=None, help="near-tie logit gap (default 0.25 bf16, 1e-3 fp32)")
     ap.add_argument("--out", default="bench/results/decode", help="output path without extension")
     add_policy_args(ap.add_argument_group("policy options (as in infer.py)"), policies)
-    # the self:15 early exit is overconfident: tau 0.08 is its median normalised entropy
-    ap.set_defaults(small="self:15", tau=[0.08], gate="runs/demo/gate")
+    ap.set_defaults(**{k: ([v] if k == "tau" else v) for k, v in BENCH_DEFAULTS.items()})
     args = ap.parse_args(argv)
     if args.quick:
         args.n_prompts, args.new_tokens, args.prompt_tokens = 4, 32, 48
