@@ -10,8 +10,11 @@
     python train.py evaluate  --records runs/demo/records --gate runs/demo/gate
     python train.py models    [NAME]      list model aliases, or load one and print its info
 
-`python train.py COMMAND --help` shows each command's options.
+`python train.py COMMAND --help` shows each command's options. A mistake in the input (a missing folder, a bad
+model name, an output path that cannot be written, an output folder in use by another run) ends with one line
+`train.py COMMAND: error: ...` and exit status 2; a traceback means a bug.
 """
+import argparse
 import importlib
 import os
 import sys
@@ -29,16 +32,53 @@ COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (
     "evaluate": "gate.train.evaluate",
     "models": "corpus_tools.models",
 }
+# Commands whose module does not check (and lock) its output folder itself: checked here before the module runs.
+# corpus, record and selfgen check and lock theirs where the folder enters (also when called as functions).
+OUTPUT_FOLDERS = {"fit": ("--out", True), "evaluate": ("--out", False)}  # command -> (flag, lock it)
+
+
+def _output_folder(cmd: str, args: list[str]):
+    """Check the command's output folder (if it is one of OUTPUT_FOLDERS and given); return a FolderLock to hold
+    while it runs, or None."""
+    if cmd not in OUTPUT_FOLDERS or {"-h", "--help"} & set(args):
+        return None
+    flag, lock = OUTPUT_FOLDERS[cmd]
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument(flag)
+    known, _ = ap.parse_known_args(args)
+    out = getattr(known, flag.lstrip("-").replace("-", "_"))
+    if out is None:
+        return None  # missing (the command's own parser says so) or defaulted by the command
+    from corpus_tools.files import FolderLock, check_output_dir
+    check_output_dir(out, flag)
+    return FolderLock(out, f"train.py {cmd}") if lock else None
+
+
+def run(cmd: str, args: list[str]) -> int:
+    """Run one command; the project's errors become one `error:` line and exit 2 (see corpus_tools/errors.py)."""
+    from contextlib import nullcontext
+
+    from corpus_tools.errors import one_line, project_errors
+    try:
+        lock = _output_folder(cmd, args)
+        with lock or nullcontext():
+            return importlib.import_module(COMMANDS[cmd]).main(args) or 0
+    except Exception as e:
+        if not isinstance(e, project_errors()):
+            raise
+        print(f"train.py {cmd}: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+            print(f"train.py: error: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}",
+                  file=sys.stderr)
             return 2
         return 0
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
+    return run(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Every file is written to a temporary file in the same folder and renamed into pl
 leaves half a file; the manifest is rewritten after each converted book, so a re-run after a crash skips the books
 already converted (same sha256, same extractor version, text file present with the recorded length).
 
+Adding, never losing: a re-run into an existing corpus adds the books it reads and keeps the books it was not
+given (a typo in --epubs must not empty a corpus); only --prune removes the books not among the inputs, and
+--prune refuses when an input path is missing or holds no EPUB. A run that reads no book at all changes nothing
+and fails (CorpusError). The folder is locked while a run writes it (corpus_tools.files.FolderLock).
+
 Split rule (by book, never by paragraph): with n books, test gets test*n books and val val*n, rounded half up; when
 n >= 3 each of val and test with a non-zero fraction gets at least one, and train always keeps at least one.
 Pinned books (--pin SPLIT=PATTERN, PATTERN a case-insensitive substring of the book id or title) go to their split
@@ -33,28 +38,46 @@ from pathlib import Path
 from tqdm import tqdm
 
 from corpus_tools.epub import EpubError, extract_text
-from corpus_tools.files import write_text
+from corpus_tools.errors import one_line
+from corpus_tools.files import FolderLock, LockedError, OutputPathError, check_output_dir, write_text
 from corpus_tools.records import sha256_file
 
 SPLITS = ("train", "val", "test")
 EXTRACTOR_VERSION = 1  # bump when extraction changes: books converted by an older version are converted again
 
 
+class CorpusError(ValueError):
+    """A corpus folder that cannot be read, or a corpus run that would lose or change nothing useful; the message
+    names the folder or file."""
+
+
 def build_corpus(inputs: list[Path], out: Path, val: float = 0.1, test: float = 0.1, seed: int = 0,
-                 pins: dict[str, list[str]] | None = None, progress: bool = True) -> dict:
+                 pins: dict[str, list[str]] | None = None, progress: bool = True, prune: bool = False) -> dict:
     """Convert every EPUB under `inputs` into `out`; returns the report (also written to out/report.json).
 
-    A book that cannot be read is listed in report["failed"] and the batch goes on. `pins` maps a split name to
-    patterns (substrings of book id or title) of books that must go to that split.
+    A book that cannot be read is listed in report["failed"] and the batch goes on; a run that reads no book
+    raises CorpusError and leaves `out` as it was. Books of an earlier run that are not among the inputs stay,
+    unless `prune`. `pins` maps a split name to patterns (substrings of book id or title) of books that must go
+    to that split.
     """
-    t0 = time.perf_counter()
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"val and test fractions must be in [0, 1) with val + test < 1, got {val}, {test}")
     if set(pins or {}) - set(SPLITS):
         raise ValueError(f"pins name unknown splits {sorted(set(pins) - set(SPLITS))}; splits are {SPLITS}")
-    out = Path(out)
-    (out / "text").mkdir(parents=True, exist_ok=True)
+    out = Path(check_output_dir(out, "--out"))
     files, failed = _find_epubs(inputs)
+    if not files:
+        raise CorpusError(f"no EPUB to read ({_reasons(failed)}); {out} is unchanged")
+    if prune and failed:
+        raise CorpusError(f"--prune removes the books not among the inputs, but input {failed[0]['file']} "
+                          f"({failed[0]['reason']}) reads no book; fix the inputs. {out} is unchanged")
+    with FolderLock(out, "train.py corpus"):
+        return _build(files, failed, out, val, test, seed, pins, progress, prune)
+
+
+def _build(files: list[Path], failed: list[dict], out: Path, val: float, test: float, seed: int,
+           pins: dict[str, list[str]] | None, progress: bool, prune: bool) -> dict:
+    t0 = time.perf_counter()
     old = {e["sha256"]: e for e in load_manifest(out)} if (out / "manifest.jsonl").exists() else {}
     entries: dict[str, dict] = {}  # sha256 -> manifest entry, in input order
     duplicates, reused = [], 0
@@ -84,19 +107,25 @@ def build_corpus(inputs: list[Path], out: Path, val: float = 0.1, test: float = 
                         "paragraphs": len(book.paragraphs), "split": None, "extractor_version": EXTRACTOR_VERSION}
         write_manifest(out, [*entries.values(), *(e for s, e in old.items() if s not in entries)])
 
-    books = list(entries.values())
+    if not entries:
+        raise CorpusError(f"none of the {len(files)} EPUB file(s) could be read ({_reasons(failed)}); "
+                          f"{out} is unchanged")
+    not_given = [e for s, e in old.items() if s not in entries]
+    books = list(entries.values()) + ([] if prune else not_given)
     for book, split in zip(books, assign_splits(books, val, test, seed, pins)):
         book["split"] = split
     write_manifest(out, books)
-    for stale in set(e["book_id"] for e in old.values()) - set(e["book_id"] for e in books):
-        (out / "text" / f"{stale}.txt").unlink(missing_ok=True)  # books no longer among the inputs
+    pruned = sorted(e["book_id"] for e in not_given) if prune else []
+    for stale in pruned:
+        (out / "text" / f"{stale}.txt").unlink(missing_ok=True)  # --prune: books no longer among the inputs
     report = {
-        "out": str(out), "books": len(books), "converted": len(books) - reused, "reused": reused,
+        "out": str(out), "books": len(books), "converted": len(entries) - reused, "reused": reused,
+        "kept": 0 if prune else len(not_given), "pruned": pruned,
         "failed": failed, "duplicates": duplicates,
         "unmatched_pins": _unmatched_pins(books, pins),
         "splits": {s: _totals([b for b in books if b["split"] == s]) for s in SPLITS},
         "total": _totals(books), "seconds": round(time.perf_counter() - t0, 3),
-        "settings": {"val": val, "test": test, "seed": seed, "pins": pins or {},
+        "settings": {"val": val, "test": test, "seed": seed, "pins": pins or {}, "prune": prune,
                      "extractor_version": EXTRACTOR_VERSION},
     }
     write_text(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -144,6 +173,11 @@ def _totals(books: list[dict]) -> dict:
     return {"books": len(books), **{k: sum(b[k] for b in books) for k in ("words", "paragraphs", "chars")}}
 
 
+def _reasons(failed: list[dict], n: int = 3) -> str:
+    more = f"; and {len(failed) - n} more" if len(failed) > n else ""
+    return "; ".join(f"{f['file']}: {f['reason']}" for f in failed[:n]) + more
+
+
 def _find_epubs(inputs: list[Path]) -> tuple[list[Path], list[dict]]:
     """Folders are searched recursively for *.epub (sorted); files are taken as given, whatever their suffix."""
     files, failed = [], []
@@ -180,31 +214,43 @@ def write_manifest(out: Path, entries: list[dict]) -> None:
 
 def load_manifest(corpus_dir: str | Path) -> list[dict]:
     path = Path(corpus_dir) / "manifest.jsonl"
+    if not Path(corpus_dir).is_dir():
+        raise CorpusError(f"{corpus_dir}: no such corpus folder (build one with `python train.py corpus`)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no corpus manifest (build one with `python train.py corpus`)")
+        raise CorpusError(f"{path}: no corpus manifest (build one with `python train.py corpus`)")
     entries = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read the corpus manifest ({one_line(e)})") from None
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise CorpusError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("book_id"), str):
+                raise CorpusError(f"{path}:{n}: not a manifest entry (a JSON object with a book_id)")
+            entries.append(entry)
     return entries
 
 
 def read_book(corpus_dir: str | Path, book_id: str) -> str:
     if not re.fullmatch(r"[a-z0-9-]+", book_id):
-        raise ValueError(f"not a book id: {book_id!r}")
+        raise CorpusError(f"{corpus_dir}: not a book id: {book_id!r}")
     path = Path(corpus_dir) / "text" / f"{book_id}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no text for book {book_id!r} in corpus {corpus_dir}")
-    return path.read_text(encoding="utf-8")
+        raise CorpusError(f"{path}: no text for book {book_id!r} in corpus {corpus_dir}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read book {book_id!r} ({one_line(e)})") from None
 
 
 def books_of_split(corpus_dir: str | Path, split: str) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return [e for e in load_manifest(corpus_dir) if e["split"] == split]
+    return [e for e in load_manifest(corpus_dir) if e.get("split") == split]
 
 
 def _pin_arg(value: str) -> tuple[str, str]:
@@ -223,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epubs", nargs="+", type=Path, required=True, metavar="PATH",
                     help="EPUB files and/or folders (searched recursively for *.epub)")
     ap.add_argument("--out", type=Path, required=True, metavar="DIR",
-                    help="corpus folder: manifest.jsonl, text/<book_id>.txt, report.json; it is made to hold "
-                         "exactly the given books (texts of books no longer given are removed)")
+                    help="corpus folder: manifest.jsonl, text/<book_id>.txt, report.json; books are added to it, "
+                         "books of earlier runs that are not given now stay (see --prune)")
+    ap.add_argument("--prune", action="store_true",
+                    help="make the corpus hold exactly the given books: remove the texts of books of earlier runs "
+                         "that are not given now (refused when an input path is missing or holds no EPUB)")
     ap.add_argument("--val", type=float, default=0.1, help="share of books for validation (default 0.1)")
     ap.add_argument("--test", type=float, default=0.1, help="share of books for test (default 0.1)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the deterministic split (default 0)")
@@ -237,9 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     pins: dict[str, list[str]] = {}
     for split, pattern in args.pin:
         pins.setdefault(split, []).append(pattern)
+    if args.tokens_of:  # a bad model name fails now, not after the books are converted
+        from corpus_tools.models import ModelSourceError, resolve
+        try:
+            resolve(args.tokens_of)
+        except ModelSourceError as e:
+            print(f"train.py corpus: error: --tokens-of: {one_line(e)}", file=sys.stderr)
+            return 2
     try:
         report = build_corpus(args.epubs, args.out, val=args.val, test=args.test, seed=args.seed, pins=pins,
-                              progress=not args.quiet)
+                              progress=not args.quiet, prune=args.prune)
+    except (CorpusError, OutputPathError, LockedError) as e:
+        print(f"train.py corpus: error: {one_line(e)}", file=sys.stderr)
+        return 2
     except ValueError as e:
         ap.error(str(e))
     if args.tokens_of and report["books"]:
@@ -264,8 +323,9 @@ def count_tokens(corpus: Path, model: str) -> dict[str, int]:
 
 def format_summary(report: dict) -> str:
     t = report["total"]
+    kept = f", {report['kept']} kept from earlier runs" if report.get("kept") else ""
     lines = [f"corpus {report['out']}: {report['books']} books ({report['converted']} converted, "
-             f"{report['reused']} already there), {t['words']:,} words, {t['paragraphs']:,} paragraphs, "
+             f"{report['reused']} already there{kept}), {t['words']:,} words, {t['paragraphs']:,} paragraphs, "
              f"{report['seconds']:.1f} s"]
     lines += [f"  {s:<5} {v['books']:>5} books {v['words']:>12,} words {v['paragraphs']:>9,} paragraphs"
               + (f" {v['tokens']:>12,} tokens ({report['tokens_of']})" if "tokens" in v else "")
@@ -273,6 +333,7 @@ def format_summary(report: dict) -> str:
     lines += [f"  failed: {f['file']}: {f['reason']}" for f in report["failed"]]
     lines += [f"  duplicate: {d['file']} (same file as {d['same_as']})" for d in report["duplicates"]]
     lines += [f"  pin matched no book: {p}" for p in report["unmatched_pins"]]
+    lines += [f"  pruned (not given): {b}" for b in report.get("pruned", [])]
     lines.append(f"  {len(report['failed'])} failed; report: {Path(report['out']) / 'report.json'}")
     return "\n".join(lines)
 

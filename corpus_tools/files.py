@@ -10,8 +10,11 @@ file (tempfile.mkstemp alone would leave it 0600).
     with atomic_path(path) as tmp: save_file(tensors, tmp)     # for libraries that write to a path
     with atomic_dir(path) as tmp: ...fill tmp...                # a whole folder, renamed into place
     with FolderLock(out, "train.py record"): ...                # refuses a second writer, naming the first
+    check_output_dir(out, "--out") / check_output_file(path, "--json")    # before any work: a typo fails at once
 
-A lock left by a process that died (same host, pid gone) does not block a resume: it is taken over.
+A lock left by a process that died does not block a resume (the kernel drops a dead process's flock). Output
+paths are checked where they enter, before the work whose result they would receive: a path that is a file where
+a folder belongs, lies inside a file, or is not writable is refused with OutputPathError naming the flag.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +108,81 @@ def save_tensors(tensors: dict, path: str | Path) -> None:
         save_file(tensors, str(tmp))
 
 
+class OutputPathError(ValueError):
+    """An output path that cannot be written (a file where a folder belongs, a read-only place, ...)."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists (or is a dangling link), else its nearest existing ancestor."""
+    p = path
+    while not p.exists() and not p.is_symlink():
+        if p.parent == p:
+            break
+        p = p.parent
+    return p
+
+
+def _probe_writable(folder: Path, shown: Path, flag: str) -> None:
+    """Create and remove a temporary file in `folder`: the only test that answers as root, on read-only mounts
+    and in /proc alike (os.access says yes to root everywhere)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".skipgate-probe-", dir=folder)
+    except OSError as e:
+        raise OutputPathError(f"{flag} {shown}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _check_output(path: Path, flag: str, want_dir: bool) -> Path:
+    existing = _nearest_existing(path)
+    kind = "folder" if want_dir else "file"
+    if existing == path:
+        if want_dir and not path.is_dir():
+            raise OutputPathError(f"{flag} {path}: exists and is not a folder; name a folder (new or to resume)")
+        if not want_dir and path.is_dir():
+            raise OutputPathError(f"{flag} {path}: is a folder; name a file")
+        folder = path if want_dir else path.parent
+    else:
+        if not existing.is_dir():
+            raise OutputPathError(f"{flag} {path}: cannot create this {kind}: {existing} is a file, not a folder")
+        folder = existing
+    _probe_writable(folder, path, flag)
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Check, before any work, that `path` is an output folder this process can create or write into: it is a
+    folder or does not exist, no ancestor is a file, and the nearest existing folder takes a new file. Creates
+    nothing; raises OutputPathError naming `flag` and the path. Returns the path."""
+    return _check_output(Path(path), flag, want_dir=True)
+
+
+def check_output_file(path: str | Path, flag: str = "--out", *, parents: bool = True) -> Path:
+    """Check, before any work, that `path` is a file this process can write: not a folder, no ancestor is a file,
+    and its folder (or, with `parents`, the nearest existing ancestor, as atomic_path creates missing folders)
+    takes a new file. parents=False also refuses a missing folder (a typo there should not create folders).
+    Creates nothing; raises OutputPathError naming `flag` and the path. Returns the path."""
+    path = Path(path)
+    if not parents and not path.parent.is_dir() and not path.parent.is_symlink():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise OutputPathError(f"{flag} {path}: folder {path.parent} {what}")
+    return _check_output(path, flag, want_dir=False)
+
+
 class LockedError(RuntimeError):
     """Another live process holds the lock of an output folder; the message names it."""
 
 
 class FolderLock:
-    """An exclusive lock on an output folder: `OUT/.lock` holds the owner's pid, host and command.
+    """An exclusive lock on an output folder: `OUT/.lock`, flock()ed while held, holds the owner's pid, host and
+    command (for the message a second writer gets).
 
-    Taken with O_CREAT|O_EXCL, so two processes cannot both take it; a lock whose process is gone (same host)
-    is stale and taken over. Use as a context manager; it removes its file on exit.
+    Why flock and not a pid file alone: the kernel drops a process's flock when it dies, however it dies, so a
+    lock file left by a killed run (dead pid) never blocks a resume and nothing has to guess whether a pid is
+    still the same process; and taking it is atomic, so two runs started together cannot both win (a pid file
+    that is read, judged stale and replaced can be taken twice). The file is removed on release; a taker
+    checks after flock() that the path still names the file it locked (the holder may have just removed it).
+    Use as a context manager. Processes of one multi-process run share one lock: only the main one takes it.
     """
 
     NAME = ".lock"
@@ -120,53 +190,62 @@ class FolderLock:
     def __init__(self, folder: str | Path, what: str = ""):
         self.folder, self.what = Path(folder), what
         self.file = self.folder / self.NAME
-        self.held = False
+        self._fd: int | None = None
+        self._made = False  # the folder did not exist: removed on release if still empty
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def _owner(self) -> dict:
         try:
-            return json.loads(self.file.read_text(encoding="utf-8"))
+            owner = json.loads(self.file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
+        return owner if isinstance(owner, dict) else {}
 
-    def _stale(self, owner: dict) -> bool:
-        if owner.get("host") != socket.gethostname():
-            return False          # another machine's process: we cannot tell, so it is not stale
-        pid = owner.get("pid")
-        if not isinstance(pid, int):
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+    def _refuse(self) -> LockedError:
+        o = self._owner()
+        who = f"{o.get('what') or 'another process'} (pid {o.get('pid', '?')} on {o.get('host', '?')})"
+        return LockedError(f"{self.folder}: in use by {who}; wait for it to finish (its lock: {self.file})")
 
     def acquire(self) -> "FolderLock":
+        import fcntl
+
+        self._made = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what})
-        for _ in range(3):
+        for _ in range(20):
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if self._stale(owner):
-                    self.file.unlink(missing_ok=True)
-                    continue
-                raise LockedError(
-                    f"{self.folder}: in use by {owner.get('what') or 'another process'} (pid {owner.get('pid')} "
-                    f"on {owner.get('host')}); wait for it to finish, or remove {self.file} if that process is "
-                    "gone") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refuse() from None
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed the file between our open and our flock: take the new one
+                os.close(fd)
+                continue
+            me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me, 0)
+            self._fd = fd
             return self
-        raise LockedError(f"{self.folder}: could not take {self.file} (another process keeps taking it)")
+        raise LockedError(f"{self.folder}: could not take {self.file} (other processes keep taking it)")
 
     def release(self) -> None:
-        if self.held:
-            self.file.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            self.file.unlink(missing_ok=True)  # before unlocking: a waiter then sees a removed file and retries
+            os.close(self._fd)
+            self._fd = None
+            if self._made:
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()  # a run that wrote nothing leaves no empty folder behind
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
@@ -175,4 +254,5 @@ class FolderLock:
         self.release()
 
 
-__all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "save_tensors", "FolderLock", "LockedError"]
+__all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "save_tensors", "FolderLock",
+           "LockedError", "OutputPathError", "check_output_dir", "check_output_file"]

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.corpus import load_manifest, read_book
-from corpus_tools.files import write_text
+from corpus_tools.corpus import CorpusError, load_manifest, read_book
+from corpus_tools.errors import one_line
+from corpus_tools.files import OutputPathError, check_output_dir, write_text
 from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
 
 KINDS = ("punct", "suffix", "word", "space", "other")
@@ -136,7 +137,7 @@ def read_corpus(corpus: Path, split: str | None = None) -> list[tuple[str, str]]
     """(book_id, text) for the books of a corpus folder (manifest.jsonl + text/<book_id>.txt)."""
     rows = [r for r in load_manifest(corpus) if not split or r.get("split") == split]
     if not rows:
-        raise ValueError(f"{corpus / 'manifest.jsonl'}: no books" + (f" in split {split!r}" if split else ""))
+        raise CorpusError(f"{corpus / 'manifest.jsonl'}: no books" + (f" in split {split!r}" if split else ""))
     return [(r["book_id"], read_book(corpus, r["book_id"])) for r in rows]
 
 
@@ -206,6 +207,18 @@ def build_inventory(tokenizer, books, top: int = 40) -> tuple[dict, str]:
     return inv, "\n".join(lines) + "\n"
 
 
+def load_tokenizer(model: str):
+    """A model's tokenizer only (no weights), by any name corpus_tools.models resolves."""
+    from transformers import AutoTokenizer
+
+    from corpus_tools.models import ModelSourceError, resolve
+    src = resolve(model)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"cannot load the tokenizer of {model!r} from {src}: {one_line(e)}") from e
+
+
 def main(argv=None) -> int:
     """`python train.py inventory`: punctuation and word-continuation tokens of a tokenizer, counted in a corpus."""
     ap = argparse.ArgumentParser(prog="train.py inventory", description=main.__doc__)
@@ -216,15 +229,18 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=40, help="tokens listed per kind in inventory.md")
     args = ap.parse_args(argv)
     t0 = time.time()
-    from transformers import AutoTokenizer
-
-    from corpus_tools.models import resolve
+    from corpus_tools.models import ModelSourceError
     corpus = Path(args.corpus)
-    books = read_corpus(corpus, args.split)
-    tok = AutoTokenizer.from_pretrained(resolve(args.model))
+    out = Path(args.out) if args.out else corpus.resolve().parent / "inventory"
+    try:
+        check_output_dir(out, "--out")
+        books = read_corpus(corpus, args.split)
+        tok = load_tokenizer(args.model)
+    except (CorpusError, OutputPathError, ModelSourceError) as e:
+        print(f"train.py inventory: error: {one_line(e)}", file=sys.stderr)
+        return 2
     inv, md = build_inventory(tok, books, args.top)
     inv["model"] = args.model
-    out = Path(args.out) if args.out else corpus.resolve().parent / "inventory"
     write_text(out / "inventory.json", json.dumps(inv, ensure_ascii=False))
     write_text(out / "inventory.md", md)
     print(md)

@@ -14,6 +14,14 @@ broken cache entry.
 
 Every artifact built from a model stores `ModelInfo.fingerprint` (a hash of the tokenizer's vocabulary
 and merges); loading a gate for a model with another fingerprint is refused.
+
+Context length: a model fed more tokens than its position table (`max_position_embeddings`, kept as
+`ModelInfo.context_length`) does not fail, it silently returns garbage. `check_context` is the one check every
+path that feeds a model calls (record's --context, selfgen's prompt + new tokens, the decoder's prompt + -m), so
+the limit and the message live here once.
+
+Errors: ModelSourceError (a name or file that cannot be resolved or loaded, including a file that is not GGUF),
+TokenizerMismatch, ContextLengthError; each message names the model or file.
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from corpus_tools.errors import one_line
+
 CACHE_ENV = "SKIPGATE_CACHE"
 
 
@@ -41,6 +51,10 @@ class ModelSourceError(RuntimeError):
 
 class TokenizerMismatch(ValueError):
     """Two models (or a model and an artifact) do not share a tokenizer."""
+
+
+class ContextLengthError(ValueError):
+    """More tokens than a model reads at once; the message gives both numbers."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class ModelInfo:
     n_layers: int
     hidden_size: int
     fingerprint: str     # tokenizer fingerprint, see tokenizer_fingerprint()
+    context_length: int | None = None   # max_position_embeddings: the most tokens it reads at once (None: unknown)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +148,38 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
     return h.hexdigest()[:16]
+
+
+def context_length_of(model) -> int | None:
+    """The context length of a ModelInfo, a LoadedModel, a dict (ModelInfo.to_dict() or an HF config dict), an
+    HF config or an HF model; None when it does not say."""
+    if isinstance(model, LoadedModel):
+        model = model.info
+    if isinstance(model, ModelInfo):
+        return model.context_length
+    if isinstance(model, dict):
+        n = model.get("context_length") or model.get("max_position_embeddings")
+        return int(n) if n else None
+    cfg = getattr(model, "config", model)  # an HF model, or already its config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def check_context(n_tokens: int, model, what: str) -> None:
+    """Raise ContextLengthError when `n_tokens` tokens (what one forward pass or one generation will hold) exceed
+    the model's context length. `model`: anything context_length_of() reads; `what` says where the number comes
+    from, e.g. "--context 9000" or "prompt (8,619 tokens) + -m 64". A model that does not state its context
+    length is not checked."""
+    limit = context_length_of(model)
+    if limit is not None and n_tokens > limit:
+        name = getattr(model, "name", None) or (model.get("name") if isinstance(model, dict) else None)
+        if isinstance(model, LoadedModel):
+            name = model.info.name
+        raise ContextLengthError(
+            f"{what}: {n_tokens:,} tokens, more than the {limit:,} tokens {repr(name) if name else 'the model'} "
+            "reads at once (its context length); beyond it the model gives garbage")
 
 
 def check_same_tokenizer(named_fingerprints: dict[str, str]) -> str:
@@ -181,11 +228,26 @@ def _source_key(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ModelSourceError unless `path` starts like a GGUF file (the 4 magic bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelSourceError(f"{path}: cannot read this GGUF file ({e.strerror or e})") from None
+    if head != GGUF_MAGIC:
+        raise ModelSourceError(f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r})")
+
+
 def convert_gguf(paths: list[Path], name: str) -> Path:
     """De-quantize a GGUF (one file or ordered parts) into a cached HF directory; return its path."""
     dst = cache_dir() / "models" / f"{Path(name).stem}-{_source_key(paths)}"
     if (dst / "skipgate_source.json").exists():
         return dst
+    check_gguf(paths[0])
     dst.parent.mkdir(parents=True, exist_ok=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,9 +263,13 @@ def convert_gguf(paths: list[Path], name: str) -> Path:
                         shutil.copyfileobj(f, out, 16 << 20)
         t0 = time.time()
         print(f"[models] converting {name} from GGUF once (cached in {dst})", file=sys.stderr)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        packed = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                      dtype=torch.bfloat16)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            packed = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                          dtype=torch.bfloat16)
+        except (ValueError, KeyError, OSError, EOFError) as e:  # damaged, truncated or unsupported GGUF
+            raise ModelSourceError(f"{', '.join(map(str, paths))}: cannot read this GGUF file "
+                                   f"({type(e).__name__}: {e})") from e
         config = packed.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -273,7 +339,7 @@ def describe(model, tok, name: str, path: str = "", dtype: str = "") -> ModelInf
         n_params=sum(p.numel() for p in model.parameters()),
         vocab_size=model.get_output_embeddings().weight.shape[0],
         n_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
-        fingerprint=tokenizer_fingerprint(tok))
+        fingerprint=tokenizer_fingerprint(tok), context_length=context_length_of(cfg))
 
 
 def main(argv=None) -> int:
@@ -289,6 +355,10 @@ def main(argv=None) -> int:
         print(f"cache: {cache_dir()} (set ${CACHE_ENV} to move it)")
         return 0
     t0 = time.time()
-    lm = load(args.name, args.dtype)
+    try:
+        lm = load(args.name, args.dtype)
+    except ModelSourceError as e:
+        print(f"train.py models: error: {one_line(e)}", file=sys.stderr)
+        return 2
     print(json.dumps({**lm.info.to_dict(), "load_seconds": round(time.time() - t0, 2)}, indent=2))
     return 0

@@ -3,9 +3,10 @@
     python train.py record --model smollm2-135m --corpus runs/demo/corpus --out runs/demo/records
     accelerate launch --multi_gpu --num_processes 2 train.py record ...    # books shared between processes
 
-Tokenization: each book's whole text is tokenized once, with the first model's tokenizer and its default special
-tokens (SmolLM2 adds none; a LLaMA-style tokenizer puts one BOS at the start of the book), and every model reads
-the same ids. Windows are slices of that stream: no BOS is inserted mid-book, as in decoding with a KV cache.
+Tokenization: each book's whole text is tokenized once (corpus_tools.tokens.encode_text: special-token strings
+in a book stay text), with the first model's tokenizer and its default special tokens (SmolLM2 adds none; a
+LLaMA-style tokenizer puts one BOS at the start of the book), and every model reads the same ids.
+Windows are slices of that stream: no BOS is inserted mid-book, as in decoding with a KV cache.
 
 Windows: window k reads tokens[k*stride : k*stride + context]. Window 0 records all its positions, window k >= 1
 its last `stride`, so every position is recorded once and sees >= context - stride tokens before it (fewer only at
@@ -21,6 +22,10 @@ written, the manifest comes last. Batches depend only on the settings, never on 
 deterministic algorithms are on, so a resumed run writes the same bytes as an uninterrupted one (same machine,
 torch build and thread count). settings.json pins the settings on the first run; other settings are refused.
 
+Before any work: --out is checked (corpus_tools.files.check_output_dir), --context against each model's context
+length (corpus_tools.models.check_context), and the folder is locked (FolderLock): a second run into the same
+--out refuses at once, naming the first; a lock left by a killed run does not block its resume.
+
 Scale-out: under `accelerate launch` (or torchrun) each process records a share of the books (balanced by length),
 and the main process writes the manifest after a barrier. On a CPU-only machine accelerate needs `--multi_gpu` to
 start several processes; they talk over gloo.
@@ -28,6 +33,7 @@ start several processes; they talk over gloo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,9 +47,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus_tools.corpus import SPLITS, books_of_split, load_manifest, read_book
-from corpus_tools.models import DTYPES, LoadedModel, ModelSourceError, TokenizerMismatch, check_same_tokenizer, load
-from corpus_tools.files import atomic_dir, write_json
+from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, load_manifest, read_book
+from corpus_tools.errors import one_line
+from corpus_tools.files import FolderLock, LockedError, OutputPathError, atomic_dir, check_output_dir, write_json
+from corpus_tools.models import (DTYPES, ContextLengthError, LoadedModel, ModelSourceError, TokenizerMismatch,
+                                 check_context, check_same_tokenizer, load)
+from corpus_tools.tokens import encode_text
 from corpus_tools.records import FORMAT, RecordsError, field_file, sha256_file
 
 HIDDEN_DTYPES = ("float16", "int8")
@@ -93,7 +102,8 @@ def resolve_layers(spec: list[str], n_layers: int) -> list[int]:
 
 def describe_models(lms: list[LoadedModel], layers) -> list[dict]:
     """meta["models"]: ModelInfo (without the cache path) + the shard folder and the recorded layers."""
-    return [{**{k: v for k, v in lm.info.to_dict().items() if k != "path"}, "dir": f"m{i}",
+    # without the cache path, and without context_length: settings.json stays as before it existed (resumable)
+    return [{**{k: v for k, v in lm.info.to_dict().items() if k not in ("path", "context_length")}, "dir": f"m{i}",
              "layers": resolve_layers(list(layers), lm.info.n_layers)} for i, lm in enumerate(lms)]
 
 
@@ -168,7 +178,7 @@ def book_done(book_dir: Path) -> bool:
 
 def record_book(lms, meta_models, text: str, book_dir: Path, cfg: dict, process: int = 0, bar=None) -> dict:
     """Record one book's missing shards into book_dir, then write book.json (returned)."""
-    ids = torch.tensor(lms[0].tokenizer(text, verbose=False).input_ids, dtype=torch.long)
+    ids = torch.tensor(encode_text(lms[0].tokenizer, text), dtype=torch.long)
     n_pos = max(0, len(ids) - 1)
     if cfg["max_tokens_per_book"]:
         n_pos = min(n_pos, cfg["max_tokens_per_book"])
@@ -236,7 +246,7 @@ def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layer
         raise ValueError(f"need 0 < stride <= context, got context={context} stride={stride}")
     if len(set(model_names)) != len(model_names):
         raise ValueError(f"a model is named twice: {model_names}")
-    corpus, out = Path(corpus), Path(out)
+    corpus, out = Path(corpus), Path(check_output_dir(out, "--out"))
     entries = load_manifest(corpus)
     splits = list(splits or [s for s in SPLITS if any(e["split"] == s for e in entries)])
     books = {s: books_of_split(corpus, s) for s in splits}
@@ -247,52 +257,57 @@ def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layer
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with this
     # A long barrier timeout: the main process may wait for the others' books for hours.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
-    lms = [load(n, dtype, device=str(state.device)) for n in model_names]
-    fingerprint = check_same_tokenizer({lm.info.name: lm.info.fingerprint for lm in lms})  # before any work
-    meta_models = describe_models(lms, layers)
-    settings = {"format": FORMAT, "models": meta_models, "fingerprint": fingerprint,
-                "tokenization": {"tokenizer_of": model_names[0], "add_special_tokens": True},
-                "context": context, "stride": stride, "topk": topk, "batch_size": batch_size,
-                "shard_tokens": shard_tokens, "hidden_dtype": hidden_dtype, "splits": splits,
-                "max_tokens_per_book": max_tokens_per_book, "corpus_sha256": sha256_file(corpus / "manifest.jsonl"),
-                "device": state.device.type}
-    pinned = out / "settings.json"
-    if pinned.is_file():
-        old = json.loads(pinned.read_text())
-        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-                if old.get(k) != settings.get(k)]
-        if diff:
-            raise RecordsError(f"{out} holds records made with other settings ({'; '.join(diff)}); use another "
-                               "--out, or delete the folder to record again")
-    elif state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(pinned, settings)
-    state.wait_for_everyone()
+    with contextlib.ExitStack() as held:
+        if state.is_main_process:  # one lock per run: the other processes of the run write under it
+            held.enter_context(FolderLock(out, "train.py record"))
+        lms = [load(n, dtype, device=str(state.device)) for n in model_names]
+        fingerprint = check_same_tokenizer({lm.info.name: lm.info.fingerprint for lm in lms})  # before any work
+        for lm in lms:
+            check_context(context, lm.info, f"--context {context}")
+        meta_models = describe_models(lms, layers)
+        settings = {"format": FORMAT, "models": meta_models, "fingerprint": fingerprint,
+                    "tokenization": {"tokenizer_of": model_names[0], "add_special_tokens": True},
+                    "context": context, "stride": stride, "topk": topk, "batch_size": batch_size,
+                    "shard_tokens": shard_tokens, "hidden_dtype": hidden_dtype, "splits": splits,
+                    "max_tokens_per_book": max_tokens_per_book, "corpus_sha256": sha256_file(corpus / "manifest.jsonl"),
+                    "device": state.device.type}
+        pinned = out / "settings.json"
+        if pinned.is_file():
+            old = json.loads(pinned.read_text())
+            diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                    if old.get(k) != settings.get(k)]
+            if diff:
+                raise RecordsError(f"{out} holds records made with other settings ({'; '.join(diff)}); use another "
+                                   "--out, or delete the folder to record again")
+        elif state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(pinned, settings)
+        state.wait_for_everyone()
 
-    items = [(s, b) for s in splits for b in books[s]]
-    mine = assign(items, state.process_index, state.num_processes)
-    bar = tqdm(unit="tok", unit_scale=True, desc="record",
-               disable=not (progress and state.is_local_main_process))
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        for split, book in mine:
-            book_dir = out / split / book["book_id"]
-            if not book_done(book_dir):
-                bar.set_postfix_str(book["book_id"])
-                record_book(lms, meta_models, read_book(corpus, book["book_id"]), book_dir, settings,
-                            state.process_index, bar)
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        bar.close()
-    state.wait_for_everyone()
-    manifest = collect_manifest(out, settings, {"corpus": str(corpus.resolve()), "versions": {
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__}},
-        {s: [b["book_id"] for b in books[s]] for s in splits})
-    if state.is_main_process:
-        write_json(out / "manifest.json", manifest)
-    state.wait_for_everyone()
-    return manifest
+        items = [(s, b) for s in splits for b in books[s]]
+        mine = assign(items, state.process_index, state.num_processes)
+        bar = tqdm(unit="tok", unit_scale=True, desc="record",
+                   disable=not (progress and state.is_local_main_process))
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            for split, book in mine:
+                book_dir = out / split / book["book_id"]
+                if not book_done(book_dir):
+                    bar.set_postfix_str(book["book_id"])
+                    record_book(lms, meta_models, read_book(corpus, book["book_id"]), book_dir, settings,
+                                state.process_index, bar)
+        finally:
+            torch.use_deterministic_algorithms(prev)
+            bar.close()
+        state.wait_for_everyone()
+        manifest = collect_manifest(out, settings, {"corpus": str(corpus.resolve()), "versions": {
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}},
+            {s: [b["book_id"] for b in books[s]] for s in splits})
+        if state.is_main_process:
+            write_json(out / "manifest.json", manifest)
+        state.wait_for_everyone()
+        return manifest
 
 
 def main(argv=None) -> int:
@@ -324,8 +339,9 @@ def main(argv=None) -> int:
                    topk=args.topk, batch_size=args.batch_size, splits=args.splits,
                    max_tokens_per_book=args.max_tokens_per_book, shard_tokens=args.shard_tokens,
                    hidden_dtype=args.hidden_dtype, dtype=args.dtype, progress=not args.no_progress)
-    except (RecordsError, TokenizerMismatch, ModelSourceError, FileNotFoundError, ValueError) as e:
-        print(f"train.py record: error: {e}", file=sys.stderr)
+    except (RecordsError, TokenizerMismatch, ModelSourceError, ContextLengthError, CorpusError, OutputPathError,
+            LockedError, ValueError) as e:
+        print(f"train.py record: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"recorded {sum(m['positions'].values())} positions "
           f"({', '.join(f'{s}: {n}' for s, n in m['positions'].items())}) into {args.out}")

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus_tools.models import TokenizerMismatch, load
+from corpus_tools.errors import one_line
+from corpus_tools.files import OutputPathError, check_output_dir
+from corpus_tools.models import ModelSourceError, TokenizerMismatch, load
 from corpus_tools.records import RecordsError, open_records
 from corpus_tools.tokens import CLASSES, token_class
 
@@ -299,7 +301,7 @@ def report(records: str | Path, out: str | Path | None = None, model: str | None
     if model not in rec.models:
         raise RecordsError(f"{records}: no model {model!r} recorded (models: {', '.join(rec.models)})")
     splits = list(splits or rec.splits)
-    out = Path(out) if out else Path(records).resolve().parent / "report"
+    out = Path(check_output_dir(out if out else Path(records).resolve().parent / "report", "--out"))
     out.mkdir(parents=True, exist_ok=True)
     entry = next(m for m in rec.meta["models"] if m["name"] == model)
     lm = load(model, entry["dtype"])
@@ -349,8 +351,8 @@ def main(argv=None) -> int:
         r = report(args.records, args.out, args.model, args.splits, tuple(sorted(args.thresholds)),
                    args.short_context, args.short_sample, args.seed,
                    command="python train.py report " + " ".join(argv if argv is not None else sys.argv[1:]))
-    except (RecordsError, TokenizerMismatch, KeyError) as e:
-        print(f"train.py report: error: {e}", file=sys.stderr)
+    except (RecordsError, TokenizerMismatch, ModelSourceError, OutputPathError, KeyError) as e:
+        print(f"train.py report: error: {one_line(e)}", file=sys.stderr)
         return 2
     print("\n".join(r["answers"]))
     return 0

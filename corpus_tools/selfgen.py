@@ -12,7 +12,8 @@ folder (manifest.jsonl + text/), with the split of its source book, so it goes t
 `fit` like any corpus; a record of it starts at the sample's first token, as decoding does.
 
 Resumable: each sample's text is written atomically when its batch is done and skipped on a re-run; the
-manifest is written last.
+manifest is written last. Before any generation --out is checked and locked (a second run into it refuses at
+once) and prompt + new tokens are checked against the model's context length (corpus_tools.models.check_context).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from corpus_tools.corpus import SPLITS, books_of_split, read_book, write_manifest
-from corpus_tools.files import write_text
+from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, read_book, write_manifest
+from corpus_tools.errors import one_line
+from corpus_tools.files import FolderLock, LockedError, OutputPathError, check_output_dir, write_text
+from corpus_tools.tokens import encode_text
 
 
 def prompts_of_book(text: str, tokenizer, n: int, n_tokens: int) -> list[list[int]]:
@@ -33,7 +36,8 @@ def prompts_of_book(text: str, tokenizer, n: int, n_tokens: int) -> list[list[in
     (the first 5% of paragraphs, title pages and contents, are left out)."""
     paras = text.split("\n\n")
     paras = paras[len(paras) // 20:]
-    long = [ids for ids in (tokenizer(p).input_ids for p in paras if len(p) > 4 * n_tokens) if len(ids) >= n_tokens]
+    long = [ids for ids in (encode_text(tokenizer, p) for p in paras if len(p) > 4 * n_tokens)
+            if len(ids) >= n_tokens]
     pick = sorted({(j + 1) * len(long) // (n + 1) for j in range(n)} - {len(long)})
     return [long[i][:n_tokens] for i in pick]
 
@@ -65,10 +69,22 @@ def continue_greedy(model, prompts: list[list[int]], new_tokens: int, eos_ids) -
 def selfgen(model_name: str, corpus: str | Path, out: str | Path, splits=SPLITS, per_book: int = 50,
             prompt_tokens: int = 48, new_tokens: int = 128, batch: int = 16, dtype: str = "float32",
             progress: bool = True) -> list[dict]:
-    from corpus_tools.models import load
+    """Write the samples (see the module docstring) into the corpus folder `out`; returns its manifest entries."""
+    for name, n in (("--per-book", per_book), ("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens),
+                    ("--batch", batch)):
+        if n < 1:
+            raise ValueError(f"{name} {n}: must be at least 1")
+    corpus, out = Path(corpus), Path(check_output_dir(out, "--out"))
+    books_of_split(corpus, splits[0])  # a missing or broken corpus fails here, before the model loads
+    with FolderLock(out, "train.py selfgen"):
+        return _selfgen(model_name, corpus, out, splits, per_book, prompt_tokens, new_tokens, batch, dtype, progress)
 
-    corpus, out = Path(corpus), Path(out)
+
+def _selfgen(model_name, corpus, out, splits, per_book, prompt_tokens, new_tokens, batch, dtype, progress):
+    from corpus_tools.models import check_context, load
+
     lm = load(model_name, dtype)
+    check_context(prompt_tokens + new_tokens, lm.info, f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens}")
     eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
     (out / "text").mkdir(parents=True, exist_ok=True)
     jobs = []   # (entry, prompt ids) for every sample
@@ -112,11 +128,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", help="decode with the dtype you record and decode with")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    from corpus_tools.models import ModelSourceError
     try:
         entries = selfgen(args.model, args.corpus, args.out, args.splits, args.per_book, args.prompt_tokens,
                           args.new_tokens, args.batch, args.dtype, not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"train.py selfgen: error: {e}", file=sys.stderr)
+    except (CorpusError, OutputPathError, LockedError, ModelSourceError, ValueError) as e:  # and ContextLengthError
+        print(f"train.py selfgen: error: {one_line(e)}", file=sys.stderr)
         return 2
     counts = {s: sum(e["split"] == s for e in entries) for s in SPLITS}
     print(f"selfgen: {len(entries)} samples ({', '.join(f'{s}: {n}' for s, n in counts.items())}) in {args.out}")

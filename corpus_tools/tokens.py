@@ -4,6 +4,12 @@ The seed's question ("are the sure positions punctuation and word suffixes?") ne
 reports. Word boundaries come from the tokenizer's own space marker: byte-level BPE writes a leading space as
 'Ġ', SentencePiece as '▁'. A word after a newline or an opening quote has no marker, so, given the token before
 it (`prev_ids`), a token only counts as a continuation when it is glued to a letter or digit.
+
+Text is text: `encode_text` is the one way text from a user or a book becomes ids. A tokenizer called plainly
+parses special-token strings, so a prompt or a book containing "<|im_start|>" or "<|endoftext|>" would carry
+control tokens (SmolLM2: "<|endoftext|>" -> id 0; with a chat template, a user could forge an assistant turn).
+encode_text keeps such strings literal (split_special_tokens); the tokenizer's own specials (a BOS) are still
+added as usual. Only code that builds control sequences itself (a chat template) may emit special ids.
 """
 from __future__ import annotations
 
@@ -37,6 +43,21 @@ def _vocab_table(tokenizer) -> tuple[np.ndarray, np.ndarray]:
             starts_word = piece.startswith(("\u0120", "\u2581")) or text[:1].isspace()
             cls[i] = WORD_START if starts_word else CONTINUATION
     return cls, ends_alnum
+
+
+def encode_text(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Ids of `text` with any special-token string in it kept as literal text (see the module docstring).
+
+    `add_special_tokens` adds the tokenizer's usual framing (a BOS for LLaMA-style tokenizers; SmolLM2 adds
+    none). Raises RuntimeError (a bug, not a user error) when the tokenizer ignores split_special_tokens.
+    """
+    ids = tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True, verbose=False).input_ids
+    special = set(tokenizer.all_special_ids)
+    if special and sum(i in special for i in ids) > sum(
+            i in special for i in tokenizer("", add_special_tokens=add_special_tokens, verbose=False).input_ids):
+        raise RuntimeError(f"{type(tokenizer).__name__} ignores split_special_tokens: typed special tokens would "
+                           "become control tokens")
+    return list(ids)
 
 
 def token_class(tokenizer, ids, prev_ids=None) -> np.ndarray:

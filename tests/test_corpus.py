@@ -5,6 +5,8 @@ import gzip
 import importlib.util
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -66,7 +68,9 @@ def test_batch_goes_on_past_broken_books_and_reports_each(tmp_path):
 
 def test_cli_exit_code_is_nonzero_only_when_nothing_converted(tmp_path, capsys):
     make_broken(tmp_path / "broken")
-    assert main(["--epubs", str(tmp_path / "broken"), "--out", str(tmp_path / "o1"), "--quiet"]) == 1
+    assert main(["--epubs", str(tmp_path / "broken"), "--out", str(tmp_path / "o1"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"train.py corpus: error: none of the {len(BROKEN)} EPUB file(s)")
+    assert not (tmp_path / "o1").exists()  # a run that read no book leaves nothing behind
     pride_epub(tmp_path / "broken" / "pride.epub")
     assert main(["--epubs", str(tmp_path / "broken"), "--out", str(tmp_path / "o2"), "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -125,14 +129,61 @@ def test_rerun_converts_new_changed_and_damaged_books(tmp_path):
     assert read_book(tmp_path / "out", damaged["book_id"]) == extract_text(damaged["source"]).text
 
 
-def test_books_no_longer_given_leave_the_corpus(tmp_path):
+def test_books_no_longer_given_stay_unless_pruned(tmp_path):
     books = library(tmp_path / "books", TITLES[:3])
     build_corpus([books], tmp_path / "out", progress=False)
     gone = load_manifest(tmp_path / "out")[0]
     Path(gone["source"]).unlink()
-    build_corpus([books], tmp_path / "out", progress=False)
+    report = build_corpus([books], tmp_path / "out", progress=False)
+    assert (report["books"], report["kept"], report["pruned"]) == (3, 1, [])
+    assert read_book(tmp_path / "out", gone["book_id"])  # kept: its text and its manifest entry
+    report = build_corpus([books], tmp_path / "out", progress=False, prune=True)
+    assert (report["books"], report["kept"], report["pruned"]) == (2, 0, [gone["book_id"]])
     assert gone["book_id"] not in {e["book_id"] for e in load_manifest(tmp_path / "out")}
     assert not (tmp_path / "out" / "text" / f"{gone['book_id']}.txt").exists()
+
+
+def test_prune_refuses_an_input_that_reads_no_book(tmp_path):
+    books = library(tmp_path / "books", TITLES[:3])
+    build_corpus([books], tmp_path / "out", progress=False)
+    before = files_of(tmp_path / "out")
+    with pytest.raises(corpus.CorpusError, match="--prune.*no such file or folder.*unchanged"):
+        build_corpus([books, tmp_path / "typo"], tmp_path / "out", progress=False, prune=True)
+    assert files_of(tmp_path / "out") == before
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_typo_in_epubs_never_wipes_a_corpus(tmp_path):
+    """Issue 13 case 1, as a real run: `train.py corpus --epubs MISSING --out EXISTING` emptied text/ and the
+    manifest. Now it exits 2 with one error line and changes no byte; so does a folder of unreadable books."""
+    books = library(tmp_path / "books", TITLES[:3])
+    assert run_cli("corpus", "--epubs", books, "--out", tmp_path / "cc", "--quiet").returncode == 0
+    before = files_of(tmp_path / "cc")
+    assert len([f for f in before if f.startswith("text/")]) == 3
+    make_broken(tmp_path / "broken")
+    for bad in (tmp_path / "no_such", tmp_path / "broken"):
+        r = run_cli("corpus", "--epubs", bad, "--out", tmp_path / "cc", "--quiet")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("train.py corpus: error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert f"{tmp_path / 'cc'} is unchanged" in r.stderr
+        assert files_of(tmp_path / "cc") == before
+    r = run_cli("corpus", "--epubs", books / f"{TITLES[0]}.epub", "--out", tmp_path / "cc", "--quiet")
+    assert r.returncode == 0 and "2 kept from earlier runs" in r.stdout  # one book given: the others stay
+    assert len(load_manifest(tmp_path / "cc")) == 3
+
+
+def test_help_documents_prune(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--prune" in capsys.readouterr().out
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_crash_mid_write_leaves_no_partial_file_or_manifest_line(tmp_path, monkeypatch):

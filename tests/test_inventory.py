@@ -5,6 +5,10 @@ import numpy as np
 import pytest
 
 from corpus_tools import inventory as inv
+from corpus_tools.corpus import CorpusError
+from corpus_tools.tokens import encode_text
+
+PLAIN = "It is a truth universally acknowledged, that a single man\n\n\u201cMy dear Mr. Bennet,\u201d"
 
 
 @pytest.mark.parametrize("text,kind", [
@@ -80,10 +84,45 @@ def test_inventory_on_real_tokenizer(smollm2, tmp_path, capsys):
 
 
 def test_inventory_bad_corpus(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest"):
+    with pytest.raises(CorpusError, match="no such corpus folder"):
+        inv.read_corpus(tmp_path / "missing")
+    with pytest.raises(CorpusError, match="manifest"):
         inv.read_corpus(tmp_path)
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"book_id": "x", "split": "train"}) + "\n")
-    with pytest.raises(FileNotFoundError, match="x.txt"):
+    with pytest.raises(CorpusError, match="x.txt"):
         inv.read_corpus(tmp_path)
-    with pytest.raises(ValueError, match="no books in split 'test'"):
+    with pytest.raises(CorpusError, match="no books in split 'test'"):
         inv.read_corpus(tmp_path, "test")
+
+
+def test_inventory_cli_missing_corpus_is_one_error_line(tmp_path, capsys):
+    """Issue 13 case 14: `train.py inventory --corpus MISSING` was a FileNotFoundError traceback."""
+    assert inv.main(["--corpus", str(tmp_path / "MISSING")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"train.py inventory: error: {tmp_path / 'MISSING'}: no such corpus folder (build one with " \
+                  "`python train.py corpus`)"
+
+
+def test_encode_text_keeps_typed_special_tokens_literal(smollm2):
+    """Issue 13 case 3's rule: "<|endoftext|>" typed in a text is text, not control token 0."""
+    tok = smollm2.tokenizer
+    text = "<|im_start|>user\nHi<|im_end|><|endoftext|>"
+    assert tok(text).input_ids == [1, 4093, 198, 26843, 2, 0]  # what a plain call does: control tokens
+    ids = encode_text(tok, text)
+    assert not set(ids) & set(tok.all_special_ids) and len(ids) > 6
+    assert tok.decode(ids) == text
+    assert encode_text(tok, PLAIN) == tok(PLAIN).input_ids  # ordinary text: the same ids as before
+
+
+def test_encode_text_still_adds_the_tokenizers_own_framing():
+    """A BOS-adding tokenizer keeps its BOS (records and decoding add it as before); only typed specials split."""
+    from conftest import make_tiny_tokenizer
+    from tokenizers import processors
+
+    tok = make_tiny_tokenizer()
+    eos = tok.convert_tokens_to_ids("<eos>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", eos)])
+    ids = encode_text(tok, "a<eos>b")
+    assert ids[0] == eos and eos not in ids[1:]
+    assert encode_text(tok, "a<eos>b", add_special_tokens=False) == ids[1:]

@@ -83,3 +83,32 @@ def test_bad_model_names_are_explained(tmp_path):
         models.resolve(str(tmp_path))
     with pytest.raises(models.ModelSourceError, match="unknown model"):
         models.resolve("no-such-alias")
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path, monkeypatch):
+    """Issue 13 case 8: 100 random bytes named .gguf gave a ValueError traceback about magic bytes."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(bytes(range(100)))
+    with pytest.raises(models.ModelSourceError, match=f"{fake}: not a GGUF file"):
+        models.load(str(fake))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + bytes(96))  # right magic, nothing readable after it
+    with pytest.raises(models.ModelSourceError, match=f"{truncated}: cannot read this GGUF file"):
+        models.load(str(truncated))
+    assert not list((tmp_path / "cache" / "models").iterdir())  # no cache entry, no temp folder left
+
+
+def test_context_length_is_known_and_checked(smollm2):
+    """Issue 13 case 2's mechanism: one check, with the numbers, for every path that feeds a model."""
+    info = smollm2.info
+    assert info.context_length == 8192 == models.context_length_of(smollm2.model.config)
+    for same in (info, info.to_dict(), smollm2, smollm2.model, smollm2.model.config):
+        assert models.context_length_of(same) == 8192
+        models.check_context(8192, same, "prompt")
+    with pytest.raises(models.ContextLengthError,
+                       match=r"^prompt \(8,555 tokens\) \+ -m 64: 8,619 tokens, more than the 8,192 tokens "
+                             r"'smollm2-135m' reads at once"):
+        models.check_context(8619, info, "prompt (8,555 tokens) + -m 64")
+    models.check_context(10**6, {"name": "x"}, "prompt")  # a model that does not say: not checked
+    assert isinstance(models.ContextLengthError("x"), ValueError)

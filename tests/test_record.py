@@ -15,7 +15,8 @@ import torch
 
 from conftest import TINY_TEXT, make_tiny_llama, make_tiny_tokenizer
 from corpus_tools import record as rec_mod
-from corpus_tools.models import TokenizerMismatch, load
+from corpus_tools.files import OutputPathError
+from corpus_tools.models import ContextLengthError, TokenizerMismatch, load
 from corpus_tools.records import RecordsError, open_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,3 +251,45 @@ def test_cli_help():
     with pytest.raises(SystemExit) as e:
         rec_mod.main(["--help"])
     assert e.value.code == 0
+
+
+def test_output_path_is_checked_before_any_work(corpus, tmp_path):
+    """Issue 13 case 11: `record --out FILE` was a FileExistsError after loading the models; now it is refused
+    before anything else (the model name here is not even looked at)."""
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "records"):
+        with pytest.raises(OutputPathError, match="--out .*file"):
+            rec_mod.record(["no-such-model"], corpus, out, **TINY)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_context_beyond_the_model_is_refused_with_the_numbers(tiny_dir, corpus, tmp_path):
+    with pytest.raises(ContextLengthError, match=r"--context 4096: 4,096 tokens, more than the 2,048 tokens"):
+        rec_mod.record([tiny_dir], corpus, tmp_path / "rec", **{**TINY, "context": 4096})
+    assert not (tmp_path / "rec").exists()
+
+
+def test_a_second_writer_refuses_at_once_and_a_dead_ones_lock_does_not_block(tiny_dir, corpus, tiny_records,
+                                                                             tmp_path):
+    """Issue 13 case 12 as real runs: while another process holds the records folder, `train.py record` into it
+    exits 2 at once naming that process; once it is dead (SIGKILL: its lock file stays), the run goes through."""
+    from test_files import hold_lock, kill
+
+    out = tmp_path / "rec"
+    args = [sys.executable, "train.py", "record", "--model", tiny_dir, "--corpus", str(corpus), "--out", str(out),
+            "--context", "64", "--stride", "48", "--batch-size", "2", "--shard-tokens", "200", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    holder = hold_lock(out, "train.py record")
+    try:
+        r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        kill(holder)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"train.py record: error: {out}: in use by train.py record (pid {holder.pid} on {socket.gethostname()}); "
+        f"wait for it to finish (its lock: {out / '.lock'})")
+    assert os.listdir(out) == [".lock"]  # nothing written; the dead holder's lock file is left
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert open_records(out).meta["positions"] == open_records(tiny_records).meta["positions"]
+    assert not (out / ".lock").exists()

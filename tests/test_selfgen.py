@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -79,3 +80,24 @@ def test_split_prompts_interleave_books(tiny_dir, tmp_path):
     assert ps == [per_book[0][0], per_book[1][0], per_book[0][1], per_book[1][1]]
     with pytest.raises(ValueError, match="no books in split 'test'"):
         sg.split_prompts(corpus, tok, 2, 8, split="test")
+
+
+def test_settings_and_folder_are_checked_before_generating(tiny_dir, tmp_path):
+    """Prompt + new tokens beyond the model's context, an --out that is a file, and an --out another run holds
+    are refused before any generation (and write nothing)."""
+    from corpus_tools.files import FolderLock, LockedError, OutputPathError
+    from corpus_tools.models import ContextLengthError
+
+    corpus = write_corpus(tmp_path / "corpus")
+    with pytest.raises(ContextLengthError, match=r"--prompt-tokens 48 \+ --new-tokens 2048: 2,096 tokens, more "
+                                                 r"than the 2,048 tokens"):
+        sg.selfgen(str(tiny_dir), corpus, tmp_path / "out", per_book=1, new_tokens=2048, progress=False)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="--out .*file: exists and is not a folder"):
+        sg.selfgen(str(tiny_dir), corpus, tmp_path / "file", per_book=1, progress=False)
+    with FolderLock(tmp_path / "out", "train.py selfgen"):
+        with pytest.raises(LockedError, match=rf"in use by train.py selfgen \(pid {os.getpid()} "):
+            sg.selfgen(str(tiny_dir), corpus, tmp_path / "out", per_book=1, progress=False)
+    with pytest.raises(ValueError, match="--per-book 0: must be at least 1"):
+        sg.selfgen(str(tiny_dir), corpus, tmp_path / "out", per_book=0, progress=False)

@@ -212,10 +212,19 @@ def read_meta(path: str | Path) -> dict:
         raise ArtifactError(f"{mf}: missing - {path} is not a finished drafter artifact (fit interrupted?)")
     try:
         meta = json.loads(mf.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # garbled: named here, not as a KeyError later
         raise ArtifactError(f"{mf}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ArtifactError(f"{mf}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{mf}: not a drafter description (a JSON {type(meta).__name__}, not an object)")
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{mf}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
+    missing = [k for k in ("big_model", "predictor", "gates", "primary_gate", "max_skip", "hidden_layer", "files")
+               if k not in meta]
+    if missing or not isinstance(meta["big_model"], dict) or not isinstance(meta["gates"], dict):
+        raise ArtifactError(f"{mf}: damaged drafter description ("
+                            f"{'missing ' + ', '.join(missing) if missing else 'big_model or gates not an object'})")
     return meta
 
 

@@ -1,0 +1,110 @@
+"""Bad input to `train.py`: exit status 2, one `error:` line naming the problem, never a traceback (issue 13).
+
+Each case runs `python train.py ...` as a user would. Output paths, locks and the model/corpus checks come before
+any work, so every case is quick; the model cases use a tiny random LLaMA saved as a local HF folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from corpus_tools.files import FolderLock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace: a file, a tiny corpus, a tiny model, a fake GGUF, a garbled drafter, a locked folder."""
+    t = tmp_path_factory.mktemp("ws")
+    (t / "file").write_text("not a folder")
+    (t / "corpus" / "text").mkdir(parents=True)
+    (t / "corpus" / "text" / "b.txt").write_text("Some text. " * 20)
+    (t / "corpus" / "manifest.jsonl").write_text(json.dumps(
+        {"book_id": "b", "title": "B", "split": "train", "chars": 220, "words": 40, "paragraphs": 1}) + "\n")
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(t / "tiny")  # max_position_embeddings 2048
+    tok.save_pretrained(t / "tiny")
+    (t / "fake.gguf").write_bytes(os.urandom(100))
+    (t / "garbled").mkdir()
+    (t / "garbled" / "drafter.json").write_bytes(b'{"format": \xff\xfe garbage')
+    with FolderLock(t / "locked", "train.py fit"):  # held by this test process for the whole module
+        yield t
+
+
+CASES = [  # (train.py arguments, text the error line must contain); {t} is the workspace
+    ("corpus --epubs {t}/no_such --out {t}/corpus", "no EPUB to read ({t}/no_such: no such file or folder); "
+                                                   "{t}/corpus is unchanged"),        # case 1
+    ("corpus --epubs {t}/no_such --out {t}/file", "--out {t}/file: exists and is not a folder"),
+    ("corpus --epubs tests/data --out {t}/locked", "{t}/locked: in use by train.py fit (pid {pid} "),
+    ("models {t}/fake.gguf", "{t}/fake.gguf: not a GGUF file"),                       # case 8
+    ("models nonexistent-model", "unknown model 'nonexistent-model'"),                # case 13
+    ("inventory --corpus {t}/MISSING", "{t}/MISSING: no such corpus folder"),         # case 14
+    ("record --model {t}/tiny --corpus {t}/corpus --out {t}/file", "--out {t}/file: exists and is not a folder"),
+    ("record --model {t}/tiny --corpus {t}/MISSING --out {t}/rec", "{t}/MISSING: no such corpus folder"),
+    ("record --model nonexistent-model --corpus {t}/corpus --out {t}/rec", "unknown model 'nonexistent-model'"),
+    ("record --model {t}/tiny --corpus {t}/corpus --out {t}/rec --context 4096",
+     "--context 4096: 4,096 tokens, more than the 2,048 tokens"),                     # case 2's check
+    ("record --model {t}/tiny --corpus {t}/corpus --out {t}/locked", "in use by train.py fit (pid {pid} "),
+    ("fit --records {t}/records --out {t}/file", "--out {t}/file: exists and is not a folder"),   # case 11
+    ("fit --records {t}/records --out /proc/gate", "--out /proc/gate: cannot write in /proc"),
+    ("fit --records {t}/records --out {t}/locked", "{t}/locked: in use by train.py fit (pid {pid} "),  # case 12
+    ("selfgen --model {t}/tiny --corpus {t}/MISSING --out {t}/sg", "{t}/MISSING: no such corpus folder"),
+    ("selfgen --model {t}/tiny --corpus {t}/corpus --out {t}/sg --new-tokens 4096",
+     "--prompt-tokens 48 + --new-tokens 4096: 4,144 tokens, more than the 2,048 tokens"),
+    ("report --records {t}/MISSING", "{t}/MISSING"),
+    ("evaluate --records {t}/records --gate {t}/garbled", "{t}/garbled/drafter.json: not valid JSON"),  # case 15
+    ("no-such-command", "unknown command 'no-such-command'"),
+    ("record --model {t}/tiny --corpus {t}/corpus --out {t}/rec --context many", "invalid int value: 'many'"),
+]
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[c[0].split(" {t}")[0].split(" /")[0] + f"-{i}"
+                                                      for i, c in enumerate(CASES)])
+def test_bad_input_is_one_error_line(ws, args, expected):
+    fill = {"t": ws, "pid": os.getpid()}
+    r = subprocess.run([sys.executable, "train.py", *args.format(**fill).split()], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0] == lines[-1], r.stderr[-2000:]
+    assert expected.format(**fill) in errors[0]
+    assert not (ws / "rec").exists() and not (ws / "sg").exists()  # refused before writing anything
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b'{"format": \xff garbage', "not valid JSON"), (b'{"format": "skipgate-drafter/', "not valid JSON"),
+    (b"[1, 2]", "not a drafter description"), (b"", "not valid JSON")])
+def test_a_garbled_drafter_json_is_named(tmp_path, content, problem):
+    """Issue 13 case 15: whatever is wrong with drafter.json, the message names the file."""
+    from gate.model.drafter import ArtifactError, read_meta
+
+    (tmp_path / "drafter.json").write_bytes(content)
+    with pytest.raises(ArtifactError, match=f"^{tmp_path / 'drafter.json'}: {problem}"):
+        read_meta(tmp_path)
+
+
+def test_a_damaged_drafter_json_is_named(tmp_path):
+    from gate.model.drafter import FORMAT, ArtifactError, read_meta
+
+    (tmp_path / "drafter.json").write_text(json.dumps({"format": FORMAT, "gates": {}}))
+    with pytest.raises(ArtifactError, match=f"^{tmp_path / 'drafter.json'}: damaged drafter description "
+                                            r"\(missing big_model, predictor, primary_gate"):
+        read_meta(tmp_path)
+
+
+def test_bugs_keep_their_traceback(monkeypatch, capsys):
+    """Only the project's error types become an `error:` line: anything else is a bug and propagates."""
+    import train
+
+    monkeypatch.setattr("corpus_tools.models.main", lambda argv: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.main(["models"])
