@@ -264,7 +264,7 @@ def run_demo(args, policies) -> int:
 def main(argv=None, policies=None) -> int:
     """infer.py; `policies` replaces the registry (a test's own policy)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from corpus_tools.models import ModelSourceError, TokenizerMismatch
+    from corpus_tools.errors import one_line, project_errors
 
     policies = registered() if policies is None else policies
     args = build_parser(policies).parse_args(argv)
@@ -272,8 +272,10 @@ def main(argv=None, policies=None) -> int:
         settle_args(args)
         configure_torch(args)
         return run_demo(args, policies) if args.demo else run_prompt(args, policies)
-    except (UsageError, TokenizerMismatch, ModelSourceError) as e:
-        print(f"infer.py: error: {e}", file=sys.stderr)
+    except Exception as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback
+        if not isinstance(e, (UsageError, *project_errors())):
+            raise
+        print(f"infer.py: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 
