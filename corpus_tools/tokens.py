@@ -39,7 +39,7 @@ def _vocab_table(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     return cls, ends_alnum
 
 
-def token_class(tokenizer, ids, prev_ids=None) -> np.ndarray:
+def token_class_from_tokenizer(tokenizer, ids, prev_ids=None) -> np.ndarray:
     """Class names (CLASSES) of `ids`; with `prev_ids` (the token before each one) a marker-less word that
     follows a non-letter (newline, quote, dash, start of text) is a word start, not a continuation."""
     cls_table, ends_alnum = _vocab_table(tokenizer)
