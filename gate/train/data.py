@@ -27,6 +27,8 @@ class FitError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ records
 @dataclass
 class SplitData:
+    """One split of the records for the big model (rows = record positions in file order; hidden at the
+    drafter's layer; the top-k / p_max / entropy fields are None when not recorded)."""
     name: str
     tokens: np.ndarray
     argmax: np.ndarray
