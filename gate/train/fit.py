@@ -269,6 +269,7 @@ def _recorded_sequences(tr: SplitData, gate_mask_rows: np.ndarray):
 # ------------------------------------------------------------------------------------------------ stage: heads
 @dataclass
 class Heads:
+    """The heads stage's result; `key` is its cache key, which the later stages build on."""
     word: WordHead
     future: FutureHeads
     norm: HiddenNorm
@@ -438,6 +439,7 @@ def _dev_coverage(gate, o: dict, dev_pair: np.ndarray, cfg: FitConfig) -> float:
 # ------------------------------------------------------------------------------------------------ calibration
 @dataclass
 class Calibration:
+    """LTT results per score, the primary gate, its threshold and the validation metrics."""
     calib: dict
     primary: str
     threshold: float
