@@ -1,4 +1,4 @@
-"""The gate: features, classifiers, and the calibrated threshold with a finite-sample guarantee.
+"""The gate: candidate tokens, their features, and the classifiers that score them.
 
 The gate answers one question per proposal: is the predictor's candidate token equal to the big model's greedy
 token at this position? Its score is an estimated P(candidate == big argmax).
