@@ -79,12 +79,12 @@ def test_artifact_round_trip_and_contract(tiny, tiny_gate):
     h = torch.from_numpy(a[f"{name}/hidden/{info.n_layers}"][27].astype(np.float32))
     tok, score = dr.propose(ids, h, 2)                  # big computed position 27, ids has 27 + 1 + 2 entries
     # the same through the records code path (context_copy_stats instead of the incremental index)
-    from gate.model.features import select
+    from gate.model.features import pick_candidate
     from gate.model.heads import context_copy_stats, run_starts
     cp = context_copy_stats(np.array(ids), run_starts(np.zeros(len(ids)), np.arange(len(ids))))
     cp = {k: v[-1:] for k, v in cp.items()}
     out = dr.predictor.run(dr.predictor.context(ids)[None], h[None], torch.tensor([2]), cp)
-    _, want_tok, want_score = select(dr.score(out), out)
+    _, want_tok, want_score = pick_candidate(dr.score(out), out)
     assert tok == int(want_tok[0]) and score == pytest.approx(float(want_score[0]))
     assert 0 <= tok < info.vocab_size and 0.0 <= score <= 1.0
     again = D.load_drafter(tiny_gate, info.to_dict())

@@ -1,4 +1,4 @@
-"""The Drafter (docs/interfaces.md): the trained heads + gate as one artifact the `gate` decode policy loads.
+"""The Drafter: the trained heads + gate as one artifact the `gate` decode policy loads.
 
     drafter = load_drafter(path, big_info)       # refuses another tokenizer (TokenizerMismatch)
     tok, score = drafter.propose(ids, hidden, since_big)
@@ -34,7 +34,7 @@ import torch
 from corpus_tools.files import atomic_path, write_json
 from corpus_tools.models import ModelInfo, TokenizerMismatch
 from corpus_tools.records import sha256_file
-from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, select
+from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, pick_candidate
 from gate.model.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
 
 FORMAT = "skipgate-drafter/1"
@@ -75,7 +75,7 @@ class Predictor:
     def run(self, ctx: torch.Tensor, hidden: torch.Tensor, s: torch.Tensor, copy: dict | None = None,
             mode: str | None = None) -> dict:
         """ctx [B, N] (pad = vocab_size), hidden [B, D] raw big hidden at p, s [B] since_big (clamped to max_s),
-        copy: in-context copy statistics per order (gate.heads.ContextIndex / context_copy_stats)."""
+        copy: in-context copy statistics per order (gate.model.heads.ContextIndex / context_copy_stats)."""
         s = s.long().clamp(1, self.max_s)
         hn = self.norm(hidden.float())
         pw = torch.softmax(self.word(ctx.long(), hn, s).float(), -1)
@@ -127,7 +127,8 @@ class Predictor:
 
 
 class Drafter:
-    """Implements the Drafter contract of docs/interfaces.md around a Predictor and a trained gate."""
+    """The drafter contract (propose / start / threshold / max_skip / hidden_layer) around a Predictor and a
+    trained gate."""
 
     def __init__(self, predictor: Predictor, gates: dict, primary: str, threshold: float, max_skip: int,
                  hidden_layer: int, meta: dict | None = None):
@@ -164,7 +165,7 @@ class Drafter:
                                                                          np.array([tots[n]]))
         h = torch.as_tensor(hidden).reshape(1, -1)
         out = self.predictor.run(self.predictor.context(ids)[None], h, torch.tensor([since_big]), copy)
-        _, tok, score = select(self.score(out), out)
+        _, tok, score = pick_candidate(self.score(out), out)
         score = float(score[0])
         if since_big >= self.max_skip:
             score = 0.0
