@@ -18,7 +18,7 @@ PROJECT_ERRORS = {  # module -> its error types
     "corpus_tools.models": ("ModelSourceError", "TokenizerMismatch", "ContextLengthError"),
     "corpus_tools.records": ("RecordsError",),
     "gate.model.drafter": ("ArtifactError",),
-    "gate.train.fit": ("FitError",),
+    "gate.train.data": ("FitError",),
 }
 
 

@@ -55,6 +55,9 @@ class FitConfig:
     max_gate_pairs: int = setting(300000, "cap on the (t, s) pairs the gates are trained on", "gates", cli=False)
     max_val_pairs: int = setting(400000, "cap on the validation pairs (predictor mode, calibration)", "mode",
                                  cli=False)
+    copy_max_n: int = setting(
+        12, "the copy rule (prompt lookup) looks for the last N tokens earlier in the context; the drafter takes its "
+            "candidate where the rule is trusted more than the learned gate (0: no copy rule)", "calibration")
     dtype: str = setting("float32", "dtype the big model is loaded in (for its embeddings)", "heads", cli=False)
     threads: int = setting(
         1, "torch intra-op threads (0: torch's default). The heads are small: on a busy 2-core machine 1 thread was "

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gate.model.copyrule import MAX_N, copy_rule, trust_copy
 from gate.model.drafter import Predictor
 from gate.model.heads import context_ids, run_starts
 from gate.train.distill import HeadData
@@ -42,6 +43,18 @@ class SplitData:
     p_max: np.ndarray | None
     entropy_norm: np.ndarray | None
     books: list
+    rows: np.ndarray | None = None      # rows of the whole split these are (select_part); None: all, in order
+
+    def split_rows(self, i: np.ndarray) -> np.ndarray:
+        """Rows of the whole recorded split for rows i of this data (for fields read separately)."""
+        return i if self.rows is None else self.rows[i]
+
+    def copy_rule(self, max_n: int = MAX_N) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate, match length) of the copy rule at every row (gate.model.copyrule), computed once."""
+        cache = self.__dict__.setdefault("_copy_rule", {})
+        if max_n not in cache:
+            cache[max_n] = copy_rule(self.tokens, self.run_start, max_n)
+        return cache[max_n]
 
     def head_data(self) -> HeadData:
         return HeadData(self.tokens, self.argmax, self.hidden, self.run_start, self.topk_ids, self.topk_p)
@@ -122,6 +135,36 @@ def load_split(rec, path, split: str, model: str, layer: int) -> SplitData:
                      a.get(pre + "entropy_norm"), list(rec.books(split)))
 
 
+def parse_part(part: str | None) -> tuple[int, int] | None:
+    """'I/K' -> (I, K), 1 <= I <= K; None passes."""
+    if part is None:
+        return None
+    try:
+        i, k = (int(x) for x in part.split("/"))
+    except ValueError:
+        raise FitError(f"--part {part!r}: write I/K, e.g. 1/2 (every K-th book of the split, from the I-th)") from None
+    if not 1 <= i <= k:
+        raise FitError(f"--part {part}: needs 1 <= I <= K")
+    return i, k
+
+
+def select_part(data: SplitData, part: str | None, path) -> SplitData:
+    """The rows of every K-th book of the split, from the I-th (--part I/K): disjoint parts of one split, to
+    calibrate on one and evaluate on another."""
+    ik = parse_part(part)
+    if ik is None:
+        return data
+    i, k = ik
+    rows = np.flatnonzero(data.book % k == i - 1)
+    if len(rows) == 0:
+        raise FitError(f"{path}: --part {part} of split {data.name!r} holds no book ({len(data.books)} books)")
+    pick = (lambda a: None if a is None else np.asarray(a[rows]))
+    book, pos = data.book[rows], data.pos[rows]
+    return SplitData(data.name, data.tokens[rows], data.argmax[rows], data.target[rows], book, pos,
+                     np.asarray(data.hidden[rows]), run_starts(book, pos), pick(data.topk_ids), pick(data.topk_p),
+                     pick(data.p_max), pick(data.entropy_norm), data.books, data.split_rows(rows))
+
+
 # ------------------------------------------------------------------------------------------------ pairs
 def chunk_folds(n: int, seed: int, frac: float, chunk: int = 512) -> np.ndarray:
     """Boolean [n]: True for rows in the held-out fraction of chunks (seeded shuffle)."""
@@ -184,6 +227,26 @@ def predict_pairs(pred: Predictor, data: SplitData, t: np.ndarray, s: np.ndarray
         res["sel"][n] = {"slot": slot, "token": tok, "score": best, "correct": res["correct"][idx, slot],
                          "cls": res["cls"][idx, slot]}
     return res
+
+
+def apply_copy_trust(o: dict, data: SplitData, table: np.ndarray | None, tables: dict) -> dict:
+    """Let each gate's pick fall back on the copy rule where the rule is trusted more (gate.model.copyrule
+    .trust_copy, the same function Drafter.propose calls); adds o["copy"] (the rule's own candidate, match length,
+    correctness and class per pair). A drafter without a trust table (table None) keeps its gates' picks."""
+    from corpus_tools.inventory import token_class_from_tables
+
+    t = o["t"]
+    cand, length = data.copy_rule(MAX_N if table is None else len(table) - 1)
+    cand, length, am = cand[t], length[t].astype(np.int64), data.argmax[t]
+    cls = token_class_from_tables(data.tokens[t], np.maximum(cand, 0), tables["cls"], tables["ends_alnum"])
+    o["copy"] = {"token": cand, "len": length, "correct": cand == am, "cls": cls}
+    if table is None:
+        return o
+    for sel in o["sel"].values():
+        tok, score, used = trust_copy(sel["token"], sel["score"], cand, length, table)
+        sel.update(token=tok, score=score, correct=tok == am, cls=np.where(used, cls, sel["cls"]),
+                   slot=np.where(used, -1, sel["slot"]), copy_used=used)
+    return o
 
 
 def subsample_pairs(t, s, n_max, seed):

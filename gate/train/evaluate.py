@@ -14,8 +14,17 @@ Definitions (every number in the report uses these):
                 entropy   the predictor's entropy normalised by log(|R| + 1) (entropy-gated switching: skip when
                           low),
                 max_prob  the predictor's probability of its candidate (BiLD's fallback rule),
-                oracle    skips exactly the pairs where the candidate is right: coverage = predictor accuracy
-                          at 100% precision, the ceiling for any gate on this predictor.
+                copy      the copy rule (prompt lookup used as a gate, no training; gate.model.copyrule): its
+                          candidate follows the longest earlier occurrence of the context's suffix, its score
+                          is the match length,
+                <model>:max_prob, <model>:entropy   when the records hold a smaller model with the big model's
+                          tokenizer: its own token, scored by its max-probability (BiLD) and by 1 - its
+                          normalised entropy (entropy-gated switching),
+                oracle    skips exactly the pairs where some proposal (a drafter candidate or the copy rule's)
+                          is right: the ceiling for any gate choosing among these proposals.
+    copy / non-copy   a copy position is one whose last 4 tokens occurred earlier in its context; every table
+                is also given on the non-copy positions (what a gate adds over copying shows there) and on
+                the copy positions (where the learned gate must do at least as well as the copy rule).
     classes     the candidate's positional class (punct / continuation / word / other, corpus_tools.inventory);
                 per-class coverage uses a threshold chosen within the class.
     policy      a teacher-forced simulation of the decode policy on each test stretch: after a big pass at p
@@ -44,12 +53,13 @@ import numpy as np
 from corpus_tools.files import write_json, write_text
 from corpus_tools.inventory import CLASSES
 from corpus_tools.models import TokenizerMismatch
+from gate.model.copyrule import is_copy_position
 from gate.model.drafter import ArtifactError, load_drafter, read_meta
 from gate.model.features import SOURCES
 from gate.model.heads import context_copy_stats, pair_index
 from gate.train.calibration import coverage_at_precision, precision_curve
-from gate.train.data import (FitError, SplitData, find_split, load_fields, load_split, open_records_checked,
-                             predict_pairs)
+from gate.train.data import (FitError, SplitData, apply_copy_trust, find_split, load_fields, load_split,
+                             open_records_checked, predict_pairs, select_part)
 
 TARGETS = (0.95, 0.98, 0.99, 0.995)
 
@@ -221,7 +231,7 @@ class EvalInputs:
         return self.entry["name"]
 
 
-def open_inputs(records, gate, split: str) -> EvalInputs:
+def open_inputs(records, gate, split: str, part: str | None = None) -> EvalInputs:
     gate = Path(gate)
     meta = read_meta(gate)
     rec = records if hasattr(records, "load") else open_records_checked(records)
@@ -233,7 +243,8 @@ def open_inputs(records, gate, split: str) -> EvalInputs:
     split = find_split(rec, records, split) if split in ("test", "validation") else split
     if split not in rec.splits:
         raise FitError(f"{records}: no split {split!r} (splits: {', '.join(rec.splits)})")
-    return EvalInputs(rec, records, gate, meta, entry, dr, split, load_split(rec, records, split, name, dr.hidden_layer))
+    data = select_part(load_split(rec, records, split, name, dr.hidden_layer), part, records)
+    return EvalInputs(rec, records, gate, meta, entry, dr, split, data)
 
 
 def test_pairs(inp: EvalInputs, max_pairs: int, log) -> tuple[np.ndarray, np.ndarray, int]:
@@ -252,15 +263,58 @@ def test_pairs(inp: EvalInputs, max_pairs: int, log) -> tuple[np.ndarray, np.nda
     return t, s, n_used
 
 
-def score_methods(o: dict, primary: str) -> dict:
+def score_methods(o: dict, primary: str, small: dict | None = None) -> dict:
     """Each method: (score, correct, class of its candidate, its candidate) per pair."""
-    prim = o["sel"][primary]
-    correct = prim["correct"]
+    cp = o["copy"]
     head = (o["head1_correct"], o["cls"][:, 0], o["cands"][:, 0])
+    # the oracle skips where some proposal is right, with the right one (the copy rule's if only it is)
+    any_right = o["correct"].any(1) | cp["correct"]
+    first = np.where(o["correct"].any(1), o["correct"].argmax(1), 0)
+    idx = np.arange(len(first))
+    oracle_tok = np.where(o["correct"].any(1), o["cands"][idx, first], cp["token"])
+    oracle_cls = np.where(o["correct"].any(1), o["cls"][idx, first], cp["cls"])
     return {**{f"gate:{n}": (v["score"], v["correct"], v["cls"], v["token"]) for n, v in o["sel"].items()},
+            "copy": (cp["len"].astype(np.float64), cp["correct"], cp["cls"], cp["token"]),
             "max_prob": (o["head_p"], *head), "entropy": (1.0 - o["head_entropy"], *head),
-            "oracle": (correct.astype(np.float64), correct, prim["cls"], prim["token"]),
+            **(small or {}),
+            "oracle": (any_right.astype(np.float64), any_right, oracle_cls, oracle_tok),
             "oracle:head": (o["head1_correct"].astype(np.float64), *head)}
+
+
+def small_model_methods(inp: EvalInputs, t: np.ndarray, o: dict) -> dict:
+    """The baselines a user with a smaller model of the same tokenizer tries first: its own token, skipped
+    where its max-probability (BiLD's fallback rule) or 1 - its normalised entropy (entropy-gated switching)
+    is high. Only for models recorded beside the big one (train.py record --model BIG --model SMALL)."""
+    out = {}
+    big_am = inp.te.argmax[t]
+    for m in inp.rec.meta.get("models", []):
+        if m["name"] == inp.name:
+            continue
+        a = load_fields(inp.rec, inp.records, inp.split, m["name"], ("argmax", "p_max", "entropy_norm"))
+        pre = m["name"] + "/"
+        if pre + "argmax" not in a or pre + "p_max" not in a:
+            continue
+        rows = inp.te.split_rows(t)
+        tok = np.asarray(a[pre + "argmax"])[rows]
+        ok, cls = tok == big_am, o["cls"][:, 0]
+        out[f"{m['name']}:max_prob"] = (np.asarray(a[pre + "p_max"])[rows].astype(np.float64), ok, cls, tok)
+        if pre + "entropy_norm" in a:
+            out[f"{m['name']}:entropy"] = (1.0 - np.asarray(a[pre + "entropy_norm"])[rows].astype(np.float64), ok,
+                                           cls, tok)
+    return out
+
+
+def copy_split(methods: dict, is_copy: np.ndarray, o: dict, primary: str) -> dict:
+    """Every method's coverage at each precision on the copy positions and on the non-copy ones, with each
+    subset's share of pairs and the accuracies of the drafter's candidate and the head's top-1 there."""
+    out = {}
+    for key, m in (("copy_positions", is_copy), ("non_copy", ~is_copy)):
+        out[key] = {"share": float(m.mean()), "pairs": int(m.sum()),
+                    "drafter_accuracy": float(o["sel"][primary]["correct"][m].mean()) if m.any() else None,
+                    "head_accuracy": float(o["head1_correct"][m].mean()) if m.any() else None,
+                    "coverage_at_precision": _on_subset(methods, m) if m.any() else
+                    {k: {t: 0.0 for t in TARGETS} for k in methods}}
+    return out
 
 
 def by_class(methods: dict, prim: dict) -> dict:
@@ -376,6 +430,8 @@ def against_target(cap: dict, acc: float, primary: str) -> dict:
     target["ratio_to_oracle"] = target["gate_cov_99"] / max(acc, 1e-12)
     target["ratio_to_entropy"] = (target["gate_cov_99"] / target["entropy_cov_99"]
                                   if target["entropy_cov_99"] > 0 else None)
+    target["copy_cov_99"] = cap["copy"][0.99]
+    target["meets_copy_rule"] = target["gate_cov_99"] >= target["copy_cov_99"]
     target["meets_half_oracle"] = target["ratio_to_oracle"] >= 0.5
     target["meets_3x_entropy"] = (target["ratio_to_entropy"] is None and target["gate_cov_99"] > 0) or \
         (target["ratio_to_entropy"] is not None and target["ratio_to_entropy"] >= 3)
@@ -383,25 +439,29 @@ def against_target(cap: dict, acc: float, primary: str) -> dict:
 
 
 def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 600000, probes: bool = True,
-             probe_k: int = 512, log=print, command: str = "") -> dict:
+             probe_k: int = 512, log=print, command: str = "", part: str | None = None) -> dict:
     """Score the gate on the split's pairs, write report.md, metrics.json and the figures; returns the metrics."""
     t_start = time.time()
-    inp = open_inputs(records, gate, split)
+    inp = open_inputs(records, gate, split, part)
     dr, te, max_s = inp.dr, inp.te, inp.dr.predictor.max_s
     out = Path(out) if out else inp.gate / "eval"
     out.mkdir(parents=True, exist_ok=True)
     t, s, n_used = test_pairs(inp, max_pairs, log)
     o = predict_pairs(dr.predictor, te, t, s, gates=dr.gates, desc="test pairs", modes=("future",),
                       copy=context_copy_stats(te.tokens, te.run_start))
+    o = apply_copy_trust(o, te, dr.copy_trust, dr.predictor.tables)
     prim = o["sel"][dr.primary]
-    correct, acc = prim["correct"], float(prim["correct"].mean())
-    methods = score_methods(o, dr.primary)
+    acc = float(prim["correct"].mean())
+    methods = score_methods(o, dr.primary, small_model_methods(inp, t, o))
+    correct = methods["oracle"][1]          # some proposal right: what the oracle skips
+    oracle_cov = float(correct.mean())
+    is_copy = is_copy_position(te.copy_rule()[1][t])
     cap = {m: coverage_at_precision(v[0], v[1], TARGETS) for m, v in methods.items()}
     curves = {m: _thin(*precision_curve(v[0], v[1])[1:]) for m, v in methods.items()}
-    _plot_curves(curves, acc, out / "curves.png",
+    _plot_curves(curves, oracle_cov, out / "curves.png",
                  f"{inp.name}: test pairs (s = 1..{max_s}); drafter candidate right {acc:.1%}, head top-1 "
                  f"{o['head1_correct'].mean():.1%}", head_oracle=float(o["head1_correct"].mean()))
-    classes = by_class(methods, prim)
+    classes = by_class(methods, {"cls": prim["cls"], "correct": correct})
     _plot_by_class(classes, out / "curves_by_class.png")
     policy, runs = policy_and_runs(inp, methods, o, t, s, n_used)
     _plot_runs(runs, out / "runlengths.png")
@@ -410,16 +470,20 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
                "positions": n_used, "pairs": int(len(t)), "predictor": dr.predictor.mode,
                "predictor_accuracy": acc, "head_accuracy": float(o["head1_correct"].mean()),
                "any_candidate_right": float(o["correct"].any(1).mean()),
-               "chosen_source": {src: float((prim["slot"] == i).mean()) for i, src in enumerate(SOURCES)},
+               "chosen_source": {**{src: float((prim["slot"] == i).mean()) for i, src in enumerate(SOURCES)},
+                                 "copy rule": float((prim["slot"] == -1).mean())},
                "source_right": {src: float(o["correct"][:, i].mean()) for i, src in enumerate(SOURCES)},
                "future_heads_accuracy_by_s": {
                    int(j): float(fut[s == j].mean()) for j in range(1, max_s + 1) if (s == j).any()},
-               "coverage_at_precision": cap,
+               "coverage_at_precision": cap, **copy_split(methods, is_copy, o, dr.primary),
+               "copy_rule": {"trusted": dr.copy_trust is not None, "accuracy": float(o["copy"]["correct"].mean()),
+                             "has_candidate": float((o["copy"]["len"] > 0).mean())},
+               "part": part, "target_precision": inp.meta.get("target_precision"),
                "by_class": {c: {k: v for k, v in d.items() if k != "curves"} for c, d in classes.items()},
                "by_since_big": by_since_big(methods, correct, s, max_s),
                "decode_like": decode_like(te, t, s, methods, correct, max_s),
                "calibrated": calibrated_on_test(inp.meta, methods), "policy": policy, "run_lengths": runs,
-               "target": against_target(cap, acc, dr.primary),
+               "target": against_target(cap, oracle_cov, dr.primary),
                "probes": probe_layers(inp, probe_k, log, out / "probes.png") if probes else None,
                "cost": inp.meta.get("cost"), "command": command, "seconds": round(time.time() - t_start, 1)}
     write_json(out / "metrics.json", _jsonable(metrics))
@@ -448,7 +512,8 @@ def _pct(x, d=1):
 
 def report_markdown(m: dict, meta: dict, dr) -> str:
     """report.md: the metrics as tables, section by section."""
-    L = (_md_intro(m, meta, dr) + _md_coverage(m, dr) + _md_target_and_policy(m, meta, dr) + _md_probes(m)
+    L = (_md_intro(m, meta, dr) + _md_copy_split(m, dr) + _md_coverage(m, dr) + _md_target_and_policy(m, meta, dr)
+         + _md_probes(m)
          + [f"Evaluation took {m['seconds']:.0f}s."])
     return "\n".join(L) + "\n"
 
@@ -461,9 +526,10 @@ def _md_intro(m: dict, meta: dict, dr) -> list[str]:
          f"Test books: {', '.join(map(str, m['books']))}; {m['positions']:,} positions, {m['pairs']:,} pairs "
          f"(t, since_big s = 1..{dr.max_skip - 1}). Drafter reads big-model layer {dr.hidden_layer}; head mode "
          f"`{m['predictor']}`. The drafter's candidate (the best-scoring of: head top-1, head top-2, training-text "
-         f"n-gram, in-context copy) equals the big model's argmax on {_pct(m['predictor_accuracy'])} of pairs (= the "
-         f"oracle's coverage); the head's top-1 alone on {_pct(m['head_accuracy'])} (the candidate of the "
-         f"max_prob / entropy baselines, oracle:head); some candidate is right on {_pct(m['any_candidate_right'])}."
+         f"n-gram, in-context copy, or the copy rule's where it is trusted more) equals the big model's argmax on "
+         f"{_pct(m['predictor_accuracy'])} of pairs; the head's top-1 alone on {_pct(m['head_accuracy'])} (the candidate of the "
+         f"max_prob / entropy baselines, oracle:head); some candidate is right on {_pct(m['any_candidate_right'])}, some candidate or the copy rule's "
+         f"(the oracle's coverage) on {_pct(m['coverage_at_precision']['oracle'][0.99])}."
          f" Chosen candidate by source: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["chosen_source"].items()) +
          "; each source right: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["source_right"].items()) +
          ". Definitions: see gate/train/evaluate.py (coverage = share of positions skipped; precision = share "
@@ -516,6 +582,24 @@ def _md_coverage(m: dict, dr) -> list[str]:
     return L
 
 
+def _md_copy_split(m: dict, dr) -> list[str]:
+    """Gate vs copy rule vs oracle on all, copy and non-copy positions, at 99% precision."""
+    g = f"gate:{dr.primary}"
+    keys = [g, "copy", "max_prob", "entropy"] + [k for k in m["coverage_at_precision"] if ":" in k and
+                                                  not k.startswith(("gate:", "oracle"))] + ["oracle"]
+    rows = [("all positions", 1.0, m["coverage_at_precision"], m["head_accuracy"])]
+    rows += [(name, m[key]["share"], m[key]["coverage_at_precision"], m[key]["head_accuracy"])
+             for name, key in (("copy positions", "copy_positions"), ("non-copy positions", "non_copy"))]
+    L = ["", "## What the gate learns beyond copying (coverage at 99% precision)", "",
+         "Copy positions: the 4 tokens before the position occurred earlier in its context (prompt lookup could "
+         "continue them). The copy rule (`copy`) needs no training; the learned gate must match it on copy "
+         "positions and add to it on the others.", "",
+         "| positions | share | head top-1 right | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    for name, share, cap, head in rows:
+        L.append(f"| {name} | {_pct(share)} | {_pct(head)} | " + " | ".join(_pct(cap[k][0.99]) for k in keys) + " |")
+    return L
+
+
 def _md_target_and_policy(m: dict, meta: dict, dr) -> list[str]:
     tg = m["target"]
     L = ["", "## Against the target (coverage at 99% precision)", "",
@@ -526,7 +610,9 @@ def _md_target_and_policy(m: dict, meta: dict, dr) -> list[str]:
           f"- entropy gate: {_pct(tg['entropy_cov_99'])} -> learned/entropy = "
           + (f"{tg['ratio_to_entropy']:.1f}x" if tg["ratio_to_entropy"] is not None else "inf (entropy covers 0)")
           + f" (target >= 3x: {'met' if tg['meets_3x_entropy'] else 'NOT met'}); max-prob gate "
-          f"{_pct(tg['max_prob_cov_99'])}", ""]
+          f"{_pct(tg['max_prob_cov_99'])}",
+          f"- copy rule: {_pct(tg['copy_cov_99'])} -> the learned gate is "
+          f"{'at least as good' if tg['meets_copy_rule'] else 'WORSE'}", ""]
     tp = meta.get("target_precision", 0.99)
     L += [f"## Calibrated thresholds (Learn-then-Test on validation: precision >= {_pct(tp)} with probability >= "
           f"{_pct(1 - meta.get('delta', 0.1), 0)})", "",
@@ -582,6 +668,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gate", required=True, help="drafter folder written by `python train.py fit`")
     ap.add_argument("--out", default=None, help="report folder (default GATE/eval)")
     ap.add_argument("--split", default="test")
+    ap.add_argument("--part", metavar="I/K", help="only every K-th book of the split, from the I-th (e.g. evaluate "
+                    "on 2/2 after `train.py calibrate --part 1/2`)")
     ap.add_argument("--max-pairs", type=int, default=600000)
     ap.add_argument("--no-probes", action="store_true")
     ap.add_argument("--probe-k", type=int, default=512, help="probe vocabulary: most frequent K tokens + other")
@@ -589,7 +677,7 @@ def main(argv=None) -> int:
     cmd = "python train.py evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         evaluate(args.records, args.gate, args.out, args.split, args.max_pairs, not args.no_probes, args.probe_k,
-                 log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd)
+                 log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd, part=args.part)
     except (FitError, ArtifactError, TokenizerMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

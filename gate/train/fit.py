@@ -56,12 +56,13 @@ import torch
 
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
 from corpus_tools.models import TokenizerMismatch
+from gate.model.copyrule import trust_table
 from gate.model.drafter import ArtifactError, Drafter, Predictor
 from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, torch_threads
 from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, context_copy_stats, pair_index
 from gate.train.calibration import coverage_at_precision, ltt_calibrate
 from gate.train.config import FitConfig, add_arguments, options_from_args
-from gate.train.data import (FitError, SplitData, chunk_folds, find_split, load_split, model_entry,
+from gate.train.data import (FitError, SplitData, apply_copy_trust, chunk_folds, find_split, load_split, model_entry,
                              open_records_checked, predict_pairs, resolve_layer, subsample_pairs)
 from gate.train.distill import train_future_heads, train_word_head
 from gate.train.stages import StageCache, stage_key
@@ -446,13 +447,31 @@ class Calibration:
     val_metrics: dict
 
 
+def copy_trust(tr: SplitData, gate_pairs: Pairs, cfg: FitConfig, log) -> np.ndarray | None:
+    """How far the copy rule can be trusted at each match length, from the gate-fold positions (the heads never
+    trained on them): gate.model.copyrule.trust_table. None with --copy-max-n 0."""
+    if cfg.copy_max_n <= 0:
+        return None
+    t = np.unique(gate_pairs.t)
+    cand, length = tr.copy_rule(cfg.copy_max_n)
+    table = trust_table(length[t], cand[t] == tr.argmax[t], cfg.copy_max_n, cfg.delta)
+    log(f"[fit] copy rule trust by match length (lower bounds on {len(t):,} gate-fold positions): " +
+        " ".join(f"{n}:{p:.3f}" for n, p in enumerate(table) if n))
+    return table
+
+
 def calibrate(pred: Predictor, gates: dict, primary: str, val: Pairs, data: TrainData, cfg: FitConfig,
-              log) -> Calibration:
-    """Learn-then-Test thresholds on validation for every gate and baseline; the primary gate is the certified
-    one with the largest coverage (the gate-dev choice if none is certified)."""
+              log, table: np.ndarray | None = None) -> Calibration:
+    """Learn-then-Test thresholds on validation for every gate (each falling back on the copy rule where the
+    rule is trusted more, as the drafter will) and baseline; the primary gate is the certified one with the
+    largest coverage (the gate-dev choice if none is certified)."""
     o = predict_pairs(pred, data.va, val.t, val.s, gates=gates, desc="calibration", copy=val.copy)
+    if table is not None and cfg.copy_max_n != len(table) - 1:
+        raise FitError(f"copy trust table for {len(table) - 1} tokens, --copy-max-n {cfg.copy_max_n}")
+    o = apply_copy_trust(o, data.va, table, pred.tables)
     baselines = {"max_prob": (o["head_p"], o["head1_correct"]),            # BiLD's fallback rule
-                 "entropy": (1.0 - o["head_entropy"], o["head1_correct"])}  # entropy-gated switching
+                 "entropy": (1.0 - o["head_entropy"], o["head1_correct"]),  # entropy-gated switching
+                 "copy": (o["copy"]["len"].astype(np.float64), o["copy"]["correct"])}   # prompt lookup
     scored = {**{n: (v["score"], v["correct"]) for n, v in o["sel"].items()}, **baselines}
     # The drafter's gate is picked among the learned gates on validation too: each is calibrated at
     # delta / n_gates (Bonferroni), so the guarantee holds for whichever is picked; the baselines at delta.
@@ -546,11 +565,12 @@ def _fit(records, out: Path, model, force, log, cfg: FitConfig) -> Path:
     mm = stage_mode(cache, pred, pairs["val"], data, cfg, heads.key, log)
     pred.mode = mm["mode"]
     gates, gm = stage_gates(cache, pred, pairs["gate"], data, cfg, mm["key"], log)
-    cal = calibrate(pred, gates, gm["primary"], pairs["val"], data, cfg, log)
+    table = copy_trust(data.tr, pairs["gate"], cfg, log)
+    cal = calibrate(pred, gates, gm["primary"], pairs["val"], data, cfg, log, table)
     cost = pred.cost(big.info["n_params"])
     meta = artifact_meta(src, big, data, cfg, pairs, mm, gm, cal, cost,
                          {**heads.timings, "fit_total_s": round(time.time() - t_start, 1)})
-    Drafter(pred, gates, cal.primary, cal.threshold, cfg.max_skip, src.layer, meta).save(out)
+    Drafter(pred, gates, cal.primary, cal.threshold, cfg.max_skip, src.layer, meta, table).save(out)
     log(f"[fit] drafter: {cost['word_head_params'] / 1e6:.2f}M + {cost['future_heads_params'] / 1e6:.2f}M params, "
         f"{cost['drafter_flops_per_token'] / 1e6:.1f} MFLOP/token = "
         f"{cost.get('drafter_flops_vs_big', float('nan')):.1%} of the big model's; saved {out} "
