@@ -44,7 +44,7 @@ from gate.decode.loop import BIG_SOURCES  # noqa: E402
 from gate.decode.registry import add_policy_args, registered  # noqa: E402
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
-GATE_VARIANTS = ("spec_small", "gate_sweep", "gate_verify", "gate_dial")
+GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_verify", "gate_dial")
 # the self:15 early exit is overconfident: tau 0.08 is its median normalised entropy
 BENCH_DEFAULTS = dict(small="self:15", tau=0.08, gate="runs/demo/gate")
 SOURCE_CODES = {"big": "B", "scaffold": "S", "small": "s", "skip": "k"}   # runs' sources as one string
@@ -66,7 +66,8 @@ def parse(argv, policies=None):
                                                                  for k, v in BENCH_DEFAULTS.items()),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_runtime_args(ap, dtype_help="one or more, comma-separated (e.g. bfloat16,float32)")
-    ap.add_argument("--corpus", default="runs/demo/corpus")
+    ap.add_argument("--corpus", default=["runs/demo/corpus"], nargs="+",
+                    help="corpus folder(s) whose held-out books give the prompts (--n-prompts split among them)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--assistant", help="HF assistant model (default: --small; self:K -> assistant_early_exit)")
     ap.add_argument("--n-prompts", type=int, default=20)
@@ -207,9 +208,12 @@ def gate_variants(args, rt, notes) -> dict[str, Method]:
     """spec_small, and the trained gate at other thresholds / with verification (when --gate exists)."""
     from gate.decode.policies import Gate
 
+    from gate.decode.policies import Copy
+
     samp = sampling(args)
     out = {"spec_small": loop_method(rt, Gate.small_lm(rt.predictor(args.small), args.small_threshold,
-                                                       name="spec_small"), verify=True, **samp)}
+                                                       name="spec_small"), verify=True, **samp),
+           "copy_verify": loop_method(rt, Copy.from_args(args, rt), verify=True, **samp)}
     if not Path(args.gate).exists():
         notes.append(f"gate*: skipped, no trained drafter at {args.gate} (python train.py fit).")
         return out
@@ -384,7 +388,10 @@ def run_dtype(args, dtype, policies=None) -> dict:
     policies = registered() if policies is None else policies
     load_before = os.getloadavg()
     rt = open_models(args.model, models_to_open(args, policies), dtype, args.backend)
-    prompts = held_out_prompts(args.corpus, rt.tokenizer, args.n_prompts, args.prompt_tokens, args.split)
+    share = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus))
+             for i in range(len(args.corpus))]
+    prompts = [p for c, n in zip(args.corpus, share) if n
+               for p in held_out_prompts(c, rt.tokenizer, n, args.prompt_tokens, args.split)]
     tie_eps = args.tie_eps if args.tie_eps is not None else (1e-3 if dtype in ("float32", "fp32") else 0.25)
     notes = []
     methods = build(args, rt, notes, policies)
@@ -413,7 +420,7 @@ def markdown_intro(results, argv, best) -> list[str]:
     return [f"# Decoding benchmark ({cfg['model']})", "",
             "Command: `python bench/decode.py " + " ".join(argv) + "`", "",
             f"{len(first['prompts'])} prompts of {cfg['prompt_tokens']} tokens from the held-out "
-            f"books of `{cfg['corpus']}` ({cfg['split']} split), up to "
+            f"books of `{', '.join(cfg['corpus'])}` ({cfg['split']} split), up to "
             f"{cfg['new_tokens']} new tokens each, "
             + (f"sampled at temperature {cfg['temperature']:g} (seed {cfg['seed']} + prompt index; every method "
                "samples from the full distribution, lossless ones keep the big model's distribution by the "
