@@ -54,8 +54,8 @@ def done(path: Path) -> bool:
 def prepare_genre(epub: Path, run_dir: Path, args, log) -> None:
     corpus, selfgen = run_dir / "corpus", run_dir / "selfgen"
     if not done(corpus):
-        run(["train.py", "corpus", "--epubs", str(epub), "--out", str(corpus), "--val", "0", "--test", "1",
-             "--quiet"], log)
+        # every book id has a '-' (title slug, '-', hash): the pin puts the genre's book into the test split
+        run(["train.py", "corpus", "--epubs", str(epub), "--out", str(corpus), "--pin", "test=-", "--quiet"], log)
     if not done(selfgen) or not done(run_dir / "selfgen_records"):
         run(["train.py", "selfgen", "--corpus", str(corpus), "--out", str(selfgen), "--splits", "test",
              "--per-book", str(args.per_book), "--no-progress"], log)

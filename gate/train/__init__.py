@@ -6,7 +6,9 @@
     stages.py       resumable stages: a finished stage is loaded when its key matches
     fit.py          `train.py fit`: the stages in order, from records to the Drafter folder
     calibration.py  precision/coverage curves and the Learn-then-Test threshold
-    evaluate.py     `train.py evaluate`: the gate on held-out books, report and figures
+    evaluate.py     `train.py evaluate`: the gate on held-out books beside the copy rule and the oracle, on all,
+                    copy and non-copy positions; report and figures
+    recalibrate.py  `train.py calibrate`: a new threshold for a trained gate, on records of your own text
     probes.py       linear probes of the recorded hidden states
 
 Imports go one way: corpus_tools <- gate.model <- gate.train.
