@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from corpus_tools.files import check_output_file
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
 from gate.decode.registry import add_policy_args, number, policies_help, policy_examples, registered
 from gate.decode.runtime import Runtime, UsageError, add_runtime_args, held_out_prompts, open_models
@@ -45,7 +46,11 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin)")
     ap.add_argument("--prompt-file", help="read the prompt from a file")
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (the "
+                    "prompt stays literal text inside it: a typed '<|im_start|>' cannot open a turn)")
+    ap.add_argument("--parse-special", action="store_true",
+                    help="parse special-token strings typed in the prompt ('<|endoftext|>', '<|im_start|>') as "
+                    "control tokens; by default a prompt is literal text")
     add_runtime_args(ap.add_argument_group("models"))
     g = ap.add_argument_group("policy", "each option lists the policies that read it in [brackets]")
     g.add_argument("--policy", default="big", choices=list(policies))
@@ -90,6 +95,8 @@ def settle_args(args) -> None:
     if args.verify_below is not None:
         args.verify = True
     args.verify_below = math.inf if args.verify_below is None else args.verify_below
+    if args.json:
+        check_output_file(args.json, "--json", parents=False)   # before any work: a typo fails at once
     if args.demo:
         if args.n_prompts < 1 or args.prompt_tokens < 1:
             raise UsageError("--n-prompts and --prompt-tokens must be >= 1")
@@ -169,32 +176,82 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
                         for k, v in vars(args).items() if k != "prompt"}, ledger=ledger)
 
 
+def user_text(text: str, what: str) -> str:
+    """`text` unless it holds something that is not UTF-8 text: bytes of another encoding in an argument (Python
+    passes each as a lone surrogate, U+DC80..U+DCFF, which the tokenizer refuses with an obscure TypeError) or a
+    lone surrogate from a JSON escape. `what` names where the text came from."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = text[e.start]
+        bad = f"byte 0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"lone surrogate {ascii(c)}"
+        raise UsageError(f"{what}: not UTF-8 text ({bad} at character {e.start + 1}); give UTF-8 text "
+                         "(convert it with iconv, or use --prompt-file with a UTF-8 file)") from None
+    return text
+
+
 def read_prompt(args) -> str:
+    """The prompt text from the argument, stdin ('-') or --prompt-file, checked to be UTF-8 text."""
     if args.prompt_file:
+        if args.prompt:
+            raise UsageError("give either a prompt or --prompt-file, not both")
         try:
-            return Path(args.prompt_file).read_text()
+            return Path(args.prompt_file).read_text(encoding="utf-8")
         except OSError as e:
             raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
-            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e.reason})") from None
+            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
     if args.prompt == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if args.prompt:
-        return args.prompt
-    raise UsageError("give a prompt (or '-' for stdin, --prompt-file F, or --demo)")
+        return user_text(args.prompt, "the prompt argument")
+    raise UsageError("give a prompt (or '-' for stdin, --prompt-file F, --input F.jsonl, or --demo)")
 
 
-def encode(rt: Runtime, text: str, chat: bool) -> list[int]:
-    tok = rt.tokenizer
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise UsageError("--chat: this tokenizer has no chat template")
+SLOT = "\ue000skipgate-user-text\ue000"   # private-use characters: no chat template writes them itself
+
+
+def chat_ids(tok, text: str, parse_special: bool) -> list[int]:
+    """The chat template applied to one user turn. The template's own frame is parsed (its control tokens are
+    the point), the user's text is encoded as literal text (encode_text), so a "<|im_start|>" typed in a prompt
+    stays text and cannot open a turn: the template is rendered around a placeholder and split there."""
+    from corpus_tools.tokens import encode_text
+
+    if not getattr(tok, "chat_template", None):
+        raise UsageError("--chat: this tokenizer has no chat template")
+    if parse_special:
         return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False))
-    ids = tok(text).input_ids
+    rendered = tok.apply_chat_template([{"role": "user", "content": SLOT}], add_generation_prompt=True,
+                                       tokenize=False)
+    if rendered.count(SLOT) != 1:
+        raise UsageError("--chat: this chat template rewrites the user's text, so it cannot keep it literal; "
+                         "--parse-special applies it as it is")
+    before, after = rendered.split(SLOT)
+    return frame_ids(tok, before) + encode_text(tok, text, add_special_tokens=False) + frame_ids(tok, after)
+
+
+def frame_ids(tok, template_text: str) -> list[int]:
+    """Ids of text a chat template wrote (its control tokens parsed), as apply_chat_template tokenizes it."""
+    return list(tok(template_text, add_special_tokens=False).input_ids) if template_text else []
+
+
+def encode(rt: Runtime, text: str, chat: bool, parse_special: bool = False) -> list[int]:
+    """Prompt ids of user text: special-token strings stay literal text unless `parse_special` (--parse-special)."""
+    from corpus_tools.tokens import encode_text
+
+    tok = rt.tokenizer
+    if chat:
+        ids = chat_ids(tok, text, parse_special)
+    else:
+        ids = list(tok(text).input_ids) if parse_special else encode_text(tok, text)
     if not ids:
         raise UsageError("the prompt is empty after tokenization")
-    return list(ids)
+    return ids
 
 
 def save_json(path: str, obj) -> None:
@@ -215,7 +272,8 @@ def run_prompt(args, policies) -> int:
     text = read_prompt(args)
     rt = open_runtime(args, policies)
     policy = make_policy(args, rt, policies)
-    prompt_ids = encode(rt, text, args.chat)
+    prompt_ids = encode(rt, text, args.chat, args.parse_special)
+    rt.check_fits(len(prompt_ids), args.max_new_tokens)
     stream = None if args.quiet else Streamer(rt.tokenizer, use_color(args))
     if stream:
         sys.stdout.write(text if not args.chat else "")
@@ -236,6 +294,8 @@ def run_demo(args, policies) -> int:
 
     rt = open_runtime(args, policies)
     prompts = held_out_prompts(args.corpus, rt.tokenizer, args.n_prompts, args.prompt_tokens)
+    for ids in prompts:
+        rt.check_fits(len(ids), args.max_new_tokens, "demo prompt")
     policy = make_policy(args, rt, policies)
     runs, totals = [], {}
     for i, ids in enumerate(prompts, 1):
