@@ -22,18 +22,35 @@ A small model is a model name with the big model's tokenizer, or self:K = the bi
 final norm + output layer (an untrained early exit: weak, but always available).
 --verify makes any policy lossless under greedy decoding: skipped tokens are checked at the next big-model
 pass and the first wrong one is replaced (output token-identical to --policy big). --verify-below T checks
-only skips whose score is below T (the dial between lossy and lossless)."""
+only skips whose score is below T (the dial between lossy and lossless).
+A prompt (argument, stdin, --prompt-file, a batch line) is literal text: "<|endoftext|>" typed in it stays
+text unless --parse-special. Prompt + new tokens must fit the model's context length (refused otherwise:
+past it a model gives garbage, not an error)."""
 
 COLORS_HELP = """\
 colors (on a terminal, unless --no-color): light blue = big-model scaffold (ratio), plain = big model,
 red = small model / skipped by the gate, yellow = middle levels of a cascade."""
+
+BATCH_HELP = """\
+--input F --output R decodes every prompt of F with one model load: a line is {"prompt": "text"} or
+{"prompt_ids": [ids]}, optionally with "id" (default: the line number), "max_new_tokens", "temperature",
+"seed". Each result (id, line, prompt_ids, output_ids, text, sources, ledger) is appended to R as it
+finishes; a re-run skips the ids already there (resume after a kill). A bad line is reported as F:LINE on
+stderr and written as an error row {id, line, error} (tried again on a re-run) while the rest goes on; exit
+status 2 if some line was bad, else 0. A second run into the same R is refused (lock file .R.lock)."""
 
 COLORS = {"scaffold": "\033[94m", "big": "", "small": "\033[91m", "skip": "\033[91m"}
 MID_COLOR, RESET, DIM = "\033[93m", "\033[0m", "\033[2m"
 
 
 def epilog(policies) -> str:
-    examples = policy_examples(policies) + ["  python infer.py --demo --corpus runs/demo/corpus --gate runs/demo/gate"]
+    examples = policy_examples(policies) + [
+        "  python infer.py --demo --corpus runs/demo/corpus --gate runs/demo/gate",
+        "  python infer.py --prompt-file story.txt -m 64 --json out.json",
+        "  python infer.py --chat \"Write a haiku about tea\" --policy copy --verify",
+        "  python infer.py --input prompts.jsonl --output results.jsonl --policy gate --gate runs/demo/gate --verify",
+        "      (prompts.jsonl: {\"prompt\": \"Once upon a time\"} / {\"id\": \"b\", \"prompt_ids\": [504, 3458], "
+        "\"max_new_tokens\": 32})"]
     return "\n\n".join([policies_help(policies), NOTES, "examples:\n" + "\n".join(examples), COLORS_HELP])
 
 
@@ -68,6 +85,10 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
                    help="teacher-forced big-model pass: on-policy error and NLL of the output")
     g.add_argument("--no-color", action="store_true")
     g.add_argument("--quiet", action="store_true", help="do not stream the text")
+    g = ap.add_argument_group("batch", BATCH_HELP)
+    g.add_argument("--input", metavar="PROMPTS.jsonl", help="prompts, one JSON object a line (see below)")
+    g.add_argument("--output", metavar="RESULTS.jsonl", help="results, one JSON object a line; an existing file "
+                   "is resumed (its prompts are skipped)")
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
                    help="generate from prompts of held-out corpus books with big, with the chosen policy "
@@ -97,6 +118,7 @@ def settle_args(args) -> None:
     args.verify_below = math.inf if args.verify_below is None else args.verify_below
     if args.json:
         check_output_file(args.json, "--json", parents=False)   # before any work: a typo fails at once
+    settle_batch(args)
     if args.demo:
         if args.n_prompts < 1 or args.prompt_tokens < 1:
             raise UsageError("--n-prompts and --prompt-tokens must be >= 1")
@@ -104,6 +126,21 @@ def settle_args(args) -> None:
         args.policy = "gate" if args.policy == "big" else args.policy
         if args.policy == "gate" and not args.gate and not args.small:
             args.gate = "runs/demo/gate"
+
+
+def settle_batch(args) -> None:
+    """--input/--output: both or neither, not with a single prompt or the demo, the output path checked now."""
+    if args.input is None and args.output is None:
+        return
+    if not (args.input and args.output):
+        raise UsageError("--input and --output go together (prompts in, results out)")
+    others = [f for f, v in (("a prompt", args.prompt), ("--prompt-file", args.prompt_file), ("--demo", args.demo),
+                             ("--json", args.json)) if v]
+    if others:
+        raise UsageError(f"--input takes its prompts from the file: drop {others[0]} (the results go to --output)")
+    check_output_file(args.output, "--output", parents=False)
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise UsageError(f"--output {args.output}: the same file as --input")
 
 
 def open_runtime(args, policies) -> Runtime:
@@ -331,6 +368,9 @@ def main(argv=None, policies=None) -> int:
     try:
         settle_args(args)
         configure_torch(args)
+        if args.input:
+            from gate.decode.batch import run_batch
+            return run_batch(args, policies)
         return run_demo(args, policies) if args.demo else run_prompt(args, policies)
     except Exception as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback
         if not isinstance(e, (UsageError, *project_errors())):
