@@ -86,7 +86,7 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--no-color", action="store_true")
     g.add_argument("--quiet", action="store_true", help="do not stream the text")
     g = ap.add_argument_group("batch", BATCH_HELP)
-    g.add_argument("--input", metavar="PROMPTS.jsonl", help="prompts, one JSON object a line (see below)")
+    g.add_argument("--input", metavar="PROMPTS.jsonl", help="prompts, one JSON object a line (see above)")
     g.add_argument("--output", metavar="RESULTS.jsonl", help="results, one JSON object a line; an existing file "
                    "is resumed (its prompts are skipped)")
     g = ap.add_argument_group("demo")
@@ -126,6 +126,10 @@ def settle_args(args) -> None:
         args.policy = "gate" if args.policy == "big" else args.policy
         if args.policy == "gate" and not args.gate and not args.small:
             args.gate = "runs/demo/gate"
+    gate = getattr(args, "gate", None)   # (only when a policy reads --gate)
+    if gate and not Path(gate).is_dir():   # before loading any model
+        raise UsageError(f"--gate {gate}: {'not a folder' if Path(gate).exists() else 'no such folder'} "
+                         "(train a gate with `python train.py fit`)")
 
 
 def settle_batch(args) -> None:
