@@ -49,6 +49,7 @@ class Line:
     id: object
     obj: dict | None = None
     error: str | None = None
+    repeated: bool = False   # its id is an earlier line's: reported on every run, whatever the output holds
 
     @property
     def key(self) -> str:
@@ -71,6 +72,7 @@ def read_input(path: str) -> list[Line]:
         if data.strip():
             line = parse_line(number, data)
             if line.error is None and line.key in seen:
+                line.repeated = True
                 line.error = f"id {line.id!r} repeats line {seen[line.key]}'s (ids must be unique: resuming goes by id)"
             seen.setdefault(line.key, number)
             lines.append(line)
@@ -239,7 +241,7 @@ def run_batch(args, policies) -> int:
     out = Path(args.output)
     with FolderLock(out.parent, f"infer.py --output {out}", name=f".{out.name}.lock"):
         done = repair_output(out)
-        todo = [line for line in lines if line.key not in done]
+        todo = [line for line in lines if line.repeated or line.key not in done]
         print(f"infer.py: {len(lines)} prompts in {args.input}: {len(lines) - len(todo)} already in {out}, "
               f"{len(todo)} to run", file=sys.stderr)
         if not todo:
