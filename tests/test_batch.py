@@ -73,24 +73,26 @@ def test_bad_lines_are_error_rows_and_the_rest_goes_on(tiny_dir, tmp_path, one_t
         {"id": 1, "prompt": "a repeated id"},
         [1, 2],
         {"prompt": PROMPTS[2], "temperature": 0.8, "seed": 3, "id": "sampled"},
+        {"prompt": "Caf\udce9"},                           # a JSON escape that is no character (case 9)
     ])
     out = tmp_path / "out.jsonl"
     assert run(tiny_dir, inp, out) == 2
     err = capsys.readouterr().err
     expected = {2: "not JSON", 3: "unknown key 'max_tokens'", 4: "prompt (2,100 tokens) + -m 6: 2,106 tokens, "
                 "more than the 2,048 tokens", 5: "'prompt_ids': 1000000 is not a token id of this tokenizer",
-                6: "'max_new_tokens' must be an integer >= 1", 7: "id 1 repeats line 1's", 8: "not a JSON object"}
+                6: "'max_new_tokens' must be an integer >= 1", 7: "id 1 repeats line 1's", 8: "not a JSON object",
+                10: "'prompt': not UTF-8 text (lone surrogate '\\udce9' at character 4)"}
     for n, text in expected.items():
         assert f"{inp}:{n}: {text}" in err, (n, err)
-    assert err.strip().splitlines()[-1].startswith(f"infer.py: error: 7 of 9 lines of {inp} were bad")
+    assert err.strip().splitlines()[-1].startswith(f"infer.py: error: 8 of 10 lines of {inp} were bad")
     got = {r["line"]: r for r in rows(out)}
-    assert sorted(got) == list(range(1, 10))
+    assert sorted(got) == list(range(1, 11))
     assert all(text in got[n]["error"] for n, text in expected.items())
     assert "error" not in got[1] and got[9]["id"] == "sampled" and len(got[9]["output_ids"]) == 6
     assert "new tokens        12 (2 runs)" in err                                    # the summary ledger
     assert run(tiny_dir, inp, out) == 2                                               # error rows are retried
     again = rows(out)
-    assert len(again) == 9 and [r["line"] for r in again[:2]] == [1, 9]
+    assert len(again) == 10 and [r["line"] for r in again[:2]] == [1, 9]
     assert again[1]["output_ids"] == got[9]["output_ids"]                             # seeded sampling: kept
 
 
@@ -119,7 +121,7 @@ def test_two_writers_are_refused(tiny_dir, tmp_path, one_thread, capsys):
     with FolderLock(tmp_path, "infer.py --output out.jsonl (the first run)", name=".out.jsonl.lock"):
         assert run(tiny_dir, inp, out) == 2
         err = capsys.readouterr().err
-        assert f"in use by infer.py --output out.jsonl (the first run) (pid " in err and not out.exists()
+        assert "in use by infer.py --output out.jsonl (the first run) (pid " in err and not out.exists()
         assert run(tiny_dir, inp, tmp_path / "other.jsonl") == 0    # another output in the same folder: free
     assert run(tiny_dir, inp, out) == 0 and not (tmp_path / ".out.jsonl.lock").exists()
 
@@ -142,3 +144,15 @@ def test_smollm2_end_to_end(smollm2, tmp_path, capsys):
     text, ids = rows(out)
     assert 0 not in text["prompt_ids"] and len(text["output_ids"]) == 2
     assert ids["prompt_ids"] == [504, 3458] and len(ids["output_ids"]) == 1 and ids["id"] == 2
+
+
+def test_runtime_checks_prompt_and_new_tokens_against_the_context(tiny_dir):
+    """The one check behind infer.py (prompt, demo, batch lines) and bench/decode.py."""
+    from corpus_tools.models import ContextLengthError
+    from gate.decode.runtime import open_models
+
+    rt = open_models(str(tiny_dir), ["self:1"], "float32")
+    rt.check_fits(2040, 8)
+    with pytest.raises(ContextLengthError, match=r"^--prompt-tokens prompt \(2,041 tokens\) \+ --new-tokens 8: "
+                                                 r"2,049 tokens, more than the 2,048 tokens"):
+        rt.check_fits(2041, 8, "--prompt-tokens prompt", "--new-tokens")

@@ -130,7 +130,7 @@ def prompt_ids_of(rt, line: Line, args) -> list[int]:
 
     obj = line.obj
     if "prompt" in obj:
-        ids = encode(rt, user_text(obj["prompt"], "'prompt'"), args.chat, args.parse_special)
+        ids = encode(rt, user_text(obj["prompt"], "'prompt'", from_bytes=False), args.chat, args.parse_special)
     else:
         n = len(rt.tokenizer)
         bad = next((i for i in obj["prompt_ids"] if not 0 <= i < n), None)

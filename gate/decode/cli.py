@@ -217,15 +217,16 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
                         for k, v in vars(args).items() if k != "prompt"}, ledger=ledger)
 
 
-def user_text(text: str, what: str) -> str:
+def user_text(text: str, what: str, from_bytes: bool = True) -> str:
     """`text` unless it holds something that is not UTF-8 text: bytes of another encoding in an argument (Python
     passes each as a lone surrogate, U+DC80..U+DCFF, which the tokenizer refuses with an obscure TypeError) or a
-    lone surrogate from a JSON escape. `what` names where the text came from."""
+    lone surrogate from a JSON escape (from_bytes=False). `what` names where the text came from."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         c = text[e.start]
-        bad = f"byte 0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"lone surrogate {ascii(c)}"
+        byte = from_bytes and 0xDC80 <= ord(c) <= 0xDCFF
+        bad = f"byte 0x{ord(c) - 0xDC00:02x}" if byte else f"lone surrogate {ascii(c)}"
         raise UsageError(f"{what}: not UTF-8 text ({bad} at character {e.start + 1}); give UTF-8 text "
                          "(convert it with iconv, or use --prompt-file with a UTF-8 file)") from None
     return text
@@ -311,6 +312,8 @@ def use_color(args) -> bool:
 def run_prompt(args, policies) -> int:
     """Generate from one prompt, streaming the text to stdout and the ledger to stderr."""
     text = read_prompt(args)
+    if not text:
+        raise UsageError(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else 'stdin'}: the prompt is empty")
     rt = open_runtime(args, policies)
     policy = make_policy(args, rt, policies)
     prompt_ids = encode(rt, text, args.chat, args.parse_special)
