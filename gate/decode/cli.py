@@ -235,15 +235,16 @@ def user_text(text: str, what: str, from_bytes: bool = True) -> str:
 def read_prompt(args) -> str:
     """The prompt text from the argument, stdin ('-') or --prompt-file, checked to be UTF-8 text."""
     if args.prompt_file:
-        if args.prompt:
-            raise UsageError("give either a prompt or --prompt-file, not both")
         try:
-            return Path(args.prompt_file).read_text(encoding="utf-8")
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
         except OSError as e:
             raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
             raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e.reason} at byte "
                              f"{e.start})") from None
+        if args.prompt:
+            raise UsageError("give either a prompt or --prompt-file, not both")
+        return text
     if args.prompt == "-":
         try:
             return sys.stdin.buffer.read().decode("utf-8")
