@@ -25,6 +25,7 @@ def ws(tmp_path_factory):
     (t / "binary.bin").write_bytes(b"ab\xff\xfe\x00\x01")
     (t / "long.txt").write_text("word " * 9000)            # 9,001 SmolLM2 tokens: past its 8,192
     (t / "empty.jsonl").write_text("\n\n")
+    (t / "empty.txt").write_text("")
     (t / "in.jsonl").write_text('{"prompt": "Hi"}\n')
     (t / "garbled").mkdir()
     (t / "garbled" / "drafter.json").write_bytes(b'{"format": \xff\xfe garbage')
@@ -36,6 +37,7 @@ NO_MODEL = [  # (infer.py arguments, text the error line must contain); {t} is t
     ("--prompt-file {t}/missing.txt", "--prompt-file {t}/missing.txt: No such file or directory"),   # case 6
     ("--prompt-file {t}/binary.bin", "--prompt-file {t}/binary.bin: not UTF-8 text (invalid start byte at byte 2)"),
     ("--prompt-file {t}", "--prompt-file {t}: Is a directory"),
+    ("--prompt-file {t}/empty.txt", "--prompt-file {t}/empty.txt: the prompt is empty"),
     ("x --prompt-file {t}/long.txt", "give either a prompt or --prompt-file, not both"),
     ("x -m 2 --json {t}/no_such_folder/r.json", "--json {t}/no_such_folder/r.json: folder {t}/no_such_folder "
                                                 "does not exist"),                                  # case 7

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from gate.decode.runtime import UsageError
 
-OPTIONS = {"max_new_tokens": "-m", "temperature": "-t", "seed": "--seed"}
+OPTIONS = ("max_new_tokens", "temperature", "seed")   # per line; defaults: -m, -t, --seed
 KEYS = ("id", "prompt", "prompt_ids", *OPTIONS)
 
 

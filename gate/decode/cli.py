@@ -244,15 +244,21 @@ def read_prompt(args) -> str:
                              f"{e.start})") from None
         if args.prompt:
             raise UsageError("give either a prompt or --prompt-file, not both")
-        return text
+        return nonempty(text, f"--prompt-file {args.prompt_file}")
     if args.prompt == "-":
         try:
-            return sys.stdin.buffer.read().decode("utf-8")
+            return nonempty(sys.stdin.buffer.read().decode("utf-8"), "stdin")
         except UnicodeDecodeError as e:
             raise UsageError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if args.prompt:
         return user_text(args.prompt, "the prompt argument")
     raise UsageError("give a prompt (or '-' for stdin, --prompt-file F, --input F.jsonl, or --demo)")
+
+
+def nonempty(text: str, what: str) -> str:
+    if not text:
+        raise UsageError(f"{what}: the prompt is empty")
+    return text
 
 
 SLOT = "\ue000skipgate-user-text\ue000"   # private-use characters: no chat template writes them itself
@@ -313,8 +319,6 @@ def use_color(args) -> bool:
 def run_prompt(args, policies) -> int:
     """Generate from one prompt, streaming the text to stdout and the ledger to stderr."""
     text = read_prompt(args)
-    if not text:
-        raise UsageError(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else 'stdin'}: the prompt is empty")
     rt = open_runtime(args, policies)
     policy = make_policy(args, rt, policies)
     prompt_ids = encode(rt, text, args.chat, args.parse_special)
