@@ -392,6 +392,8 @@ def run_dtype(args, dtype, policies=None) -> dict:
              for i in range(len(args.corpus))]
     prompts = [p for c, n in zip(args.corpus, share) if n
                for p in held_out_prompts(c, rt.tokenizer, n, args.prompt_tokens, args.split)]
+    for p in prompts:   # prompt + new tokens within every model's context, before any method runs
+        rt.check_fits(len(p), args.new_tokens, "--prompt-tokens prompt", "--new-tokens")
     tie_eps = args.tie_eps if args.tie_eps is not None else (1e-3 if dtype in ("float32", "fp32") else 0.25)
     notes = []
     methods = build(args, rt, notes, policies)
@@ -470,6 +472,15 @@ def markdown(results, argv) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_all(args) -> list[dict]:
+    results = []
+    for i, dt in enumerate(args.dtype.split(",")):
+        if i == 1:
+            args.methods = args.other_methods
+        results.append(run_dtype(args, dt))
+    return results
+
+
 def main(argv=None) -> int:
     from corpus_tools.files import write_json, write_text
     from transformers.utils import logging as hf_logging
@@ -480,11 +491,16 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = []
-    for i, dt in enumerate(args.dtype.split(",")):
-        if i == 1:
-            args.methods = args.other_methods
-        results.append(run_dtype(args, dt))
+    try:
+        results = run_all(args)
+    except Exception as e:   # a user's mistake (a prompt past the context, a bad model name) is one line
+        from corpus_tools.errors import one_line, project_errors
+        from gate.decode.runtime import UsageError
+
+        if not isinstance(e, (UsageError, *project_errors())):
+            raise
+        print(f"bench/decode.py: error: {one_line(e)}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     write_json(out.with_suffix(".json"), dict(results=results))
     md = markdown(results, argv)

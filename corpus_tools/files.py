@@ -183,13 +183,14 @@ class FolderLock:
     that is read, judged stale and replaced can be taken twice). The file is removed on release; a taker
     checks after flock() that the path still names the file it locked (the holder may have just removed it).
     Use as a context manager. Processes of one multi-process run share one lock: only the main one takes it.
+    `name` (default .lock) gives one output file of a shared folder a lock of its own (infer.py --output).
     """
 
     NAME = ".lock"
 
-    def __init__(self, folder: str | Path, what: str = ""):
+    def __init__(self, folder: str | Path, what: str = "", name: str | None = None):
         self.folder, self.what = Path(folder), what
-        self.file = self.folder / self.NAME
+        self.file = self.folder / (name or self.NAME)   # name: one lock per output file in a shared folder
         self._fd: int | None = None
         self._made = False  # the folder did not exist: removed on release if still empty
 

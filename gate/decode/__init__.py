@@ -8,6 +8,7 @@
     drafters.py  Drafter protocol, DrafterBase, SmallLMDrafter
     ledger.py    Ledger (the cost ledger's keys), sum_ledgers, the side-by-side table
     cli.py       infer.py: prompt handling, streaming, the demo
+    batch.py     infer.py --input/--output: many prompts from a JSONL file, one model load, resumable
 
 Where to add: a policy = one @register class in policies.py; a backend = one class + one entry in
 runtime.BACKENDS; a drafter = one class with the Drafter members.

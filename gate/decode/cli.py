@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from corpus_tools.files import check_output_file
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
 from gate.decode.registry import add_policy_args, number, policies_help, policy_examples, registered
 from gate.decode.runtime import Runtime, UsageError, add_runtime_args, held_out_prompts, open_models
@@ -21,18 +22,35 @@ A small model is a model name with the big model's tokenizer, or self:K = the bi
 final norm + output layer (an untrained early exit: weak, but always available).
 --verify makes any policy lossless under greedy decoding: skipped tokens are checked at the next big-model
 pass and the first wrong one is replaced (output token-identical to --policy big). --verify-below T checks
-only skips whose score is below T (the dial between lossy and lossless)."""
+only skips whose score is below T (the dial between lossy and lossless).
+A prompt (argument, stdin, --prompt-file, a batch line) is literal text: "<|endoftext|>" typed in it stays
+text unless --parse-special. Prompt + new tokens must fit the model's context length (refused otherwise:
+past it a model gives garbage, not an error)."""
 
 COLORS_HELP = """\
 colors (on a terminal, unless --no-color): light blue = big-model scaffold (ratio), plain = big model,
 red = small model / skipped by the gate, yellow = middle levels of a cascade."""
+
+BATCH_HELP = """\
+--input F --output R decodes every prompt of F with one model load: a line is {"prompt": "text"} or
+{"prompt_ids": [ids]}, optionally with "id" (default: the line number), "max_new_tokens", "temperature",
+"seed". Each result (id, line, prompt_ids, output_ids, text, sources, ledger) is appended to R as it
+finishes; a re-run skips the ids already there (resume after a kill). A bad line is reported as F:LINE on
+stderr and written as an error row {id, line, error} (tried again on a re-run) while the rest goes on; exit
+status 2 if some line was bad, else 0. A second run into the same R is refused (lock file .R.lock)."""
 
 COLORS = {"scaffold": "\033[94m", "big": "", "small": "\033[91m", "skip": "\033[91m"}
 MID_COLOR, RESET, DIM = "\033[93m", "\033[0m", "\033[2m"
 
 
 def epilog(policies) -> str:
-    examples = policy_examples(policies) + ["  python infer.py --demo --corpus runs/demo/corpus --gate runs/demo/gate"]
+    examples = policy_examples(policies) + [
+        "  python infer.py --demo --corpus runs/demo/corpus --gate runs/demo/gate",
+        "  python infer.py --prompt-file story.txt -m 64 --json out.json",
+        "  python infer.py --chat \"Write a haiku about tea\" --policy copy --verify",
+        "  python infer.py --input prompts.jsonl --output results.jsonl --policy gate --gate runs/demo/gate --verify",
+        "      (prompts.jsonl: {\"prompt\": \"Once upon a time\"} / {\"id\": \"b\", \"prompt_ids\": [504, 3458], "
+        "\"max_new_tokens\": 32})"]
     return "\n\n".join([policies_help(policies), NOTES, "examples:\n" + "\n".join(examples), COLORS_HELP])
 
 
@@ -45,7 +63,11 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="?", help="the prompt ('-' reads stdin)")
     ap.add_argument("--prompt-file", help="read the prompt from a file")
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (the "
+                    "prompt stays literal text inside it: a typed '<|im_start|>' cannot open a turn)")
+    ap.add_argument("--parse-special", action="store_true",
+                    help="parse special-token strings typed in the prompt ('<|endoftext|>', '<|im_start|>') as "
+                    "control tokens; by default a prompt is literal text")
     add_runtime_args(ap.add_argument_group("models"))
     g = ap.add_argument_group("policy", "each option lists the policies that read it in [brackets]")
     g.add_argument("--policy", default="big", choices=list(policies))
@@ -63,6 +85,10 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
                    help="teacher-forced big-model pass: on-policy error and NLL of the output")
     g.add_argument("--no-color", action="store_true")
     g.add_argument("--quiet", action="store_true", help="do not stream the text")
+    g = ap.add_argument_group("batch", BATCH_HELP)
+    g.add_argument("--input", metavar="PROMPTS.jsonl", help="prompts, one JSON object a line (see above)")
+    g.add_argument("--output", metavar="RESULTS.jsonl", help="results, one JSON object a line; an existing file "
+                   "is resumed (its prompts are skipped)")
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
                    help="generate from prompts of held-out corpus books with big, with the chosen policy "
@@ -90,6 +116,9 @@ def settle_args(args) -> None:
     if args.verify_below is not None:
         args.verify = True
     args.verify_below = math.inf if args.verify_below is None else args.verify_below
+    if args.json:
+        check_output_file(args.json, "--json", parents=False)   # before any work: a typo fails at once
+    settle_batch(args)
     if args.demo:
         if args.n_prompts < 1 or args.prompt_tokens < 1:
             raise UsageError("--n-prompts and --prompt-tokens must be >= 1")
@@ -97,6 +126,25 @@ def settle_args(args) -> None:
         args.policy = "gate" if args.policy == "big" else args.policy
         if args.policy == "gate" and not args.gate and not args.small:
             args.gate = "runs/demo/gate"
+    gate = getattr(args, "gate", None)   # (only when a policy reads --gate)
+    if gate and not Path(gate).is_dir():   # before loading any model
+        raise UsageError(f"--gate {gate}: {'not a folder' if Path(gate).exists() else 'no such folder'} "
+                         "(train a gate with `python train.py fit`)")
+
+
+def settle_batch(args) -> None:
+    """--input/--output: both or neither, not with a single prompt or the demo, the output path checked now."""
+    if args.input is None and args.output is None:
+        return
+    if not (args.input and args.output):
+        raise UsageError("--input and --output go together (prompts in, results out)")
+    others = [f for f, v in (("a prompt", args.prompt), ("--prompt-file", args.prompt_file), ("--demo", args.demo),
+                             ("--json", args.json)) if v]
+    if others:
+        raise UsageError(f"--input takes its prompts from the file: drop {others[0]} (the results go to --output)")
+    check_output_file(args.output, "--output", parents=False)
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise UsageError(f"--output {args.output}: the same file as --input")
 
 
 def open_runtime(args, policies) -> Runtime:
@@ -169,32 +217,90 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
                         for k, v in vars(args).items() if k != "prompt"}, ledger=ledger)
 
 
+def user_text(text: str, what: str, from_bytes: bool = True) -> str:
+    """`text` unless it holds something that is not UTF-8 text: bytes of another encoding in an argument (Python
+    passes each as a lone surrogate, U+DC80..U+DCFF, which the tokenizer refuses with an obscure TypeError) or a
+    lone surrogate from a JSON escape (from_bytes=False). `what` names where the text came from."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = text[e.start]
+        byte = from_bytes and 0xDC80 <= ord(c) <= 0xDCFF
+        bad = f"byte 0x{ord(c) - 0xDC00:02x}" if byte else f"lone surrogate {ascii(c)}"
+        raise UsageError(f"{what}: not UTF-8 text ({bad} at character {e.start + 1}); give UTF-8 text "
+                         "(convert it with iconv, or use --prompt-file with a UTF-8 file)") from None
+    return text
+
+
 def read_prompt(args) -> str:
+    """The prompt text from the argument, stdin ('-') or --prompt-file, checked to be UTF-8 text."""
     if args.prompt_file:
         try:
-            return Path(args.prompt_file).read_text()
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
         except OSError as e:
             raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
-            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e.reason})") from None
+            raise UsageError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
+        if args.prompt:
+            raise UsageError("give either a prompt or --prompt-file, not both")
+        return nonempty(text, f"--prompt-file {args.prompt_file}")
     if args.prompt == "-":
-        return sys.stdin.read()
+        try:
+            return nonempty(sys.stdin.buffer.read().decode("utf-8"), "stdin")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if args.prompt:
-        return args.prompt
-    raise UsageError("give a prompt (or '-' for stdin, --prompt-file F, or --demo)")
+        return user_text(args.prompt, "the prompt argument")
+    raise UsageError("give a prompt (or '-' for stdin, --prompt-file F, --input F.jsonl, or --demo)")
 
 
-def encode(rt: Runtime, text: str, chat: bool) -> list[int]:
-    tok = rt.tokenizer
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise UsageError("--chat: this tokenizer has no chat template")
+def nonempty(text: str, what: str) -> str:
+    if not text:
+        raise UsageError(f"{what}: the prompt is empty")
+    return text
+
+
+SLOT = "\ue000skipgate-user-text\ue000"   # private-use characters: no chat template writes them itself
+
+
+def chat_ids(tok, text: str, parse_special: bool) -> list[int]:
+    """The chat template applied to one user turn. The template's own frame is parsed (its control tokens are
+    the point), the user's text is encoded as literal text (encode_text), so a "<|im_start|>" typed in a prompt
+    stays text and cannot open a turn: the template is rendered around a placeholder and split there."""
+    from corpus_tools.tokens import encode_text
+
+    if not getattr(tok, "chat_template", None):
+        raise UsageError("--chat: this tokenizer has no chat template")
+    if parse_special:
         return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False))
-    ids = tok(text).input_ids
+    rendered = tok.apply_chat_template([{"role": "user", "content": SLOT}], add_generation_prompt=True,
+                                       tokenize=False)
+    if rendered.count(SLOT) != 1:
+        raise UsageError("--chat: this chat template rewrites the user's text, so it cannot keep it literal; "
+                         "--parse-special applies it as it is")
+    before, after = rendered.split(SLOT)
+    return frame_ids(tok, before) + encode_text(tok, text, add_special_tokens=False) + frame_ids(tok, after)
+
+
+def frame_ids(tok, template_text: str) -> list[int]:
+    """Ids of text a chat template wrote (its control tokens parsed), as apply_chat_template tokenizes it."""
+    return list(tok(template_text, add_special_tokens=False).input_ids) if template_text else []
+
+
+def encode(rt: Runtime, text: str, chat: bool, parse_special: bool = False) -> list[int]:
+    """Prompt ids of user text: special-token strings stay literal text unless `parse_special` (--parse-special)."""
+    from corpus_tools.tokens import encode_text
+
+    tok = rt.tokenizer
+    if chat:
+        ids = chat_ids(tok, text, parse_special)
+    else:
+        ids = list(tok(text).input_ids) if parse_special else encode_text(tok, text)
     if not ids:
         raise UsageError("the prompt is empty after tokenization")
-    return list(ids)
+    return ids
 
 
 def save_json(path: str, obj) -> None:
@@ -215,7 +321,8 @@ def run_prompt(args, policies) -> int:
     text = read_prompt(args)
     rt = open_runtime(args, policies)
     policy = make_policy(args, rt, policies)
-    prompt_ids = encode(rt, text, args.chat)
+    prompt_ids = encode(rt, text, args.chat, args.parse_special)
+    rt.check_fits(len(prompt_ids), args.max_new_tokens)
     stream = None if args.quiet else Streamer(rt.tokenizer, use_color(args))
     if stream:
         sys.stdout.write(text if not args.chat else "")
@@ -236,6 +343,8 @@ def run_demo(args, policies) -> int:
 
     rt = open_runtime(args, policies)
     prompts = held_out_prompts(args.corpus, rt.tokenizer, args.n_prompts, args.prompt_tokens)
+    for ids in prompts:
+        rt.check_fits(len(ids), args.max_new_tokens, "demo prompt")
     policy = make_policy(args, rt, policies)
     runs, totals = [], {}
     for i, ids in enumerate(prompts, 1):
@@ -271,6 +380,9 @@ def main(argv=None, policies=None) -> int:
     try:
         settle_args(args)
         configure_torch(args)
+        if args.input:
+            from gate.decode.batch import run_batch
+            return run_batch(args, policies)
         return run_demo(args, policies) if args.demo else run_prompt(args, policies)
     except Exception as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback
         if not isinstance(e, (UsageError, *project_errors())):

@@ -8,6 +8,7 @@ decoding) reach the transformers model, through `Runtime.hf_model`, which says s
     rt = open_models("smollm2-135m", ["self:15"], "float32")       # big + predictors, same tokenizer checked
     rt.big, rt.predictor("self:15"), rt.tokenizer, rt.eos_ids
     rt.load_gate(path)                                              # the trained drafter, loaded once per path
+    rt.check_fits(len(prompt_ids), max_new)                         # prompt + new tokens within the context
     held_out_prompts(corpus, tokenizer, n, n_tokens)                # prompts from the held-out books
 """
 from __future__ import annotations
@@ -54,6 +55,20 @@ class Runtime:
         if path not in self.gates:
             self.gates[path] = load_gate(path, self.big_info)
         return self.gates[path]
+
+    def check_fits(self, n_prompt: int, max_new: int, what: str = "prompt", budget: str = "-m") -> None:
+        """Refuse (ContextLengthError, with the numbers) a generation of `max_new` tokens after an `n_prompt`-token
+        prompt that would hold more tokens than a model reads at once: past its context a model returns garbage,
+        not an error. Every path that feeds the decoder calls this first (one prompt, the demo, batch lines,
+        bench/decode.py). `what` names the prompt, `budget` the option that set max_new."""
+        from corpus_tools.models import check_context, context_length_of
+
+        label = f"{what} ({n_prompt:,} tokens) + {budget} {max_new}"
+        check_context(n_prompt + max_new, self.big_info, label)
+        for name, backend in self.predictors.items():
+            model = getattr(backend, "model", None)
+            if model is not None and not name.startswith("self:"):
+                check_context(n_prompt + max_new, {"name": name, "context_length": context_length_of(model)}, label)
 
     def hf_model(self, name: str | None = None):
         """The transformers model under the big backend (or predictor `name`): for HF-only baselines."""
