@@ -1,0 +1,239 @@
+"""LlamaCppBackend: the Backend protocol (gate/decode/backend.py) over llama.cpp, for GGUF models on CPU.
+
+Why: users decode GGUF models with llama.cpp, which runs SmolLM2-135M several times faster than transformers
+on these CPUs (issue 11). A gate speed-up measured over the slower transformers loop means little to them.
+
+Design. The backend drives llama.cpp's C API directly (llama_decode on a llama_batch), not the binding's
+high-level `Llama` object, because the decode loop needs exactly the protocol's semantics:
+  - positions are explicit: forward(tokens) puts token i at position n_cached + i of sequence 0, batch 1;
+  - logits only for the rows asked for: the batch's per-token `logits` flags are set on the last `keep` rows,
+    so a lossy catch-up pays the output layer once (llama.cpp stores flagged rows contiguously, in batch order).
+    With hidden states on, llama.cpp computes every row's output (embeddings mode overrides the flags), so the
+    backend flags them all and returns the last `keep`;
+  - crop(n) is llama_memory_seq_rm(memory, 0, n, -1); reset() is llama_memory_clear;
+  - hidden states: a context with embeddings on and pooling NONE returns, per flagged row, the last layer's
+    state after the final norm, i.e. HF's last `hidden_states` entry (hidden_layer == n_layers). No other layer
+    is reachable without an eval callback, so any other hidden_layer raises ValueError. With hidden_layer None
+    the embeddings output is switched off (llama_set_embeddings), so a plain `big` run pays nothing for it;
+  - logits and hidden rows are read zero-copy as numpy views of llama.cpp's output buffers and copied once
+    into a torch tensor (torch.from_numpy). A per-row Python list would cost ~3 ms per 49k-vocabulary row,
+    a third of a 135M decode step;
+  - the batch's token/pos/logits arrays are numpy views too, filled with slice assignments; seq ids are set
+    once when the batch is allocated;
+  - flash attention on (not llama.cpp's "auto"): with it a batched pass gives bit-identical logits to feeding
+    the same tokens one at a time (measured here on SmolLM2), which the lossless --verify relies on (a catch-up
+    pass checks drafts with rows a big-only run computes one by one). Without it the two differed by up to
+    0.6 in a logit, enough to flip a near-tie; the binding's own Llama() defaults to flash attention off;
+  - n_ctx is checked before every forward: feeding past it raises ContextLengthError (corpus_tools.models).
+
+Binding: llama-cpp-python (pinned in requirements.txt, built from source by `make venv`), chosen by measurement
+on this machine (2 shared cores, SmolLM2-135M Q4_1, 2 threads; bench/results/llamacpp.md has the end-to-end
+numbers). The alternative, cyllama, ships prebuilt wheels, but only its 0.2.18 wheel installs on Python 3.11
+and that one needs a patched `LlamaModel` subclass (an `n_vocab` property) before `get_logits` works at all;
+it then returns logits as a Python list: 3.1 ms per 49,152-wide row measured here, against a decode step of
+~10-20 ms, and per kept row again in a verify pass. That alone misses the issue's "within 15% of llama.cpp's
+own generate" target. llama-cpp-python exposes the C API through ctypes, so logits are a zero-copy numpy view
+(~0.02 ms per row to copy into torch). Its cost is the source build (see requirements.txt / Makefile),
+which pip caches as a wheel.
+
+    from gate.decode.backend_llamacpp import LlamaCppBackend
+    big = LlamaCppBackend("model.gguf", hidden_layer=None, n_threads=2)
+    logits, hidden = big.forward([1, 2, 3], keep=1)
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# With OpenMP's default spin-wait, 2 threads on a busy 2-core machine made one decode take ~3 s instead of
+# ~20 ms (MODELS.md). Must be set before llama.cpp's OpenMP runtime loads; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+DEFAULT_MAX_CTX = 8192   # default n_ctx = min(the model's training context, this): bounds the KV cache memory
+
+
+def import_binding():
+    """The llama_cpp module, or ImportError with the install command."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ImportError(
+            "the llama.cpp backend needs llama-cpp-python: `make venv` builds it, or "
+            "pip install llama-cpp-python==0.3.36 (a source build of about 10 minutes)") from e
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)   # its log callback prints below this
+    return llama_cpp
+
+
+def gguf_path(model: str | os.PathLike) -> Path:
+    """A .gguf path, or a packaged alias (corpus_tools.models.ALIASES) resolved to its one GGUF file."""
+    from corpus_tools.models import ALIASES, ModelSourceError, check_gguf, packaged_gguf
+
+    if str(model) in ALIASES:
+        paths = packaged_gguf(str(model))
+        if len(paths) != 1:
+            raise ModelSourceError(
+                f"{model!r} ships as {len(paths)} GGUF parts; llama.cpp needs one file: concatenate them")
+        path = paths[0]
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {path} does not exist")
+    check_gguf(path)
+    return path
+
+
+class LlamaCppBackend:
+    """A GGUF model in llama.cpp with the KV cache of one sequence; see the module docstring."""
+
+    def __init__(self, model: str | os.PathLike, name: str = "", hidden_layer: int | None = None,
+                 n_ctx: int | None = None, n_threads: int | None = None):
+        self.lib = import_binding()
+        self.path = gguf_path(model)
+        self.name = name or str(model)
+        self._model = self._ctx = None
+        self._load_model()
+        self.n_layers = self.lib.llama_model_n_layer(self._model)
+        self.hidden_size = self.lib.llama_model_n_embd(self._model)
+        self.vocab_size = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self._model))
+        self.n_ctx_train = self.lib.llama_model_n_ctx_train(self._model)
+        self.n_threads = n_threads or torch.get_num_threads()
+        self._make_context(n_ctx or min(self.n_ctx_train, DEFAULT_MAX_CTX))
+        self._make_batch()
+        self.hidden_layer = hidden_layer
+        self.reset()
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        params = self.lib.llama_model_default_params()
+        self._model = self.lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            from corpus_tools.models import ModelSourceError
+            raise ModelSourceError(f"llama.cpp could not load {self.path}")
+
+    def _make_context(self, n_ctx: int) -> None:
+        p = self.lib.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_ctx                  # one forward may hold the whole context; n_ubatch splits it
+        p.n_ubatch = min(512, n_ctx)
+        p.n_seq_max = 1
+        p.n_threads = p.n_threads_batch = self.n_threads
+        p.embeddings = False               # switched on by the hidden_layer setter
+        p.pooling_type = self.lib.LLAMA_POOLING_TYPE_NONE
+        p.flash_attn_type = self.lib.LLAMA_FLASH_ATTN_TYPE_ENABLED   # batch-invariant logits: see the docstring
+        self._ctx = self.lib.llama_init_from_model(self._model, p)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path}")
+        self.n_ctx = self.lib.llama_n_ctx(self._ctx)
+        self._memory = self.lib.llama_get_memory(self._ctx)
+
+    def _make_batch(self) -> None:
+        self._batch = self.lib.llama_batch_init(self.n_ctx, 0, 1)
+        b, n = self._batch, self.n_ctx
+        self._tok = np.ctypeslib.as_array(b.token, shape=(n,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(n,))
+        self._flags = np.ctypeslib.as_array(b.logits, shape=(n,))
+        np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
+        for i in range(n):                 # one sequence (id 0) for every slot, set once
+            b.seq_id[i][0] = 0
+
+    # -- protocol ----------------------------------------------------------------------------------------------
+    @property
+    def hidden_layer(self) -> int | None:
+        return self._hidden_layer
+
+    @hidden_layer.setter
+    def hidden_layer(self, layer: int | None) -> None:
+        if layer is not None and layer != self.n_layers:
+            raise ValueError(
+                f"hidden_layer {layer}: the llama.cpp backend gives the last layer only "
+                f"(hidden_layer={self.n_layers} for {self.name}, the post-norm state) or none (None)")
+        self._hidden_layer = layer
+        self.lib.llama_set_embeddings(self._ctx, layer is not None)
+
+    def set_threads(self, n: int) -> None:
+        self.n_threads = n
+        self.lib.llama_set_n_threads(self._ctx, n, n)
+
+    def reset(self) -> None:
+        self.lib.llama_memory_clear(self._memory, True)
+        self.n_cached = 0
+        self.calls = self.tokens_fed = self.tokens_cropped = 0
+
+    def forward(self, tokens: Sequence[int], keep: int | None = None):
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward() needs at least one token")
+        keep = n if keep is None else max(1, min(keep, n))
+        self._check_room(n)
+        self._fill_batch(tokens, keep)
+        rc = self.lib.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"{self.name}: llama_decode failed (code {rc}) on {n} tokens at {self.n_cached}")
+        self.n_cached += n
+        self.calls += 1
+        self.tokens_fed += n
+        # The _ith getters map a batch index to its output row: row n - keep starts the kept rows whether
+        # the batch flagged those only or every row.
+        logits = self._rows(self.lib.llama_get_logits_ith(self._ctx, n - keep), keep, self.vocab_size)
+        hidden = None
+        if self._hidden_layer is not None:
+            hidden = self._rows(self.lib.llama_get_embeddings_ith(self._ctx, n - keep), keep, self.hidden_size)
+        return logits, hidden
+
+    def crop(self, n: int) -> None:
+        if not 0 <= n <= self.n_cached:
+            raise ValueError(f"crop({n}) outside 0..{self.n_cached}")
+        if n < self.n_cached:
+            if not self.lib.llama_memory_seq_rm(self._memory, 0, n, -1):
+                raise RuntimeError(f"{self.name}: llama_memory_seq_rm could not crop to {n}")
+            self.tokens_cropped += self.n_cached - n
+            self.n_cached = n
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _check_room(self, n: int) -> None:
+        from corpus_tools.models import check_context
+
+        check_context(self.n_cached + n, {"context_length": self.n_ctx, "name": self.name},
+                      f"llama.cpp context: {self.n_cached:,} cached + {n:,} fed")
+
+    def _fill_batch(self, tokens: Sequence[int], keep: int) -> None:
+        n = len(tokens)
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"{self.name}: token ids must lie in 0..{self.vocab_size - 1}")
+        self._tok[:n] = ids
+        self._pos[:n] = np.arange(self.n_cached, self.n_cached + n)
+        # With embeddings on, llama.cpp outputs every row whatever the flags say (and warns): flag them all.
+        first = 0 if self._hidden_layer is not None else n - keep
+        self._flags[:first] = 0
+        self._flags[first:n] = 1
+        self._batch.n_tokens = n
+
+    @staticmethod
+    def _rows(ptr, rows: int, width: int) -> torch.Tensor:
+        # A view of llama.cpp's output buffer (the next decode overwrites it): one copy into torch.
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no output buffer for this batch")
+        view = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, width))
+        return torch.from_numpy(view.copy())
+
+    def close(self) -> None:
+        if self._ctx:
+            self.lib.llama_batch_free(self._batch)
+            self.lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self.lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
