@@ -68,3 +68,26 @@ def test_copy_positions_are_those_whose_last_four_tokens_occurred_earlier():
             last = ids[t - COPY_SPAN + 1:t + 1] if t >= COPY_SPAN - 1 else None
             earlier = last is not None and any(ids[e - COPY_SPAN + 1:e + 1] == last for e in range(COPY_SPAN - 1, t))
             assert marks[t] == earlier
+
+
+def test_trust_table_is_a_monotone_lower_bound():
+    from gate.model.copyrule import trust_table
+
+    rng = np.random.default_rng(0)
+    length = rng.integers(0, 13, 20000)
+    truth = np.r_[0.0, np.linspace(0.3, 0.995, 12)]
+    correct = rng.random(20000) < truth[length]
+    table = trust_table(length, correct, 12)
+    assert table[0] == 0 and np.all(np.diff(table) >= 0)
+    assert np.all(table[1:] <= truth[1:] + 0.01)          # a lower bound (up to the monotone fill)
+    assert table[12] > 0.95
+
+
+def test_trust_copy_takes_the_copy_candidate_only_where_it_is_trusted_more():
+    from gate.model.copyrule import trust_copy
+
+    table = np.array([0, 0.2, 0.5, 0.9, 0.99], dtype=np.float32)
+    tok, score, used = trust_copy(np.array([7, 7, 7]), np.array([0.95, 0.95, 0.1]),
+                                  np.array([3, 3, -1]), np.array([4, 3, 0]), table)
+    assert used.tolist() == [True, False, False]
+    assert tok.tolist() == [3, 7, 7] and np.allclose(score, [0.99, 0.95, 0.1])

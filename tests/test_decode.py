@@ -14,7 +14,7 @@ import torch
 
 from gate.decode.backend import HFBackend, early_exit_view
 from gate.decode.loop import Decoder, Draft, accept_draft, check_output
-from gate.decode.drafters import SmallLMDrafter
+from gate.decode.drafters import DrafterBase
 from gate.decode.policies import BigOnly, Cascade, Entropy, Gate, Ratio, SmallOnly
 
 PROMPTS = ["It is a truth", "My dear Mr. Bennet", "However little known", "Netherfield Park is let",
@@ -47,7 +47,7 @@ def lively(model, seed: int):
     return m
 
 
-class FnDrafter:
+class FnDrafter(DrafterBase):
     """A Drafter (docs/interfaces.md) from a function (ids, hidden, since_big) -> (token, score)."""
 
     def __init__(self, fn, threshold=0.5, max_skip=8, hidden_layer=None):
@@ -185,32 +185,33 @@ def test_early_exit_view_shares_weights(tiny):
 
 
 # -- lossless verification -------------------------------------------------------------------------------------
-def drafters(big, small):
+def gates(big, small):
+    """Gate policies over drafters of different quality, by drafter threshold."""
     n_vocab = big.lm_head.weight.shape[0]
     small_b = HFBackend(small, "small")
     return {
         # the small model's argmax with a fake score: mostly wrong, rollbacks everywhere
-        "small-argmax": lambda th: SmallLMDrafter(small_b, threshold=th),
+        "small-argmax": lambda th: Gate.small_lm(small_b, th),
         # noisy oracle: right 70% of the time, scores unrelated to correctness
-        "noisy-oracle": lambda th: FnDrafter(oracle_fn(big, 0.7), threshold=th, max_skip=6),
+        "noisy-oracle": lambda th: Gate(FnDrafter(oracle_fn(big, 0.7), threshold=th, max_skip=6)),
         # random tokens with score 1.0: skips everything it is allowed to
-        "random-skip-all": lambda th: FnDrafter(
-            lambda ids, h, s: (random.Random(len(ids)).randrange(n_vocab), 1.0), threshold=th, max_skip=50),
+        "random-skip-all": lambda th: Gate(FnDrafter(
+            lambda ids, h, s: (random.Random(len(ids)).randrange(n_vocab), 1.0), threshold=th, max_skip=50)),
         # score 0: skips nothing
-        "skip-none": lambda th: FnDrafter(lambda ids, h, s: (0, 0.0), threshold=th),
+        "skip-none": lambda th: Gate(FnDrafter(lambda ids, h, s: (0, 0.0), threshold=th)),
     }
 
 
 @pytest.mark.parametrize("name", ["small-argmax", "noisy-oracle", "random-skip-all", "skip-none"])
 def test_gate_verify_is_lossless(tiny, name):
     tok, big, small = tiny
-    make = drafters(big, small)[name]
+    make = gates(big, small)[name]
     bb = HFBackend(big, "big")
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
         want = greedy(big, ids, 24)
         for th in (0.0, 0.3, 0.7, 1.0):
-            res = Decoder(bb, Gate(make(th)), verify=True).generate(ids, 24)
+            res = Decoder(bb, make(th), verify=True).generate(ids, 24)
             assert res.ids == want, (name, prompt, th)
             ledger_adds_up(res, bb)
 
@@ -218,13 +219,13 @@ def test_gate_verify_is_lossless(tiny, name):
 def test_skip_all_and_skip_none_extremes(tiny):
     tok, big, small = tiny
     ids = tok(PROMPTS[0]).input_ids
-    d = drafters(big, small)
+    g = gates(big, small)
     bb = HFBackend(big, "big")
-    res = Decoder(bb, Gate(d["random-skip-all"](0.5))).generate(ids, 30)
+    res = Decoder(bb, g["random-skip-all"](0.5)).generate(ids, 30)
     assert res.ledger["big_calls"] == 1 and res.ledger["skipped"] == 29   # prefill + its one token
-    res = Decoder(bb, Gate(d["random-skip-all"](0.5)), verify=True).generate(ids, 30)
+    res = Decoder(bb, g["random-skip-all"](0.5), verify=True).generate(ids, 30)
     assert res.ledger["rollbacks"] > 0 and res.ids == greedy(big, ids, 30)
-    res = Decoder(bb, Gate(d["skip-none"](0.5))).generate(ids, 30)
+    res = Decoder(bb, g["skip-none"](0.5)).generate(ids, 30)
     assert res.ledger["skipped"] == 0 and res.ledger["big_calls"] == 30
     assert res.ledger["predictor_calls"] == 29
 
@@ -269,7 +270,7 @@ def test_caches_consistent_after_rollbacks(tiny):
     tok, big, small = tiny
     bb, sb = HFBackend(big, "big"), HFBackend(small, "small")
     ids = tok(PROMPTS[4]).input_ids
-    res = Decoder(bb, Gate(SmallLMDrafter(sb, threshold=0.0)), verify=True).generate(ids, 25)
+    res = Decoder(bb, Gate.small_lm(sb, 0.0), verify=True).generate(ids, 25)
     assert res.ledger["rollbacks"] > 5
     text = ids + res.ids
     assert_same_cache(bb, plain(big, text[:bb.n_cached]))
@@ -359,7 +360,7 @@ def test_sampling_is_seeded_and_verify_keeps_counts(tiny):
     b = Decoder(bb, Entropy(sb, 0.6), temperature=0.9, seed=3).generate(ids, 20)
     c = Decoder(bb, Entropy(sb, 0.6), temperature=0.9, seed=4).generate(ids, 20)
     assert a.ids == b.ids and a.ids != c.ids
-    for pol in (Entropy(sb, 0.6), Gate(SmallLMDrafter(sb, 0.0))):
+    for pol in (Entropy(sb, 0.6), Gate.small_lm(sb, 0.0)):
         res = Decoder(bb, pol, temperature=0.9, seed=1, verify=True).generate(ids, 20)
         ledger_adds_up(res, bb)
 
@@ -408,7 +409,7 @@ def test_smollm2_verify_is_lossless(smollm2, prompt):
     ids = tok(prompt).input_ids
     bb, sb = HFBackend(m, "big"), HFBackend(early_exit_view(m, 20), "self:20")
     want = Decoder(bb, BigOnly()).generate(ids, 12).ids
-    for pol in (Gate(SmallLMDrafter(sb, threshold=0.3)), Ratio(sb, 0.5, 2)):
+    for pol in (Gate.small_lm(sb, 0.3), Ratio(sb, 0.5, 2)):
         res = Decoder(bb, pol, verify=True).generate(ids, 12)
         assert res.ids == want, pol.name
         ledger_adds_up(res, bb)
@@ -462,7 +463,7 @@ def fake_corpus(path):
 
 
 def test_held_out_prompts(tmp_path, smollm2):
-    from gate.decode.cli import held_out_prompts
+    from gate.decode.runtime import held_out_prompts
     ps = held_out_prompts(str(fake_corpus(tmp_path)), smollm2.tokenizer, 3, 20)
     assert len(ps) == 3 and all(len(p) == 20 for p in ps)
 

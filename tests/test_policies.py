@@ -1,4 +1,4 @@
-"""Policies: seed 000's ratio schedule, seed 001's entropy switching and its variants, the cascade, the gate."""
+"""Policies: the fixed-ratio schedule, entropy-gated switching and its variants, the cascade, the gate."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,10 @@ import torch
 from gate.decode.backend import HFBackend, early_exit_view
 from gate.decode.loop import Decoder
 from gate.decode.drafters import SmallLMDrafter
-from gate.decode.policies import Cascade, Entropy, Gate, Ratio, SmallOnly, entropy
-from test_decode import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively, single_thread  # noqa: F401
+from gate.decode.policies import Cascade, Copy, Entropy, Gate, Ratio, SmallOnly, entropy
+from test_decode import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: a second thread is pure overhead
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,8 @@ def run(big, policy, ids, n=30, **kw):
     return res
 
 
-def seed000_sources(n, r, min_tokens):
-    """ask.py of seed 000, verbatim logic: token i is small iff i >= min_tokens and (i - min) % int(1/r) == 0."""
+def fixed_ratio_sources(n, r, min_tokens):
+    """The fixed-ratio rule, written out: token i is small iff i >= min_tokens and (i - min) % int(1/r) == 0."""
     interval = int(1 / r) if r > 0 else 0
     out = []
     for i in range(n):
@@ -38,11 +40,11 @@ def seed000_sources(n, r, min_tokens):
 
 @pytest.mark.parametrize("r,min_tokens", [(0.5, 10), (0.33, 5), (0.25, 0), (1.0, 3), (0.7, 2), (0.1, 1),
                                           (0.0, 4)])
-def test_ratio_puts_small_tokens_where_seed_000_says(tiny, r, min_tokens):
+def test_ratio_puts_small_tokens_where_the_fixed_ratio_rule_says(tiny, r, min_tokens):
     tok, big, small = tiny
     ids = tok(PROMPTS[0]).input_ids
     res = run(big, Ratio(HFBackend(small, "small"), r, min_tokens), ids, 30)
-    assert res.sources == seed000_sources(30, r, min_tokens)
+    assert res.sources == fixed_ratio_sources(30, r, min_tokens)
     assert res.ledger["skipped"] == res.sources.count("small")
 
 
@@ -213,7 +215,7 @@ def test_small_lm_drafter_proposes_argmax_with_max_prob(tiny):
     t, score = d.propose(ids, None, 1)
     assert t == int(p.argmax()) and score == pytest.approx(float(p.max()), abs=1e-5)
     t2, _ = d.propose(ids + [t], None, 2)                  # catch-up of one token
-    assert d.small.n_cached == len(ids) + 1 and isinstance(t2, int)
+    assert d.lm.backend.n_cached == len(ids) + 1 and isinstance(t2, int)
     assert d.hidden_layer is None
 
 
@@ -221,5 +223,33 @@ def test_gate_with_small_lm_as_small_policy(tiny):
     tok, big, small = tiny
     ids = tok(PROMPTS[0]).input_ids
     sb = HFBackend(small, "small")
-    res = run(big, Gate(SmallLMDrafter(sb, 0.9), threshold=-math.inf, name="small"), ids, 20)
+    res = run(big, Gate.small_lm(sb, 0.9, threshold=-math.inf, name="small"), ids, 20)
     assert res.sources == ["big"] + ["skip"] * 19 and res.ledger["big_calls"] == 1
+
+
+def test_copy_drafts_the_token_that_followed_the_repeated_suffix(tiny):
+    from gate.model.copyrule import CopyIndex
+    tok, big, _ = tiny
+    ids = tok(" ".join([PROMPTS[5]] * 3)).input_ids
+    res = run(big, Copy(min_match=2), ids, 30)
+    assert res.ledger["skipped"] > 0
+    text = ids + res.ids
+    for i, s in enumerate(res.sources):
+        if s == "skip":   # the copy rule's candidate on the text before it, with a match of >= 2 tokens
+            index = CopyIndex()
+            index.sync(text[:len(ids) + i])
+            cand, n = index.query()
+            assert cand == res.ids[i] and n >= 2
+
+
+def test_copy_verify_is_lossless(tiny):
+    tok, big, _ = tiny
+    drafted = 0
+    for prompt in PROMPTS:
+        ids = tok(" ".join([prompt] * 3)).input_ids
+        want = greedy(big, ids, 30)
+        for min_match, max_skip in ((1, 11), (2, 4), (4, 11)):
+            res = run(big, Copy(min_match, max_skip), ids, 30, verify=True)
+            assert res.ids == want, (prompt, min_match)
+            drafted += res.ledger["drafted"]
+    assert drafted > 0

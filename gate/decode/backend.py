@@ -12,10 +12,12 @@ fed by `forward` occupy positions n_cached .. n_cached+n-1, and the cache always
 `logits` is float32 [keep, V]; `hidden` is float32 [keep, d] at `hidden_layer` (HF numbering: 0 = embeddings,
 L = output of block L, n_layers = the last entry), or None when hidden_layer is None.
 
-HFBackend wraps a transformers causal LM with a DynamicCache. A llama.cpp backend would implement the same
-members: llama_decode with logits for the kept rows, llama_kv_self_seq_rm for crop, hidden states through an
-eval callback (its high-level API has none: such a backend sets hidden_layer = None, which only predictors that
-read no hidden state accept).
+HFBackend wraps a transformers causal LM with a DynamicCache. Backends are made by
+gate/decode/runtime.py::make_backend from its BACKENDS table (kind -> class): a new backend is one class with
+these members plus one entry there. A llama.cpp backend would implement the same members: llama_decode with
+logits for the kept rows, llama_kv_self_seq_rm for crop, hidden states through an eval callback (its
+high-level API has none: such a backend sets hidden_layer = None, which only predictors that read no hidden
+state accept).
 """
 from __future__ import annotations
 

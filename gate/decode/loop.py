@@ -6,26 +6,40 @@ through the big model when it is skipped: the next big pass feeds every token th
 (catch-up), so the big cache always holds exactly the emitted text, and the same holds for every predictor's
 cache. Nothing else keeps state about the text: positions are len(ids) and backend.n_cached.
 
+The loop owns every cache; a policy owns none. A policy sees a read-only `DecodeState` (the text as a tuple,
+how far the big model has read, its last hidden state, the sampling function) and the predictor models it
+uses as `LM` views: callables ids -> next-token logits that catch their cache up internally. The loop resets
+those views, crops them to the kept text after every step and on rollback, counts them in the ledger, and
+sets the big backend's `hidden_layer` from the policy's declared need (`needs_big_hidden`). This is the split
+of transformers' candidate generators (a draft source behind one interface; the loop accepts and crops).
+
 With verify, the catch-up rows also check the drafts: row i of a pass fed from position c holds the big
 model's prediction for position c+i+1. At the first draft that differs from the big model's choice, the rest
 is dropped, the big model's token is emitted and every cache is cropped back to the kept text. Greedy +
 verify gives exactly the big model's greedy output (in float32; in bf16 a batched pass and a one-token pass
-round differently and can break a near-tie between two logits the other way); with temperature > 0 the standard speculative-sampling
-rule is used (accept draft x with probability min(1, q(x)/p(x)), else sample from max(q - p, 0)), so each
-token is distributed exactly as the big model's sampling distribution (identically distributed, not the same
-sample as a big-only run with the same seed). `verify_below` is the dial between lossy and lossless: only
-drafts whose score is below it are checked (inf: all, lossless; the gate threshold: none, lossy).
+round differently and can break a near-tie between two logits the other way); with temperature > 0 the
+standard speculative-sampling rule is used (accept draft x with probability min(1, q(x)/p(x)), else sample
+from max(q - p, 0)), so each token is distributed exactly as the big model's sampling distribution
+(identically distributed, not the same sample as a big-only run with the same seed). `verify_below` is the
+dial between lossy and lossless: only drafts whose score is below it are checked (inf: all, lossless; the
+gate threshold: none, lossy).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import torch
 
 from gate.decode.backend import Backend, catch_up
+from gate.decode.ledger import Ledger
+
+if TYPE_CHECKING:   # annotations only: the registry and the runtime import this module
+    from gate.decode.registry import Arg
+    from gate.decode.runtime import Runtime
 
 BIG_SOURCES = ("big", "scaffold")   # tokens the big model generated; every other source is a skip
 
@@ -38,7 +52,8 @@ class Draft:
     probs: torch.Tensor | None = None   # draft distribution when sampled; None = a deterministic proposal
 
 
-def select(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+def sample_token(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+    """The next token from logits: argmax at temperature 0, else a sample from softmax(logits / T)."""
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -69,25 +84,108 @@ def accept_draft(logits: torch.Tensor, draft: Draft, temperature: float,
     return False, int(torch.multinomial(residual, 1, generator=gen))
 
 
+class LM:
+    """A predictor backend as a policy sees it: `lm(ids)` -> logits [V] for position len(ids).
+
+    The view remembers which tokens its backend's cache holds. A call keeps the longest common prefix of
+    those and `ids` and feeds the rest in one pass (catch-up), so it is correct for any ids (a lookahead, a
+    text after a rollback). The decode loop calls `keep` after every step, so the cache never holds text
+    the run dropped, and `reset` when a run starts.
+    """
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.tokens: list[int] = []     # what the cache holds
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def __call__(self, ids: Sequence[int]) -> torch.Tensor:
+        self.keep(ids)
+        logits = catch_up(self.backend, ids)[0][-1]
+        self.tokens = list(ids)
+        return logits
+
+    def keep(self, text: Sequence[int]) -> None:
+        """Crop the cache to its longest common prefix with `text`."""
+        if len(self.tokens) != self.backend.n_cached:   # used behind this view's back: content unknown
+            self.backend.crop(0)
+            self.tokens = []
+        n = min(len(self.tokens), len(text))
+        if self.tokens[:n] != list(text[:n]):
+            n = next(i for i, (a, b) in enumerate(zip(self.tokens, text)) if a != b)
+        self.crop(n)
+
+    def crop(self, n: int) -> None:
+        if n < len(self.tokens):
+            self.backend.crop(n)
+            del self.tokens[n:]
+
+    def reset(self) -> None:
+        self.backend.reset()
+        self.tokens = []
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """What a policy may read at one step: a snapshot, so a policy cannot change the run through it."""
+    ids: tuple[int, ...]                # prompt + generated text so far
+    n_new: int                          # generated tokens so far
+    big_cached: int                     # positions the big model has computed (its cache length)
+    big_hidden: torch.Tensor | None     # its hidden state at position big_cached - 1 (policy.hidden_layer)
+    temperature: float
+    sample: Callable[[torch.Tensor], int]   # sample_token at the run's temperature and generator
+    eos: frozenset[int]
+    max_new: int
+
+    @property
+    def since_big(self) -> int:
+        """Tokens in ids after the last position the big model has computed (the gate's distance)."""
+        return len(self.ids) - self.big_cached
+
+
 class Policy:
-    """Decides, position by position, whether a predictor or the big model produces the next token."""
-    name = "policy"
-    source = "small"
+    """Decides, position by position, whether a predictor or the big model produces the next token.
 
-    def __init__(self) -> None:
-        self.backends: list[Backend] = []   # predictor caches: cropped on rollback, counted in the ledger
-        self.calls = 0                      # predictor invocations (forward calls or drafter proposals)
+    A policy class is registered by name (gate/decode/registry.py) and declares what the CLI and the
+    benchmark need to offer it: `summary` (its --help line), `args` (the options it reads), `model_names`
+    (which models to load), `from_args` (how it is built from parsed options and the runtime) and
+    `needs_big_hidden` (the loop then asks the big backend for hidden states at `hidden_layer`).
+    An instance lists its predictor views in `lms`; it never feeds or crops a cache itself.
+    """
+    name: ClassVar[str] = "policy"
+    summary: ClassVar[str] = ""
+    args: ClassVar[tuple["Arg", ...]] = ()
+    examples: ClassVar[tuple[str, ...]] = ()    # infer.py arguments, shown in --help
+    needs_big_hidden: ClassVar[bool] = False
+    source = "small"                            # the source of its drafts
+    hidden_layer: int | None = None             # read when needs_big_hidden
 
-    def start(self, dec: "Decoder") -> None:
-        self.calls = 0
-        dec.big.hidden_layer = None   # hidden states cost a little; only the gate reads them
+    def __init__(self, lms: Sequence[LM] = ()) -> None:
+        self.lms = tuple(lms)   # predictor views: reset, cropped and counted by the loop
+        self.calls = 0          # predictor invocations (forward calls or drafter proposals)
 
-    def propose(self, dec: "Decoder") -> list[Draft]:
-        """Drafts for positions len(dec.ids), ...; [] hands the next position to the big model."""
+    def start(self) -> None:
+        """A new text begins: reset per-text state."""
+
+    def propose(self, state: DecodeState) -> list[Draft]:
+        """Drafts for positions len(state.ids), ...; [] hands the next position to the big model."""
         return []
 
-    def big_source(self, dec: "Decoder") -> str:
+    def big_source(self, state: DecodeState) -> str:
         return "big"
+
+    @classmethod
+    def model_names(cls, args) -> tuple[str, list[str]]:
+        """(big model, predictor models) to load for this policy."""
+        small = vars(args).get("small")
+        return args.model, [small] if small else []
+
+    @classmethod
+    def from_args(cls, args, rt: "Runtime") -> "Policy":
+        """The policy for parsed options; a ValueError is a user error (printed as one line)."""
+        return cls()
 
 
 @dataclass
@@ -95,7 +193,15 @@ class Result:
     prompt_ids: list[int]
     ids: list[int]                      # generated tokens
     sources: list[str]                  # per generated token
-    ledger: dict = field(default_factory=dict)
+    ledger: dict = field(default_factory=dict)   # Ledger.to_dict()
+
+
+@dataclass
+class Counts:
+    drafted: int = 0
+    verified: int = 0
+    rollbacks: int = 0
+    rolled_back_tokens: int = 0
 
 
 class Decoder:
@@ -107,37 +213,23 @@ class Decoder:
         self.big, self.policy = big, policy
         self.verify, self.verify_below = verify, verify_below
         self.temperature, self.seed = temperature, seed
-        self.eos = set(eos_ids)
+        self.eos = frozenset(eos_ids)
         self.on_final = on_final        # streaming: gets tokens once no rollback can remove them
 
-    # -- state helpers the policies use -----------------------------------------------------------------
     @property
     def n_new(self) -> int:
         return len(self.ids) - self.n_prompt
 
-    @property
-    def since_big(self) -> int:
-        """Tokens in ids after the last position the big model has computed (the gate's distance)."""
-        return len(self.ids) - self.big.n_cached
-
-    def backends(self) -> list[Backend]:
-        return [self.big, *self.policy.backends]
+    def state(self) -> DecodeState:
+        return DecodeState(tuple(self.ids), self.n_new, self.big.n_cached, self.big_hidden, self.temperature,
+                           self.sample, self.eos, self.max_new)
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Result:
         if not prompt_ids:
             raise ValueError("empty prompt: the models need at least one token to condition on")
-        for b in self.backends():
-            b.reset()
-        self.gen = torch.Generator().manual_seed(self.seed)
-        self.ids, self.n_prompt, self.max_new = list(prompt_ids), len(prompt_ids), max_new_tokens
-        self.sources: list[str] = []
-        self.pending: list[tuple[int, Draft]] = []   # (position, draft) awaiting the big model's check
-        self.big_logits = self.big_hidden = None     # big model's outputs at position big.n_cached - 1
-        self.n_final = self.n_prompt
-        self.stats = dict(drafted=0, verified=0, rollbacks=0, rolled_back_tokens=0)
-        self.policy.start(self)
+        self.start(prompt_ids, max_new_tokens)
         t0 = time.perf_counter()
         while True:
             if self.done():
@@ -145,27 +237,50 @@ class Decoder:
                     break
                 self.big_step(emit=False)   # check the tail drafts; a rollback re-opens the loop
                 continue
-            drafts = self.policy.propose(self)
-            if not drafts:
-                self.big_step(emit=True)
-            for d in drafts:
-                if self.done():
-                    break
-                self.emit(d.token, d.source, d)
-            for b in self.policy.backends:   # a predictor that ran ahead of drafts cut by done()
-                if b.n_cached > len(self.ids):
-                    b.crop(len(self.ids))
+            self.step()
             self.finalize()
         wall = time.perf_counter() - t0
         self.finalize()
         return Result(list(prompt_ids), self.ids[self.n_prompt:], list(self.sources), self.ledger(wall))
+
+    def start(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        self.big.reset()
+        for lm in self.policy.lms:
+            lm.reset()
+        self.big.hidden_layer = self.policy.hidden_layer if self.policy.needs_big_hidden else None
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.sample = partial(sample_token, temperature=self.temperature, gen=self.gen)
+        self.ids, self.n_prompt, self.max_new = list(prompt_ids), len(prompt_ids), max_new_tokens
+        self.sources: list[str] = []
+        self.pending: list[tuple[int, Draft]] = []   # (position, draft) awaiting the big model's check
+        self.big_logits = self.big_hidden = None     # big model's outputs at position big.n_cached - 1
+        self.n_final = self.n_prompt
+        self.counts = Counts()
+        self.policy.calls = 0
+        self.policy.start()
+
+    def step(self) -> None:
+        """One policy decision: emit its drafts, or let the big model catch up and speak."""
+        drafts = self.policy.propose(self.state())
+        self.keep_predictors(self.ids + [d.token for d in drafts])   # drop a lookahead the policy refused
+        if not drafts:
+            self.big_step(emit=True)
+        for d in drafts:
+            if self.done():
+                break
+            self.emit(d.token, d.source, d)
+        self.keep_predictors(self.ids)                                # drafts cut by done()
+
+    def keep_predictors(self, text: Sequence[int]) -> None:
+        for lm in self.policy.lms:
+            lm.keep(text)
 
     def done(self) -> bool:
         return self.n_new >= self.max_new or (self.n_new > 0 and self.ids[-1] in self.eos)
 
     def emit(self, token: int, source: str, draft: Draft | None = None) -> None:
         if draft is not None:
-            self.stats["drafted"] += 1
+            self.counts.drafted += 1
             if self.verify and draft.score < self.verify_below:
                 self.pending.append((len(self.ids), draft))
         self.ids.append(token)
@@ -179,35 +294,40 @@ class Decoder:
             first = self.pending[0][0] if self.pending else len(self.ids)
             keep = len(self.ids) - max(first - 1, c)
             logits, hidden = self.big.forward(self.ids[c:], keep=keep)
-            row0 = len(self.ids) - keep          # position of logits[0]
-            for q, d in self.pending:
-                i = q - 1 - row0
-                row = logits[i] if i >= 0 else self.big_logits
-                self.stats["verified"] += 1
-                ok, tok = accept_draft(row, d, self.temperature, self.gen)
-                if not ok:
-                    self.rollback(q)
-                    self.big_logits = row
-                    self.big_hidden = None if hidden is None else (hidden[i] if i >= 0 else self.big_hidden)
-                    self.emit(tok, "big")
-                    return
-            self.pending.clear()
+            if self.check_pending(logits, hidden, row0=len(self.ids) - keep):
+                return
             self.big_logits, self.big_hidden = logits[-1], (None if hidden is None else hidden[-1])
         self.pending.clear()
         if emit:
-            self.emit(select(self.big_logits, self.temperature, self.gen), self.policy.big_source(self))
+            self.emit(self.sample(self.big_logits), self.policy.big_source(self.state()))
+
+    def check_pending(self, logits: torch.Tensor, hidden: torch.Tensor | None, row0: int) -> bool:
+        """Check the pending drafts against a catch-up pass whose logits[0] is at position row0; at the
+        first refused one roll back and emit the big model's token there (True)."""
+        for q, d in self.pending:
+            i = q - 1 - row0
+            row = logits[i] if i >= 0 else self.big_logits
+            self.counts.verified += 1
+            ok, tok = accept_draft(row, d, self.temperature, self.gen)
+            if not ok:
+                self.rollback(q)
+                self.big_logits = row
+                self.big_hidden = None if hidden is None else (hidden[i] if i >= 0 else self.big_hidden)
+                self.emit(tok, "big")
+                return True
+        return False
 
     def rollback(self, q: int) -> None:
         """Drop ids[q:] and crop every cache to the kept text."""
-        dropped = len(self.ids) - q
-        self.stats["rollbacks"] += 1
-        self.stats["rolled_back_tokens"] += dropped
+        self.counts.rollbacks += 1
+        self.counts.rolled_back_tokens += len(self.ids) - q
         del self.ids[q:]
         del self.sources[q - self.n_prompt:]
         self.pending.clear()
-        for b in self.backends():
-            if b.n_cached > q:
-                b.crop(q)
+        if self.big.n_cached > q:
+            self.big.crop(q)
+        for lm in self.policy.lms:
+            lm.crop(q)
 
     def finalize(self) -> None:
         """Hand tokens that no rollback can remove any more to the streamer."""
@@ -225,12 +345,8 @@ class Decoder:
         for s in self.sources:
             by_source[s] = by_source.get(s, 0) + 1
         big_emitted = sum(by_source.get(s, 0) for s in BIG_SOURCES)
-        models = {}
-        for role, b in [("big", self.big)] + [("predictor", b) for b in self.policy.backends]:
-            key = b.name if b.name not in models else f"{b.name}#{len(models)}"
-            models[key] = dict(role=role, calls=b.calls, tokens_fed=b.tokens_fed,
-                               tokens_cropped=b.tokens_cropped, n_cached=b.n_cached)
-        return dict(
+        predictors = [lm.backend for lm in self.policy.lms]
+        return Ledger(
             policy=self.policy.name, verify=self.verify,
             verify_below=None if math.isinf(self.verify_below) else self.verify_below,
             temperature=self.temperature, seed=self.seed,
@@ -240,11 +356,22 @@ class Decoder:
             big_tokens_cropped=self.big.tokens_cropped,
             big_calls_per_token=self.big.calls / n if n else 0.0,
             predictor_calls=self.policy.calls,
-            predictor_tokens_fed=sum(b.tokens_fed for b in self.policy.backends),
-            **self.stats,
+            predictor_tokens_fed=sum(b.tokens_fed for b in predictors),
+            drafted=self.counts.drafted, verified=self.counts.verified, rollbacks=self.counts.rollbacks,
+            rolled_back_tokens=self.counts.rolled_back_tokens,
             stopped="eos" if n and self.ids[-1] in self.eos else "max_new_tokens",
             wall_s=round(wall, 4), tokens_per_s=round(n / wall, 3) if wall > 0 else 0.0,
-            models=models)
+            models=backend_counters(self.big, predictors)).to_dict()
+
+
+def backend_counters(big: Backend, predictors: Sequence[Backend]) -> dict:
+    """Per-backend counters for the ledger, keyed by name (a repeated name gets #index)."""
+    models: dict[str, dict] = {}
+    for role, b in [("big", big)] + [("predictor", b) for b in predictors]:
+        key = b.name if b.name not in models else f"{b.name}#{len(models)}"
+        models[key] = dict(role=role, calls=b.calls, tokens_fed=b.tokens_fed,
+                           tokens_cropped=b.tokens_cropped, n_cached=b.n_cached)
+    return models
 
 
 @torch.inference_mode()
@@ -277,5 +404,5 @@ def check_output(big: Backend, prompt_ids: Sequence[int], new_ids: Sequence[int]
                 nll=round(float(nll.mean()), 6), ppl=round(float(nll.mean().exp()), 4), checked=n)
 
 
-__all__ = ["Draft", "Policy", "Decoder", "Result", "select", "accept_draft", "draft_probs",
-           "check_output", "catch_up", "BIG_SOURCES"]
+__all__ = ["Draft", "DecodeState", "LM", "Policy", "Decoder", "Result", "sample_token", "accept_draft",
+           "draft_probs", "check_output", "catch_up", "BIG_SOURCES"]

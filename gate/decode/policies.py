@@ -2,15 +2,21 @@
 
     big       the big model only (baseline)
     small     the predictor only: a small LM, or a drafter with every proposal accepted
-    ratio     seed 000: after `min_tokens` big "scaffold" tokens the small model takes every int(1/r)-th token
-    entropy   seed 001: the small model generates; the big model takes over where the small model's entropy
-              (normalised by log|V| by default) exceeds tau; variants span / lookahead / adaptive / pattern
-    cascade   seed 001: three or more models; level l speaks when its entropy is <= tau_l, else the next
+    ratio     fixed-ratio alternation: after `min_tokens` big "scaffold" tokens the small model takes every
+              int(1/r)-th token
+    entropy   entropy-gated switching: the small model generates; the big model takes over where the small
+              model's entropy (normalised by log|V| by default) exceeds tau; variants span / lookahead /
+              adaptive / pattern
+    cascade   entropy-gated switching over three or more models: level l speaks when its entropy is <= tau_l,
+              else the next
     gate      the learned gate: a Drafter proposes a token and a score; skip while score >= threshold
+    copy      the copy rule: prompt lookup as a gate (no model, no training)
 
-A policy only returns drafts; the loop in gate/decode/loop.py feeds the big model (catch-up), verifies, rolls back.
-Predictors keep their own caches in step with the text through `catch_up` (they, too, are fed in one pass
-every token they have not seen, e.g. the big model's tokens since they last ran).
+A policy only returns drafts; the loop in gate/decode/loop.py feeds the big model (catch-up), verifies, rolls
+back, and keeps every predictor's cache in step with the text (a policy calls its predictors through `LM`
+views and never feeds or crops a cache). Each class is registered (gate/decode/registry.py) with the options
+it reads and how it is built from them, which is all infer.py and bench/decode.py know about it: a new policy
+is one more class here.
 """
 from __future__ import annotations
 
@@ -19,15 +25,32 @@ import re
 
 import torch
 
-from gate.decode.backend import Backend, catch_up
-from gate.decode.loop import Decoder, Draft, Policy, draft_probs, select
+from gate.decode.backend import Backend
+from gate.decode.drafters import Drafter, SmallLMDrafter
+from gate.decode.loop import LM, DecodeState, Draft, Policy, draft_probs
+from gate.decode.registry import arg, at_least, number, register, unit_interval
+
+# -- options shared by several policies (one Arg each: the parser adds it once) ----------------------------
+SMALL = arg("--small", help="small model: a name with the big model's tokenizer, or self:K (the big model's "
+            "first K layers)")
+GATE = arg("--gate", metavar="PATH", help="trained gate artifact (train.py fit)")
+TAU = arg("--tau", type=float, nargs="+", default=None,
+          help="entropy threshold, default 0.3: entropy takes one value; cascade one per smaller model, or one "
+          "value applied to every level")
+RAW_ENTROPY = arg("--raw-entropy", action="store_true", help="tau in nats instead of normalised by log|V|")
+THRESHOLD = arg("--threshold", type=float, help="gate threshold in [0, 1] (default: the gate's calibrated one; "
+                "0.8 for a small-LM gate)")
+MAX_SKIP = arg("--max-skip", type=int, help="at most this distance from the last big pass")
+
+DEFAULT_TAU = 0.3
+SMALL_LM_GATE_THRESHOLD = 0.8
 
 
-def lm_draft(logits: torch.Tensor, dec: Decoder, source: str) -> Draft:
+def lm_draft(logits: torch.Tensor, state: DecodeState, source: str) -> Draft:
     """The small LM's token (argmax, or sampled at the run's temperature) with its max-probability as score."""
-    tok = select(logits, dec.temperature, dec.gen)
+    tok = state.sample(logits)
     score = float(torch.softmax(logits, -1).max())
-    return Draft(tok, source, score, draft_probs(logits, dec.temperature))
+    return Draft(tok, source, score, draft_probs(logits, state.temperature))
 
 
 def entropy(logits: torch.Tensor, normalize: bool = True) -> float:
@@ -36,58 +59,109 @@ def entropy(logits: torch.Tensor, normalize: bool = True) -> float:
     return h / math.log(logits.shape[-1]) if normalize else h
 
 
+def predictor(args, rt, policy: str):
+    """The --small backend, or a one-line error naming what the policy needs."""
+    if not args.small:
+        raise ValueError(f"--policy {policy} needs --small M")
+    return rt.predictor(args.small)
+
+
+def taus_of(args) -> list[float]:
+    taus = args.tau or [DEFAULT_TAU]
+    for t in taus:
+        number("--tau", t)
+    return taus
+
+
+@register
 class BigOnly(Policy):
     name = "big"
+    summary = "the big model only (baseline)"
+    examples = ('"It is a truth universally acknowledged" -m 60',)
 
 
+@register
 class SmallOnly(Policy):
     """The small LM writes everything; the big model is never run (except to verify, if asked)."""
     name = "small"
+    summary = "the predictor only: --small M (a small LM), or --gate PATH with every proposal accepted"
+    args = (SMALL, GATE, MAX_SKIP)
 
     def __init__(self, small: Backend):
-        super().__init__()
-        self.small = small
-        self.backends = [small]
+        self.small = LM(small)
+        super().__init__([self.small])
 
-    def propose(self, dec):
+    def propose(self, state):
         self.calls += 1
-        return [lm_draft(catch_up(self.small, dec.ids)[0][-1], dec, self.source)]
+        return [lm_draft(self.small(state.ids), state, self.source)]
+
+    @classmethod
+    def from_args(cls, args, rt):
+        if args.gate:
+            return Gate(rt.load_gate(args.gate), threshold=-math.inf,
+                        max_skip=at_least("--max-skip", args.max_skip, 1), name="small")
+        if not args.small:
+            raise ValueError("--policy small needs --small M or --gate PATH")
+        return cls(rt.predictor(args.small))
 
 
+@register
 class Ratio(Policy):
-    """Seed 000 exactly: generated token i (0-based) comes from the small model iff
+    """Fixed-ratio alternation: generated token i (0-based) comes from the small model iff
     i >= min_tokens and (i - min_tokens) % int(1/r) == 0; tokens before min_tokens are the big model's
     scaffold. r = 0 is the big model only."""
     name = "ratio"
+    summary = ("fixed-ratio alternation: after --min-tokens big-model scaffold tokens, the small model takes\n"
+               "every int(1/r)-th token")
+    args = (SMALL, arg("-r", "--ratio", type=float, default=0.5, help="share of small-model tokens, in [0, 1]"),
+            arg("--min-tokens", type=int, default=10, help="big-model scaffold tokens first"))
+    examples = ('"Call me Ishmael." --policy ratio --small self:8 -r 0.5 --min-tokens 10',)
 
     def __init__(self, small: Backend | None, ratio: float, min_tokens: int = 10):
-        super().__init__()
         if not 0 <= ratio <= 1:
             raise ValueError(f"ratio must be in [0, 1] (share of small-model tokens), got {ratio}")
         if min_tokens < 0:
             raise ValueError("min_tokens must be >= 0")
         if ratio > 0 and small is None:
             raise ValueError("ratio > 0 needs a small model")
-        self.small, self.ratio, self.min_tokens = small, ratio, min_tokens
+        self.small = LM(small) if small is not None else None
+        super().__init__([self.small] if self.small is not None else [])
+        self.ratio, self.min_tokens = ratio, min_tokens
         self.interval = int(1 / ratio) if ratio > 0 else 0
-        self.backends = [small] if small is not None else []
 
     def use_small(self, i: int) -> bool:
         return self.interval > 0 and i >= self.min_tokens and (i - self.min_tokens) % self.interval == 0
 
-    def propose(self, dec):
-        if not self.use_small(dec.n_new):
+    def propose(self, state):
+        if not self.use_small(state.n_new):
             return []
         self.calls += 1
-        return [lm_draft(catch_up(self.small, dec.ids)[0][-1], dec, self.source)]
+        return [lm_draft(self.small(state.ids), state, self.source)]
 
-    def big_source(self, dec):
-        return "scaffold" if dec.n_new < self.min_tokens else "big"
+    def big_source(self, state):
+        return "scaffold" if state.n_new < self.min_tokens else "big"
+
+    @classmethod
+    def from_args(cls, args, rt):
+        if not args.small and args.ratio > 0:
+            raise ValueError("--policy ratio needs --small M (or -r 0 for the big model only)")
+        return cls(rt.predictor(args.small) if args.small else None, args.ratio, args.min_tokens)
 
 
+def suffix_regex(pattern: str, what: str = "pattern") -> re.Pattern:
+    """A regex that matches where a text ends with a match of `pattern`; a bad pattern is a ValueError
+    naming `what` and the problem in the user's own pattern."""
+    try:
+        re.compile(pattern)
+        return re.compile(f"(?:{pattern})\\Z")
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r}: not a regular expression ({e})") from None
+
+
+@register
 class Entropy(Policy):
-    """Seed 001: the small model generates; the big model takes the next token when the small model's
-    entropy exceeds tau (normalised by log|V| unless normalize=False).
+    """Entropy-gated switching: the small model generates; the big model takes the next token when the small
+    model's entropy exceeds tau (normalised by log|V| unless normalize=False).
 
     span: the big model keeps the next `span` tokens once triggered, or "line": until it emits a newline.
     lookahead k: the small model drafts k tokens; all k are kept if their mean entropy is <= tau, else they
@@ -98,61 +172,68 @@ class Entropy(Policy):
       (e.g. r"[(\\[{]" after an opening bracket, r"\\n" at a line start).
     """
     name = "entropy"
+    summary = ("entropy-gated switching: the small model writes; the big model takes over where the small\n"
+               "model's entropy (normalised by log|V|; --raw-entropy for nats) exceeds --tau")
+    args = (SMALL, TAU, RAW_ENTROPY,
+            arg("--span", default="1", help="the big model keeps N tokens once triggered, or 'line'"),
+            arg("--lookahead", type=int, default=1, help="decide on the mean entropy over K small tokens"),
+            arg("--adaptive", action="store_true", help="adapt tau to runs of high/low entropy"),
+            arg("--pattern", help="regex; the big model speaks where the text so far ends with it"))
+    examples = ('"Call me Ishmael." --policy entropy --small self:20 --tau 0.3 --span line --adaptive',)
 
     def __init__(self, small: Backend, tau: float, *, normalize: bool = True, span: int | str = 1,
                  lookahead: int = 1, adaptive: bool = False, pattern: str | None = None, tokenizer=None,
                  adapt_run: int = 4, adapt_step: float = 0.1):
-        super().__init__()
         if span != "line" and (not isinstance(span, int) or span < 1):
             raise ValueError(f"span must be a positive integer or 'line', got {span!r}")
         if lookahead < 1:
             raise ValueError("lookahead must be >= 1")
         if (span == "line" or pattern) and tokenizer is None:
             raise ValueError("span='line' and pattern need the tokenizer")
-        self.small, self.tau, self.normalize = small, tau, normalize
+        self.small = LM(small)
+        super().__init__([self.small])
+        self.tau, self.normalize = tau, normalize
         self.span, self.lookahead, self.adaptive = span, lookahead, adaptive
-        self.pattern = re.compile(f"(?:{pattern})\\Z") if pattern else None
+        self.pattern = suffix_regex(pattern) if pattern else None
         self.tokenizer = tokenizer
         self.adapt_run, self.adapt_step = adapt_run, adapt_step
-        self.backends = [small]
 
-    def start(self, dec):
-        super().start(dec)
+    def start(self):
         self.tau_now = self.tau
         self.big_left, self.in_line = 0, False
         self.high_run = self.low_run = 0
         self.triggers = 0
 
-    def propose(self, dec):
+    def propose(self, state):
         if self.big_left > 0:              # inside a big-model span
             self.big_left -= 1
             return []
         if self.in_line:                   # inside a big-model line: until the big model emits a newline
-            if "\n" not in self.tokenizer.decode(dec.ids[-1:]):
+            if "\n" not in self.tokenizer.decode(state.ids[-1:]):
                 return []
             self.in_line = False
-        if self.pattern is not None and self.pattern.search(self.tokenizer.decode(dec.ids[-32:])):
+        if self.pattern is not None and self.pattern.search(self.tokenizer.decode(state.ids[-32:])):
             return self.trigger()
         if self.tau_now == -math.inf:      # nothing is confident enough: do not even run the small model
             return self.trigger()
-        drafts, hs = [], []
-        ids = list(dec.ids)
-        for _ in range(self.lookahead):
-            logits = catch_up(self.small, ids)[0][-1]
-            self.calls += 1
-            hs.append(entropy(logits, self.normalize))
-            d = lm_draft(logits, dec, self.source)
-            drafts.append(d)
-            ids.append(d.token)
-            if dec.n_new + len(drafts) >= dec.max_new or d.token in dec.eos:
-                break
+        drafts, hs = self.look_ahead(state)
         high = not sum(hs) / len(hs) <= self.tau_now
         self.adapt(high)
-        if not high:
-            return drafts
-        if self.small.n_cached > len(dec.ids):   # drop the rejected lookahead from the small cache
-            self.small.crop(len(dec.ids))
-        return self.trigger()
+        return self.trigger() if high else drafts   # a refused lookahead leaves the small cache: the loop crops
+
+    def look_ahead(self, state) -> tuple[list[Draft], list[float]]:
+        """Up to `lookahead` small-model drafts and their entropies (stopping at max_new or EOS)."""
+        drafts, hs, ids = [], [], list(state.ids)
+        for _ in range(self.lookahead):
+            logits = self.small(ids)
+            self.calls += 1
+            hs.append(entropy(logits, self.normalize))
+            d = lm_draft(logits, state, self.source)
+            drafts.append(d)
+            ids.append(d.token)
+            if state.n_new + len(drafts) >= state.max_new or d.token in state.eos:
+                break
+        return drafts, hs
 
     def trigger(self):
         self.triggers += 1
@@ -171,62 +252,174 @@ class Entropy(Policy):
         elif self.low_run >= self.adapt_run:
             self.tau_now, self.low_run = min(self.tau * 2, self.tau_now * (1 + self.adapt_step)), 0
 
+    @classmethod
+    def from_args(cls, args, rt):
+        small = predictor(args, rt, "entropy")
+        taus = taus_of(args)
+        if len(taus) != 1:
+            raise ValueError(f"--policy entropy takes one --tau, got {len(taus)}")
+        if args.span == "line":
+            span = "line"
+        elif args.span.isdigit():
+            span = int(args.span)
+        else:
+            raise ValueError(f"--span takes a positive integer or 'line', got {args.span!r}")
+        if args.pattern:
+            suffix_regex(args.pattern, "--pattern")
+        return cls(small, taus[0], normalize=not args.raw_entropy, span=span,
+                   lookahead=at_least("--lookahead", args.lookahead, 1), adaptive=args.adaptive,
+                   pattern=args.pattern, tokenizer=rt.tokenizer)
 
+
+@register
 class Cascade(Policy):
-    """Seed 001's multi-model cascade: levels[0] (the smallest) speaks when its entropy is <= taus[0],
-    else levels[1] is asked with taus[1], ...; when every level is unsure, the big model speaks."""
+    """Entropy-gated switching over several models: levels[0] (the smallest) speaks when its entropy is
+    <= taus[0], else levels[1] is asked with taus[1], ...; when every level is unsure, the big model speaks."""
     name = "cascade"
+    summary = ("--models M1 M2 ... MN (smallest first, the last is the big model); one --tau per smaller\n"
+               "model, or one --tau for every level")
+    args = (arg("--models", nargs="+", metavar="M", help="smallest first, the last is the big model"),
+            TAU, RAW_ENTROPY)
+    examples = ('"Call me Ishmael." --policy cascade --models self:10 self:20 smollm2-135m --tau 0.2 0.3',)
 
     def __init__(self, levels: list[Backend], taus: list[float], normalize: bool = True):
-        super().__init__()
         if not levels or len(levels) != len(taus):
             raise ValueError(f"cascade: one threshold per predictor level ({len(levels)} levels, "
                              f"{len(taus)} thresholds)")
-        self.levels, self.taus, self.normalize = list(levels), list(taus), normalize
+        self.levels = [LM(b) for b in levels]
+        super().__init__(self.levels)
+        self.taus, self.normalize = list(taus), normalize
         self.labels = ["small"] + [f"mid{i}" for i in range(1, len(levels))]
-        self.backends = list(levels)
 
-    def propose(self, dec):
-        for b, tau, label in zip(self.levels, self.taus, self.labels):
+    def propose(self, state):
+        for lm, tau, label in zip(self.levels, self.taus, self.labels):
             if tau == -math.inf:
                 continue
-            logits = catch_up(b, dec.ids)[0][-1]
+            logits = lm(state.ids)
             self.calls += 1
             if entropy(logits, self.normalize) <= tau:
-                return [lm_draft(logits, dec, label)]
+                return [lm_draft(logits, state, label)]
         return []
 
+    @classmethod
+    def model_names(cls, args):
+        if not args.models or len(args.models) < 2:
+            raise ValueError("--policy cascade needs --models M1 ... MN (at least 2; the last is the big model)")
+        return args.models[-1], list(args.models[:-1])
 
+    @classmethod
+    def from_args(cls, args, rt):
+        _, names = cls.model_names(args)
+        taus = taus_of(args)
+        if len(taus) == 1:
+            taus = taus * len(names)
+        elif len(taus) != len(names):
+            raise ValueError(f"--policy cascade: give one --tau per smaller model ({len(names)}: "
+                             f"{' '.join(names)}) or one for every level, got {len(taus)}")
+        return cls([rt.predictor(n) for n in names], taus, normalize=not args.raw_entropy)
+
+
+@register
 class Gate(Policy):
     """The learned gate (docs/interfaces.md, Drafter): at distance since_big from the big model's last
     computed position the drafter proposes a token and a score; skip while score >= threshold and
-    since_big < max_skip. Multi-token skips come from the drafter's future-token heads."""
+    since_big < max_skip. Multi-token skips come from the drafter's future-token heads.
+
+    `lms`: the predictor views the drafter calls (SmallLMDrafter.lms), so the loop keeps them in step."""
     name = "gate"
     source = "skip"
+    summary = ("the learned gate: --gate PATH (from `train.py fit`), or --small M to use a small LM's\n"
+               "max-probability as the gate score; skips while score >= --threshold")
+    args = (GATE, SMALL, THRESHOLD, MAX_SKIP)
+    needs_big_hidden = True
+    examples = ('"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate',
+                '"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate --verify',
+                '"Call me Ishmael." --policy gate --gate runs/demo/gate --verify-below 0.99 --json out.json --check',
+                '"def fib(n):" --model qwen2.5-coder-1.5b --policy gate --small qwen2.5-coder-0.5b --verify')
 
-    def __init__(self, drafter, threshold: float | None = None, max_skip: int | None = None,
-                 name: str | None = None):
-        super().__init__()
+    def __init__(self, drafter: Drafter, threshold: float | None = None, max_skip: int | None = None,
+                 name: str | None = None, lms: tuple[LM, ...] = ()):
+        super().__init__(lms)
         self.drafter = drafter
         self.threshold = drafter.threshold if threshold is None else threshold
         self.max_skip = drafter.max_skip if max_skip is None else min(max_skip, drafter.max_skip)
-        self.backends = list(getattr(drafter, "backends", []))
         if name:
             self.name = name
 
-    def start(self, dec):
-        super().start(dec)
-        dec.big.hidden_layer = self.drafter.hidden_layer
-        if hasattr(self.drafter, "start"):
-            self.drafter.start()
+    @property
+    def hidden_layer(self) -> int | None:
+        return self.drafter.hidden_layer
 
-    def propose(self, dec):
-        s = dec.since_big
-        if dec.big.n_cached == 0 or not 1 <= s < self.max_skip:
+    def start(self):
+        self.drafter.start()
+
+    def propose(self, state):
+        s = state.since_big
+        if state.big_cached == 0 or not 1 <= s < self.max_skip:
             return []
-        tok, score = self.drafter.propose(dec.ids, dec.big_hidden, s)
+        tok, score = self.drafter.propose(state.ids, state.big_hidden, s)
         self.calls += 1
         return [Draft(int(tok), self.source, float(score))] if score >= self.threshold else []
 
+    @classmethod
+    def small_lm(cls, small: Backend, drafter_threshold: float = SMALL_LM_GATE_THRESHOLD, **kw) -> "Gate":
+        """The gate over a small LM's max-probability (SmallLMDrafter), its cache kept by the loop."""
+        drafter = SmallLMDrafter(small, threshold=drafter_threshold)
+        return cls(drafter, lms=drafter.lms, **kw)
 
-__all__ = ["BigOnly", "SmallOnly", "Ratio", "Entropy", "Cascade", "Gate", "entropy", "lm_draft"]
+    @classmethod
+    def from_args(cls, args, rt):
+        kw = dict(threshold=unit_interval("--threshold", args.threshold),
+                  max_skip=at_least("--max-skip", args.max_skip, 1))
+        if args.gate:
+            return cls(rt.load_gate(args.gate), **kw)
+        if args.small:
+            return cls.small_lm(rt.predictor(args.small), **kw)
+        raise ValueError("--policy gate needs --gate PATH (a trained gate) or --small M (a small LM as gate)")
+
+
+@register
+class Copy(Policy):
+    """Prompt lookup used as a gate, with no model and no training (gate/model/copyrule.py): where the last
+    n >= min_match tokens occurred earlier in the text, draft the token that followed them there, with score n;
+    skip while such a candidate exists and since_big < max_skip. Drafted one position at a time, a long match
+    extends itself, so a repeated passage is drafted token by token like prompt-lookup decoding's k-token
+    drafts. Lossy alone; with --verify every draft is checked at the next big pass (lossless)."""
+    name = "copy"
+    source = "skip"
+    summary = ("the copy rule (prompt lookup as a gate, no training): where the last --min-match tokens\n"
+               "occurred earlier, skip with the token that followed them (up to --max-skip - 1 = 10 per\n"
+               "big pass by default); lossless with --verify")
+    args = (arg("--min-match", type=int, default=4, help="shortest repeated suffix that drafts a token"),
+            MAX_SKIP)
+    examples = ('"Call me Ishmael." --policy copy --min-match 3 --verify',)
+    DEFAULT_MAX_SKIP = 11   # up to 10 drafts per big pass, as transformers' prompt_lookup_num_tokens=10
+
+    def __init__(self, min_match: int = 4, max_skip: int = DEFAULT_MAX_SKIP):
+        from gate.model.copyrule import MAX_N, CopyIndex
+
+        if not 1 <= min_match <= MAX_N:
+            raise ValueError(f"--min-match must be in 1..{MAX_N}, got {min_match}")
+        super().__init__()
+        self.min_match, self.max_skip = min_match, max_skip
+        self.index = CopyIndex(MAX_N)
+
+    def start(self):
+        self.index.reset()
+
+    def propose(self, state):
+        if state.big_cached == 0 or not 1 <= state.since_big < self.max_skip:
+            return []
+        self.index.sync(state.ids)
+        tok, n = self.index.query()
+        self.calls += 1
+        return [Draft(tok, self.source, float(n))] if n >= self.min_match else []
+
+    @classmethod
+    def from_args(cls, args, rt):
+        max_skip = at_least("--max-skip", args.max_skip, 1)
+        return cls(args.min_match, cls.DEFAULT_MAX_SKIP if max_skip is None else max_skip)
+
+
+__all__ = ["BigOnly", "SmallOnly", "Ratio", "Entropy", "Cascade", "Gate", "Copy", "entropy", "lm_draft",
+           "suffix_regex"]

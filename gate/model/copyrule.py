@@ -93,9 +93,41 @@ def copy_rule(tokens: np.ndarray, run_start: np.ndarray, max_n: int = MAX_N) -> 
     return cand, length
 
 
+def trust_table(match_len: np.ndarray, correct: np.ndarray, max_n: int = MAX_N, delta: float = 0.1) -> np.ndarray:
+    """How far the copy rule can be trusted at each match length: [max_n + 1] floats, 0 at length 0.
+
+    Entry n is a one-sided (1 - delta) Clopper-Pearson lower bound on P(copy candidate == the big model's token)
+    among training positions with match length n, made non-decreasing in n (a longer match is at least as good
+    evidence as a shorter one), so that a length seen rarely is not trusted more than its data allow.
+    """
+    from scipy.stats import beta
+
+    match_len, correct = np.asarray(match_len), np.asarray(correct, dtype=bool)
+    table = np.zeros(max_n + 1, dtype=np.float32)
+    for n in range(1, max_n + 1):
+        here = match_len == n
+        k, m = int(correct[here].sum()), int(here.sum())
+        table[n] = beta.ppf(delta, k, m - k + 1) if k > 0 else 0.0
+    return np.maximum.accumulate(np.nan_to_num(table))
+
+
+def trust_copy(token: np.ndarray, score: np.ndarray, copy_token: np.ndarray, copy_len: np.ndarray,
+               table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The learned gate's pick, or the copy candidate where the copy rule is trusted more: (token, score, used).
+
+    One function for training, calibration, evaluation and decoding. The combined score is what the threshold
+    is calibrated on, so a long copy match is skipped whenever the rule's lower-bounded precision there clears
+    the threshold, whatever the learned gate thinks: on copy positions the gate is at least as good as the rule.
+    """
+    copy_len = np.minimum(np.asarray(copy_len, dtype=np.int64), len(table) - 1)
+    copy_score = np.where(copy_len > 0, np.asarray(table)[copy_len], 0.0)
+    used = copy_score > np.asarray(score)
+    return (np.where(used, copy_token, token), np.where(used, copy_score, score).astype(np.float32), used)
+
+
 def is_copy_position(match_len: np.ndarray) -> np.ndarray:
     """Copy positions: the last COPY_SPAN tokens occurred earlier in the context."""
     return np.asarray(match_len) >= COPY_SPAN
 
 
-__all__ = ["CopyIndex", "copy_rule", "is_copy_position", "COPY_SPAN", "MAX_N"]
+__all__ = ["CopyIndex", "copy_rule", "is_copy_position", "trust_table", "trust_copy", "COPY_SPAN", "MAX_N"]

@@ -1,0 +1,136 @@
+"""The decode runtime: models opened as backends, the trained gate, held-out prompts, EOS ids.
+
+infer.py and bench/decode.py get everything model-related from here, so a new runtime (a llama.cpp or an
+ONNX backend) is one class with the Backend members (gate/decode/backend.py) plus one entry in `BACKENDS`.
+Only baselines that are transformers features by definition (HF generate, assisted generation, prompt-lookup
+decoding) reach the transformers model, through `Runtime.hf_model`, which says so when the backend is not HF.
+
+    rt = open_models("smollm2-135m", ["self:15"], "float32")       # big + predictors, same tokenizer checked
+    rt.big, rt.predictor("self:15"), rt.tokenizer, rt.eos_ids
+    rt.load_gate(path)                                              # the trained drafter, loaded once per path
+    held_out_prompts(corpus, tokenizer, n, n_tokens)                # prompts from the held-out books
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gate.decode.backend import Backend, HFBackend, early_exit_view
+
+BACKENDS: dict[str, type] = {   # kind -> class(model, name=..., hidden_layer=...) with the Backend members
+    "hf": HFBackend,
+}
+
+
+class UsageError(ValueError):
+    """A user error (bad option value, missing file): the CLI prints it as one line and exits 2."""
+
+
+def make_backend(model_or_loaded, kind: str = "hf", **kw) -> Backend:
+    """A backend of `kind` over a model (or a corpus_tools.models.LoadedModel); kw: name, hidden_layer."""
+    from corpus_tools.models import LoadedModel
+
+    if kind not in BACKENDS:
+        raise UsageError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
+    model = model_or_loaded.model if isinstance(model_or_loaded, LoadedModel) else model_or_loaded
+    return BACKENDS[kind](model, **kw)
+
+
+@dataclass
+class Runtime:
+    tokenizer: object
+    big: Backend
+    big_info: object                                 # corpus_tools.models.ModelInfo
+    predictors: dict[str, Backend] = field(default_factory=dict)
+    eos_ids: tuple = ()
+    gates: dict = field(default_factory=dict)        # path -> loaded drafter
+
+    def predictor(self, name: str) -> Backend:
+        if name not in self.predictors:
+            raise UsageError(f"model {name!r} was not opened (opened: {', '.join(self.predictors) or 'none'})")
+        return self.predictors[name]
+
+    def load_gate(self, path: str):
+        if path not in self.gates:
+            self.gates[path] = load_gate(path, self.big_info)
+        return self.gates[path]
+
+    def hf_model(self, name: str | None = None):
+        """The transformers model under the big backend (or predictor `name`): for HF-only baselines."""
+        backend = self.big if name is None else self.predictor(name)
+        if not isinstance(backend, HFBackend):
+            raise UsageError(f"{backend.name}: a transformers baseline needs the 'hf' backend")
+        return backend.model
+
+
+def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)") -> None:
+    """The runtime's options (infer.py and bench/decode.py): big model, dtype, backend, threads."""
+    g.add_argument("--model", default="smollm2-135m", help="the big model (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", help=dtype_help)
+    g.add_argument("--backend", default="hf", choices=list(BACKENDS), help="model runtime (default: %(default)s)")
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice; on a busy machine "
+                   "--threads 1 avoids stalls: 2 threads on 2 busy cores ran 8x slower here)")
+
+
+def open_models(big_name: str, small_names: list[str], dtype: str, kind: str = "hf") -> Runtime:
+    """Load the big model and the predictors; refuse models whose tokenizers differ.
+
+    A predictor name `self:K` is the big model's first K layers + final norm + output layer (no copy)."""
+    from corpus_tools.models import check_same_tokenizer, load
+
+    big = load(big_name, dtype)
+    fps = {big_name: big.info.fingerprint}
+    rt = Runtime(big.tokenizer, make_backend(big, kind, name=big_name), big.info, eos_ids=eos_ids_of(big))
+    loaded = {big_name: big}
+    for name in small_names:
+        if name in rt.predictors:
+            continue
+        if name.startswith("self:"):
+            rt.predictors[name] = make_backend(early_exit(big, name), kind, name=name)
+            continue
+        lm = loaded.get(name) or load(name, dtype)
+        loaded[name] = lm
+        fps[name] = lm.info.fingerprint
+        rt.predictors[name] = make_backend(lm, kind, name=name)
+    check_same_tokenizer(fps)
+    return rt
+
+
+def early_exit(big, name: str):
+    try:
+        return early_exit_view(big.model, int(name[5:]))
+    except ValueError as e:
+        raise UsageError(f"{name!r}: self:K needs a layer count K in 1..{big.info.n_layers} ({e})") from None
+
+
+def eos_ids_of(lm) -> tuple:
+    ids = set()
+    gc = getattr(lm.model, "generation_config", None)
+    e = getattr(gc, "eos_token_id", None) if gc is not None else None
+    ids.update(e if isinstance(e, (list, tuple)) else ([e] if e is not None else []))
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(lm.tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def load_gate(path: str, big_info):
+    from gate.model.drafter import ArtifactError, load_drafter
+
+    if not Path(path).exists():
+        raise UsageError(f"--gate {path}: no such folder (train a gate with `python train.py fit`)")
+    try:
+        return load_drafter(path, big_info)   # TokenizerMismatch passes through: the CLI reports it
+    except ArtifactError as e:
+        raise UsageError(str(e)) from e
+
+
+def held_out_prompts(corpus: str, tokenizer, n: int, n_tokens: int, split: str = "test") -> list[list[int]]:
+    """n prompts of n_tokens tokens: the openings of long paragraphs spread over the held-out books."""
+    from corpus_tools.selfgen import split_prompts
+
+    if not Path(corpus, "manifest.jsonl").exists():
+        raise UsageError(f"{corpus}: not a corpus folder (no manifest.jsonl; build it with train.py corpus)")
+    try:
+        return split_prompts(corpus, tokenizer, n, n_tokens, split)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
