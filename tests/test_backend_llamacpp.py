@@ -9,7 +9,7 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it from source)")
 
 from corpus_tools.models import ContextLengthError, packaged_gguf  # noqa: E402
-from gate.decode.backend_llamacpp import LlamaCppBackend  # noqa: E402
+from gate.decode.backend_llamacpp import LayerUnavailable, LlamaCppBackend  # noqa: E402
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.")
@@ -113,7 +113,7 @@ def test_no_hidden_layer_same_logits(backend, ids):
 
 
 def test_only_last_layer(backend):
-    with pytest.raises(ValueError, match="last layer only"):
+    with pytest.raises(LayerUnavailable, match="last layer only"):
         backend.hidden_layer = 15
     assert backend.hidden_layer == N_LAYERS
 
@@ -150,3 +150,39 @@ def test_big_policy_matches_binding_greedy(backend, high_level, ids):
         backend.hidden_layer = N_LAYERS
     assert res.ids == ref
     assert res.ledger["big_calls"] == n_new
+
+
+def test_copy_verify_lossless(backend, ids):
+    """`--policy copy --verify` on llama.cpp: drafts are checked by batched catch-up rows, output == big."""
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly, Copy
+
+    prompt = ids + ids[:12]   # a repeat in the prompt: the copy rule drafts from it
+    big = Decoder(backend, BigOnly()).generate(prompt, 32)
+    copy = Decoder(backend, Copy(min_match=3), verify=True).generate(prompt, 32)
+    assert copy.ids == big.ids
+    assert copy.ledger["skipped"] > 0 and copy.ledger["big_calls"] < big.ledger["big_calls"]
+    assert backend.hidden_layer is None   # the loop asks for no hidden state for big or copy
+
+
+def test_factory_refuses_early_exit():
+    from gate.decode.runtime import UsageError, make_backend
+
+    with pytest.raises(UsageError, match="'hf' backend"):
+        make_backend(None, "llama.cpp", name="self:15")
+
+
+def test_infer_cli_on_llamacpp(backend, ids, tmp_path):
+    """infer.py --backend llama.cpp --policy big: the same tokens as the backend's own greedy loop."""
+    import json
+
+    from gate.decode.cli import main
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly
+
+    out = tmp_path / "r.json"
+    rc = main(["--backend", "llama.cpp", "--policy", "big", "-m", "12", "--threads", "2", "--quiet",
+               "--json", str(out), TEXT])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["output_ids"] == Decoder(backend, BigOnly()).generate(r["prompt_ids"], 12).ids

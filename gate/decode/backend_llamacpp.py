@@ -83,9 +83,14 @@ def gguf_path(model: str | os.PathLike) -> Path:
     else:
         path = Path(model)
         if not path.is_file():
-            raise ModelSourceError(f"GGUF file {path} does not exist")
+            raise ModelSourceError(f"{model}: the llama.cpp backend needs a GGUF model, a packaged alias "
+                                   f"({', '.join(ALIASES)}) or a .gguf file")
     check_gguf(path)
     return path
+
+
+class LayerUnavailable(ValueError):
+    """A hidden layer other than the last: llama.cpp gives no other (a project error: one CLI error line)."""
 
 
 class LlamaCppBackend:
@@ -150,7 +155,7 @@ class LlamaCppBackend:
     @hidden_layer.setter
     def hidden_layer(self, layer: int | None) -> None:
         if layer is not None and layer != self.n_layers:
-            raise ValueError(
+            raise LayerUnavailable(
                 f"hidden_layer {layer}: the llama.cpp backend gives the last layer only "
                 f"(hidden_layer={self.n_layers} for {self.name}, the post-norm state) or none (None)")
         self._hidden_layer = layer
