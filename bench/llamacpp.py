@@ -168,6 +168,10 @@ def markdown(res: dict) -> str:
                      f"{v['prompts_identical_to_llama_generate']}/{res['n_prompts']} |")
     lines += ["", "Ratios (targets: llama_big / llama_generate >= 0.85; llama_big / hf_big >= 4):", ""]
     lines += [f"- {k}: {v}" for k, v in res["ratios"].items()]
+    if "hf_big" in res["methods"]:
+        lines += ["", "hf_big runs the GGUF de-quantised to float32 weights in transformers, while llama.cpp "
+                  "multiplies the quantised weights with 8-bit-quantised activations: a different numerical "
+                  "model, so its greedy text may part from llama.cpp's after a few tokens (not a bug)."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,11 +13,11 @@ high-level `Llama` object, because the decode loop needs exactly the protocol's 
   - crop(n) is llama_memory_seq_rm(memory, 0, n, -1); reset() is llama_memory_clear;
   - hidden states: a context with embeddings on and pooling NONE returns, per flagged row, the last layer's
     state after the final norm, i.e. HF's last `hidden_states` entry (hidden_layer == n_layers). No other layer
-    is reachable without an eval callback, so any other hidden_layer raises ValueError. With hidden_layer None
+    is reachable without an eval callback, so any other hidden_layer raises LayerUnavailable (a ValueError). With hidden_layer None
     the embeddings output is switched off (llama_set_embeddings), so a plain `big` run pays nothing for it;
   - logits and hidden rows are read zero-copy as numpy views of llama.cpp's output buffers and copied once
-    into a torch tensor (torch.from_numpy). A per-row Python list would cost ~3 ms per 49k-vocabulary row,
-    a third of a 135M decode step;
+    into a torch tensor (torch.from_numpy). A per-row Python list costs 2-4 ms per 49k-vocabulary row
+    (measured below), a large share of a 135M decode step;
   - the batch's token/pos/logits arrays are numpy views too, filled with slice assignments; seq ids are set
     once when the batch is allocated;
   - flash attention on (not llama.cpp's "auto"): with it a batched pass gives bit-identical logits to feeding
@@ -26,15 +26,19 @@ high-level `Llama` object, because the decode loop needs exactly the protocol's 
     0.6 in a logit, enough to flip a near-tie; the binding's own Llama() defaults to flash attention off;
   - n_ctx is checked before every forward: feeding past it raises ContextLengthError (corpus_tools.models).
 
-Binding: llama-cpp-python (pinned in requirements.txt, built from source by `make venv`), chosen by measurement
-on this machine (2 shared cores, SmolLM2-135M Q4_1, 2 threads; bench/results/llamacpp.md has the end-to-end
-numbers). The alternative, cyllama, ships prebuilt wheels, but only its 0.2.18 wheel installs on Python 3.11
-and that one needs a patched `LlamaModel` subclass (an `n_vocab` property) before `get_logits` works at all;
-it then returns logits as a Python list: 3.1 ms per 49,152-wide row measured here, against a decode step of
-~10-20 ms, and per kept row again in a verify pass. That alone misses the issue's "within 15% of llama.cpp's
-own generate" target. llama-cpp-python exposes the C API through ctypes, so logits are a zero-copy numpy view
-(~0.02 ms per row to copy into torch). Its cost is the source build (see requirements.txt / Makefile),
-which pip caches as a wheel.
+Binding: llama-cpp-python 0.3.36 (pinned in requirements.txt, built from source by `make venv`), chosen by
+measurement on this machine (2 shared cores under load 5-7, SmolLM2-135M Q4_1, 2 threads, 64 one-token decodes,
+two back-to-back rounds per binding; each bundles its own llama.cpp version):
+    reading one 49,152-wide logits row into numpy/torch: llama-cpp-python 0.18-0.19 ms (a zero-copy ctypes
+    view, one copy), cyllama 0.2.18 2.1-4.2 ms (it returns a Python list); decode steps 18-32 ms for both.
+The list read is paid per kept row, so a verify pass of 10 rows would pay 20-40 ms in it, more than the pass.
+cyllama also needs a workaround to run at all here: its wheels for Python >= 3.12 do not install on 3.11, and
+its last 3.11 wheel (0.2.18) raises in get_logits* unless `LlamaModel` is subclassed with an `n_vocab` property.
+llama-cpp-python's cost is the source build: 24.8 min measured here (nice'd, load 6-7 on 2 cores; ~10 min on
+2 idle cores), after which pip serves the cached wheel (a fresh venv installs it in 10 s). End to end,
+bench/results/llamacpp.md: `big` on this backend vs the binding's own greedy generate, 0.90x (2 threads) and
+0.97x (1 thread) of its tokens/s in the same run; vs the transformers backend 2.0x (2 threads) and 3.5x
+(1 thread) on this loaded machine (the issue's idle-machine numbers were ~6x).
 
     from gate.decode.backend_llamacpp import LlamaCppBackend
     big = LlamaCppBackend("model.gguf", hidden_layer=None, n_threads=2)
