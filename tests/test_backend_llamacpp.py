@@ -1,4 +1,7 @@
-"""LlamaCppBackend against the Backend protocol, on the packaged SmolLM2-135M GGUF (tens of tokens each)."""
+"""LlamaCppBackend against the Backend protocol, on the packaged SmolLM2-135M GGUF (tens of tokens each).
+
+One llama.cpp thread: robust on a busy machine (llama.cpp shares torch's OpenMP runtime, whose default spin-wait
+stalls 2 threads on 2 busy cores)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +28,7 @@ def gguf():
 def high_level(gguf):
     """The binding's own high-level model: the tokenizer here, and the greedy reference. Flash attention as in
     the backend (Llama() defaults to off, whose batched and one-token logits differ by up to 0.6)."""
-    llm = llama_cpp.Llama(gguf, n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False, flash_attn=True)
+    llm = llama_cpp.Llama(gguf, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False, flash_attn=True)
     yield llm
     llm.close()
 
@@ -37,7 +40,7 @@ def ids(high_level):
 
 @pytest.fixture(scope="module")
 def backend(gguf):
-    b = LlamaCppBackend(gguf, name="smollm2-135m", hidden_layer=N_LAYERS, n_ctx=256, n_threads=2)
+    b = LlamaCppBackend(gguf, name="smollm2-135m", hidden_layer=N_LAYERS, n_ctx=256, n_threads=1)
     yield b
     b.close()
 
@@ -181,7 +184,7 @@ def test_infer_cli_on_llamacpp(backend, ids, tmp_path):
     from gate.decode.policies import BigOnly
 
     out = tmp_path / "r.json"
-    rc = main(["--backend", "llama.cpp", "--policy", "big", "-m", "12", "--threads", "2", "--quiet",
+    rc = main(["--backend", "llama.cpp", "--policy", "big", "-m", "12", "--threads", "1", "--quiet",
                "--json", str(out), TEXT])
     assert rc == 0
     r = json.loads(out.read_text())

@@ -24,7 +24,12 @@ high-level `Llama` object, because the decode loop needs exactly the protocol's 
     the same tokens one at a time (measured here on SmolLM2), which the lossless --verify relies on (a catch-up
     pass checks drafts with rows a big-only run computes one by one). Without it the two differed by up to
     0.6 in a logit, enough to flip a near-tie; the binding's own Llama() defaults to flash attention off;
-  - n_ctx is checked before every forward: feeding past it raises ContextLengthError (corpus_tools.models).
+  - n_ctx is checked before every forward: feeding past it raises ContextLengthError (corpus_tools.models);
+  - threads: n_threads (default torch's thread count), set_threads(n). llama.cpp's CPU code here uses OpenMP
+    and shares torch's libgomp.so.1 (same soname, loaded with torch), whose wait policy is read once, when
+    torch loads: so OMP_WAIT_POLICY=PASSIVE is set by the entry points (infer.py, bench/*.py) before torch is
+    imported, not here. With the default spin-wait, `big` with 2 threads on 2 busy cores ran at 14.7 tok/s,
+    passive 33.2 (infer.py, 32 tokens, load 7).
 
 Binding: llama-cpp-python 0.3.36 (pinned in requirements.txt, built from source by `make venv`), chosen by
 measurement on this machine (2 shared cores under load 5-7, SmolLM2-135M Q4_1, 2 threads, 64 one-token decodes,
@@ -47,17 +52,13 @@ bench/results/llamacpp.md: `big` on this backend vs the binding's own greedy gen
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-
-# With OpenMP's default spin-wait, 2 threads on a busy 2-core machine made one decode take ~3 s instead of
-# ~20 ms (MODELS.md). Must be set before llama.cpp's OpenMP runtime loads; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_MAX_CTX = 8192   # default n_ctx = min(the model's training context, this): bounds the KV cache memory
 
@@ -70,8 +71,22 @@ def import_binding():
         raise ImportError(
             "the llama.cpp backend needs llama-cpp-python: `make venv` builds it, or "
             "pip install llama-cpp-python==0.3.36 (a source build of about 10 minutes)") from e
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)   # its log callback prints below this
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(_log_errors_only)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
     return llama_cpp
+
+
+GGML_LOG_LEVEL_ERROR = 4   # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_LOG_CALLBACK = None       # the ctypes callback must outlive every llama.cpp call
+
+
+def _log_errors_only(level: int, text: bytes, user_data) -> None:
+    # The binding's own callback maps levels by an older enum and prints WARN lines (e.g. about the pooling
+    # type this backend sets on purpose) on every context; llama.cpp's errors still reach stderr.
+    if level == GGML_LOG_LEVEL_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
 
 
 def gguf_path(model: str | os.PathLike) -> Path:
