@@ -56,6 +56,7 @@ test: venv books model
 
 bench: venv books model
 	$(PY) bench/record.py
+	$(PY) bench/llamacpp.py
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts 12
 
 clean:
