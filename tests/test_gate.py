@@ -1,4 +1,4 @@
-"""Gate: features, classifiers on synthetic data with a known answer, curves, and the calibration guarantee."""
+"""Gate: candidates and features with known values, and the classifiers on synthetic data with a known answer."""
 import math
 
 import numpy as np
@@ -63,7 +63,7 @@ def test_candidates_and_features_known_values():
     assert X["s_1"][0].tolist() == [1] * 4 and X["s_2"][1].tolist() == [1] * 4
     # selection: the best-scoring valid candidate
     scores = torch.tensor([[0.2, 0.9, 0.99, 0.1], [0.5, 0.4, 0.99, 0.7]])
-    slot, tok, best = gm.select(scores, o)
+    slot, tok, best = gm.pick_candidate(scores, o)
     assert slot.tolist() == [1, 3] and tok.tolist() == [11, 15] and np.allclose(best, [0.9, 0.7])
 
 
@@ -104,111 +104,3 @@ def test_mlp_gate_learns_what_logistic_cannot():
     assert torch.equal(again.score(Xt), mlp.score(Xt))
     mlp2 = gm.MLPGate(3).fit(X, y, seed=0, epochs=60, patience=10)
     assert torch.equal(mlp2.score(Xt), mlp.score(Xt))          # deterministic for a seed
-
-
-def test_precision_curve_and_coverage_at_precision():
-    scores = np.array([0.9, 0.8, 0.8, 0.7, 0.1])
-    correct = np.array([1, 1, 0, 1, 0], dtype=bool)
-    thr, cov, prec = gm.precision_curve(scores, correct)
-    assert thr.tolist() == [0.9, 0.8, 0.7, 0.1]            # ties form one threshold
-    assert cov.tolist() == [0.2, 0.6, 0.8, 1.0]
-    assert np.allclose(prec, [1, 2 / 3, 3 / 4, 3 / 5])
-    c = gm.coverage_at_precision(scores, correct, (0.7, 0.99))
-    assert c[0.7] == 0.8 and c[0.99] == 0.2
-    # oracle score: coverage at any precision = accuracy
-    assert gm.coverage_at_precision(correct.astype(float), correct, (0.99,))[0.99] == pytest.approx(0.6)
-
-
-def test_clopper_pearson_known_values():
-    # zero errors in n: upper bound 1 - delta^(1/n)
-    assert gm.clopper_pearson_upper(0, 100, 0.1) == pytest.approx(1 - 0.1 ** (1 / 100))
-    assert gm.clopper_pearson_upper(5, 5, 0.1) == 1.0
-    assert gm.clopper_pearson_upper(0, 0, 0.1) == 1.0
-    from scipy.stats import binom
-    u = gm.clopper_pearson_upper(7, 1000, 0.05)
-    assert binom.cdf(7, 1000, u) == pytest.approx(0.05, rel=1e-6)
-
-
-# a score distribution with a known error curve: score ~ U(0, 1), P(error | score = x) = 0.2 (1 - x)^2,
-# so the error rate among score >= lam is 0.2 (1 - lam)^2 / 3; it is <= 1% iff lam >= 1 - sqrt(0.15)
-def _true_risk(lam):
-    return 0.2 * (1 - lam) ** 2 / 3
-
-
-def _calib_set(n, rng):
-    x = rng.random(n)
-    err = rng.random(n) < 0.2 * (1 - x) ** 2
-    return x, ~err
-
-
-def test_ltt_bound_holds_on_simulated_calibration_sets():
-    """Over many simulated calibration sets the realised error rate at the LTT threshold exceeds the target
-    alpha at most delta of the time (plus Monte-Carlo slack); choosing the threshold naively (empirical
-    precision >= 99%) violates it far more often."""
-    rng = np.random.default_rng(0)
-    alpha, delta, trials = 0.01, 0.1, 200
-    viol_ltt = viol_naive = 0
-    covs, certified = [], 0
-    for _ in range(trials):
-        x, ok = _calib_set(20000, rng)
-        r = gm.ltt_calibrate(x, ok, 1 - alpha, delta)
-        certified += r["certified"]
-        viol_ltt += _true_risk(r["threshold"]) > alpha
-        covs.append(r["coverage"])
-        if r["certified"]:                           # p <= delta  <=>  CP upper bound <= alpha
-            assert r["error_ucb"] <= alpha + 1e-12
-        thr, cov, prec = gm.precision_curve(x, ok)
-        lam_naive = thr[np.flatnonzero(prec >= 1 - alpha).max()]
-        viol_naive += _true_risk(lam_naive) > alpha
-    # binomial slack: P(Bin(200, 0.1) > 28) < 1%
-    assert viol_ltt <= 28
-    assert viol_naive / trials > 0.3
-    assert certified >= 0.95 * trials
-    # and it is not vacuous: coverage near the best achievable 1 - lam* = sqrt(0.15) = 0.387
-    assert 0.2 < np.mean(covs) < math.sqrt(0.15)
-
-
-def test_ltt_refuses_when_nothing_is_safe():
-    rng = np.random.default_rng(1)
-    x = rng.random(3000)
-    ok = rng.random(3000) < 0.9                 # 10% errors everywhere: no threshold reaches 99%
-    r = gm.ltt_calibrate(x, ok, 0.99, 0.1)
-    assert not r["certified"] and r["threshold"] == gm.NEVER and r["coverage"] == 0
-    assert (x >= r["threshold"]).sum() == 0
-    with pytest.raises(ValueError):
-        gm.ltt_calibrate(x, ok, 1.0, 0.1)
-
-
-def test_ltt_fixed_sequence_stops_at_first_failure():
-    """Scores where the top is clean, a middle band is bad and a lower band is clean again: the walk must stop
-    in the bad band even though a lower threshold has good cumulative precision again."""
-    n = 3000
-    scores = np.r_[np.full(1000, 0.99), np.full(200, 0.9), np.full(1800, 0.5)]
-    ok = np.r_[np.ones(1000, bool), np.zeros(200, bool) | (np.arange(200) % 4 == 0), np.ones(1800, bool)]
-    r = gm.ltt_calibrate(scores, ok, 0.99, 0.1)
-    assert r["threshold"] > 0.9 and r["n"] == 1000
-
-    assert n == len(scores)
-
-
-def test_policy_simulation_and_run_lengths():
-    """Hand-checked walk: one stretch of 8 positions, max_skip 3 (skip at s = 1, 2)."""
-    from gate.train.evaluate import safe_run_lengths, simulate_policy
-    n, max_s = 8, 2
-    run_start = np.zeros(n, dtype=np.int64)
-    argmax = np.arange(100, 108)
-    # score 1 everywhere except (t=4, s=1); candidate right except at (t=2, s=2)
-    scores = {j: np.ones(n) for j in (1, 2)}
-    scores[1][4] = 0.0
-    cand = {j: argmax.copy() for j in (1, 2)}
-    cand[2][2] = -5
-    r = simulate_policy(scores, argmax, cand, run_start, threshold=0.5, max_skip=3)
-    # t=0 big; t=1 s=1 skip; t=2 s=2 skip (wrong); t=3 s=3 -> big; t=4 s=1 score 0 -> big;
-    # t=5 s=1 skip; t=6 s=2 skip; t=7 s=3 -> big
-    assert r["skipped"] == 4 and r["positions"] == 7 and r["errors"] == 1
-    assert r["precision"] == pytest.approx(0.75)
-    assert r["skip_run_hist"] == [2, 0, 2]                  # after the big passes at 0, 3, 4, 7: runs 2, 0, 2, 0
-    correct = {j: cand[j] == argmax for j in (1, 2)}
-    hist = safe_run_lengths(correct, run_start, max_s)
-    # from p: (p+1, s=1) and (p+2, s=2) correct? p=0: (1,1) ok, (2,2) wrong -> 1; p=1..6: 2 if p+2 < 8 ...
-    assert sum(hist) == n - 1 and hist[1] == 2 and hist[2] == 5

@@ -25,7 +25,7 @@ def test_special_tokens_are_other():
 
 
 def test_positional_class_matches_shared_definition(smollm2):
-    """The array form equals corpus_tools.tokens.token_class on real text, context included."""
+    """The array form equals corpus_tools.tokens.token_class_from_tokenizer on real text, context included."""
     from corpus_tools import tokens
     tok = smollm2.tokenizer
     text = ("\u201cMy dear Mr. Bennet,\u201d said his lady's friend in 1812 --\nNetherfield is let at last?\u201d"
@@ -33,8 +33,8 @@ def test_positional_class_matches_shared_definition(smollm2):
     ids = np.asarray(tok(text, add_special_tokens=False).input_ids)
     prev = np.r_[-1, ids[:-1]]
     cls, ends = inv.class_tables(tok)
-    mine = [inv.CLASSES[c] for c in inv.token_class(prev, ids, cls, ends)]
-    assert mine == list(tokens.token_class(tok, ids, prev))
+    mine = [inv.CLASSES[c] for c in inv.token_class_from_tables(prev, ids, cls, ends)]
+    assert mine == list(tokens.token_class_from_tokenizer(tok, ids, prev))
     got = dict(zip((tok.decode([i]) for i in ids), mine))
     assert got["et"] == "continuation" and got[",\u201d"] == "punct" and got[" dear"] == "word_start"
 
@@ -57,7 +57,7 @@ def test_inventory_on_real_tokenizer(smollm2, tmp_path, capsys):
     kinds = {k: int((tab["kind"] == i).sum()) for i, k in enumerate(inv.KINDS)}
     assert kinds["punct"] > 300 and kinds["suffix"] > 5000 and kinds["word"] > 10000
     ids = tok(" Bennet,\u201d said", add_special_tokens=False).input_ids
-    cls = inv.token_class(np.r_[-1, ids[:-1]], ids, tab["cls"], tab["ends_alnum"])
+    cls = inv.token_class_from_tables(np.r_[-1, ids[:-1]], ids, tab["cls"], tab["ends_alnum"])
     texts = [tok.decode([i]) for i in ids]
     assert dict(zip(texts, (inv.CLASSES[c] for c in cls)))["et"] == "continuation"
 

@@ -10,13 +10,13 @@ import torch
 
 from corpus_tools import record as rec_mod
 from corpus_tools import report
-from corpus_tools.tokens import token_class
+from corpus_tools.tokens import token_class_from_tokenizer
 from test_record import TINY, book_text, save_model, write_corpus
 
 
 def classes_of(tok, text):
     ids = tok(text, add_special_tokens=False).input_ids
-    return [(tok.decode([i]), c) for i, c in zip(ids, token_class(tok, ids, [-1] + ids[:-1]))]
+    return [(tok.decode([i]), c) for i, c in zip(ids, token_class_from_tokenizer(tok, ids, [-1] + ids[:-1]))]
 
 
 def test_token_classes_byte_level_bpe(smollm2):
@@ -25,7 +25,7 @@ def test_token_classes_byte_level_bpe(smollm2):
     assert got["."] == "punct" and got[",\u201d"] == "punct" and got["\n"] == "other"
     assert got["My"] == "word_start" and got["It"] == "word_start"  # after a quote / a newline: no 'Ġ' marker
     # without the previous token a marker-less word counts as a continuation
-    assert token_class(smollm2.tokenizer, smollm2.tokenizer("It").input_ids).tolist() == ["continuation"]
+    assert token_class_from_tokenizer(smollm2.tokenizer, smollm2.tokenizer("It").input_ids).tolist() == ["continuation"]
 
 
 def test_token_classes_sentencepiece_marker():
@@ -38,8 +38,8 @@ def test_token_classes_sentencepiece_marker():
                             trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
     ids = [tok.convert_tokens_to_ids(t) for t in ("\u2581the", "at", ",", "<unk>")]
-    assert token_class(tok, ids).tolist() == ["word_start", "continuation", "punct", "other"]
-    assert token_class(tok, [10 ** 6]).tolist() == ["other"]  # padded output rows beyond the vocabulary
+    assert token_class_from_tokenizer(tok, ids).tolist() == ["word_start", "continuation", "punct", "other"]
+    assert token_class_from_tokenizer(tok, [10 ** 6]).tolist() == ["other"]  # padded output rows beyond the vocabulary
 
 
 def test_skips_with_a_limit_stop_at_book_ends():

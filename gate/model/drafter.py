@@ -1,4 +1,4 @@
-"""The Drafter (docs/interfaces.md): the trained heads + gate as one artifact the `gate` decode policy loads.
+"""The Drafter: the trained heads + gate as one artifact the `gate` decode policy loads.
 
     drafter = load_drafter(path, big_info)       # refuses another tokenizer (TokenizerMismatch)
     tok, score = drafter.propose(ids, hidden, since_big)
@@ -34,7 +34,8 @@ import torch
 from corpus_tools.files import atomic_path, write_json
 from corpus_tools.models import ModelInfo, TokenizerMismatch
 from corpus_tools.records import sha256_file
-from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, select
+from gate.model.copyrule import CopyIndex, trust_copy
+from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, pick_candidate
 from gate.model.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
 
 FORMAT = "skipgate-drafter/1"
@@ -75,7 +76,7 @@ class Predictor:
     def run(self, ctx: torch.Tensor, hidden: torch.Tensor, s: torch.Tensor, copy: dict | None = None,
             mode: str | None = None) -> dict:
         """ctx [B, N] (pad = vocab_size), hidden [B, D] raw big hidden at p, s [B] since_big (clamped to max_s),
-        copy: in-context copy statistics per order (gate.heads.ContextIndex / context_copy_stats)."""
+        copy: in-context copy statistics per order (gate.model.heads.ContextIndex / context_copy_stats)."""
         s = s.long().clamp(1, self.max_s)
         hn = self.norm(hidden.float())
         pw = torch.softmax(self.word(ctx.long(), hn, s).float(), -1)
@@ -127,18 +128,25 @@ class Predictor:
 
 
 class Drafter:
-    """Implements the Drafter contract of docs/interfaces.md around a Predictor and a trained gate."""
+    """The drafter contract (propose / start / threshold / max_skip / hidden_layer) around a Predictor and a
+    trained gate."""
 
     def __init__(self, predictor: Predictor, gates: dict, primary: str, threshold: float, max_skip: int,
-                 hidden_layer: int, meta: dict | None = None):
+                 hidden_layer: int, meta: dict | None = None, copy_trust: np.ndarray | None = None):
         self.predictor, self.gates, self.primary = predictor, gates, primary
         self.threshold, self.max_skip, self.hidden_layer = float(threshold), int(max_skip), int(hidden_layer)
         self.meta = meta or {}
         self.index = ContextIndex(NGRAM_ORDERS)
+        # the copy rule's trust per match length (gate.model.copyrule.trust_table); None: an artifact from
+        # before the copy rule was part of the drafter, which proposes what its gate picks alone
+        self.copy_trust = None if copy_trust is None else np.asarray(copy_trust, dtype=np.float32)
+        self.copies = CopyIndex(len(self.copy_trust) - 1) if self.copy_trust is not None else None
 
     def start(self) -> None:
         """A new text begins (the decode policy calls this): forget the in-context copy statistics."""
         self.index.reset()
+        if self.copies is not None:
+            self.copies.reset()
 
     @property
     def gate(self):
@@ -164,7 +172,11 @@ class Drafter:
                                                                          np.array([tots[n]]))
         h = torch.as_tensor(hidden).reshape(1, -1)
         out = self.predictor.run(self.predictor.context(ids)[None], h, torch.tensor([since_big]), copy)
-        _, tok, score = select(self.score(out), out)
+        _, tok, score = pick_candidate(self.score(out), out)
+        if self.copies is not None:
+            self.copies.sync(ids)
+            copy_tok, copy_len = self.copies.query()
+            tok, score, _ = trust_copy(tok, score, np.array([copy_tok]), np.array([copy_len]), self.copy_trust)
         score = float(score[0])
         if since_big >= self.max_skip:
             score = 0.0
@@ -186,6 +198,7 @@ class Drafter:
                     threshold=self.threshold, primary_gate=self.primary,
                     gates={n: {"kind": g.kind, "config": g.config()} for n, g in self.gates.items()},
                     predictor=self.predictor.config(), features=self.predictor.feature_names,
+                    copy_trust=None if self.copy_trust is None else [float(x) for x in self.copy_trust],
                     files={TENSOR_FILE: sha}, versions=library_versions())
         write_json(path / META_FILE, meta)
         self.meta = meta
@@ -270,7 +283,7 @@ def load_drafter(path: str | Path, big_info: ModelInfo | dict | None) -> Drafter
         gates[name] = GATES[g["kind"]].from_state({k[len(pre):]: v for k, v in t.items() if k.startswith(pre)},
                                                   g["config"])
     return Drafter(pred, gates, meta["primary_gate"], meta.get("threshold", NEVER), meta["max_skip"],
-                   meta["hidden_layer"], meta)
+                   meta["hidden_layer"], meta, meta.get("copy_trust"))
 
 
 __all__ = ["Drafter", "Predictor", "load_drafter", "read_meta", "ArtifactError", "TokenizerMismatch"]

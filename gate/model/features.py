@@ -1,16 +1,16 @@
-"""The gate: features, classifiers, and the calibrated threshold with a finite-sample guarantee.
+"""The gate: candidate tokens, their features, and the classifiers that score them.
 
 The gate answers one question per proposal: is the predictor's candidate token equal to the big model's greedy
 token at this position? Its score is an estimated P(candidate == big argmax).
 
 Candidates and features (`compute_features`, the one function used at train, calibration, evaluation and decode
 time - the Drafter calls it with a batch of one). Each proposal considers up to four candidate tokens (SOURCES):
-the head's top-1 and top-2 over R, the training text's n-gram continuation (gate/heads.NgramTable) and the
-in-context copy continuation (gate/heads.ContextIndex: names and repeated phrases that R may not even contain).
+the head's top-1 and top-2 over R, the training text's n-gram continuation (gate/model/heads.NgramTable) and the
+in-context copy continuation (gate/model/heads.ContextIndex: names and repeated phrases that R may not even contain).
 The gate scores every candidate; the drafter proposes the best-scoring one. Per-candidate features:
     p_head, log_p_head, w_p, f_p   the head distribution's (word head's, future head's) probability of it
     is_head1, is_head2             it is the head's first / second choice
-    head_pmax, head_margin, head_entropy (/ log(|R|+1), seed 001), head_p_other, f_agree_head1 (the future head's
+    head_pmax, head_margin, head_entropy (/ log(|R|+1), the entropy-gated switching signal), head_p_other, f_agree_head1 (the future head's
                                    top token is the head's top token)   - shared by a pair's candidates
     ng_match, ng_p, ng_logn, ng_order, ng_p_match, ng<n>_match   agreement with the training-text continuation of
                                    the longest context seen >= 2 times, its probability, log count, order
@@ -26,27 +26,8 @@ Gates: `LogisticGate` (scikit-learn LogisticRegression on standardised features;
 is applied in torch, no pickle is stored) and `MLPGate` (features -> 64 -> 64 -> 1, SiLU, BCE, AdamW, early
 stopping on a held-out 10%).
 
-Calibration (`ltt_calibrate`): the threshold is chosen on the validation split so that the precision
-P(candidate == big argmax | score >= threshold) is at least the target (default 0.99) with probability at least
-1 - delta (default 0.1), by Learn-then-Test (Angelopoulos, Bates, Candes, Jordan, Lei 2021) with fixed-sequence
-testing: for thresholds lambda_1 > lambda_2 > ... on a grid fixed before seeing data (uniform in logit space),
-the null hypothesis H_j "the error rate among positions with score >= lambda_j exceeds alpha = 1 - target" is
-tested with the exact binomial p-value P(Bin(n_j, alpha) <= k_j) (n_j positions served, k_j errors); walk from
-the strictest threshold and stop at the first one not rejected at level delta; return the last rejected one.
-Why not just pick the threshold whose validation precision is 99%: that selection overfits the calibration data
-(the chosen threshold is the one where the noise was kind), and a Clopper-Pearson interval computed afterwards
-at the selected threshold is not valid. Fixed-sequence testing controls the family-wise error: with probability
->= 1 - delta *no* certified threshold has error rate > alpha, so in particular the chosen one does not.
-Thresholds with fewer served positions than n_min = ceil(log(delta) / log(1 - alpha)) (where even zero errors
-cannot reject) are not tested (skipped, they do not stop the walk), as in common LTT implementations; this
-depends only on counts, not on labels. Reported alongside: the Clopper-Pearson one-sided (1 - delta) upper bound
-on the error rate at the chosen threshold (<= alpha by construction: p <= delta is equivalent to the CP upper
-bound being <= alpha), and the realised precision on the test split (gate/train/evaluate.py).
-When several learned gates are calibrated on the same validation pairs and the best certified one is kept, each is
-calibrated at delta / (number of gates), so the family-wise guarantee covers the choice (gate/train/fit.py).
-The guarantee is for positions drawn like the validation positions (held-out books, teacher-forced text, the
-since_big mix of the calibration pairs); decoding from a model's own output is a distribution shift the bound
-does not cover - the evaluation's policy simulation and the decode benchmarks measure that.
+The gate's threshold is calibrated on validation data by gate/train/calibration.py (Learn-then-Test); a
+threshold of NEVER means no threshold was certified and the gate never skips.
 """
 from __future__ import annotations
 
@@ -57,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from corpus_tools.inventory import CLASSES, KINDS, token_class
+from corpus_tools.inventory import CLASSES, KINDS, token_class_from_tables
 
 EPS = 1e-6
 
@@ -197,7 +178,7 @@ def compute_features(pw: torch.Tensor, pf: torch.Tensor, mode: str, rids: torch.
     cpf = torch.from_numpy(_source_features(copy, c))
     n_src = slot[..., 0] + ngf[..., 0] + cpf[..., 0]
     last = last_ids.numpy()
-    cls = token_class(np.repeat(last[:, None], K, 1), np.where(valid, c, 0), tables["cls"], tables["ends_alnum"])
+    cls = token_class_from_tables(np.repeat(last[:, None], K, 1), np.where(valid, c, 0), tables["cls"], tables["ends_alnum"])
     kind = tables["kind"]
     lk = np.where((last >= 0) & (last < len(kind)), kind[np.clip(last, 0, len(kind) - 1)], KINDS.index("other"))
     per_pair = torch.cat([F.one_hot(torch.from_numpy(lk.astype(np.int64)), len(KINDS)).float(),
@@ -208,7 +189,7 @@ def compute_features(pw: torch.Tensor, pf: torch.Tensor, mode: str, rids: torch.
     return {"cands": c, "valid": valid, "X": X.float(), "cls": cls, "head_p": head_pmax, "head_entropy": ent}
 
 
-def select(scores: torch.Tensor, out: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pick_candidate(scores: torch.Tensor, out: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: (chosen slot, its token, its score) - the valid candidate with the highest gate score."""
     sc = scores.reshape(out["valid"].shape).clone()
     sc[torch.from_numpy(~out["valid"])] = -1.0
@@ -330,95 +311,4 @@ class MLPGate(nn.Module):
 GATES = {"logreg": LogisticGate, "mlp": MLPGate}
 
 
-# ------------------------------------------------------------------------------------------------ curves
-def precision_curve(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thresholds, coverage, precision) at every distinct score, highest first: skipping every position
-    with score >= threshold covers `coverage` of the positions with `precision` of them correct."""
-    scores = np.asarray(scores, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool)
-    n = len(scores)
-    if n == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    order = np.argsort(-scores, kind="stable")
-    s, c = scores[order], correct[order]
-    cum = np.cumsum(c)
-    last = np.r_[s[1:] != s[:-1], True]          # end of each tie group
-    idx = np.flatnonzero(last)
-    return s[idx], (idx + 1) / n, cum[idx] / (idx + 1)
-
-
-def coverage_at_precision(scores, correct, targets=(0.95, 0.98, 0.99, 0.995)) -> dict[float, float]:
-    """Largest coverage over thresholds whose precision is >= target (0 if none)."""
-    _, cov, prec = precision_curve(scores, correct)
-    out = {}
-    for t in targets:
-        ok = prec >= t - 1e-12
-        out[t] = float(cov[ok].max()) if ok.any() else 0.0
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ calibration
-def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
-    """One-sided (1 - delta) upper confidence bound on a binomial rate from k errors in n trials."""
-    from scipy.stats import beta
-    if n <= 0:
-        return 1.0
-    if k >= n:
-        return 1.0
-    return float(beta.ppf(1 - delta, k + 1, n - k))
-
-
-def threshold_grid(n: int = 1201, lo_logit: float = -8.0, hi_logit: float = 16.0) -> np.ndarray:
-    """The fixed (data-independent) threshold sequence, strictest first; 1.0 (float32 saturated) leads."""
-    g = 1.0 / (1.0 + np.exp(-np.linspace(hi_logit, lo_logit, n)))
-    return np.r_[1.0, g]
-
-
-NEVER = 2.0   # threshold that no score reaches: the gate never skips
-
-
-def ltt_calibrate(scores, correct, target_precision: float = 0.99, delta: float = 0.1,
-                  grid: np.ndarray | None = None) -> dict:
-    """Learn-then-Test fixed-sequence calibration; see the module docstring. Returns a JSON-able dict.
-
-    The walk starts at the strictest grid threshold serving at least n_min positions and stops at its first
-    non-rejection. Its weak point is the start, where few positions are served: one unlucky error there ends
-    the walk early. In simulations (tests/test_gate.py) with 20,000 calibration points it always certified a
-    threshold; with 4,000 it certified none about 15% of the time. Variants tried there - a second chain
-    started where a held-out pilot quarter of the data looked safe, delta split between chains - lost more
-    coverage to the smaller delta and data than they won back, so this is the plain single sequence.
-    """
-    from scipy.stats import binom
-    scores = np.asarray(scores, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool)
-    alpha = 1.0 - target_precision
-    if not 0 < alpha < 1:
-        raise ValueError(f"target precision {target_precision} must be in (0, 1)")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta {delta} must be in (0, 1)")
-    grid = threshold_grid() if grid is None else np.sort(np.asarray(grid, dtype=np.float64))[::-1]
-    N = len(scores)
-    n_min = int(math.ceil(math.log(delta) / math.log(1 - alpha)))
-    neg = np.sort(-scores)
-    errs = np.r_[0, np.cumsum(~correct[np.argsort(-scores, kind="stable")])]
-    n_at = np.searchsorted(neg, -grid, side="right")        # served at each grid threshold (non-decreasing)
-    k_at = errs[n_at]
-    first = int(np.searchsorted(n_at, n_min, side="left"))
-    best, tested = None, 0
-    for j in range(first, len(grid)):
-        n, k = int(n_at[j]), int(k_at[j])
-        tested += 1
-        if binom.cdf(k, n, alpha) <= delta:
-            best = (float(grid[j]), n, k)
-        else:
-            break
-    result = {"threshold": NEVER, "n": 0, "errors": 0, "coverage": 0.0, "precision": None,
-              "error_ucb": None, "certified": False}
-    if best is not None:
-        lam, n, k = best
-        result.update(threshold=lam, n=n, errors=k, coverage=n / max(N, 1), precision=1 - k / n,
-                      error_ucb=clopper_pearson_upper(k, n, delta), certified=True)
-    result.update(target_precision=target_precision, alpha=alpha, delta=delta, n_min=n_min,
-                  n_calibration=N, thresholds_tested=tested,
-                  method="learn-then-test, fixed-sequence testing, exact binomial p-values")
-    return result
+NEVER = 2.0   # threshold that no score reaches: the gate never skips (gate.train.calibration)

@@ -1,6 +1,7 @@
-"""Predictors trained from records: the word-completion head (seed 003) and Medusa-style future-token heads.
+"""Predictors trained from records: the word-completion head (a small head that completes the current word or
+predicts punctuation from the last few tokens) and Medusa-style future-token heads.
 
-Positions and offsets (records convention, docs/interfaces.md): at record position t the big model has read
+Positions and offsets (the records' convention): at record position t the big model has read
 tokens[..t]; its greedy choice for token t+1 is argmax[t]. In decode the drafter is asked for token t+1 when
 the big model last computed position p = t - s (s = since_big >= 1): it has the big hidden state h[p] (stale
 by s positions) and every token up to t, where tokens p+1..t are the big model's own token y_{p+1} followed by
@@ -15,7 +16,7 @@ seen in training plus the most frequent big-model argmax tokens) plus one "other
 p(other) is a gate feature. Targets are distilled from the records: the loss mixes cross-entropy on the big
 model's argmax with cross-entropy on its (renormalised) top-k distribution mapped into R (+ other).
 
-WordHead (item 1a): the last N tokens (default 8; across sentence boundaries - the head learns where a sentence
+WordHead (the word-completion head): the last N tokens (default 8; across sentence boundaries - the head learns where a sentence
 starts), each embedded with the big model's frozen input embedding and projected to d_tok dims by a trained
 linear map, flattened in order; plus the standardised stale hidden state projected to d_hid dims; plus an
 embedding of s. Then a 2-layer SiLU MLP (residual) that predicts the big model's hidden state at t (standardised,
@@ -28,7 +29,7 @@ frozen embedding and the projection are baked into one [V+1, d_tok] lookup table
 used before the start of the text), so inference is N table lookups + a small MLP and the artifact does not
 carry the big model's embedding matrix.
 
-FutureHeads (item 1b, Medusa-1 style): for each s in 1..K a residual block x + SiLU(W_s x) (W_s zero-initialised)
+FutureHeads (Medusa-1 style): for each s in 1..K a residual block x + SiLU(W_s x) (W_s zero-initialised)
 on the standardised hidden state, then one output layer over R + 1 shared by all heads and initialised from the
 big model's own output-embedding rows of R (so with the final-layer hidden state every head starts as the big
 model's own next-token prediction restricted to R), trainable. Trained on batches of p with all K targets
@@ -36,18 +37,14 @@ argmax[p+1..p+K] at once (the loss weight of head s is 0.8^(s-1), as in Medusa),
 regression as the word head: block s's output towards the big model's hidden state at p+s.
 
 Cost per proposed token is reported by `flops_per_token()` (2 x multiply-accumulates; lookups are free) and
-compared with the big model's 2 x n_params by the fit.
+compared with the big model's 2 x n_params by the fit. The training loops are in gate/train/distill.py.
 """
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -202,21 +199,7 @@ class FutureHeads(nn.Module):
         return 2 * (self.hidden_size * self.hidden_size + self.hidden_size * self.n_out)
 
 
-# ------------------------------------------------------------------------------------------------ data
-@dataclass
-class HeadData:
-    """Arrays of one split, as the heads need them (rows = record positions in file order)."""
-    tokens: np.ndarray          # int64 [N] token at t
-    argmax: np.ndarray          # int64 [N] big model's argmax at t (its choice for token t+1)
-    hidden: np.ndarray          # [N, D] (fp16 memmap ok) big hidden at the drafter's layer
-    run_start: np.ndarray       # int64 [N] first row of the contiguous run (same book, consecutive pos) of t
-    topk_ids: np.ndarray | None = None   # int [N, k]
-    topk_p: np.ndarray | None = None     # float [N, k]
-
-    def __len__(self):
-        return len(self.tokens)
-
-
+# ------------------------------------------------------------------------------------------------ indexing
 def run_starts(book: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """Row index where the contiguous stretch of each row starts (a new book or a gap in pos starts one)."""
     book, pos = np.asarray(book), np.asarray(pos)
@@ -249,157 +232,12 @@ def context_ids(tokens: np.ndarray, run_start: np.ndarray, t: np.ndarray, n_ctx:
     return np.where(ok, tokens[np.clip(idx, 0, None)], pad)
 
 
-def soft_targets(topk_ids, topk_p, rmap: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Big model's top-k distribution, renormalised, mapped onto R + other."""
-    q = torch.zeros(topk_ids.shape[0], n_out)
-    q.scatter_add_(1, rmap[topk_ids.long()], topk_p.float())
-    return q / q.sum(1, keepdim=True).clamp_min(1e-8)
-
-
-def distill_loss(logits, hard, soft=None, soft_weight: float = 0.5, pred_h=None, true_h=None,
-                 reg_weight: float = 0.0):
-    loss = F.cross_entropy(logits, hard)
-    if soft is not None and soft_weight > 0:
-        loss = (1 - soft_weight) * loss - soft_weight * (soft * F.log_softmax(logits, -1)).sum(-1).mean()
-    if reg_weight > 0 and pred_h is not None:
-        loss = loss + reg_weight * F.smooth_l1_loss(pred_h, true_h)
-    return loss
-
-
-def _lr_at(step, total, base, warmup=100):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
-
-
-def _batch_tensors(data: HeadData, t: np.ndarray, rmap: torch.Tensor, n_out: int, want_soft: bool):
-    hard = rmap[torch.from_numpy(data.argmax[t].astype(np.int64))]
-    soft = None
-    if want_soft and data.topk_ids is not None:
-        soft = soft_targets(torch.from_numpy(np.asarray(data.topk_ids[t], dtype=np.int64)),
-                            torch.from_numpy(np.asarray(data.topk_p[t], dtype=np.float32)), rmap, n_out)
-    return hard, soft
-
-
-def _sorted_take(arr, idx):
-    """arr[idx] for a memmap, reading rows in file order (much faster than random order), same result."""
-    order = np.argsort(idx, kind="stable")
-    out = np.asarray(arr[idx[order]])
-    res = np.empty_like(out)
-    res[order] = out
-    return res
-
-
-def _batches(rng, n_rows: int, batch: int, n_steps: int, desc: str):
-    """(step, row indices, progress bar) for n_steps batches; epochs are seeded permutations of the rows."""
-    order = np.empty(0, dtype=np.int64)
-    bar = tqdm(range(n_steps), desc=desc, leave=False, mininterval=2)
-    for step in bar:
-        if len(order) < batch:
-            order = np.concatenate([order, rng.permutation(n_rows)])
-        b, order = order[:batch], order[batch:]
-        yield step, b, bar
-
-
-def _step(opt, loss, step: int, n_steps: int, lr: float, losses: list, bar) -> None:
-    """One optimiser step at the scheduled learning rate; the progress bar shows the recent mean loss."""
-    for g in opt.param_groups:
-        g["lr"] = _lr_at(step, n_steps, lr)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    losses.append(loss.item())
-    if step % 50 == 0:
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-
-
-def n_steps_for(n_rows: int, epochs: float, batch: int, min_steps: int) -> int:
-    return max(min_steps, int(math.ceil(epochs * n_rows / batch)))
-
-
-def train_word_head(head: WordHead, norm: HiddenNorm, data: HeadData, rows: np.ndarray, rmap: torch.Tensor, *,
-                    epochs: float = 2.0, batch: int = 512, lr: float = 2e-3, soft_weight: float = 0.5,
-                    reg_weight: float = 1.0, min_steps: int = 0, seed: int = 0,
-                    desc: str = "word head") -> list[float]:
-    """Each epoch visits every row t once with s drawn uniformly from its valid range (deterministic).
-    Loss: distillation on the big model's choice + reg_weight x smooth-L1 between the head's predicted hidden
-    state and the big model's actual (standardised) hidden state at t (EAGLE's feature regression)."""
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    n_steps = n_steps_for(len(rows), epochs, batch, min_steps)
-    head.train()
-    losses = []
-    # valid s for row t: 1..min(max_s, t - run_start[t])
-    smax = np.minimum(head.max_s, rows - data.run_start[rows])
-    keep = smax >= 1
-    rows, smax = rows[keep], smax[keep]
-    if len(rows) == 0:
-        raise ValueError("no training positions with a previous position in the same run")
-    for step, b, bar in _batches(rng, len(rows), batch, n_steps, desc):
-        t = rows[b]
-        s = 1 + (rng.random(len(b)) * smax[b]).astype(np.int64)
-        ctx = torch.from_numpy(context_ids(data.tokens, data.run_start, t, head.n_ctx, head.pad))
-        both = norm(torch.from_numpy(_sorted_take(data.hidden, np.concatenate([t - s, t])).astype(np.float32)))
-        hn, hn_t = both[:len(t)], both[len(t):]
-        hard, soft = _batch_tensors(data, t, rmap, head.n_out, soft_weight > 0)
-        logits, pred_h = head(ctx, hn, torch.from_numpy(s), return_hidden=True)
-        loss = distill_loss(logits, hard, soft, soft_weight, pred_h, hn_t, reg_weight)
-        _step(opt, loss, step, n_steps, lr, losses, bar)
-    head.eval()
-    return losses
-
-
-def train_future_heads(heads: FutureHeads, norm: HiddenNorm, data: HeadData, rows: np.ndarray,
-                       rmap: torch.Tensor, *, epochs: float = 2.0, batch: int = 512, lr: float = 1e-3,
-                       soft_weight: float = 0.5, reg_weight: float = 1.0, decay: float = 0.8, min_steps: int = 0,
-                       seed: int = 0, desc: str = "future heads") -> list[float]:
-    """Batches of p (hidden rows); head s is trained on argmax[p+s] where p+s is in the same run, plus
-    reg_weight x smooth-L1 from its block's output to the big model's standardised hidden state at p+s."""
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.01)
-    k = heads.k
-    # p must have at least p+1 in the same run: run end = next run start - 1
-    n = len(data)
-    run_end = np.empty(n, dtype=np.int64)
-    starts = np.unique(data.run_start)
-    ends = np.append(starts[1:], n) - 1
-    run_end[:] = ends[np.searchsorted(starts, data.run_start)]
-    rows = rows[rows + 1 <= run_end[rows]]
-    if len(rows) == 0:
-        raise ValueError("no training positions with a next position in the same run")
-    n_steps = n_steps_for(len(rows), epochs, batch, min_steps)
-    heads.train()
-    losses = []
-    w = torch.tensor([decay ** j for j in range(k)])
-    for step, b, bar in _batches(rng, len(rows), batch, n_steps, desc):
-        p = rows[b]
-        tgts = [p + j + 1 for j in range(k)]
-        oks = [tg <= run_end[p] for tg in tgts]
-        idx = np.concatenate([p] + [np.where(ok, tg, p) for tg, ok in zip(tgts, oks)])
-        allh = norm(torch.from_numpy(_sorted_take(data.hidden, idx).astype(np.float32)))
-        hn = allh[:len(p)]
-        logits, pred_h = heads.forward_all(hn, return_hidden=True)   # [B, k, n_out], [B, k, D]
-        loss = 0.0
-        for j in range(k):
-            ok = oks[j]
-            if not ok.any():
-                continue
-            m = torch.from_numpy(ok)
-            true_h = allh[(j + 1) * len(p):(j + 2) * len(p)][m]
-            hard, soft = _batch_tensors(data, tgts[j][ok], rmap, heads.n_out, soft_weight > 0)
-            loss = loss + w[j] * distill_loss(logits[m, j], hard, soft, soft_weight, pred_h[m, j], true_h,
-                                              reg_weight)
-        _step(opt, loss / w.sum(), step, n_steps, lr, losses, bar)
-    heads.eval()
-    return losses
-
-
 # ------------------------------------------------------------------------------------------------ n-grams
 class NgramTable:
     """Token n-gram statistics of the training books' text (orders 1..max_order): for a context of the last
     n tokens, the most frequent next token, its count and the context's total count.
 
-    The word-completion idea of seed 003 at its simplest: "Benn" is followed by "et" in every book. It is built
+    The word-completion idea at its simplest: "Benn" is followed by "et" in every book. It is built
     from the full text of the train-split books (not only the recorded positions, so it sees far more text than
     the heads), minus the positions the gate is trained on (so the gate sees the table's confidence as it is on
     unseen text). Stored as sorted int64 context keys per order (key = ids in base V); lookup is a binary search.

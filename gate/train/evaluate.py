@@ -11,10 +11,20 @@ Definitions (every number in the report uses these):
                 the test pairs is >= 99% (an oracle choice of threshold for every method alike: it compares
                 rankings; the deployed threshold is the calibrated one, reported separately).
     methods     learned gates (logreg, mlp) scored on the same candidates as:
-                entropy   the predictor's entropy normalised by log(|R| + 1) (seed 001; skip when low),
+                entropy   the predictor's entropy normalised by log(|R| + 1) (entropy-gated switching: skip when
+                          low),
                 max_prob  the predictor's probability of its candidate (BiLD's fallback rule),
-                oracle    skips exactly the pairs where the candidate is right: coverage = predictor accuracy
-                          at 100% precision, the ceiling for any gate on this predictor.
+                copy      the copy rule (prompt lookup used as a gate, no training; gate.model.copyrule): its
+                          candidate follows the longest earlier occurrence of the context's suffix, its score
+                          is the match length,
+                <model>:max_prob, <model>:entropy   when the records hold a smaller model with the big model's
+                          tokenizer: its own token, scored by its max-probability (BiLD) and by 1 - its
+                          normalised entropy (entropy-gated switching),
+                oracle    skips exactly the pairs where some proposal (a drafter candidate or the copy rule's)
+                          is right: the ceiling for any gate choosing among these proposals.
+    copy / non-copy   a copy position is one whose last 4 tokens occurred earlier in its context; every table
+                is also given on the non-copy positions (what a gate adds over copying shows there) and on
+                the copy positions (where the learned gate must do at least as well as the copy rule).
     classes     the candidate's positional class (punct / continuation / word / other, corpus_tools.inventory);
                 per-class coverage uses a threshold chosen within the class.
     policy      a teacher-forced simulation of the decode policy on each test stretch: after a big pass at p
@@ -35,17 +45,21 @@ import argparse
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from corpus_tools.files import write_json, write_text
 from corpus_tools.inventory import CLASSES
 from corpus_tools.models import TokenizerMismatch
-from corpus_tools.files import write_json
+from gate.model.copyrule import is_copy_position
 from gate.model.drafter import ArtifactError, load_drafter, read_meta
-from gate.train.fit import FitError, find_split, load_fields, load_split, open_records_checked, predict_pairs
-from gate.model.features import SOURCES, coverage_at_precision, precision_curve
+from gate.model.features import SOURCES
 from gate.model.heads import context_copy_stats, pair_index
+from gate.train.calibration import coverage_at_precision, precision_curve
+from gate.train.data import (FitError, SplitData, apply_copy_trust, find_split, load_fields, load_split,
+                             open_records_checked, predict_pairs, select_part)
 
 TARGETS = (0.95, 0.98, 0.99, 0.995)
 
@@ -200,9 +214,24 @@ def _thin(cov, prec, n=400):
     return cov[idx], prec[idx]
 
 
-def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 600000, probes: bool = True,
-             probe_k: int = 512, log=print, command: str = "") -> dict:
-    t_start = time.time()
+@dataclass
+class EvalInputs:
+    """The records, the gate and the split being evaluated, checked against each other."""
+    rec: object
+    records: object                      # the records' path (for messages and the report)
+    gate: Path
+    meta: dict
+    entry: dict                          # the records' entry of the gate's big model
+    dr: object                           # the Drafter
+    split: str
+    te: SplitData
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+
+def open_inputs(records, gate, split: str, part: str | None = None) -> EvalInputs:
     gate = Path(gate)
     meta = read_meta(gate)
     rec = records if hasattr(records, "load") else open_records_checked(records)
@@ -214,143 +243,252 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
     split = find_split(rec, records, split) if split in ("test", "validation") else split
     if split not in rec.splits:
         raise FitError(f"{records}: no split {split!r} (splits: {', '.join(rec.splits)})")
-    te = load_split(rec, records, split, name, dr.hidden_layer)
-    max_s = dr.predictor.max_s
-    out = Path(out) if out else gate / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    t, s = pair_index(te.run_start, np.arange(len(te)), max_s)
+    data = select_part(load_split(rec, records, split, name, dr.hidden_layer), part, records)
+    return EvalInputs(rec, records, gate, meta, entry, dr, split, data)
+
+
+def test_pairs(inp: EvalInputs, max_pairs: int, log) -> tuple[np.ndarray, np.ndarray, int]:
+    """(t, s) pairs of the split and the number of positions they cover (whole positions only, so the policy
+    walk sees every pair it needs, up to --max-pairs)."""
+    te = inp.te
+    t, s = pair_index(te.run_start, np.arange(len(te)), inp.dr.predictor.max_s)
     if len(t) == 0:
-        raise FitError(f"{records}: split {split!r} has no position with an earlier one in the same book")
+        raise FitError(f"{inp.records}: split {inp.split!r} has no position with an earlier one in the same book")
     n_used = len(te)
-    if len(t) > max_pairs:                 # whole positions only, so the policy walk sees every pair it needs
+    if len(t) > max_pairs:
         n_used = int(t[max_pairs])
         keep = t < n_used
         t, s = t[keep], s[keep]
         log(f"[evaluate] evaluating the first {n_used:,} of {len(te):,} positions ({len(t):,} pairs, --max-pairs)")
-    te_copy = context_copy_stats(te.tokens, te.run_start)
-    o = predict_pairs(dr.predictor, te, t, s, gates=dr.gates, desc="test pairs", modes=("future",), copy=te_copy)
-    prim = o["sel"][dr.primary]
-    correct = prim["correct"]
-    fut = {"correct": o["head1_correct_future"]}
-    # each method: (score, correct, class of its candidate, its candidate)
+    return t, s, n_used
+
+
+def score_methods(o: dict, primary: str, small: dict | None = None) -> dict:
+    """Each method: (score, correct, class of its candidate, its candidate) per pair."""
+    cp = o["copy"]
     head = (o["head1_correct"], o["cls"][:, 0], o["cands"][:, 0])
-    methods = {**{f"gate:{n}": (v["score"], v["correct"], v["cls"], v["token"]) for n, v in o["sel"].items()},
-               "max_prob": (o["head_p"], *head), "entropy": (1.0 - o["head_entropy"], *head),
-               "oracle": (correct.astype(np.float64), correct, prim["cls"], prim["token"]),
-               "oracle:head": (o["head1_correct"].astype(np.float64), *head)}
-    cap = {m: coverage_at_precision(v[0], v[1], TARGETS) for m, v in methods.items()}
-    curves = {m: _thin(*precision_curve(v[0], v[1])[1:]) for m, v in methods.items()}
-    acc = float(correct.mean())
-    any_right = float(o["correct"].any(1).mean())
-    _plot_curves(curves, acc, out / "curves.png",
-                 f"{name}: test pairs (s = 1..{max_s}); drafter candidate right {acc:.1%}, head top-1 "
-                 f"{o['head1_correct'].mean():.1%}", head_oracle=float(o["head1_correct"].mean()))
-    by_class = {}
+    # the oracle skips where some proposal is right, with the right one (the copy rule's if only it is)
+    any_right = o["correct"].any(1) | cp["correct"]
+    first = np.where(o["correct"].any(1), o["correct"].argmax(1), 0)
+    idx = np.arange(len(first))
+    oracle_tok = np.where(o["correct"].any(1), o["cands"][idx, first], cp["token"])
+    oracle_cls = np.where(o["correct"].any(1), o["cls"][idx, first], cp["cls"])
+    return {**{f"gate:{n}": (v["score"], v["correct"], v["cls"], v["token"]) for n, v in o["sel"].items()},
+            "copy": (cp["len"].astype(np.float64), cp["correct"], cp["cls"], cp["token"]),
+            "max_prob": (o["head_p"], *head), "entropy": (1.0 - o["head_entropy"], *head),
+            **(small or {}),
+            "oracle": (any_right.astype(np.float64), any_right, oracle_cls, oracle_tok),
+            "oracle:head": (o["head1_correct"].astype(np.float64), *head)}
+
+
+def small_model_methods(inp: EvalInputs, t: np.ndarray, o: dict) -> dict:
+    """The baselines a user with a smaller model of the same tokenizer tries first: its own token, skipped
+    where its max-probability (BiLD's fallback rule) or 1 - its normalised entropy (entropy-gated switching)
+    is high. Only for models recorded beside the big one (train.py record --model BIG --model SMALL)."""
+    out = {}
+    big_am = inp.te.argmax[t]
+    for m in inp.rec.meta.get("models", []):
+        if m["name"] == inp.name:
+            continue
+        a = load_fields(inp.rec, inp.records, inp.split, m["name"], ("argmax", "p_max", "entropy_norm"))
+        pre = m["name"] + "/"
+        if pre + "argmax" not in a or pre + "p_max" not in a:
+            continue
+        rows = inp.te.split_rows(t)
+        tok = np.asarray(a[pre + "argmax"])[rows]
+        ok, cls = tok == big_am, o["cls"][:, 0]
+        out[f"{m['name']}:max_prob"] = (np.asarray(a[pre + "p_max"])[rows].astype(np.float64), ok, cls, tok)
+        if pre + "entropy_norm" in a:
+            out[f"{m['name']}:entropy"] = (1.0 - np.asarray(a[pre + "entropy_norm"])[rows].astype(np.float64), ok,
+                                           cls, tok)
+    return out
+
+
+def copy_split(methods: dict, is_copy: np.ndarray, o: dict, primary: str) -> dict:
+    """Every method's coverage at each precision on the copy positions and on the non-copy ones, with each
+    subset's share of pairs and the accuracies of the drafter's candidate and the head's top-1 there."""
+    out = {}
+    for key, m in (("copy_positions", is_copy), ("non_copy", ~is_copy)):
+        out[key] = {"share": float(m.mean()), "pairs": int(m.sum()),
+                    "drafter_accuracy": float(o["sel"][primary]["correct"][m].mean()) if m.any() else None,
+                    "head_accuracy": float(o["head1_correct"][m].mean()) if m.any() else None,
+                    "coverage_at_precision": _on_subset(methods, m) if m.any() else
+                    {k: {t: 0.0 for t in TARGETS} for k in methods}}
+    return out
+
+
+def by_class(methods: dict, prim: dict) -> dict:
+    """Coverage at precision within each candidate class (threshold chosen within the class)."""
+    res = {}
+    correct = prim["correct"]
     for ci, c in enumerate(CLASSES):
         sub = {k: (v[0][v[2] == ci], v[1][v[2] == ci]) for k, v in methods.items()}
         m = prim["cls"] == ci
         if m.sum() < 50:
             continue
-        by_class[c] = {"share": float(m.mean()), "pairs": int(m.sum()), "oracle": float(correct[m].mean()),
-                       "coverage_at_precision": {k: coverage_at_precision(sc, ok, TARGETS) if len(sc) else
-                                                 {t_: 0.0 for t_ in TARGETS} for k, (sc, ok) in sub.items()},
-                       "curves": {k: _thin(*precision_curve(sc, ok)[1:], n=200) for k, (sc, ok) in sub.items()}}
-    _plot_by_class(by_class, out / "curves_by_class.png")
-    by_s = {int(j): {"pairs": int((s == j).sum()), "oracle": float(correct[s == j].mean()),
-                     "coverage_at_precision": {k: coverage_at_precision(v[0][s == j], v[1][s == j], TARGETS)
-                                               for k, v in methods.items()}}
+        res[c] = {"share": float(m.mean()), "pairs": int(m.sum()), "oracle": float(correct[m].mean()),
+                  "coverage_at_precision": {k: coverage_at_precision(sc, ok, TARGETS) if len(sc) else
+                                            {t_: 0.0 for t_ in TARGETS} for k, (sc, ok) in sub.items()},
+                  "curves": {k: _thin(*precision_curve(sc, ok)[1:], n=200) for k, (sc, ok) in sub.items()}}
+    return res
+
+
+def _on_subset(methods: dict, m: np.ndarray) -> dict:
+    return {k: coverage_at_precision(v[0][m], v[1][m], TARGETS) for k, v in methods.items()}
+
+
+def by_since_big(methods: dict, correct: np.ndarray, s: np.ndarray, max_s: int) -> dict:
+    return {int(j): {"pairs": int((s == j).sum()), "oracle": float(correct[s == j].mean()),
+                     "coverage_at_precision": _on_subset(methods, s == j)}
             for j in range(1, max_s + 1) if (s == j).any()}
-    # decode-like subset: the text from p+1 to t is what greedy decoding would have produced (each token is the
-    # big model's argmax at the position before it); in decoding the drafter's context always looks like this
+
+
+def decode_like(te: SplitData, t: np.ndarray, s: np.ndarray, methods: dict, correct: np.ndarray,
+                max_s: int) -> dict | None:
+    """The pairs whose text from p+1 to t is what greedy decoding would have produced (each token is the big
+    model's argmax at the position before it): in decoding the drafter's context always looks like this."""
     agree = np.r_[te.tokens[1:] == te.argmax[:-1], False]
     consistent = np.ones(len(t), dtype=bool)
     for j in range(1, max_s + 1):
         m = s >= j
         consistent[m] &= agree[(t - j)[m]]
-    decode_like = {"share": float(consistent.mean()), "pairs": int(consistent.sum()),
-                   "oracle": float(correct[consistent].mean()) if consistent.any() else None,
-                   "coverage_at_precision": {k: coverage_at_precision(v[0][consistent], v[1][consistent], TARGETS)
-                                             for k, v in methods.items()}} if consistent.sum() >= 50 else None
-    by_source = {src: float((prim["slot"] == i).mean()) for i, src in enumerate(SOURCES)}
-    right_by_source = {src: float(o["correct"][:, i].mean()) for i, src in enumerate(SOURCES)}
+    if consistent.sum() < 50:
+        return None
+    return {"share": float(consistent.mean()), "pairs": int(consistent.sum()),
+            "oracle": float(correct[consistent].mean()) if consistent.any() else None,
+            "coverage_at_precision": _on_subset(methods, consistent)}
 
-    # calibrated thresholds (from fit, on validation) applied to the test pairs
-    calib = {}
+
+def _calibrated_scores(meta: dict, methods: dict):
+    """(name, fit's calibration, method key) for each calibrated score the evaluation also computed."""
     for n, c in meta.get("calibration", {}).items():
         key = f"gate:{n}" if f"gate:{n}" in methods else n
-        if key not in methods:
-            continue
+        if key in methods:
+            yield n, c, key
+
+
+def calibrated_on_test(meta: dict, methods: dict) -> dict:
+    """The calibrated thresholds (from fit, on validation) applied to the test pairs."""
+    calib = {}
+    for n, c, key in _calibrated_scores(meta, methods):
         m = methods[key][0] >= c["threshold"]
         ok = methods[key][1]
         calib[n] = {"threshold": c["threshold"], "val_coverage": c["coverage"], "val_precision": c["precision"],
                     "test_coverage": float(m.mean()), "test_precision": float(ok[m].mean()) if m.any() else None,
                     "certified": c["certified"]}
+    return calib
 
-    # policy simulation with each calibrated score
-    n = n_used
+
+def policy_and_runs(inp: EvalInputs, methods: dict, o: dict, t, s, n: int) -> tuple[dict, dict]:
+    """The decode-policy simulation with each calibrated score, and the run-length histograms."""
+    dr, te = inp.dr, inp.te
+    max_s = dr.predictor.max_s
     policy = {}
-    for n_, c in meta.get("calibration", {}).items():
-        key = f"gate:{n_}" if f"gate:{n_}" in methods else n_
-        if key not in methods:
-            continue
+    for name, c, key in _calibrated_scores(inp.meta, methods):
         sc_by = _by_pair(n, t, s, methods[key][0].astype(np.float64), max_s, np.nan)
         cand_by = _by_pair(n, t, s, methods[key][3], max_s, -1)
-        policy[n_] = simulate_policy(sc_by, te.argmax[:n], cand_by, te.run_start[:n], c["threshold"], dr.max_skip)
+        policy[name] = simulate_policy(sc_by, te.argmax[:n], cand_by, te.run_start[:n], c["threshold"], dr.max_skip)
+    correct = o["sel"][dr.primary]["correct"]
     runs = {"future heads alone (perfect gate)": safe_run_lengths(
-        _by_pair(n, t, s, fut["correct"], max_s, False), te.run_start[:n], max_s),
+        _by_pair(n, t, s, o["head1_correct_future"], max_s, False), te.run_start[:n], max_s),
         "drafter candidate (perfect gate)": safe_run_lengths(_by_pair(n, t, s, correct, max_s, False),
                                                              te.run_start[:n], max_s)}
     if dr.primary in policy:
         runs[f"calibrated {dr.primary} gate (policy)"] = policy[dr.primary]["skip_run_hist"]
-    _plot_runs(runs, out / "runlengths.png")
+    return policy, runs
 
-    # probes
-    probe_res = None
-    if probes:
-        from gate.train.fit import find_split as _fs
-        from gate.train.probes import plot_probes, run_probes
-        layers = sorted(int(x) for x in entry.get("layers", []))
-        tr_split = _fs(rec, records, "train")
-        base = ("token", "target", "argmax", "book", "pos")
-        a_tr = load_fields(rec, records, tr_split, name, base)
-        a_te = load_fields(rec, records, split, name, base)
 
-        def view(a):
-            return {"tokens": a["token"], "target": a["target"], "argmax": a[f"{name}/argmax"], "book": a["book"],
-                    "pos": a["pos"]}
+def probe_layers(inp: EvalInputs, probe_k: int, log, path: Path) -> dict:
+    """Linear probes from every recorded layer (gate/train/probes.py), trained on train, read on the split."""
+    from gate.train.probes import plot_probes, run_probes
+    rec, records, name = inp.rec, inp.records, inp.name
+    tr_split = find_split(rec, records, "train")
+    base = ("token", "target", "argmax", "book", "pos")
 
-        def hidden(which, layer, rows):
-            sp = tr_split if which == "train" else split
-            h = load_fields(rec, records, sp, name, (f"hidden/{layer}",))[f"{name}/hidden/{layer}"]
-            return np.asarray(h[rows], dtype=np.float32)
-        t0 = time.time()
-        probe_res = run_probes(view(a_tr), view(a_te), hidden, layers, K=probe_k, log=log)
-        probe_res["seconds"] = round(time.time() - t0, 1)
-        plot_probes(probe_res, out / "probes.png")
+    def view(split):
+        a = load_fields(rec, records, split, name, base)
+        return {"tokens": a["token"], "target": a["target"], "argmax": a[f"{name}/argmax"], "book": a["book"],
+                "pos": a["pos"]}
 
-    best_gate = f"gate:{dr.primary}"
+    def hidden(which, layer, rows):
+        sp = tr_split if which == "train" else inp.split
+        h = load_fields(rec, records, sp, name, (f"hidden/{layer}",))[f"{name}/hidden/{layer}"]
+        return np.asarray(h[rows], dtype=np.float32)
+    t0 = time.time()
+    layers = sorted(int(x) for x in inp.entry.get("layers", []))
+    res = run_probes(view(tr_split), view(inp.split), hidden, layers, K=probe_k, log=log)
+    res["seconds"] = round(time.time() - t0, 1)
+    plot_probes(res, path)
+    return res
+
+
+def against_target(cap: dict, acc: float, primary: str) -> dict:
+    """The learned gate's coverage at 99% precision against the oracle's and the entropy gate's."""
+    best_gate = f"gate:{primary}"
     target = {"best_gate": best_gate, "gate_cov_99": cap[best_gate][0.99], "oracle_cov": acc,
               "entropy_cov_99": cap["entropy"][0.99], "max_prob_cov_99": cap["max_prob"][0.99]}
     target["ratio_to_oracle"] = target["gate_cov_99"] / max(acc, 1e-12)
     target["ratio_to_entropy"] = (target["gate_cov_99"] / target["entropy_cov_99"]
                                   if target["entropy_cov_99"] > 0 else None)
+    target["copy_cov_99"] = cap["copy"][0.99]
+    target["meets_copy_rule"] = target["gate_cov_99"] >= target["copy_cov_99"]
     target["meets_half_oracle"] = target["ratio_to_oracle"] >= 0.5
     target["meets_3x_entropy"] = (target["ratio_to_entropy"] is None and target["gate_cov_99"] > 0) or \
         (target["ratio_to_entropy"] is not None and target["ratio_to_entropy"] >= 3)
-    metrics = {"records": str(records), "gate": str(gate), "split": split, "books": te.books,
+    return target
+
+
+def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 600000, probes: bool = True,
+             probe_k: int = 512, log=print, command: str = "", part: str | None = None) -> dict:
+    """Score the gate on the split's pairs, write report.md, metrics.json and the figures; returns the metrics."""
+    t_start = time.time()
+    inp = open_inputs(records, gate, split, part)
+    dr, te, max_s = inp.dr, inp.te, inp.dr.predictor.max_s
+    out = Path(out) if out else inp.gate / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    t, s, n_used = test_pairs(inp, max_pairs, log)
+    o = predict_pairs(dr.predictor, te, t, s, gates=dr.gates, desc="test pairs", modes=("future",),
+                      copy=context_copy_stats(te.tokens, te.run_start))
+    o = apply_copy_trust(o, te, dr.copy_trust, dr.predictor.tables)
+    prim = o["sel"][dr.primary]
+    acc = float(prim["correct"].mean())
+    methods = score_methods(o, dr.primary, small_model_methods(inp, t, o))
+    correct = methods["oracle"][1]          # some proposal right: what the oracle skips
+    oracle_cov = float(correct.mean())
+    is_copy = is_copy_position(te.copy_rule()[1][t])
+    cap = {m: coverage_at_precision(v[0], v[1], TARGETS) for m, v in methods.items()}
+    curves = {m: _thin(*precision_curve(v[0], v[1])[1:]) for m, v in methods.items()}
+    _plot_curves(curves, oracle_cov, out / "curves.png",
+                 f"{inp.name}: test pairs (s = 1..{max_s}); drafter candidate right {acc:.1%}, head top-1 "
+                 f"{o['head1_correct'].mean():.1%}", head_oracle=float(o["head1_correct"].mean()))
+    classes = by_class(methods, {"cls": prim["cls"], "correct": correct})
+    _plot_by_class(classes, out / "curves_by_class.png")
+    policy, runs = policy_and_runs(inp, methods, o, t, s, n_used)
+    _plot_runs(runs, out / "runlengths.png")
+    fut = o["head1_correct_future"]
+    metrics = {"records": str(inp.records), "gate": str(inp.gate), "split": inp.split, "books": te.books,
                "positions": n_used, "pairs": int(len(t)), "predictor": dr.predictor.mode,
                "predictor_accuracy": acc, "head_accuracy": float(o["head1_correct"].mean()),
-               "any_candidate_right": any_right, "chosen_source": by_source, "source_right": right_by_source,
+               "any_candidate_right": float(o["correct"].any(1).mean()),
+               "chosen_source": {**{src: float((prim["slot"] == i).mean()) for i, src in enumerate(SOURCES)},
+                                 "copy rule": float((prim["slot"] == -1).mean())},
+               "source_right": {src: float(o["correct"][:, i].mean()) for i, src in enumerate(SOURCES)},
                "future_heads_accuracy_by_s": {
-                   int(j): float(fut["correct"][s == j].mean()) for j in range(1, max_s + 1) if (s == j).any()},
-               "coverage_at_precision": cap, "by_class": {c: {k: v for k, v in d.items() if k != "curves"}
-                                                          for c, d in by_class.items()},
-               "by_since_big": by_s, "decode_like": decode_like, "calibrated": calib, "policy": policy, "run_lengths": runs,
-               "target": target, "probes": probe_res, "cost": meta.get("cost"), "command": command,
-               "seconds": round(time.time() - t_start, 1)}
+                   int(j): float(fut[s == j].mean()) for j in range(1, max_s + 1) if (s == j).any()},
+               "coverage_at_precision": cap, **copy_split(methods, is_copy, o, dr.primary),
+               "copy_rule": {"trusted": dr.copy_trust is not None, "accuracy": float(o["copy"]["correct"].mean()),
+                             "has_candidate": float((o["copy"]["len"] > 0).mean())},
+               "part": part, "target_precision": inp.meta.get("target_precision"),
+               "by_class": {c: {k: v for k, v in d.items() if k != "curves"} for c, d in classes.items()},
+               "by_since_big": by_since_big(methods, correct, s, max_s),
+               "decode_like": decode_like(te, t, s, methods, correct, max_s),
+               "calibrated": calibrated_on_test(inp.meta, methods), "policy": policy, "run_lengths": runs,
+               "target": against_target(cap, oracle_cov, dr.primary),
+               "probes": probe_layers(inp, probe_k, log, out / "probes.png") if probes else None,
+               "cost": inp.meta.get("cost"), "command": command, "seconds": round(time.time() - t_start, 1)}
     write_json(out / "metrics.json", _jsonable(metrics))
-    md = report_markdown(metrics, meta, dr)
-    (out / "report.md").write_text(md, encoding="utf-8")
+    md = report_markdown(metrics, inp.meta, dr)
+    write_text(out / "report.md", md)
     log(md)
     log(f"[evaluate] wrote {out}/report.md, metrics.json and figures in {time.time() - t_start:.0f}s")
     return metrics
@@ -373,6 +511,14 @@ def _pct(x, d=1):
 
 
 def report_markdown(m: dict, meta: dict, dr) -> str:
+    """report.md: the metrics as tables, section by section."""
+    L = (_md_intro(m, meta, dr) + _md_copy_split(m, dr) + _md_coverage(m, dr) + _md_target_and_policy(m, meta, dr)
+         + _md_probes(m)
+         + [f"Evaluation took {m['seconds']:.0f}s."])
+    return "\n".join(L) + "\n"
+
+
+def _md_intro(m: dict, meta: dict, dr) -> list[str]:
     big = meta["big_model"]
     cost = meta.get("cost", {})
     L = [f"# Gate evaluation: {big['name']} on held-out {m['split']} books", "",
@@ -380,9 +526,10 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
          f"Test books: {', '.join(map(str, m['books']))}; {m['positions']:,} positions, {m['pairs']:,} pairs "
          f"(t, since_big s = 1..{dr.max_skip - 1}). Drafter reads big-model layer {dr.hidden_layer}; head mode "
          f"`{m['predictor']}`. The drafter's candidate (the best-scoring of: head top-1, head top-2, training-text "
-         f"n-gram, in-context copy) equals the big model's argmax on {_pct(m['predictor_accuracy'])} of pairs (= the "
-         f"oracle's coverage); the head's top-1 alone on {_pct(m['head_accuracy'])} (the candidate of the "
-         f"max_prob / entropy baselines, oracle:head); some candidate is right on {_pct(m['any_candidate_right'])}."
+         f"n-gram, in-context copy, or the copy rule's where it is trusted more) equals the big model's argmax on "
+         f"{_pct(m['predictor_accuracy'])} of pairs; the head's top-1 alone on {_pct(m['head_accuracy'])} (the candidate of the "
+         f"max_prob / entropy baselines, oracle:head); some candidate is right on {_pct(m['any_candidate_right'])}, some candidate or the copy rule's "
+         f"(the oracle's coverage) on {_pct(m['coverage_at_precision']['oracle'][0.99])}."
          f" Chosen candidate by source: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["chosen_source"].items()) +
          "; each source right: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["source_right"].items()) +
          ". Definitions: see gate/train/evaluate.py (coverage = share of positions skipped; precision = share "
@@ -394,12 +541,21 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
               f"MFLOP/token; together {cost['drafter_flops_per_token'] / 1e6:.2f} MFLOP/token = "
               f"{_pct(cost.get('drafter_flops_vs_big'), 2)} of the big model's "
               f"{cost.get('big_flops_per_token', 0) / 1e6:.0f} MFLOP/token (2 x params).", ""]
-    L += ["## Coverage at precision (test pairs, threshold chosen per method on the test pairs)", "",
-          f"1% coverage = {m['pairs'] / 100:,.0f} pairs; at this size a coverage at 99% precision rests on a handful "
-          "of errors - compare methods on the whole curve.", "",
-          "| method | " + " | ".join(f"@{_pct(t, 1)}" for t in TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
-    for meth, row in m["coverage_at_precision"].items():
+    return L
+
+
+def _md_cap_table(rows: dict) -> list[str]:
+    """A table of coverage at each target precision, one row per method."""
+    L = ["| method | " + " | ".join(f"@{_pct(t, 1)}" for t in TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
+    for meth, row in rows.items():
         L.append(f"| {meth} | " + " | ".join(_pct(row[t]) for t in TARGETS) + " |")
+    return L
+
+
+def _md_coverage(m: dict, dr) -> list[str]:
+    L = ["## Coverage at precision (test pairs, threshold chosen per method on the test pairs)", "",
+         f"1% coverage = {m['pairs'] / 100:,.0f} pairs; at this size a coverage at 99% precision rests on a handful "
+         "of errors - compare methods on the whole curve.", ""] + _md_cap_table(m["coverage_at_precision"])
     L += ["", "![curves](curves.png)", "", "### By candidate class (threshold chosen within the class)", "",
           "| class | share of pairs | oracle | " + " | ".join(
               f"{k} @99%" for k in m["coverage_at_precision"] if k != "oracle") + " |",
@@ -422,12 +578,31 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
     if dl:
         L += ["", f"### Decode-like pairs ({dl['pairs']:,} = {_pct(dl['share'])} of pairs: the text from the big "
               "model's last pass to t is its own greedy continuation, as the drafter's context always is in "
-              f"decoding; oracle {_pct(dl['oracle'])})", "",
-              "| method | " + " | ".join(f"@{_pct(t, 1)}" for t in TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
-        for meth, row in dl["coverage_at_precision"].items():
-            L.append(f"| {meth} | " + " | ".join(_pct(row[t]) for t in TARGETS) + " |")
+              f"decoding; oracle {_pct(dl['oracle'])})", ""] + _md_cap_table(dl["coverage_at_precision"])
+    return L
+
+
+def _md_copy_split(m: dict, dr) -> list[str]:
+    """Gate vs copy rule vs oracle on all, copy and non-copy positions, at 99% precision."""
+    g = f"gate:{dr.primary}"
+    keys = [g, "copy", "max_prob", "entropy"] + [k for k in m["coverage_at_precision"] if ":" in k and
+                                                  not k.startswith(("gate:", "oracle"))] + ["oracle"]
+    rows = [("all positions", 1.0, m["coverage_at_precision"], m["head_accuracy"])]
+    rows += [(name, m[key]["share"], m[key]["coverage_at_precision"], m[key]["head_accuracy"])
+             for name, key in (("copy positions", "copy_positions"), ("non-copy positions", "non_copy"))]
+    L = ["", "## What the gate learns beyond copying (coverage at 99% precision)", "",
+         "Copy positions: the 4 tokens before the position occurred earlier in its context (prompt lookup could "
+         "continue them). The copy rule (`copy`) needs no training; the learned gate must match it on copy "
+         "positions and add to it on the others.", "",
+         "| positions | share | head top-1 right | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    for name, share, cap, head in rows:
+        L.append(f"| {name} | {_pct(share)} | {_pct(head)} | " + " | ".join(_pct(cap[k][0.99]) for k in keys) + " |")
+    return L
+
+
+def _md_target_and_policy(m: dict, meta: dict, dr) -> list[str]:
     tg = m["target"]
-    L += ["", "## Against the target (coverage at 99% precision)", "",
+    L = ["", "## Against the target (coverage at 99% precision)", "",
           f"- learned gate ({tg['best_gate']}, the drafter's): {_pct(tg['gate_cov_99'])}; oracle "
           f"{_pct(tg['oracle_cov'])} -> "
           f"{tg['ratio_to_oracle']:.2f} of the oracle (target >= 0.50: "
@@ -435,7 +610,9 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
           f"- entropy gate: {_pct(tg['entropy_cov_99'])} -> learned/entropy = "
           + (f"{tg['ratio_to_entropy']:.1f}x" if tg["ratio_to_entropy"] is not None else "inf (entropy covers 0)")
           + f" (target >= 3x: {'met' if tg['meets_3x_entropy'] else 'NOT met'}); max-prob gate "
-          f"{_pct(tg['max_prob_cov_99'])}", ""]
+          f"{_pct(tg['max_prob_cov_99'])}",
+          f"- copy rule: {_pct(tg['copy_cov_99'])} -> the learned gate is "
+          f"{'at least as good' if tg['meets_copy_rule'] else 'WORSE'}", ""]
     tp = meta.get("target_precision", 0.99)
     L += [f"## Calibrated thresholds (Learn-then-Test on validation: precision >= {_pct(tp)} with probability >= "
           f"{_pct(1 - meta.get('delta', 0.1), 0)})", "",
@@ -458,9 +635,14 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
     fa = m["future_heads_accuracy_by_s"]
     L += ["", "Future heads alone, accuracy by offset: " + ", ".join(f"t+{j + 1}: {_pct(a)}" for j, a in fa.items()),
           "", "![run lengths](runlengths.png)", ""]
+    return L
+
+
+def _md_probes(m: dict) -> list[str]:
+    L = []
     pr = m.get("probes")
     if pr:
-        L += ["## Linear probes (seed 003)", "",
+        L += ["## Linear probes (how far ahead the hidden state reads)", "",
               f"Linear probes ({pr.get('method', 'ridge')}, gate/train/probes.py) from each recorded layer's hidden state "
               f"at t to the token at t+k (train {pr['n_train']:,} / test {pr['n_test']:,} positions, top {pr['K']} "
               "tokens + other); accuracy on the test books. bigram: the most frequent token at t+k after the token "
@@ -475,8 +657,7 @@ def report_markdown(m: dict, meta: dict, dr) -> str:
                 L.append(f"| {kind}, {b} | " + " | ".join(_pct(pr["baselines"][f"{kind}/{k}"][b])
                                                          for k in pr["offsets"]) + " |")
         L += ["", "![probes](probes.png)", ""]
-    L.append(f"Evaluation took {m['seconds']:.0f}s.")
-    return "\n".join(L) + "\n"
+    return L
 
 
 def main(argv=None) -> int:
@@ -487,6 +668,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gate", required=True, help="drafter folder written by `python train.py fit`")
     ap.add_argument("--out", default=None, help="report folder (default GATE/eval)")
     ap.add_argument("--split", default="test")
+    ap.add_argument("--part", metavar="I/K", help="only every K-th book of the split, from the I-th (e.g. evaluate "
+                    "on 2/2 after `train.py calibrate --part 1/2`)")
     ap.add_argument("--max-pairs", type=int, default=600000)
     ap.add_argument("--no-probes", action="store_true")
     ap.add_argument("--probe-k", type=int, default=512, help="probe vocabulary: most frequent K tokens + other")
@@ -494,7 +677,7 @@ def main(argv=None) -> int:
     cmd = "python train.py evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         evaluate(args.records, args.gate, args.out, args.split, args.max_pairs, not args.no_probes, args.probe_k,
-                 log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd)
+                 log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd, part=args.part)
     except (FitError, ArtifactError, TokenizerMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

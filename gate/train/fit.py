@@ -1,6 +1,6 @@
 """`python train.py fit --records DIR --out DIR`: train the heads and the gate from records, calibrate, save.
 
-Everything is learned from the records (docs/interfaces.md, Records); the big model is loaded once only to copy
+Everything is learned from the records (corpus_tools/records.py); the big model is loaded once only to copy
 its frozen input embedding (for the word-completion head) and its output-embedding rows of the restricted
 vocabulary (to initialise the future heads' shared output layer), and to classify its tokens.
 
@@ -11,7 +11,7 @@ dealt to folds by a seeded shuffle):
     train split, 25% of chunks  -> the gates (positions the heads never trained on, so the heads' confidence
                                    looks as it will on new text); 20% of these chunks order the gates if none
                                    can be certified
-    train books' full text      -> the n-gram table (gate/heads.NgramTable; the continuations of the gate-fold
+    train books' full text      -> the n-gram table (gate/model/heads.NgramTable; the continuations of the gate-fold
                                    positions left out), read from the corpus folder the records name
     validation split            -> choice of the head mode (word / future / mix); Learn-then-Test threshold of
                                    every gate (at delta / n_gates) and of the baselines; the drafter keeps the
@@ -24,20 +24,26 @@ of the gate-fold pairs (label: it equals the big model's argmax).
 
 Training pairs mimic decode (gate/model/heads.py explains the indexing): for each position t and s = 1..max_skip-1
 (since_big), the inputs are the tokens up to t, the big hidden state at t - s and s; the label is the big
-model's argmax at t. The same code (gate.drafter.Predictor.run -> gate.gatemodel.compute_features) computes
+model's argmax at t. The same code (gate.model.drafter.Predictor.run -> gate.model.features.compute_features) computes
 the features here and in Drafter.propose. The context tokens are the book's text, not the drafter's earlier
 proposals: where the gate was right those equal the big model's choices, which is what the text approximates;
 the evaluation's policy simulation and the decode benchmark measure the effect.
 
-Resumable: each stage (heads, mode, gates, calibration) is saved under OUT/stages/ with a key hashing its
-configuration and inputs; a re-run with the same settings loads finished stages instead of training again
+Stages, in order (each a function below, sharing one FitConfig, gate/train/config.py):
+    open_source / load_big_model / prepare_data   records, big model, folds, n-gram table, restricted vocabulary
+    stage_heads       the word-completion head, the future heads, hidden-state PCA
+    stage_mode        the predictor mode (word / future / mix) on validation
+    stage_gates       the learned gates on the gate fold
+    calibrate         Learn-then-Test thresholds on validation, the primary gate
+    save_artifact     the Drafter folder
+Resumable: heads, mode and gates are saved under OUT/stages/ with a key hashing their settings and inputs
+(gate/train/stages.py); a re-run with the same settings loads finished stages instead of training again
 (--force retrains). All writes are atomic (temp file + rename). Deterministic for a seed on a given machine and
 thread count.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -50,131 +56,290 @@ import torch
 
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
 from corpus_tools.models import TokenizerMismatch
-from corpus_tools.files import save_tensors, write_json
+from gate.model.copyrule import trust_table
 from gate.model.drafter import ArtifactError, Drafter, Predictor
-from gate.model.features import (GATES, LogisticGate, MLPGate, coverage_at_precision, ltt_calibrate)
-from gate.model.heads import (FutureHeads, HeadData, HiddenNorm, WordHead, context_copy_stats, context_ids,
-                        pair_index, run_starts)
-from gate.model.heads import train_future_heads, train_word_head
+from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, torch_threads
+from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, context_copy_stats, pair_index
+from gate.train.calibration import coverage_at_precision, ltt_calibrate
+from gate.train.config import FitConfig, add_arguments, options_from_args
+from gate.train.data import (FitError, SplitData, apply_copy_trust, chunk_folds, find_split, load_split, model_entry,
+                             open_records_checked, predict_pairs, resolve_layer, subsample_pairs)
+from gate.train.distill import train_future_heads, train_word_head
+from gate.train.stages import StageCache, stage_key
 
-VAL_NAMES = ("validation", "val", "valid", "dev")
 GATE_VERSION = 3      # bump when the features change, so finished gate stages are not reused
 
 
-class FitError(RuntimeError):
-    """Bad input to fit/evaluate (records, splits, options); the message names the path and the problem."""
-
-
-# ------------------------------------------------------------------------------------------------ records
+# ------------------------------------------------------------------------------------------------ inputs
 @dataclass
-class SplitData:
-    name: str
-    tokens: np.ndarray
-    argmax: np.ndarray
-    target: np.ndarray
-    book: np.ndarray
-    pos: np.ndarray
-    hidden: np.ndarray
-    run_start: np.ndarray
-    topk_ids: np.ndarray | None
-    topk_p: np.ndarray | None
-    p_max: np.ndarray | None
-    entropy_norm: np.ndarray | None
-    books: list
+class Source:
+    """The records a fit reads: the big model's entry, its hidden layer, the train and validation splits."""
+    rec: object
+    path: Path
+    entry: dict
+    layer: int
+    split_train: str
+    split_val: str
 
-    def head_data(self) -> HeadData:
-        return HeadData(self.tokens, self.argmax, self.hidden, self.run_start, self.topk_ids, self.topk_p)
-
-    def __len__(self):
-        return len(self.tokens)
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
 
 
-def open_records_checked(path):
-    try:
-        from corpus_tools.records import open_records
-    except ImportError as e:  # pragma: no cover - the records module is another part of the project
-        raise FitError(f"corpus_tools.records is not available ({e}); cannot read {path}") from None
-    p = Path(path)
-    if not p.exists():
-        raise FitError(f"{p}: no such records folder (make one with `python train.py record`)")
-    return open_records(p)
+@dataclass
+class BigModel:
+    """What the fit copies from the big model: input and output embeddings (dropped once the heads have them),
+    its info, per-token tables."""
+    embed: torch.Tensor | None
+    out_emb: torch.Tensor | None
+    info: dict
+    tables: dict
+    tokenizer: object
+    V: int                                         # vocabulary (output rows)
+    D: int                                         # hidden size
 
 
-def model_entry(rec, path, name: str | None) -> dict:
-    models = rec.meta.get("models") or []
-    if not models:
-        raise FitError(f"{path}: records list no models in their metadata")
-    if name is None:  # the big model: the largest recorded one
-        return max(models, key=lambda m: (m.get("n_layers", 0) * m.get("hidden_size", 0), m["name"]))
-    for m in models:
-        if m["name"] == name:
-            return m
-    return {}
+@dataclass
+class TrainData:
+    """The splits, the head / gate folds of train, the n-gram table and the restricted vocabulary R."""
+    tr: SplitData
+    va: SplitData
+    data_id: str
+    head_rows: np.ndarray
+    gate_rows: np.ndarray
+    ngram: NgramTable
+    ngram_info: dict
+    rids: np.ndarray
+    rmap: torch.Tensor
+    in_r: dict
 
 
-def resolve_layer(entry: dict, layer, path) -> int:
-    recorded = sorted(int(x) for x in entry.get("layers", []))
-    if not recorded:
-        raise FitError(f"{path}: records of {entry['name']!r} hold no hidden states (record with --layers)")
-    want = entry["n_layers"] if str(layer) == "last" else int(layer)
-    if want not in recorded:
-        raise FitError(f"{path}: hidden layer {want} of {entry['name']!r} not recorded (recorded: {recorded})")
-    return want
+def open_source(records, model: str | None, cfg: FitConfig) -> Source:
+    if hasattr(records, "load"):                 # an open records object (tests)
+        rec, path = records, Path(getattr(records, "path", "records"))
+    else:
+        path = Path(records)
+        rec = open_records_checked(path)
+    entry = model_entry(rec, path, model)
+    if model is not None and not entry:
+        _refuse_unrecorded_model(rec, path, model)
+    return Source(rec, path, entry, resolve_layer(entry, cfg.layer, path), find_split(rec, path, "train"),
+                  find_split(rec, path, "validation"))
 
 
-def find_split(rec, path, kind: str) -> str:
-    splits = list(rec.splits)
-    names = VAL_NAMES if kind == "validation" else (kind,)
-    for n in names:
-        if n in splits:
-            return n
-    raise FitError(f"{path}: records have no {kind} split (splits: {', '.join(splits) or 'none'}); "
-                   "record the corpus with train/validation/test books")
+def _refuse_unrecorded_model(rec, path: Path, model: str):
+    """--model names a model without records: a TokenizerMismatch if its tokenizer differs, else FitError."""
+    from corpus_tools.models import load as load_model
+    info = load_model(model).info
+    if info.fingerprint != rec.fingerprint:
+        raise TokenizerMismatch(f"{path}: records were made with tokenizer {rec.fingerprint} "
+                                f"({', '.join(rec.models)}) but --model {model!r} has tokenizer "
+                                f"{info.fingerprint}")
+    raise FitError(f"{path}: no records of model {model!r} (recorded: {', '.join(rec.models)})")
 
 
-SPLIT_FIELDS = ("token", "target", "book", "pos", "argmax", "topk_ids", "topk_p", "p_max", "entropy_norm")
+def load_big_model(src: Source, cfg: FitConfig, log) -> BigModel:
+    """The big model's frozen embedding, output rows, token kinds; and the tokenizer check."""
+    from corpus_tools.models import load as load_model
+    t0 = time.time()
+    rec = src.rec
+    lm = load_model(src.name, dtype=cfg.dtype)
+    if lm.info.fingerprint != rec.fingerprint or src.entry.get("fingerprint", rec.fingerprint) != rec.fingerprint:
+        raise TokenizerMismatch(f"{src.path}: records were made with tokenizer {rec.fingerprint} but model "
+                                f"{src.name!r} now loads with tokenizer {lm.info.fingerprint}")
+    embed = lm.model.get_input_embeddings().weight.detach().clone()        # model dtype; rows cast when used
+    big = BigModel(embed, lm.model.get_output_embeddings().weight.detach().clone(), lm.info.to_dict(),
+                   _token_tables(token_table(lm.tokenizer), embed.shape[0]), lm.tokenizer, *embed.shape)
+    log(f"[fit] big model {src.name} ({big.info['n_params'] / 1e6:.1f}M params, layer {src.layer}/"
+        f"{src.entry['n_layers']}, V={big.V}, d={big.D}) loaded in {time.time() - t0:.1f}s")
+    return big
 
 
-def load_fields(rec, path, split: str, model: str, fields) -> dict:
-    """rec.load with errors turned into FitError naming the records path."""
-    try:
-        a = rec.load(split, fields=list(fields), models=[model])
-    except KeyError as e:
-        raise FitError(f"{path}: {e.args[0] if e.args else e}") from None
-    return a
+def _token_tables(tab: dict, V: int) -> dict:
+    """Per-token kind / class / ends_alnum over the V output rows (rows beyond the tokenizer are "other")."""
+    tables = {}
+    for k, fill in (("kind", KINDS.index("other")), ("cls", CLASSES.index("other")), ("ends_alnum", False)):
+        a = tab[k][:V]
+        if len(a) < V:
+            a = np.concatenate([a, np.full(V - len(a), fill, dtype=a.dtype)])
+        tables[k] = a
+    return tables
 
 
-def load_split(rec, path, split: str, model: str, layer: int) -> SplitData:
-    a = load_fields(rec, path, split, model, SPLIT_FIELDS + (f"hidden/{layer}",))
-    pre = f"{model}/"
-    need = ["token", "target", "book", "pos", pre + "argmax", f"{pre}hidden/{layer}"]
-    miss = [k for k in need if k not in a]
-    if miss:
-        raise FitError(f"{path}: split {split!r} lacks fields {', '.join(miss)}")
-    n = len(a["token"])
-    if n == 0:
-        raise FitError(f"{path}: split {split!r} is empty (no recorded positions)")
-    book, pos = np.asarray(a["book"]), np.asarray(a["pos"])
-    return SplitData(split, np.asarray(a["token"], dtype=np.int64), np.asarray(a[pre + "argmax"], dtype=np.int64),
-                     np.asarray(a["target"], dtype=np.int64), book, pos, a[f"{pre}hidden/{layer}"],
-                     run_starts(book, pos), a.get(pre + "topk_ids"), a.get(pre + "topk_p"), a.get(pre + "p_max"),
-                     a.get(pre + "entropy_norm"), list(rec.books(split)))
+def prepare_data(src: Source, big: BigModel, cfg: FitConfig, log) -> TrainData:
+    """Load the splits, deal train into head / gate folds, build the n-gram table and the restricted vocab."""
+    rec, path = src.rec, src.path
+    tr = load_split(rec, path, src.split_train, src.name, src.layer)
+    va = load_split(rec, path, src.split_val, src.name, src.layer)
+    if tr.hidden.shape[1] != big.D:
+        raise FitError(f"{path}: hidden size {tr.hidden.shape[1]} but model {src.name!r} has {big.D}")
+    log(f"[fit] records {path}: {src.split_train} {len(tr):,} positions ({len(tr.books)} books), "
+        f"{src.split_val} {len(va):,} ({len(va.books)} books)")
+    data_id = stage_key(str(path.resolve()), rec.fingerprint, json.dumps(rec.meta, sort_keys=True, default=str),
+                        len(tr), len(va), int(tr.tokens[:1000].sum()), int(va.tokens[:1000].sum()), src.name,
+                        src.layer)
+    head_rows, gate_rows = _folds(tr, cfg, src)
+    t0 = time.time()
+    ngram, ngram_info = build_ngram(rec, path, tr, gate_rows, big.tokenizer, big.V, log)
+    big.tokenizer = None
+    log(f"[fit] n-gram table: {ngram.n_entries():,} contexts from {ngram_info['tokens']:,} tokens of "
+        f"{ngram_info['source']} ({time.time() - t0:.1f}s)")
+    rids, rmap, in_r = _restricted(tr, va, head_rows, big, cfg, log)
+    return TrainData(tr, va, data_id, head_rows, gate_rows, ngram, ngram_info, rids, rmap, in_r)
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _folds(tr: SplitData, cfg: FitConfig, src: Source) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of train for the heads and for the gates (chunks of 512 positions dealt by a seeded shuffle)."""
+    gate_rows_mask = chunk_folds(len(tr), cfg.seed, cfg.gate_frac)
+    head_rows = np.flatnonzero(~gate_rows_mask)
+    gate_rows = np.flatnonzero(gate_rows_mask)
+    if len(head_rows) > cfg.max_train:
+        head_rows = np.sort(np.random.default_rng(cfg.seed).choice(head_rows, cfg.max_train, replace=False))
+    if len(head_rows) < 2 or len(gate_rows) < 2:
+        raise FitError(f"{src.path}: split {src.split_train!r} has too few positions ({len(tr)}) to train on")
+    return head_rows, gate_rows
 
 
-def chunk_folds(n: int, seed: int, frac: float, chunk: int = 512) -> np.ndarray:
-    """Boolean [n]: True for rows in the held-out fraction of chunks (seeded shuffle)."""
-    n_chunks = max(1, math.ceil(n / chunk))
-    rng = np.random.default_rng(seed + 7919)
-    held = np.zeros(n_chunks, dtype=bool)
-    held[rng.permutation(n_chunks)[:max(1, int(round(frac * n_chunks)))]] = True
-    if n_chunks == 1:
-        held[:] = False
-    return np.repeat(held, chunk)[:n]
+def _restricted(tr: SplitData, va: SplitData, head_rows, big: BigModel, cfg: FitConfig, log):
+    """The restricted vocabulary R from what the heads must predict; rmap: token id -> index in R (R: other)."""
+    V = big.V
+    freq = np.bincount(tr.argmax[head_rows], minlength=V)[:V] + 1e-3 * np.bincount(tr.tokens[head_rows],
+                                                                                   minlength=V)[:V]
+    rids = restricted_vocab(freq, big.tables["kind"], cfg.restricted)
+    R = len(rids)
+    rmap = torch.full((V,), R, dtype=torch.long)
+    rmap[torch.from_numpy(rids)] = torch.arange(R)
+    in_r = {"train": float(np.isin(tr.argmax[head_rows], rids).mean()), "val": float(np.isin(va.argmax, rids).mean())}
+    log(f"[fit] restricted vocabulary: {R} tokens (+ other); big argmax in it: train {in_r['train']:.1%}, "
+        f"val {in_r['val']:.1%}")
+    return rids, rmap, in_r
+
+
+def build_ngram(rec, path, tr: SplitData, gate_rows: np.ndarray, tokenizer, V: int, log):
+    """NgramTable over the train books' full text (from the corpus the records name), masking the continuation
+    of every gate-fold position; falls back to the recorded train tokens when the text is not there or does not
+    tokenize to the recorded ids."""
+    gate_mask_rows = np.zeros(len(tr), dtype=bool)
+    gate_mask_rows[gate_rows] = True
+    corpus = Path(str(rec.meta.get("corpus", "")))
+    seqs, masks, source = [], [], None
+    if corpus.is_dir():
+        try:
+            seqs, masks = _corpus_sequences(corpus, tr, gate_mask_rows, tokenizer)
+            source = f"corpus {corpus} ({len(seqs)} train books)"
+        except (OSError, ValueError) as e:
+            log(f"[fit] n-gram table: cannot use the corpus text ({e}); using the recorded tokens")
+            seqs, masks = [], []
+    if not seqs:
+        seqs, masks = _recorded_sequences(tr, gate_mask_rows)
+        source = f"recorded {tr.name} tokens of {path}"
+    table = NgramTable.build(seqs, V, masks=masks)
+    return table, {"source": source, "tokens": int(sum(len(x) for x in seqs)), "entries": table.n_entries()}
+
+
+def _corpus_sequences(corpus: Path, tr: SplitData, gate_mask_rows: np.ndarray, tokenizer):
+    """Each train book's full text as ids, with the continuations of gate-fold positions masked."""
+    seqs, masks = [], []
+    for bi, book in enumerate(tr.books):
+        ids = np.asarray(tokenizer((corpus / "text" / f"{book}.txt").read_text(encoding="utf-8"),
+                                   verbose=False).input_ids, dtype=np.int64)
+        rows = np.flatnonzero(tr.book == bi)
+        pos = tr.pos[rows]
+        if len(rows) and (pos.max() >= len(ids) or not np.array_equal(ids[pos], tr.tokens[rows])):
+            raise ValueError(f"book {book}: text does not tokenize to the recorded ids")
+        m = np.zeros(len(ids), dtype=bool)
+        g = rows[gate_mask_rows[rows]]
+        m[np.minimum(tr.pos[g] + 1, len(ids) - 1)] = True
+        seqs.append(ids)
+        masks.append(m)
+    return seqs, masks
+
+
+def _recorded_sequences(tr: SplitData, gate_mask_rows: np.ndarray):
+    """Each recorded stretch of train (+ its last target), with the continuations of gate-fold positions masked."""
+    seqs, masks = [], []
+    for start in np.unique(tr.run_start):
+        end = start
+        while end + 1 < len(tr) and tr.run_start[end + 1] == start:
+            end += 1
+        seqs.append(np.r_[tr.tokens[start:end + 1], tr.target[end]])
+        masks.append(np.r_[False, gate_mask_rows[start:end + 1]])
+    return seqs, masks
+
+
+# ------------------------------------------------------------------------------------------------ stage: heads
+@dataclass
+class Heads:
+    """The heads stage's result; `key` is its cache key, which the later stages build on."""
+    word: WordHead
+    future: FutureHeads
+    norm: HiddenNorm
+    pca_mean: torch.Tensor
+    pca_proj: torch.Tensor
+    key: str
+    timings: dict
+
+    def predictor(self, data: TrainData, tables: dict, max_s: int) -> Predictor:
+        return Predictor(self.word, self.future, self.norm, torch.from_numpy(data.rids), tables, self.pca_mean,
+                         self.pca_proj, mode="word", max_s=max_s, ngram=data.ngram)
+
+
+def stage_heads(cache: StageCache, big: BigModel, data: TrainData, cfg: FitConfig, log) -> Heads:
+    """Word-completion head, future heads and the hidden-state PCA, trained on the head fold (or loaded)."""
+    key = stage_key("heads", data.data_id, cfg.stage_settings("heads"))
+    tr, seed, V, D, R = data.tr, cfg.seed, big.V, big.D, len(data.rids)
+    rows = data.head_rows if len(data.head_rows) < 50000 else np.sort(
+        np.random.default_rng(seed).choice(data.head_rows, 50000, replace=False))
+    norm = HiddenNorm(D, *HiddenNorm.stats(tr.hidden[rows], seed=seed))
+    ow = big.out_emb[torch.from_numpy(data.rids)].float()
+    big.out_emb = None
+    out_w, out_b = torch.zeros(R + 1, D), torch.zeros(R + 1)
+    out_w[:R] = ow * norm.std[None, :]             # exact big logits on R at init (see gate/model/heads.py)
+    out_b[:R] = ow @ norm.mean
+
+    def word_head(embed=None) -> WordHead:
+        return WordHead(V, D, R + 1, n_ctx=cfg.n_ctx, d_tok=cfg.d_tok, d_hid=cfg.d_hid, width=cfg.width,
+                        max_s=cfg.max_skip - 1, use_hidden=cfg.word_inputs == "tokens+hidden", embed=embed)
+
+    def train():
+        torch.manual_seed(seed)
+        word = word_head(big.embed)
+        word.init_output(out_w, out_b)
+        future = FutureHeads(D, R + 1, cfg.max_skip - 1, out_w, out_b)
+        timings = _train_heads(word, future, norm, data, cfg)
+        pca_mean, pca_proj = _heads_pca(tr, data.head_rows, norm, cfg)
+        log(f"[fit] heads trained in {timings['future_heads_s'] + timings['word_head_s']:.0f}s")
+        st = {f"word.{k}": v.contiguous() for k, v in word.state_dict().items()}
+        st.update({f"future.{k}": v.contiguous() for k, v in future.state_dict().items()})
+        st.update({"pca.mean": pca_mean.contiguous(), "pca.proj": pca_proj.contiguous()})
+        return {"timings": timings}, st
+
+    meta, st = cache.run("heads", key, train, with_tensors=True)
+    big.embed = None
+    word, future = word_head(), FutureHeads(D, R + 1, cfg.max_skip - 1, out_w, out_b)
+    word.load_state_dict({k[5:]: v for k, v in st.items() if k.startswith("word.")})
+    future.load_state_dict({k[7:]: v for k, v in st.items() if k.startswith("future.")})
+    return Heads(word, future, norm, st["pca.mean"], st["pca.proj"], key, meta.get("timings", {}))
+
+
+def _train_heads(word: WordHead, future: FutureHeads, norm: HiddenNorm, data: TrainData, cfg: FitConfig) -> dict:
+    """Train the future heads, then the word head (baked afterwards); returns their timings."""
+    hd, rows, timings = data.tr.head_data(), data.head_rows, {}
+    common = dict(batch=cfg.batch, soft_weight=cfg.soft_weight, reg_weight=cfg.reg_weight, min_steps=cfg.min_steps)
+    t0 = time.time()
+    train_future_heads(future, norm, hd, rows, data.rmap, epochs=cfg.future_epochs, seed=cfg.seed, **common)
+    timings["future_heads_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    train_word_head(word, norm, hd, rows, data.rmap, epochs=cfg.epochs, seed=cfg.seed + 1, **common)
+    timings["word_head_s"] = round(time.time() - t0, 1)
+    word.bake()
+    return timings
+
+
+def _heads_pca(tr: SplitData, head_rows: np.ndarray, norm: HiddenNorm, cfg: FitConfig):
+    sub = head_rows if len(head_rows) <= 20000 else np.sort(
+        np.random.default_rng(cfg.seed + 2).choice(head_rows, 20000, replace=False))
+    return pca_fit(norm(torch.from_numpy(np.asarray(tr.hidden[sub], dtype=np.float32))).numpy(), cfg.n_pca)
 
 
 def pca_fit(hn: np.ndarray, n_pca: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,422 +355,227 @@ def pca_fit(hn: np.ndarray, n_pca: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, proj * sign
 
 
-def copy_slice(copy: dict | None, t: np.ndarray) -> dict | None:
-    return None if copy is None else {k: v[t] for k, v in copy.items()}
+# ------------------------------------------------------------------------------------------------ stage: mode
+@dataclass
+class Pairs:
+    """(t, s) pairs of one split and its in-context copy statistics."""
+    t: np.ndarray
+    s: np.ndarray
+    copy: dict
 
 
-def predict_pairs(pred: Predictor, data: SplitData, t: np.ndarray, s: np.ndarray, batch: int = 4096,
-                  desc: str | None = None, gates: dict | None = None, mode: str | None = None,
-                  modes: tuple[str, ...] = (), copy: dict | None = None, keep_X: bool = False) -> dict:
-    """Run the predictor (and gates) on record pairs (t, s), in batches, through Predictor.run - the code path
-    of Drafter.propose. `copy`: context_copy_stats(data) (the in-context index at every position).
-    Returns numpy arrays: cands/valid/correct/cls [P, K] per candidate slot, head_p / head_entropy /
-    head1_correct [P] for the head's own top token, X [P, K, F] with keep_X, and per gate its scores [P, K] and
-    the selected candidate ("sel": slot, token, score, correct, cls). `modes`: head1_correct_<mode> for other
-    predictor modes from the same head outputs."""
-    from tqdm.auto import tqdm
+def stage_mode(cache: StageCache, pred: Predictor, val: Pairs, data: TrainData, cfg: FitConfig, key_heads: str,
+               log) -> dict:
+    """The predictor mode (word / future / mix) by validation accuracy, unless --predictor names one."""
+    key = stage_key("mode", key_heads, cfg.stage_settings("mode"), data.ngram_info, GATE_VERSION)
 
-    from gate.model.features import combine, select
-    keys = ("cands", "valid", "cls", "head_p", "head_entropy") + (("X",) if keep_X else ())
-    outs = {k: [] for k in keys}
-    scores = {n: [] for n in (gates or {})}
-    other = {m: [] for m in modes}
-    n_r = len(pred.rids)
-    rng = range(0, len(t), batch)
-    for i in (tqdm(rng, desc=desc, leave=False, mininterval=2) if desc else rng):
-        tb, sb = t[i:i + batch], s[i:i + batch]
-        ctx = torch.from_numpy(context_ids(data.tokens, data.run_start, tb, pred.n_ctx, pred.pad))
-        h = torch.from_numpy(np.asarray(data.hidden[tb - sb], dtype=np.float32))
-        o = pred.run(ctx, h, torch.from_numpy(sb), copy_slice(copy, tb), mode=mode)
-        for k in keys:
-            v = o[k]
-            outs[k].append(v.numpy() if torch.is_tensor(v) else v)
-        X = o["X"]
-        for n, g in (gates or {}).items():
-            scores[n].append(g.score(X.reshape(-1, X.shape[-1])).reshape(X.shape[:2]).numpy())
-        for m in modes:
-            other[m].append(pred.rids[combine(o["pw"], o["pf"], m)[:, :n_r].argmax(-1)].numpy())
-    res = {k: np.concatenate(v) for k, v in outs.items()}
-    am = data.argmax[t]
-    res["correct"] = (res["cands"] == am[:, None]) & res["valid"]
-    res["head1_correct"] = res["correct"][:, 0]
-    for m, v in other.items():
-        res[f"head1_correct_{m}"] = np.concatenate(v) == am
-    res["t"], res["s"] = t, s
-    res["scores"] = {n: np.concatenate(v) for n, v in scores.items()}
-    res["sel"] = {}
-    for n, sc in res["scores"].items():
-        slot, tok, best = select(torch.from_numpy(sc), res)
-        idx = np.arange(len(slot))
-        res["sel"][n] = {"slot": slot, "token": tok, "score": best, "correct": res["correct"][idx, slot],
-                         "cls": res["cls"][idx, slot]}
-    return res
-
-
-def _subsample(t, s, n_max, seed):
-    if len(t) <= n_max:
-        return t, s
-    idx = np.sort(np.random.default_rng(seed).choice(len(t), n_max, replace=False))
-    return t[idx], s[idx]
-
-
-# ------------------------------------------------------------------------------------------------ fit
-DEFAULTS = dict(seed=0, target_precision=0.99, delta=0.1, max_skip=4, layer="last", n_ctx=8, restricted=2048,
-                d_tok=64, d_hid=128, width=512, epochs=4.0, future_epochs=4.0, batch=512, soft_weight=0.5,
-                reg_weight=1.0, min_steps=300,
-                n_pca=8, predictor="auto", word_inputs="tokens+hidden", gate_frac=0.25, max_train=400000,
-                max_gate_pairs=300000, max_val_pairs=400000, dtype="float32", threads=1)
-
-
-def fit(records: str | Path, out: str | Path, model: str | None = None, force: bool = False, log=print,
-        **opts) -> Path:
-    """Train, calibrate and save a drafter (see the module docstring); returns the artifact folder."""
-    cfg = dict(DEFAULTS)
-    unknown = set(opts) - set(cfg)
-    if unknown:
-        raise TypeError(f"unknown fit options: {sorted(unknown)}")
-    cfg.update(opts)
-    from gate.model.features import torch_threads
-    with torch_threads(cfg["threads"] or torch.get_num_threads()):
-        return _fit(records, out, model, force, log, cfg)
-
-
-def _fit(records, out, model, force, log, cfg) -> Path:
-    if cfg["max_skip"] < 2:
-        raise FitError(f"--max-skip {cfg['max_skip']}: must be >= 2 (the policy skips while since_big < max_skip)")
-    if not 0.5 <= cfg["target_precision"] < 1:
-        raise FitError(f"--target-precision {cfg['target_precision']}: must be in [0.5, 1)")
-    max_s = cfg["max_skip"] - 1
-    seed = cfg["seed"]
-    t_start = time.time()
-    out = Path(out)
-    if hasattr(records, "load"):                 # an open records object (tests)
-        rec, records = records, Path(getattr(records, "path", "records"))
-    else:
-        records = Path(records)
-        rec = open_records_checked(records)
-    entry = model_entry(rec, records, model)
-    if model is not None and not entry:
-        from corpus_tools.models import load as load_model
-        info = load_model(model).info
-        if info.fingerprint != rec.fingerprint:
-            raise TokenizerMismatch(f"{records}: records were made with tokenizer {rec.fingerprint} "
-                                    f"({', '.join(rec.models)}) but --model {model!r} has tokenizer "
-                                    f"{info.fingerprint}")
-        raise FitError(f"{records}: no records of model {model!r} (recorded: {', '.join(rec.models)})")
-    name = entry["name"]
-    layer = resolve_layer(entry, cfg["layer"], records)
-    split_train = find_split(rec, records, "train")
-    split_val = find_split(rec, records, "validation")
-
-    # the big model: frozen embedding, output rows, token kinds; and the tokenizer check
-    from corpus_tools.models import load as load_model
-    t0 = time.time()
-    lm = load_model(name, dtype=cfg["dtype"])
-    if lm.info.fingerprint != rec.fingerprint or entry.get("fingerprint", rec.fingerprint) != rec.fingerprint:
-        raise TokenizerMismatch(f"{records}: records were made with tokenizer {rec.fingerprint} but model "
-                                f"{name!r} now loads with tokenizer {lm.info.fingerprint}")
-    embed = lm.model.get_input_embeddings().weight.detach().clone()        # model dtype; rows cast when used
-    out_emb = lm.model.get_output_embeddings().weight.detach().clone()
-    big_info = lm.info.to_dict()
-    tab = token_table(lm.tokenizer)
-    tokenizer = lm.tokenizer
-    del lm
-    V, D = embed.shape
-    tables = {}
-    for k, fill in (("kind", KINDS.index("other")), ("cls", CLASSES.index("other")), ("ends_alnum", False)):
-        a = tab[k][:V]
-        if len(a) < V:   # tokenizer smaller than the output layer (padded vocab): extra rows are "other"
-            a = np.concatenate([a, np.full(V - len(a), fill, dtype=a.dtype)])
-        tables[k] = a
-    kind = tables["kind"]
-    log(f"[fit] big model {name} ({big_info['n_params'] / 1e6:.1f}M params, layer {layer}/{entry['n_layers']}, "
-        f"V={V}, d={D}) loaded in {time.time() - t0:.1f}s")
-
-    tr = load_split(rec, records, split_train, name, layer)
-    va = load_split(rec, records, split_val, name, layer)
-    if tr.hidden.shape[1] != D:
-        raise FitError(f"{records}: hidden size {tr.hidden.shape[1]} but model {name!r} has {D}")
-    log(f"[fit] records {records}: {split_train} {len(tr):,} positions ({len(tr.books)} books), "
-        f"{split_val} {len(va):,} ({len(va.books)} books)")
-    data_id = _key(str(records.resolve()), rec.fingerprint, json.dumps(rec.meta, sort_keys=True, default=str),
-                   len(tr), len(va),
-                   int(tr.tokens[:1000].sum()), int(va.tokens[:1000].sum()), name, layer)
-
-    # folds within train
-    gate_rows_mask = chunk_folds(len(tr), seed, cfg["gate_frac"])
-    head_rows = np.flatnonzero(~gate_rows_mask)
-    gate_rows = np.flatnonzero(gate_rows_mask)
-    if len(head_rows) > cfg["max_train"]:
-        head_rows = np.sort(np.random.default_rng(seed).choice(head_rows, cfg["max_train"], replace=False))
-    if len(head_rows) < 2 or len(gate_rows) < 2:
-        raise FitError(f"{records}: split {split_train!r} has too few positions ({len(tr)}) to train on")
-
-    # n-gram statistics of the train books' text, without the continuations the gate is trained on
-    t0 = time.time()
-    ngram, ngram_info = build_ngram(rec, records, tr, gate_rows, tokenizer, V, log)
-    del tokenizer
-    log(f"[fit] n-gram table: {ngram.n_entries():,} contexts from {ngram_info['tokens']:,} tokens of "
-        f"{ngram_info['source']} ({time.time() - t0:.1f}s)")
-
-    # restricted vocabulary from what the heads must predict
-    freq = np.bincount(tr.argmax[head_rows], minlength=V)[:V] + 1e-3 * np.bincount(tr.tokens[head_rows],
-                                                                                   minlength=V)[:V]
-    rids = restricted_vocab(freq, kind, cfg["restricted"])
-    R = len(rids)
-    rmap = torch.full((V,), R, dtype=torch.long)
-    rmap[torch.from_numpy(rids)] = torch.arange(R)
-    in_r_train = float(np.isin(tr.argmax[head_rows], rids).mean())
-    in_r_val = float(np.isin(va.argmax, rids).mean())
-    log(f"[fit] restricted vocabulary: {R} tokens (+ other); big argmax in it: train {in_r_train:.1%}, "
-        f"val {in_r_val:.1%}")
-
-    stages = out / "stages"
-    stages.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import load_file
-
-    # ---- stage 1: heads
-    head_cfg = {k: cfg[k] for k in ("seed", "max_skip", "n_ctx", "restricted", "d_tok", "d_hid", "width", "epochs",
-                                    "future_epochs", "batch", "soft_weight", "n_pca", "word_inputs", "gate_frac",
-                                    "max_train", "threads", "dtype", "reg_weight", "min_steps")}
-    k_heads = _key("heads", data_id, head_cfg)
-    hidden_mean, hidden_std = HiddenNorm.stats(tr.hidden[head_rows] if len(head_rows) < 50000 else
-                                               tr.hidden[np.sort(np.random.default_rng(seed).choice(
-                                                   head_rows, 50000, replace=False))], seed=seed)
-    norm = HiddenNorm(D, hidden_mean, hidden_std)
-    word = WordHead(V, D, R + 1, n_ctx=cfg["n_ctx"], d_tok=cfg["d_tok"], d_hid=cfg["d_hid"], width=cfg["width"],
-                    max_s=max_s, use_hidden=cfg["word_inputs"] == "tokens+hidden")
-    fut_w = torch.zeros(R + 1, D)
-    fut_b = torch.zeros(R + 1)
-    ow = out_emb[torch.from_numpy(rids)].float()
-    del out_emb
-    fut_w[:R] = ow * norm.std[None, :]             # exact big logits on R at init (see heads.py)
-    fut_b[:R] = ow @ norm.mean
-    future = FutureHeads(D, R + 1, max_s, fut_w, fut_b)
-    heads_file, heads_meta = stages / "heads.safetensors", stages / "heads.json"
-    timings = {}
-    if not force and heads_meta.is_file() and json.loads(heads_meta.read_text()).get("key") == k_heads \
-            and heads_file.is_file():
-        st = load_file(str(heads_file))
-        word.load_state_dict({k[5:]: v for k, v in st.items() if k.startswith("word.")})
-        future.load_state_dict({k[7:]: v for k, v in st.items() if k.startswith("future.")})
-        pca_mean, pca_proj = st["pca.mean"], st["pca.proj"]
-        hm = json.loads(heads_meta.read_text())
-        timings.update(hm.get("timings", {}))
-        log(f"[fit] heads: loaded finished stage {heads_file}")
-    else:
-        torch.manual_seed(seed)
-        word = WordHead(V, D, R + 1, n_ctx=cfg["n_ctx"], d_tok=cfg["d_tok"], d_hid=cfg["d_hid"],
-                        width=cfg["width"], max_s=max_s, use_hidden=cfg["word_inputs"] == "tokens+hidden",
-                        embed=embed)
-        word.init_output(fut_w, fut_b)
-        hd = tr.head_data()
-        t0 = time.time()
-        train_future_heads(future, norm, hd, head_rows, rmap, epochs=cfg["future_epochs"], batch=cfg["batch"],
-                           soft_weight=cfg["soft_weight"], reg_weight=cfg["reg_weight"],
-                           min_steps=cfg["min_steps"], seed=seed)
-        timings["future_heads_s"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        train_word_head(word, norm, hd, head_rows, rmap, epochs=cfg["epochs"], batch=cfg["batch"],
-                        soft_weight=cfg["soft_weight"], reg_weight=cfg["reg_weight"], min_steps=cfg["min_steps"],
-                        seed=seed + 1)
-        timings["word_head_s"] = round(time.time() - t0, 1)
-        word.bake()
-        sub = head_rows if len(head_rows) <= 20000 else np.sort(
-            np.random.default_rng(seed + 2).choice(head_rows, 20000, replace=False))
-        pca_mean, pca_proj = pca_fit(norm(torch.from_numpy(np.asarray(tr.hidden[sub], dtype=np.float32))).numpy(),
-                                     cfg["n_pca"])
-        st = {f"word.{k}": v.contiguous() for k, v in word.state_dict().items()}
-        st.update({f"future.{k}": v.contiguous() for k, v in future.state_dict().items()})
-        st.update({"pca.mean": pca_mean.contiguous(), "pca.proj": pca_proj.contiguous()})
-        save_tensors(st, heads_file)
-        write_json(heads_meta, {"key": k_heads, "timings": timings})
-        log(f"[fit] heads trained in {timings['future_heads_s'] + timings['word_head_s']:.0f}s -> {heads_file}")
-    del embed
-
-    pred = Predictor(word, future, norm, torch.from_numpy(rids), tables, pca_mean, pca_proj,
-                     mode="word", max_s=max_s, ngram=ngram)
-
-    # ---- stage 2: predictor mode (on validation)
-    vt, vs = pair_index(va.run_start, np.arange(len(va)), max_s)
-    vt, vs = _subsample(vt, vs, cfg["max_val_pairs"], seed + 3)
-    t0 = time.time()
-    va_copy = context_copy_stats(va.tokens, va.run_start)
-    tr_copy = context_copy_stats(tr.tokens, tr.run_start)
-    log(f"[fit] in-context copy statistics ({time.time() - t0:.1f}s)")
-    if len(vt) == 0:
-        raise FitError(f"{records}: split {split_val!r} has no position with an earlier one in the same book")
-    k_mode = _key("mode", k_heads, cfg["predictor"], cfg["max_val_pairs"], ngram_info, GATE_VERSION)
-    mode_meta = stages / "mode.json"
-    if not force and mode_meta.is_file() and json.loads(mode_meta.read_text()).get("key") == k_mode:
-        mm = json.loads(mode_meta.read_text())
-        log(f"[fit] predictor mode: loaded finished stage ({mm['mode']})")
-    else:
+    def choose():
+        o = predict_pairs(pred, data.va, val.t, val.s, modes=("word", "future", "mix"), desc="val heads",
+                          copy=val.copy)
         acc = {}
-        o = predict_pairs(pred, va, vt, vs, modes=("word", "future", "mix"), desc="val heads", copy=va_copy)
         for m in ("word", "future", "mix"):
             c = o[f"head1_correct_{m}"]
             acc[m] = {"accuracy": float(c.mean()),
-                      "accuracy_by_s": {int(j): float(c[vs == j].mean()) for j in range(1, max_s + 1)
-                                        if (vs == j).any()}}
-        mode = max(acc, key=lambda m: acc[m]["accuracy"]) if cfg["predictor"] == "auto" else cfg["predictor"]
+                      "accuracy_by_s": {int(j): float(c[val.s == j].mean()) for j in range(1, pred.max_s + 1)
+                                        if (val.s == j).any()}}
+        mode = max(acc, key=lambda m: acc[m]["accuracy"]) if cfg.predictor == "auto" else cfg.predictor
         if mode not in acc:
             raise FitError(f"--predictor {mode!r}: choose auto, word, future or mix")
-        mm = {"key": k_mode, "mode": mode, "val_accuracy": acc}
-        write_json(mode_meta, mm)
         log("[fit] val accuracy (candidate == big argmax): " +
             ", ".join(f"{m} {a['accuracy']:.1%}" for m, a in acc.items()) + f" -> predictor {mode}")
-    pred.mode = mm["mode"]
+        return {"mode": mode, "val_accuracy": acc}, None
 
-    # ---- stage 3: gates (trained on the gate fold of train)
-    gt, gs = pair_index(tr.run_start, gate_rows, max_s)
-    gt, gs = _subsample(gt, gs, cfg["max_gate_pairs"], seed + 4)
-    k_gate = _key("gates", k_mode, mm["mode"], cfg["max_gate_pairs"], GATE_VERSION)
-    gate_file, gate_meta = stages / "gates.safetensors", stages / "gates.json"
-    gates: dict = {}
-    if not force and gate_meta.is_file() and json.loads(gate_meta.read_text()).get("key") == k_gate \
-            and gate_file.is_file():
-        gm = json.loads(gate_meta.read_text())
-        st = load_file(str(gate_file))
-        for n, g in gm["gates"].items():
-            gates[n] = GATES[g["kind"]].from_state({k[len(n) + 1:]: v for k, v in st.items()
-                                                    if k.startswith(n + ".")}, g["config"])
-        log(f"[fit] gates: loaded finished stage {gate_file}")
-    else:
-        t0 = time.time()
-        o = predict_pairs(pred, tr, gt, gs, desc="gate features", copy=tr_copy, keep_X=True)
-        dev_pair = chunk_folds(len(tr), seed + 5, 0.2)[gt]
-        if dev_pair.all() or not dev_pair.any():
-            dev_pair = np.zeros(len(gt), dtype=bool)
-            dev_pair[::5] = True
-        rows = o["valid"] & ~dev_pair[:, None]
-        X, y = o["X"][rows], o["correct"][rows].astype(np.float32)
-        gates = {"logreg": LogisticGate().fit(X, y, seed=seed), "mlp": MLPGate(X.shape[1]).fit(X, y, seed=seed)}
-        dev_cov = {}
-        from gate.model.features import select
-        for n, g in gates.items():
-            Xd = torch.from_numpy(o["X"][dev_pair])
-            sc = g.score(Xd.reshape(-1, Xd.shape[-1])).reshape(Xd.shape[:2])
-            dv = {k: o[k][dev_pair] for k in ("valid", "cands")}
-            slot, _, best = select(sc, dv)
-            ok = o["correct"][dev_pair][np.arange(len(slot)), slot]
-            # mean coverage over precision levels around the target: one level alone (99%) on a few thousand
-            # pairs hinges on a handful of examples
-            levels = sorted({0.95, 0.98, 0.99, 0.995, cfg["target_precision"]})
-            dev_cov[n] = float(np.mean(list(coverage_at_precision(best, ok, levels).values())))
-        primary = max(dev_cov, key=lambda n: (dev_cov[n], n == "logreg"))
-        st = {}
-        for n, g in gates.items():
-            st.update({f"{n}.{k}": v.contiguous() for k, v in g.state().items()})
-        save_tensors(st, gate_file)
-        gm = {"key": k_gate, "gates": {n: {"kind": g.kind, "config": g.config()} for n, g in gates.items()},
-              "primary": primary, "dev_coverage_at_target": dev_cov, "n_pairs": int(len(gt)),
-              "n_train_rows": int(rows.sum()), "n_dev_pairs": int(dev_pair.sum()), "positive_rate": float(y.mean()),
-              "any_candidate_right": float(o["correct"].any(1).mean()), "seconds": round(time.time() - t0, 1)}
-        write_json(gate_meta, gm)
-        log(f"[fit] gates trained on {int(rows.sum()):,} candidates of {int((~dev_pair).sum()):,} pairs (right "
-            f"{y.mean():.1%}; some candidate right for {gm['any_candidate_right']:.1%} of pairs); mean coverage at "
-            "95-99.5% precision on the gate-dev chunks: " +
-            ", ".join(f"{n} {c:.1%}" for n, c in dev_cov.items()) + f" -> primary {primary}")
-    primary = gm["primary"]
+    return cache.run("mode", key, choose)[0]
 
-    # ---- stage 4: calibration on validation (Learn-then-Test)
-    o = predict_pairs(pred, va, vt, vs, gates=gates, desc="calibration", copy=va_copy)
+
+# ------------------------------------------------------------------------------------------------ stage: gates
+def stage_gates(cache: StageCache, pred: Predictor, gate_pairs: Pairs, data: TrainData, cfg: FitConfig,
+                key_mode: str, log) -> tuple[dict, dict]:
+    """The learned gates (logreg, mlp) on every candidate of the gate-fold pairs; (gates, stage metadata)."""
+    key = stage_key("gates", key_mode, pred.mode, cfg.stage_settings("gates"), GATE_VERSION)
+    meta, st = cache.run("gates", key, lambda: _train_gates(pred, gate_pairs, data.tr, cfg, log), with_tensors=True)
+    gates = {n: GATES[g["kind"]].from_state({k[len(n) + 1:]: v for k, v in st.items() if k.startswith(n + ".")},
+                                            g["config"])
+             for n, g in meta["gates"].items()}
+    return gates, meta
+
+
+def _train_gates(pred: Predictor, pairs: Pairs, tr: SplitData, cfg: FitConfig, log):
+    t0 = time.time()
+    o = predict_pairs(pred, tr, pairs.t, pairs.s, desc="gate features", copy=pairs.copy, keep_X=True)
+    dev_pair = chunk_folds(len(tr), cfg.seed + 5, 0.2)[pairs.t]
+    if dev_pair.all() or not dev_pair.any():
+        dev_pair = np.zeros(len(pairs.t), dtype=bool)
+        dev_pair[::5] = True
+    rows = o["valid"] & ~dev_pair[:, None]
+    X, y = o["X"][rows], o["correct"][rows].astype(np.float32)
+    gates = {"logreg": LogisticGate().fit(X, y, seed=cfg.seed), "mlp": MLPGate(X.shape[1]).fit(X, y, seed=cfg.seed)}
+    dev_cov = {n: _dev_coverage(g, o, dev_pair, cfg) for n, g in gates.items()}
+    primary = max(dev_cov, key=lambda n: (dev_cov[n], n == "logreg"))
+    st = {}
+    for n, g in gates.items():
+        st.update({f"{n}.{k}": v.contiguous() for k, v in g.state().items()})
+    gm = {"gates": {n: {"kind": g.kind, "config": g.config()} for n, g in gates.items()},
+          "primary": primary, "dev_coverage_at_target": dev_cov, "n_pairs": int(len(pairs.t)),
+          "n_train_rows": int(rows.sum()), "n_dev_pairs": int(dev_pair.sum()), "positive_rate": float(y.mean()),
+          "any_candidate_right": float(o["correct"].any(1).mean()), "seconds": round(time.time() - t0, 1)}
+    log(f"[fit] gates trained on {int(rows.sum()):,} candidates of {int((~dev_pair).sum()):,} pairs (right "
+        f"{y.mean():.1%}; some candidate right for {gm['any_candidate_right']:.1%} of pairs); mean coverage at "
+        "95-99.5% precision on the gate-dev chunks: " +
+        ", ".join(f"{n} {c:.1%}" for n, c in dev_cov.items()) + f" -> primary {primary}")
+    return gm, st
+
+
+def _dev_coverage(gate, o: dict, dev_pair: np.ndarray, cfg: FitConfig) -> float:
+    """Mean coverage over precision levels around the target on the gate-dev pairs: one level alone (99%) on a
+    few thousand pairs hinges on a handful of examples."""
+    Xd = torch.from_numpy(o["X"][dev_pair])
+    sc = gate.score(Xd.reshape(-1, Xd.shape[-1])).reshape(Xd.shape[:2])
+    slot, _, best = pick_candidate(sc, {k: o[k][dev_pair] for k in ("valid", "cands")})
+    ok = o["correct"][dev_pair][np.arange(len(slot)), slot]
+    levels = sorted({0.95, 0.98, 0.99, 0.995, cfg.target_precision})
+    return float(np.mean(list(coverage_at_precision(best, ok, levels).values())))
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+@dataclass
+class Calibration:
+    """LTT results per score, the primary gate, its threshold and the validation metrics."""
+    calib: dict
+    primary: str
+    threshold: float
+    val_metrics: dict
+
+
+def copy_trust(tr: SplitData, gate_pairs: Pairs, cfg: FitConfig, log) -> np.ndarray | None:
+    """How far the copy rule can be trusted at each match length, from the gate-fold positions (the heads never
+    trained on them): gate.model.copyrule.trust_table. None with --copy-max-n 0."""
+    if cfg.copy_max_n <= 0:
+        return None
+    t = np.unique(gate_pairs.t)
+    cand, length = tr.copy_rule(cfg.copy_max_n)
+    table = trust_table(length[t], cand[t] == tr.argmax[t], cfg.copy_max_n, cfg.delta)
+    log(f"[fit] copy rule trust by match length (lower bounds on {len(t):,} gate-fold positions): " +
+        " ".join(f"{n}:{p:.3f}" for n, p in enumerate(table) if n))
+    return table
+
+
+def calibrate(pred: Predictor, gates: dict, primary: str, val: Pairs, data: TrainData, cfg: FitConfig,
+              log, table: np.ndarray | None = None) -> Calibration:
+    """Learn-then-Test thresholds on validation for every gate (each falling back on the copy rule where the
+    rule is trusted more, as the drafter will) and baseline; the primary gate is the certified one with the
+    largest coverage (the gate-dev choice if none is certified)."""
+    o = predict_pairs(pred, data.va, val.t, val.s, gates=gates, desc="calibration", copy=val.copy)
+    if table is not None and cfg.copy_max_n != len(table) - 1:
+        raise FitError(f"copy trust table for {len(table) - 1} tokens, --copy-max-n {cfg.copy_max_n}")
+    o = apply_copy_trust(o, data.va, table, pred.tables)
     baselines = {"max_prob": (o["head_p"], o["head1_correct"]),            # BiLD's fallback rule
-                 "entropy": (1.0 - o["head_entropy"], o["head1_correct"])}  # seed 001
+                 "entropy": (1.0 - o["head_entropy"], o["head1_correct"]),  # entropy-gated switching
+                 "copy": (o["copy"]["len"].astype(np.float64), o["copy"]["correct"])}   # prompt lookup
     scored = {**{n: (v["score"], v["correct"]) for n, v in o["sel"].items()}, **baselines}
     # The drafter's gate is picked among the learned gates on validation too: each is calibrated at
     # delta / n_gates (Bonferroni), so the guarantee holds for whichever is picked; the baselines at delta.
     n_gates = len(o["sel"])
-    calib = {n: ltt_calibrate(sc, ok, cfg["target_precision"], cfg["delta"] / (n_gates if n in o["sel"] else 1))
+    calib = {n: ltt_calibrate(sc, ok, cfg.target_precision, cfg.delta / (n_gates if n in o["sel"] else 1))
              for n, (sc, ok) in scored.items()}
     certified = {n: calib[n]["coverage"] for n in o["sel"] if calib[n]["certified"]}
     if certified:
         primary = max(certified, key=lambda n: (certified[n], n == "logreg"))
-    thr = calib[primary]["threshold"]
     val_metrics = {
-        "pairs": int(len(vt)), "head_accuracy": float(o["head1_correct"].mean()),
+        "pairs": int(len(val.t)), "head_accuracy": float(o["head1_correct"].mean()),
         "drafter_accuracy": float(o["sel"][primary]["correct"].mean()),
         "any_candidate_right": float(o["correct"].any(1).mean()),
         "coverage_at_precision": {n: {str(k): v for k, v in coverage_at_precision(sc, ok).items()}
                                   for n, (sc, ok) in scored.items()},
     }
     c = calib[primary]
-    log(f"[fit] calibrated {primary} gate on {len(vt):,} {split_val} pairs: threshold {thr:.4g}, coverage "
-        f"{c['coverage']:.1%}, precision {c['precision'] if c['precision'] is not None else float('nan'):.2%}, "
-        f"error <= {1 - cfg['target_precision']:.2%} with prob >= {1 - cfg['delta']:.0%} (LTT; primary picked "
-        f"among certified gates: " + (", ".join(f"{n} {c:.1%}" for n, c in certified.items()) or "none") + ")"
+    log(f"[fit] calibrated {primary} gate on {len(val.t):,} {data.va.name} pairs: threshold {c['threshold']:.4g}, "
+        f"coverage {c['coverage']:.1%}, precision "
+        f"{c['precision'] if c['precision'] is not None else float('nan'):.2%}, error <= "
+        f"{1 - cfg.target_precision:.2%} with prob >= {1 - cfg.delta:.0%} (LTT; primary picked among certified "
+        "gates: " + (", ".join(f"{n} {c:.1%}" for n, c in certified.items()) or "none") + ")"
         + ("" if c["certified"] else " - NO threshold certified: the gate will never skip"))
+    return Calibration(calib, primary, c["threshold"], val_metrics)
 
-    # ---- artifact
-    cost = pred.cost(big_info["n_params"])
-    counts = {split_train: {"positions": len(tr), "books": tr.books, "head_positions": int(len(head_rows)),
-                            "gate_positions": int(len(gate_rows)), "gate_pairs": int(len(gt))},
-              split_val: {"positions": len(va), "books": va.books, "calibration_pairs": int(len(vt))}}
-    meta = {
-        "big_model": {"name": name, "fingerprint": rec.fingerprint, "vocab_size": V, "hidden_size": D,
-                      "n_layers": entry["n_layers"], "n_params": big_info["n_params"], "path": big_info["path"]},
-        "training_data": {"records": str(records.resolve()), "splits": {"train": split_train, "validation":
-                          split_val}, "counts": counts, "records_meta": {k: rec.meta.get(k) for k in
+
+# ------------------------------------------------------------------------------------------------ artifact
+def artifact_meta(src: Source, big: BigModel, data: TrainData, cfg: FitConfig, pairs: dict, mm: dict, gm: dict,
+                  cal: Calibration, cost: dict, timings: dict) -> dict:
+    """drafter.json's description of the training: big model, data, settings, calibration, metrics, cost."""
+    rec, tr, va = src.rec, data.tr, data.va
+    counts = {src.split_train: {"positions": len(tr), "books": tr.books, "head_positions": int(len(data.head_rows)),
+                                "gate_positions": int(len(data.gate_rows)), "gate_pairs": int(len(pairs["gate"].t))},
+              src.split_val: {"positions": len(va), "books": va.books, "calibration_pairs": int(len(pairs["val"].t))}}
+    return {
+        "big_model": {"name": src.name, "fingerprint": rec.fingerprint, "vocab_size": big.V, "hidden_size": big.D,
+                      "n_layers": src.entry["n_layers"], "n_params": big.info["n_params"], "path": big.info["path"]},
+        "training_data": {"records": str(src.path.resolve()), "splits": {"train": src.split_train, "validation":
+                          src.split_val}, "counts": counts, "records_meta": {k: rec.meta.get(k) for k in
                           ("corpus", "context", "stride", "topk", "created") if k in rec.meta}},
-        "config": cfg, "seed": seed, "target_precision": cfg["target_precision"], "delta": cfg["delta"],
-        "ngram": ngram_info,
-        "calibration": calib, "restricted_vocab": {"size": R, "big_argmax_in_vocab_train": in_r_train,
-                                                   "big_argmax_in_vocab_val": in_r_val},
-        "metrics": {"validation": val_metrics, "predictor_modes": mm["val_accuracy"] if "val_accuracy" in mm
+        "config": cfg.as_dict(), "seed": cfg.seed, "target_precision": cfg.target_precision, "delta": cfg.delta,
+        "ngram": data.ngram_info,
+        "calibration": cal.calib, "restricted_vocab": {"size": len(data.rids),
+                                                       "big_argmax_in_vocab_train": data.in_r["train"],
+                                                       "big_argmax_in_vocab_val": data.in_r["val"]},
+        "metrics": {"validation": cal.val_metrics, "predictor_modes": mm["val_accuracy"] if "val_accuracy" in mm
                     else None, "gates": {k: gm[k] for k in ("dev_coverage_at_target", "n_train_rows", "n_dev_pairs",
                                                             "positive_rate", "any_candidate_right") if k in gm}},
-        "cost": cost, "timings": {**timings, "fit_total_s": round(time.time() - t_start, 1)},
+        "cost": cost, "timings": timings,
         "token_classes": list(CLASSES),
     }
-    dr = Drafter(pred, gates, primary, thr, cfg["max_skip"], layer, meta)
-    dr.save(out)
+
+
+# ------------------------------------------------------------------------------------------------ fit
+def fit(records: str | Path, out: str | Path, model: str | None = None, force: bool = False, log=print,
+        **opts) -> Path:
+    """Train, calibrate and save a drafter (see the module docstring); returns the artifact folder.
+    `opts`: FitConfig settings (gate/train/config.py)."""
+    cfg = FitConfig.from_options(**opts)
+    with torch_threads(cfg.threads or torch.get_num_threads()):
+        return _fit(records, Path(out), model, force, log, cfg)
+
+
+def _check_settings(cfg: FitConfig) -> None:
+    if cfg.max_skip < 2:
+        raise FitError(f"--max-skip {cfg.max_skip}: must be >= 2 (the policy skips while since_big < max_skip)")
+    if not 0.5 <= cfg.target_precision < 1:
+        raise FitError(f"--target-precision {cfg.target_precision}: must be in [0.5, 1)")
+
+
+def _pairs(split: SplitData, rows: np.ndarray, max_s: int, n_max: int, seed: int) -> Pairs:
+    t, s = subsample_pairs(*pair_index(split.run_start, rows, max_s), n_max, seed)
+    return Pairs(t, s, context_copy_stats(split.tokens, split.run_start))
+
+
+def _fit(records, out: Path, model, force, log, cfg: FitConfig) -> Path:
+    _check_settings(cfg)
+    t_start = time.time()
+    src = open_source(records, model, cfg)
+    big = load_big_model(src, cfg, log)
+    data = prepare_data(src, big, cfg, log)
+    cache = StageCache(out / "stages", force, log)
+    heads = stage_heads(cache, big, data, cfg, log)
+    pred = heads.predictor(data, big.tables, cfg.max_skip - 1)
+    t0 = time.time()
+    pairs = {"val": _pairs(data.va, np.arange(len(data.va)), pred.max_s, cfg.max_val_pairs, cfg.seed + 3),
+             "gate": _pairs(data.tr, data.gate_rows, pred.max_s, cfg.max_gate_pairs, cfg.seed + 4)}
+    log(f"[fit] in-context copy statistics ({time.time() - t0:.1f}s)")
+    if len(pairs["val"].t) == 0:
+        raise FitError(f"{src.path}: split {src.split_val!r} has no position with an earlier one in the same book")
+    mm = stage_mode(cache, pred, pairs["val"], data, cfg, heads.key, log)
+    pred.mode = mm["mode"]
+    gates, gm = stage_gates(cache, pred, pairs["gate"], data, cfg, mm["key"], log)
+    table = copy_trust(data.tr, pairs["gate"], cfg, log)
+    cal = calibrate(pred, gates, gm["primary"], pairs["val"], data, cfg, log, table)
+    cost = pred.cost(big.info["n_params"])
+    meta = artifact_meta(src, big, data, cfg, pairs, mm, gm, cal, cost,
+                         {**heads.timings, "fit_total_s": round(time.time() - t_start, 1)})
+    Drafter(pred, gates, cal.primary, cal.threshold, cfg.max_skip, src.layer, meta, table).save(out)
     log(f"[fit] drafter: {cost['word_head_params'] / 1e6:.2f}M + {cost['future_heads_params'] / 1e6:.2f}M params, "
         f"{cost['drafter_flops_per_token'] / 1e6:.1f} MFLOP/token = "
         f"{cost.get('drafter_flops_vs_big', float('nan')):.1%} of the big model's; saved {out} "
         f"({time.time() - t_start:.0f}s)")
     return out
-
-
-def build_ngram(rec, path, tr: SplitData, gate_rows: np.ndarray, tokenizer, V: int, log):
-    """NgramTable over the train books' full text (from the corpus the records name), masking the continuation
-    of every gate-fold position; falls back to the recorded train tokens when the text is not there or does not
-    tokenize to the recorded ids."""
-    from gate.model.heads import NgramTable
-    corpus = Path(str(rec.meta.get("corpus", "")))
-    gate_mask_rows = np.zeros(len(tr), dtype=bool)
-    gate_mask_rows[gate_rows] = True
-    seqs, masks, source = [], [], None
-    if corpus.is_dir():
-        try:
-            for bi, book in enumerate(tr.books):
-                ids = np.asarray(tokenizer((corpus / "text" / f"{book}.txt").read_text(encoding="utf-8"),
-                                           verbose=False).input_ids, dtype=np.int64)
-                rows = np.flatnonzero(tr.book == bi)
-                pos = tr.pos[rows]
-                if len(rows) and (pos.max() >= len(ids) or not np.array_equal(ids[pos], tr.tokens[rows])):
-                    raise ValueError(f"book {book}: text does not tokenize to the recorded ids")
-                m = np.zeros(len(ids), dtype=bool)
-                g = rows[gate_mask_rows[rows]]
-                m[np.minimum(tr.pos[g] + 1, len(ids) - 1)] = True
-                seqs.append(ids)
-                masks.append(m)
-            source = f"corpus {corpus} ({len(seqs)} train books)"
-        except (OSError, ValueError) as e:
-            log(f"[fit] n-gram table: cannot use the corpus text ({e}); using the recorded tokens")
-            seqs, masks = [], []
-    if not seqs:
-        for start in np.unique(tr.run_start):
-            end = start
-            while end + 1 < len(tr) and tr.run_start[end + 1] == start:
-                end += 1
-            seq = np.r_[tr.tokens[start:end + 1], tr.target[end]]
-            m = np.r_[False, gate_mask_rows[start:end + 1]]
-            seqs.append(seq)
-            masks.append(m)
-        source = f"recorded {tr.name} tokens of {path}"
-    table = NgramTable.build(seqs, V, masks=masks)
-    return table, {"source": source, "tokens": int(sum(len(x) for x in seqs)), "entries": table.n_entries()}
 
 
 def main(argv=None) -> int:
@@ -615,39 +585,12 @@ def main(argv=None) -> int:
     ap.add_argument("--records", required=True, help="records folder (python train.py record)")
     ap.add_argument("--out", required=True, help="artifact folder to write (the Drafter)")
     ap.add_argument("--model", default=None, help="which recorded model is the big one (default: the largest)")
-    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    ap.add_argument("--target-precision", type=float, default=DEFAULTS["target_precision"],
-                    help="calibrate the gate so skipped tokens equal the big model's greedy token this often")
-    ap.add_argument("--delta", type=float, default=DEFAULTS["delta"],
-                    help="the precision guarantee holds with probability >= 1 - delta (Learn-then-Test)")
-    ap.add_argument("--max-skip", type=int, default=DEFAULTS["max_skip"],
-                    help="the big model runs at least once every MAX_SKIP positions (the policy skips while "
-                         "since_big < MAX_SKIP); future heads predict t+2 .. t+MAX_SKIP")
-    ap.add_argument("--layer", default=DEFAULTS["layer"], help="big-model hidden layer the drafter reads "
-                    "(HF numbering; 'last' = n_layers)")
-    ap.add_argument("--n-ctx", type=int, default=DEFAULTS["n_ctx"], help="tokens the word head reads")
-    ap.add_argument("--restricted", type=int, default=DEFAULTS["restricted"], help="restricted vocabulary size")
-    ap.add_argument("--width", type=int, default=DEFAULTS["width"], help="word head MLP width")
-    ap.add_argument("--epochs", type=float, default=DEFAULTS["epochs"], help="word head epochs")
-    ap.add_argument("--future-epochs", type=float, default=DEFAULTS["future_epochs"], help="future heads epochs")
-    ap.add_argument("--predictor", default=DEFAULTS["predictor"], choices=["auto", "word", "future", "mix"],
-                    help="which head's top token is the candidate (auto: best validation accuracy)")
-    ap.add_argument("--word-inputs", default=DEFAULTS["word_inputs"], choices=["tokens", "tokens+hidden"],
-                    help="word head inputs: the last tokens only (seed 003) or also the stale big hidden state")
-    ap.add_argument("--max-train", type=int, default=DEFAULTS["max_train"], help="cap on head training positions")
-    ap.add_argument("--gate-frac", type=float, default=DEFAULTS["gate_frac"],
-                    help="share of the train split (in chunks of 512 positions) kept from the heads to train the gate")
-    ap.add_argument("--threads", type=int, default=DEFAULTS["threads"],
-                    help="torch intra-op threads (0: torch's default). The heads are small: on a busy 2-core machine "
-                         "1 thread was 1.4x faster than 2; results are deterministic for a seed and thread count")
+    add_arguments(ap)
     ap.add_argument("--force", action="store_true", help="retrain every stage even if a finished one matches")
     args = ap.parse_args(argv)
-    opts = {k: getattr(args, k) for k in ("seed", "target_precision", "delta", "max_skip", "layer", "n_ctx",
-                                          "restricted", "width", "epochs", "future_epochs", "predictor",
-                                          "word_inputs", "max_train", "threads", "gate_frac")}
     try:
         fit(args.records, args.out, model=args.model, force=args.force,
-            log=lambda m: print(m, file=sys.stderr, flush=True), **opts)
+            log=lambda m: print(m, file=sys.stderr, flush=True), **options_from_args(args))
     except (FitError, ArtifactError, TokenizerMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

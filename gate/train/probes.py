@@ -1,5 +1,5 @@
-"""Linear probes (seed 003, "phrase the whole sentence"): how much of the next few tokens is linearly readable
-from each recorded layer's hidden state?
+"""Linear probes: how much of the next few tokens is linearly readable from each recorded layer's hidden state?
+(The word-completion idea asks whether a small head could phrase more than the next token.)
 
 For every recorded layer l and offset k = 1..4, a linear map from the hidden state at position t (layer l,
 standardised with train statistics) predicts
@@ -50,19 +50,40 @@ def run_probes(train: dict, test: dict, hidden, layers: list[int], offsets: int 
     rng = np.random.default_rng(seed)
     res = {"layers": layers, "offsets": list(range(1, offsets + 1)), "K": K, "accuracy": {}, "baselines": {},
            "method": method}
-    split_rows = {}
-    for name, d in (("train", train), ("test", test)):
-        rs = run_starts(d["book"], d["pos"])
-        re_ = _run_end(rs)
-        ok = np.arange(len(rs)) + offsets - 1 <= re_            # every offset valid: same rows for all
-        rows = np.flatnonzero(ok)
-        n_max = n_train if name == "train" else n_test
-        if len(rows) > n_max:
-            rows = np.sort(rng.choice(rows, n_max, replace=False))
-        split_rows[name] = rows
-    if len(split_rows["train"]) < 10 or len(split_rows["test"]) < 10:
+    tr = _probe_rows(train, offsets, n_train, rng)
+    te = _probe_rows(test, offsets, n_test, rng)
+    if len(tr) < 10 or len(te) < 10:
         raise ValueError("too few positions with 4 recorded successors for probes")
-    tr, te = split_rows["train"], split_rows["test"]
+    targets = _probe_targets(train, test, tr, te, offsets)
+    tok_tr, tok_te = np.asarray(train["tokens"][tr], dtype=np.int64), np.asarray(test["tokens"][te], dtype=np.int64)
+    for (kind, k), (ytr, yte) in targets.items():
+        res["baselines"][f"{kind}/{k}"] = _baselines(ytr, yte, tok_tr, tok_te)
+    cls = {key: _top_classes(ytr, K) for key, (ytr, _) in targets.items()}
+    for key, (_, yte) in targets.items():       # the best any probe over these classes can do
+        res["baselines"][f"{key[0]}/{key[1]}"]["ceiling"] = float(np.isin(yte, cls[key]).mean())
+    for layer in layers:
+        Xtr = torch.from_numpy(hidden("train", layer, tr)).double()
+        Xte = torch.from_numpy(hidden("test", layer, te)).double()
+        for key, acc in _probe_layer(Xtr, Xte, targets, cls, method, epochs, seed).items():
+            res["accuracy"][f"{key[0]}/{key[1]}/{layer}"] = acc
+        log(f"[probes] layer {layer}: " + ", ".join(
+            f"{kind}+{k} {res['accuracy'][f'{kind}/{k}/{layer}']:.1%}" for kind, k in targets))
+    res["n_train"], res["n_test"] = int(len(tr)), int(len(te))
+    return res
+
+
+def _probe_rows(d: dict, offsets: int, n_max: int, rng) -> np.ndarray:
+    """Rows whose every offset 1..offsets is inside the recorded stretch (a seeded sample of n_max at most)."""
+    rs = run_starts(d["book"], d["pos"])
+    ok = np.arange(len(rs)) + offsets - 1 <= _run_end(rs)
+    rows = np.flatnonzero(ok)
+    if len(rows) > n_max:
+        rows = np.sort(rng.choice(rows, n_max, replace=False))
+    return rows
+
+
+def _probe_targets(train: dict, test: dict, tr: np.ndarray, te: np.ndarray, offsets: int) -> dict:
+    """(kind, k) -> (train labels, test labels): the big model's argmax or the text token at t+k."""
     targets = {}
     for kind in ("argmax", "text"):
         for k in range(1, offsets + 1):
@@ -72,58 +93,52 @@ def run_probes(train: dict, test: dict, hidden, layers: list[int], offsets: int 
                 ytr = _shifted_tokens(train, tr, k)
                 yte = _shifted_tokens(test, te, k)
             targets[(kind, k)] = (np.asarray(ytr, dtype=np.int64), np.asarray(yte, dtype=np.int64))
-    # baselines
-    tok_tr, tok_te = np.asarray(train["tokens"][tr], dtype=np.int64), np.asarray(test["tokens"][te], dtype=np.int64)
-    for (kind, k), (ytr, yte) in targets.items():
-        ids, cnt = np.unique(ytr, return_counts=True)
-        uni = ids[np.argmax(cnt)]
-        pair = tok_tr * (int(max(ytr.max(), tok_tr.max())) + 1) + ytr
-        pid, pc = np.unique(pair, return_counts=True)
-        base = int(max(ytr.max(), tok_tr.max())) + 1
-        prev, nxt = pid // base, pid % base
-        order = np.lexsort((-pc, prev))                        # by prev, most frequent first
-        first = np.r_[True, prev[order][1:] != prev[order][:-1]]
-        best = dict(zip(prev[order][first].tolist(), nxt[order][first].tolist()))
-        pred_bi = np.array([best.get(int(x), uni) for x in tok_te])
-        res["baselines"][f"{kind}/{k}"] = {"unigram": float((yte == uni).mean()),
-                                          "bigram": float((yte == pred_bi).mean())}
-    # probes, one ridge solve per layer for all targets
-    cls = {key: _top_classes(ytr, K) for key, (ytr, _) in targets.items()}
-    for key, (_, yte) in targets.items():       # the best any probe over these classes can do
-        res["baselines"][f"{key[0]}/{key[1]}"]["ceiling"] = float(np.isin(yte, cls[key]).mean())
-    for layer in layers:
-        Xtr = torch.from_numpy(hidden("train", layer, tr)).double()
-        Xte = torch.from_numpy(hidden("test", layer, te)).double()
-        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-3
-        Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
-        Xtr = torch.cat([Xtr, torch.ones(len(Xtr), 1, dtype=torch.float64)], 1)
-        Xte = torch.cat([Xte, torch.ones(len(Xte), 1, dtype=torch.float64)], 1)
-        G = Xtr.T @ Xtr
-        G += 1e-2 * len(Xtr) * torch.eye(G.shape[0], dtype=torch.float64)
-        chol = torch.linalg.cholesky(G)
-        keys = list(targets)
-        Ys, W0 = [], []
-        for key in keys:
-            ytr = targets[key][0]
-            c = cls[key]
-            m = np.searchsorted(c, ytr)
-            inr = (m < len(c)) & (c[np.clip(m, 0, len(c) - 1)] == ytr)
-            Ys.append(np.where(inr, m, len(c)))
-            Y = torch.zeros(len(ytr), len(c) + 1, dtype=torch.float64)
-            Y[torch.arange(len(ytr)), torch.from_numpy(Ys[-1])] = 1.0
-            W0.append(torch.cholesky_solve(Xtr.T @ Y, chol))
-        if method == "softmax":
-            Ws = _softmax_probes(Xtr.float(), Ys, [w.float() for w in W0], epochs, seed)
-        else:
-            Ws = W0
-        for key, W in zip(keys, Ws):
-            c = cls[key]
-            pred = (Xte.to(W.dtype) @ W)[:, :len(c)].argmax(1).numpy()      # never predict "other"
-            res["accuracy"][f"{key[0]}/{key[1]}/{layer}"] = float((c[pred] == targets[key][1]).mean())
-        log(f"[probes] layer {layer}: " + ", ".join(
-            f"{kind}+{k} {res['accuracy'][f'{kind}/{k}/{layer}']:.1%}" for kind, k in targets))
-    res["n_train"], res["n_test"] = int(len(tr)), int(len(te))
-    return res
+    return targets
+
+
+def _baselines(ytr, yte, tok_tr, tok_te) -> dict:
+    """Test accuracy of the unigram (most frequent label) and bigram (most frequent label after the token at t)."""
+    ids, cnt = np.unique(ytr, return_counts=True)
+    uni = ids[np.argmax(cnt)]
+    pair = tok_tr * (int(max(ytr.max(), tok_tr.max())) + 1) + ytr
+    pid, pc = np.unique(pair, return_counts=True)
+    base = int(max(ytr.max(), tok_tr.max())) + 1
+    prev, nxt = pid // base, pid % base
+    order = np.lexsort((-pc, prev))                        # by prev, most frequent first
+    first = np.r_[True, prev[order][1:] != prev[order][:-1]]
+    best = dict(zip(prev[order][first].tolist(), nxt[order][first].tolist()))
+    pred_bi = np.array([best.get(int(x), uni) for x in tok_te])
+    return {"unigram": float((yte == uni).mean()), "bigram": float((yte == pred_bi).mean())}
+
+
+def _probe_layer(Xtr, Xte, targets: dict, cls: dict, method: str, epochs: int, seed: int) -> dict:
+    """Test accuracy per target of the probes of one layer: one ridge solve for all targets (refined by softmax
+    regression with method "softmax")."""
+    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-3
+    Xtr, Xte = (Xtr - mu) / sd, (Xte - mu) / sd
+    Xtr = torch.cat([Xtr, torch.ones(len(Xtr), 1, dtype=torch.float64)], 1)
+    Xte = torch.cat([Xte, torch.ones(len(Xte), 1, dtype=torch.float64)], 1)
+    G = Xtr.T @ Xtr
+    G += 1e-2 * len(Xtr) * torch.eye(G.shape[0], dtype=torch.float64)
+    chol = torch.linalg.cholesky(G)
+    keys = list(targets)
+    Ys, W0 = [], []
+    for key in keys:
+        ytr = targets[key][0]
+        c = cls[key]
+        m = np.searchsorted(c, ytr)
+        inr = (m < len(c)) & (c[np.clip(m, 0, len(c) - 1)] == ytr)
+        Ys.append(np.where(inr, m, len(c)))
+        Y = torch.zeros(len(ytr), len(c) + 1, dtype=torch.float64)
+        Y[torch.arange(len(ytr)), torch.from_numpy(Ys[-1])] = 1.0
+        W0.append(torch.cholesky_solve(Xtr.T @ Y, chol))
+    Ws = _softmax_probes(Xtr.float(), Ys, [w.float() for w in W0], epochs, seed) if method == "softmax" else W0
+    acc = {}
+    for key, W in zip(keys, Ws):
+        c = cls[key]
+        pred = (Xte.to(W.dtype) @ W)[:, :len(c)].argmax(1).numpy()      # never predict "other"
+        acc[key] = float((c[pred] == targets[key][1]).mean())
+    return acc
 
 
 def _softmax_probes(X: torch.Tensor, Ys: list, W0: list, epochs: int, seed: int) -> list:

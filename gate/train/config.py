@@ -1,0 +1,97 @@
+"""The settings of `train.py fit`, listed once.
+
+Every setting is one field of `FitConfig`: its default, its help text, and the training stage whose cached
+result it changes (the stage cache key hashes exactly those fields, so changing a setting retrains that stage
+and the ones after it, and nothing before). `add_arguments` turns the fields into the command's options
+(--n-ctx for n_ctx, ...); fields marked cli=False are settings of the Python API (`fit(..., d_tok=8)`) that
+the command line does not expose.
+
+Stages: "data" (which records are read), "heads" (word-completion head, future heads, PCA), "mode" (the
+predictor mode chosen on validation), "gates" (the learned gates), "calibration" (not cached: it is quick).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+
+def setting(default, help: str, stage: str, cli: bool = True, choices: tuple | None = None):
+    """A FitConfig field: default value plus metadata (help text, stage, whether it is a command-line option)."""
+    return field(default=default, metadata={"help": help, "stage": stage, "cli": cli, "choices": choices})
+
+
+@dataclass
+class FitConfig:
+    seed: int = setting(0, "seed of every random choice (folds, batches, initialisation)", "heads")
+    target_precision: float = setting(
+        0.99, "calibrate the gate so skipped tokens equal the big model's greedy token this often", "calibration")
+    delta: float = setting(0.1, "the precision guarantee holds with probability >= 1 - delta (Learn-then-Test)",
+                           "calibration")
+    max_skip: int = setting(4, "the big model runs at least once every MAX_SKIP positions (the policy skips while "
+                               "since_big < MAX_SKIP); future heads predict t+2 .. t+MAX_SKIP", "heads")
+    layer: str = setting("last", "big-model hidden layer the drafter reads (HF numbering; 'last' = n_layers)",
+                         "data")
+    n_ctx: int = setting(8, "tokens the word head reads", "heads")
+    restricted: int = setting(2048, "restricted vocabulary size", "heads")
+    d_tok: int = setting(64, "word head: dimensions per context token", "heads", cli=False)
+    d_hid: int = setting(128, "word head: dimensions of the projected stale hidden state", "heads", cli=False)
+    width: int = setting(512, "word head MLP width", "heads")
+    epochs: float = setting(4.0, "word head epochs", "heads")
+    future_epochs: float = setting(4.0, "future heads epochs", "heads")
+    batch: int = setting(512, "head training batch size", "heads", cli=False)
+    soft_weight: float = setting(0.5, "weight of the big model's top-k distribution in the heads' loss", "heads",
+                                 cli=False)
+    reg_weight: float = setting(1.0, "weight of the hidden-state regression in the heads' loss", "heads", cli=False)
+    min_steps: int = setting(300, "at least this many optimiser steps per head", "heads", cli=False)
+    n_pca: int = setting(8, "principal components of the hidden state among the gate features", "heads", cli=False)
+    predictor: str = setting("auto", "which head's top token is the candidate (auto: best validation accuracy)",
+                             "mode", choices=("auto", "word", "future", "mix"))
+    word_inputs: str = setting(
+        "tokens+hidden", "word head inputs: the last tokens only (word completion from the text alone) or also "
+                         "the stale big hidden state", "heads", choices=("tokens", "tokens+hidden"))
+    gate_frac: float = setting(
+        0.25, "share of the train split (in chunks of 512 positions) kept from the heads to train the gate", "heads")
+    max_train: int = setting(400000, "cap on head training positions", "heads")
+    max_gate_pairs: int = setting(300000, "cap on the (t, s) pairs the gates are trained on", "gates", cli=False)
+    max_val_pairs: int = setting(400000, "cap on the validation pairs (predictor mode, calibration)", "mode",
+                                 cli=False)
+    copy_max_n: int = setting(
+        12, "the copy rule (prompt lookup) looks for the last N tokens earlier in the context; the drafter takes its "
+            "candidate where the rule is trusted more than the learned gate (0: no copy rule)", "calibration")
+    dtype: str = setting("float32", "dtype the big model is loaded in (for its embeddings)", "heads", cli=False)
+    threads: int = setting(
+        1, "torch intra-op threads (0: torch's default). The heads are small: on a busy 2-core machine 1 thread was "
+           "1.4x faster than 2; results are deterministic for a seed and thread count", "heads")
+
+    @classmethod
+    def from_options(cls, **opts) -> "FitConfig":
+        """FitConfig from keyword options; an unknown name is a TypeError naming it."""
+        unknown = set(opts) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown fit options: {sorted(unknown)}")
+        return cls(**opts)
+
+    def stage_settings(self, stage: str) -> dict:
+        """The settings whose change invalidates the cached result of `stage`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["stage"] == stage}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """One --option per command-line field of FitConfig (type and default from the field)."""
+    for f in fields(FitConfig):
+        if not f.metadata["cli"]:
+            continue
+        kw = {"default": f.default, "help": f.metadata["help"]}
+        if f.metadata["choices"]:
+            kw["choices"] = list(f.metadata["choices"])
+        elif not isinstance(f.default, str):
+            kw["type"] = type(f.default)
+        ap.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    """The FitConfig options parsed by a parser set up with add_arguments."""
+    return {f.name: getattr(args, f.name) for f in fields(FitConfig) if f.metadata["cli"]}

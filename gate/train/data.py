@@ -1,0 +1,257 @@
+"""Reading records for training and evaluation, and running the predictor on record pairs.
+
+Both `train.py fit` and `train.py evaluate` read the same records the same way (the big model's entry, its
+hidden layer, the train / validation / test splits) and score the same (t, s) pairs through Predictor.run -
+the code path of Drafter.propose - so they live here, once, and neither command imports the other.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gate.model.copyrule import MAX_N, copy_rule, trust_copy
+from gate.model.drafter import Predictor
+from gate.model.heads import context_ids, run_starts
+from gate.train.distill import HeadData
+
+VAL_NAMES = ("validation", "val", "valid", "dev")
+
+
+class FitError(RuntimeError):
+    """Bad input to fit/evaluate (records, splits, options); the message names the path and the problem."""
+
+
+# ------------------------------------------------------------------------------------------------ records
+@dataclass
+class SplitData:
+    """One split of the records for the big model (rows = record positions in file order; hidden at the
+    drafter's layer; the top-k / p_max / entropy fields are None when not recorded)."""
+    name: str
+    tokens: np.ndarray
+    argmax: np.ndarray
+    target: np.ndarray
+    book: np.ndarray
+    pos: np.ndarray
+    hidden: np.ndarray
+    run_start: np.ndarray
+    topk_ids: np.ndarray | None
+    topk_p: np.ndarray | None
+    p_max: np.ndarray | None
+    entropy_norm: np.ndarray | None
+    books: list
+    rows: np.ndarray | None = None      # rows of the whole split these are (select_part); None: all, in order
+
+    def split_rows(self, i: np.ndarray) -> np.ndarray:
+        """Rows of the whole recorded split for rows i of this data (for fields read separately)."""
+        return i if self.rows is None else self.rows[i]
+
+    def copy_rule(self, max_n: int = MAX_N) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate, match length) of the copy rule at every row (gate.model.copyrule), computed once."""
+        cache = self.__dict__.setdefault("_copy_rule", {})
+        if max_n not in cache:
+            cache[max_n] = copy_rule(self.tokens, self.run_start, max_n)
+        return cache[max_n]
+
+    def head_data(self) -> HeadData:
+        return HeadData(self.tokens, self.argmax, self.hidden, self.run_start, self.topk_ids, self.topk_p)
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+def open_records_checked(path):
+    try:
+        from corpus_tools.records import open_records
+    except ImportError as e:  # pragma: no cover - the records module is another part of the project
+        raise FitError(f"corpus_tools.records is not available ({e}); cannot read {path}") from None
+    p = Path(path)
+    if not p.exists():
+        raise FitError(f"{p}: no such records folder (make one with `python train.py record`)")
+    return open_records(p)
+
+
+def model_entry(rec, path, name: str | None) -> dict:
+    models = rec.meta.get("models") or []
+    if not models:
+        raise FitError(f"{path}: records list no models in their metadata")
+    if name is None:  # the big model: the largest recorded one
+        return max(models, key=lambda m: (m.get("n_layers", 0) * m.get("hidden_size", 0), m["name"]))
+    for m in models:
+        if m["name"] == name:
+            return m
+    return {}
+
+
+def resolve_layer(entry: dict, layer, path) -> int:
+    recorded = sorted(int(x) for x in entry.get("layers", []))
+    if not recorded:
+        raise FitError(f"{path}: records of {entry['name']!r} hold no hidden states (record with --layers)")
+    want = entry["n_layers"] if str(layer) == "last" else int(layer)
+    if want not in recorded:
+        raise FitError(f"{path}: hidden layer {want} of {entry['name']!r} not recorded (recorded: {recorded})")
+    return want
+
+
+def find_split(rec, path, kind: str) -> str:
+    splits = list(rec.splits)
+    names = VAL_NAMES if kind == "validation" else (kind,)
+    for n in names:
+        if n in splits:
+            return n
+    raise FitError(f"{path}: records have no {kind} split (splits: {', '.join(splits) or 'none'}); "
+                   "record the corpus with train/validation/test books")
+
+
+SPLIT_FIELDS = ("token", "target", "book", "pos", "argmax", "topk_ids", "topk_p", "p_max", "entropy_norm")
+
+
+def load_fields(rec, path, split: str, model: str, fields) -> dict:
+    """rec.load with errors turned into FitError naming the records path."""
+    try:
+        a = rec.load(split, fields=list(fields), models=[model])
+    except KeyError as e:
+        raise FitError(f"{path}: {e.args[0] if e.args else e}") from None
+    return a
+
+
+def load_split(rec, path, split: str, model: str, layer: int) -> SplitData:
+    a = load_fields(rec, path, split, model, SPLIT_FIELDS + (f"hidden/{layer}",))
+    pre = f"{model}/"
+    need = ["token", "target", "book", "pos", pre + "argmax", f"{pre}hidden/{layer}"]
+    miss = [k for k in need if k not in a]
+    if miss:
+        raise FitError(f"{path}: split {split!r} lacks fields {', '.join(miss)}")
+    n = len(a["token"])
+    if n == 0:
+        raise FitError(f"{path}: split {split!r} is empty (no recorded positions)")
+    book, pos = np.asarray(a["book"]), np.asarray(a["pos"])
+    return SplitData(split, np.asarray(a["token"], dtype=np.int64), np.asarray(a[pre + "argmax"], dtype=np.int64),
+                     np.asarray(a["target"], dtype=np.int64), book, pos, a[f"{pre}hidden/{layer}"],
+                     run_starts(book, pos), a.get(pre + "topk_ids"), a.get(pre + "topk_p"), a.get(pre + "p_max"),
+                     a.get(pre + "entropy_norm"), list(rec.books(split)))
+
+
+def parse_part(part: str | None) -> tuple[int, int] | None:
+    """'I/K' -> (I, K), 1 <= I <= K; None passes."""
+    if part is None:
+        return None
+    try:
+        i, k = (int(x) for x in part.split("/"))
+    except ValueError:
+        raise FitError(f"--part {part!r}: write I/K, e.g. 1/2 (every K-th book of the split, from the I-th)") from None
+    if not 1 <= i <= k:
+        raise FitError(f"--part {part}: needs 1 <= I <= K")
+    return i, k
+
+
+def select_part(data: SplitData, part: str | None, path) -> SplitData:
+    """The rows of every K-th book of the split, from the I-th (--part I/K): disjoint parts of one split, to
+    calibrate on one and evaluate on another."""
+    ik = parse_part(part)
+    if ik is None:
+        return data
+    i, k = ik
+    rows = np.flatnonzero(data.book % k == i - 1)
+    if len(rows) == 0:
+        raise FitError(f"{path}: --part {part} of split {data.name!r} holds no book ({len(data.books)} books)")
+    pick = (lambda a: None if a is None else np.asarray(a[rows]))
+    book, pos = data.book[rows], data.pos[rows]
+    return SplitData(data.name, data.tokens[rows], data.argmax[rows], data.target[rows], book, pos,
+                     np.asarray(data.hidden[rows]), run_starts(book, pos), pick(data.topk_ids), pick(data.topk_p),
+                     pick(data.p_max), pick(data.entropy_norm), data.books, data.split_rows(rows))
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+def chunk_folds(n: int, seed: int, frac: float, chunk: int = 512) -> np.ndarray:
+    """Boolean [n]: True for rows in the held-out fraction of chunks (seeded shuffle)."""
+    n_chunks = max(1, math.ceil(n / chunk))
+    rng = np.random.default_rng(seed + 7919)
+    held = np.zeros(n_chunks, dtype=bool)
+    held[rng.permutation(n_chunks)[:max(1, int(round(frac * n_chunks)))]] = True
+    if n_chunks == 1:
+        held[:] = False
+    return np.repeat(held, chunk)[:n]
+
+
+def copy_slice(copy: dict | None, t: np.ndarray) -> dict | None:
+    return None if copy is None else {k: v[t] for k, v in copy.items()}
+
+
+def predict_pairs(pred: Predictor, data: SplitData, t: np.ndarray, s: np.ndarray, batch: int = 4096,
+                  desc: str | None = None, gates: dict | None = None, mode: str | None = None,
+                  modes: tuple[str, ...] = (), copy: dict | None = None, keep_X: bool = False) -> dict:
+    """Run the predictor (and gates) on record pairs (t, s), in batches, through Predictor.run - the code path
+    of Drafter.propose. `copy`: context_copy_stats(data) (the in-context index at every position).
+    Returns numpy arrays: cands/valid/correct/cls [P, K] per candidate slot, head_p / head_entropy /
+    head1_correct [P] for the head's own top token, X [P, K, F] with keep_X, and per gate its scores [P, K] and
+    the selected candidate ("sel": slot, token, score, correct, cls). `modes`: head1_correct_<mode> for other
+    predictor modes from the same head outputs."""
+    from tqdm.auto import tqdm
+
+    from gate.model.features import combine, pick_candidate
+    keys = ("cands", "valid", "cls", "head_p", "head_entropy") + (("X",) if keep_X else ())
+    outs = {k: [] for k in keys}
+    scores = {n: [] for n in (gates or {})}
+    other = {m: [] for m in modes}
+    n_r = len(pred.rids)
+    rng = range(0, len(t), batch)
+    for i in (tqdm(rng, desc=desc, leave=False, mininterval=2) if desc else rng):
+        tb, sb = t[i:i + batch], s[i:i + batch]
+        ctx = torch.from_numpy(context_ids(data.tokens, data.run_start, tb, pred.n_ctx, pred.pad))
+        h = torch.from_numpy(np.asarray(data.hidden[tb - sb], dtype=np.float32))
+        o = pred.run(ctx, h, torch.from_numpy(sb), copy_slice(copy, tb), mode=mode)
+        for k in keys:
+            v = o[k]
+            outs[k].append(v.numpy() if torch.is_tensor(v) else v)
+        X = o["X"]
+        for n, g in (gates or {}).items():
+            scores[n].append(g.score(X.reshape(-1, X.shape[-1])).reshape(X.shape[:2]).numpy())
+        for m in modes:
+            other[m].append(pred.rids[combine(o["pw"], o["pf"], m)[:, :n_r].argmax(-1)].numpy())
+    res = {k: np.concatenate(v) for k, v in outs.items()}
+    am = data.argmax[t]
+    res["correct"] = (res["cands"] == am[:, None]) & res["valid"]
+    res["head1_correct"] = res["correct"][:, 0]
+    for m, v in other.items():
+        res[f"head1_correct_{m}"] = np.concatenate(v) == am
+    res["t"], res["s"] = t, s
+    res["scores"] = {n: np.concatenate(v) for n, v in scores.items()}
+    res["sel"] = {}
+    for n, sc in res["scores"].items():
+        slot, tok, best = pick_candidate(torch.from_numpy(sc), res)
+        idx = np.arange(len(slot))
+        res["sel"][n] = {"slot": slot, "token": tok, "score": best, "correct": res["correct"][idx, slot],
+                         "cls": res["cls"][idx, slot]}
+    return res
+
+
+def apply_copy_trust(o: dict, data: SplitData, table: np.ndarray | None, tables: dict) -> dict:
+    """Let each gate's pick fall back on the copy rule where the rule is trusted more (gate.model.copyrule
+    .trust_copy, the same function Drafter.propose calls); adds o["copy"] (the rule's own candidate, match length,
+    correctness and class per pair). A drafter without a trust table (table None) keeps its gates' picks."""
+    from corpus_tools.inventory import token_class_from_tables
+
+    t = o["t"]
+    cand, length = data.copy_rule(MAX_N if table is None else len(table) - 1)
+    cand, length, am = cand[t], length[t].astype(np.int64), data.argmax[t]
+    cls = token_class_from_tables(data.tokens[t], np.maximum(cand, 0), tables["cls"], tables["ends_alnum"])
+    o["copy"] = {"token": cand, "len": length, "correct": cand == am, "cls": cls}
+    if table is None:
+        return o
+    for sel in o["sel"].values():
+        tok, score, used = trust_copy(sel["token"], sel["score"], cand, length, table)
+        sel.update(token=tok, score=score, correct=tok == am, cls=np.where(used, cls, sel["cls"]),
+                   slot=np.where(used, -1, sel["slot"]), copy_used=used)
+    return o
+
+
+def subsample_pairs(t, s, n_max, seed):
+    """At most n_max of the pairs (t, s), a seeded sample kept in order."""
+    if len(t) <= n_max:
+        return t, s
+    idx = np.sort(np.random.default_rng(seed).choice(len(t), n_max, replace=False))
+    return t[idx], s[idx]

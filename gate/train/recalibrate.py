@@ -1,0 +1,98 @@
+"""`python train.py calibrate --records R --gate G [--out G2]`: a new threshold for a trained gate, on your text.
+
+The Learn-then-Test promise (precision >= target with probability >= 1 - delta) holds for text like the
+calibration set. A gate calibrated on novels may fall short on manuals or code; retraining it needs a large
+corpus and the big model's hidden states, while recalibrating needs only records of a few books of the new kind.
+This runs the drafter (its gate, with its copy-rule fallback: the exact score the decoder thresholds) on the
+pairs of those records and certifies a new threshold with the same fixed-sequence Learn-then-Test walk as
+`train.py fit` (gate/train/calibration.py), for the drafter's primary gate only (one test: no Bonferroni split).
+
+Only the threshold and its metadata change: drafter.safetensors is copied byte for byte and drafter.json gets the
+new `threshold`, `calibration[primary]` and a `recalibrated` entry saying on what, by what command, and the
+threshold it replaced. The records must come from the gate's big model (same tokenizer fingerprint, hidden size
+and layers), as for evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from corpus_tools.files import FolderLock, check_output_dir, write_json
+from gate.model.drafter import META_FILE, TENSOR_FILE
+from gate.model.heads import context_copy_stats, pair_index
+from gate.train.calibration import ltt_calibrate
+from gate.train.data import FitError, apply_copy_trust, predict_pairs, subsample_pairs
+
+
+def recalibrate(records, gate, out=None, split: str = "validation", part: str | None = None,
+                target_precision: float | None = None, delta: float | None = None, max_pairs: int = 400000,
+                log=print, command: str = "") -> dict:
+    """Certify a new threshold for `gate` on the records' split; write the recalibrated artifact to `out`
+    (default: `gate` itself, only drafter.json rewritten). Returns the new calibration entry."""
+    from gate.train.evaluate import open_inputs
+
+    inp = open_inputs(records, gate, split, part)
+    dr, te, meta = inp.dr, inp.te, inp.meta
+    tp = meta.get("target_precision", 0.99) if target_precision is None else target_precision
+    dl = meta.get("delta", 0.1) if delta is None else delta
+    t, s = subsample_pairs(*pair_index(te.run_start, np.arange(len(te)), dr.predictor.max_s), max_pairs, 0)
+    if len(t) == 0:
+        raise FitError(f"{inp.records}: split {inp.split!r} has no position with an earlier one in the same book")
+    o = predict_pairs(dr.predictor, te, t, s, gates={dr.primary: dr.gate}, desc="recalibration",
+                      copy=context_copy_stats(te.tokens, te.run_start))
+    sel = apply_copy_trust(o, te, dr.copy_trust, dr.predictor.tables)["sel"][dr.primary]
+    cal = ltt_calibrate(sel["score"], sel["correct"], tp, dl)
+    log(f"[calibrate] {dr.primary} gate on {len(t):,} pairs of {inp.records} ({inp.split}"
+        f"{', part ' + part if part else ''}): threshold {dr.threshold:.4g} -> {cal['threshold']:.4g}, coverage "
+        f"{cal['coverage']:.1%}" + ("" if cal["certified"] else " - NO threshold certified: the gate will never skip"))
+    meta = dict(meta, threshold=cal["threshold"], calibration={**meta.get("calibration", {}), dr.primary: cal},
+                recalibrated={"records": str(inp.records), "split": inp.split, "part": part, "pairs": int(len(t)),
+                              "books": te.books if part is None else sorted({te.books[b] for b in set(te.book)}),
+                              "previous_threshold": dr.threshold, "target_precision": tp, "delta": dl,
+                              "command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_artifact(Path(gate), Path(out) if out else Path(gate), meta)
+    return cal
+
+
+def write_artifact(src: Path, dst: Path, meta: dict) -> None:
+    """drafter.json with the new meta; the tensors copied unchanged when dst is another folder (drafter.json is
+    written last: a folder without it is incomplete, and load_drafter checks the tensors' sha256)."""
+    if dst.resolve() != src.resolve():
+        check_output_dir(dst, "--out")
+        with FolderLock(dst, "train.py calibrate"):
+            (dst / META_FILE).unlink(missing_ok=True)
+            shutil.copyfile(src / TENSOR_FILE, dst / TENSOR_FILE)
+            write_json(dst / META_FILE, meta)
+        return
+    with FolderLock(dst, "train.py calibrate"):
+        write_json(dst / META_FILE, meta)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="train.py calibrate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--records", required=True, help="records of your text (python train.py record), made with "
+                    "the gate's big model")
+    ap.add_argument("--gate", required=True, help="drafter folder written by `python train.py fit`")
+    ap.add_argument("--out", help="folder for the recalibrated drafter (default: rewrite --gate's drafter.json)")
+    ap.add_argument("--split", default="validation", help="the records' split to calibrate on")
+    ap.add_argument("--part", metavar="I/K", help="only every K-th book of the split, from the I-th (keep the "
+                    "other part to check the new threshold with `train.py evaluate --part`)")
+    ap.add_argument("--target-precision", type=float, help="default: the gate's own")
+    ap.add_argument("--delta", type=float, help="default: the gate's own")
+    ap.add_argument("--max-pairs", type=int, default=400000)
+    args = ap.parse_args(argv)
+    cmd = "python train.py calibrate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.target_precision is not None and not 0.5 <= args.target_precision < 1:
+        raise FitError(f"--target-precision {args.target_precision}: must be in [0.5, 1)")
+    if args.delta is not None and not 0 < args.delta < 1:
+        raise FitError(f"--delta {args.delta}: must be in (0, 1)")
+    recalibrate(args.records, args.gate, args.out, args.split, args.part, args.target_precision, args.delta,
+                args.max_pairs, log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd)
+    return 0
