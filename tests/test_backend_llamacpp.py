@@ -72,6 +72,15 @@ def test_batched_equals_token_by_token(backend, ids):
     assert backend.calls == len(ids)
 
 
+def test_long_pass_equals_token_by_token(backend, ids):
+    """A pass longer than llama.cpp's large-batch kernel threshold (64 tokens) is still batch-invariant."""
+    long = (ids * 4)[:100]
+    backend.reset()
+    batched, _ = backend.forward(long)
+    backend.reset()
+    close(batched, torch.cat([backend.forward([t])[0] for t in long]))
+
+
 def test_crop_then_refeed(backend, ids):
     backend.reset()
     full, hidden = backend.forward(ids)

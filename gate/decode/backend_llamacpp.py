@@ -20,10 +20,13 @@ high-level `Llama` object, because the decode loop needs exactly the protocol's 
     (measured below), a large share of a 135M decode step;
   - the batch's token/pos/logits arrays are numpy views too, filled with slice assignments; seq ids are set
     once when the batch is allocated;
-  - flash attention on (not llama.cpp's "auto"): with it a batched pass gives bit-identical logits to feeding
-    the same tokens one at a time (measured here on SmolLM2), which the lossless --verify relies on (a catch-up
-    pass checks drafts with rows a big-only run computes one by one). Without it the two differed by up to
-    0.6 in a logit, enough to flip a near-tie; the binding's own Llama() defaults to flash attention off;
+  - batch invariance: the lossless --verify checks drafts with rows of a catch-up pass, where a big-only run
+    computes the same rows one token at a time; both must give the same logits. Two settings make them
+    bit-identical here (SmolLM2 Q4_1, any pass length): flash attention on (not llama.cpp's "auto"; without
+    it batched and one-token logits differed by up to 0.6, and the binding's own Llama() defaults to off), and
+    n_ubatch = 32: llama.cpp switches to another matmul kernel for chunks of 64 tokens or more (passes of up
+    to 63 tokens matched exactly, 64 and 100 differed by up to 1.3 in a logit), so passes are computed in
+    chunks of 32. Cost: a 256-token prompt pass took 2.16 s instead of 1.85 s (1 thread, busy machine);
   - n_ctx is checked before every forward: feeding past it raises ContextLengthError (corpus_tools.models);
   - threads: n_threads (default torch's thread count), set_threads(n). llama.cpp's CPU code here uses OpenMP
     and shares torch's libgomp.so.1 (same soname, loaded with torch), whose wait policy is read once, when
@@ -61,6 +64,7 @@ import numpy as np
 import torch
 
 DEFAULT_MAX_CTX = 8192   # default n_ctx = min(the model's training context, this): bounds the KV cache memory
+UBATCH = 32              # llama.cpp computes a pass in chunks of this many tokens: see the module docstring
 
 
 def import_binding():
@@ -116,7 +120,7 @@ class LlamaCppBackend:
     """A GGUF model in llama.cpp with the KV cache of one sequence; see the module docstring."""
 
     def __init__(self, model: str | os.PathLike, name: str = "", hidden_layer: int | None = None,
-                 n_ctx: int | None = None, n_threads: int | None = None):
+                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = UBATCH):
         self.lib = import_binding()
         self.path = gguf_path(model)
         self.name = name or str(model)
@@ -127,7 +131,7 @@ class LlamaCppBackend:
         self.vocab_size = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self._model))
         self.n_ctx_train = self.lib.llama_model_n_ctx_train(self._model)
         self.n_threads = n_threads or torch.get_num_threads()
-        self._make_context(n_ctx or min(self.n_ctx_train, DEFAULT_MAX_CTX))
+        self._make_context(n_ctx or min(self.n_ctx_train, DEFAULT_MAX_CTX), n_ubatch)
         self._make_batch()
         self.hidden_layer = hidden_layer
         self.reset()
@@ -140,11 +144,11 @@ class LlamaCppBackend:
             from corpus_tools.models import ModelSourceError
             raise ModelSourceError(f"llama.cpp could not load {self.path}")
 
-    def _make_context(self, n_ctx: int) -> None:
+    def _make_context(self, n_ctx: int, n_ubatch: int) -> None:
         p = self.lib.llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = n_ctx                  # one forward may hold the whole context; n_ubatch splits it
-        p.n_ubatch = min(512, n_ctx)
+        p.n_ubatch = min(n_ubatch, n_ctx)  # batch invariance: see the module docstring
         p.n_seq_max = 1
         p.n_threads = p.n_threads_batch = self.n_threads
         p.embeddings = False               # switched on by the hidden_layer setter
