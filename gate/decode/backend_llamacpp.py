@@ -44,9 +44,9 @@ cyllama also needs a workaround to run at all here: its wheels for Python >= 3.1
 its last 3.11 wheel (0.2.18) raises in get_logits* unless `LlamaModel` is subclassed with an `n_vocab` property.
 llama-cpp-python's cost is the source build: 24.8 min measured here (nice'd, load 6-7 on 2 cores; ~10 min on
 2 idle cores), after which pip serves the cached wheel (a fresh venv installs it in 10 s). End to end,
-bench/results/llamacpp.md: `big` on this backend vs the binding's own greedy generate, 0.90x (2 threads) and
-0.97x (1 thread) of its tokens/s in the same run; vs the transformers backend 2.0x (2 threads) and 3.5x
-(1 thread) on this loaded machine (the issue's idle-machine numbers were ~6x).
+bench/results/llamacpp*.md (3 passes over 4 prompts x 64 tokens, load 5-6): `big` on this backend reaches
+0.88x (2 threads) and 0.94x (1 thread) of the binding's own greedy generate's tokens/s in the same run, and
+2.5x / 3.4x the transformers backend's `big` on this busy machine (the issue's idle-machine numbers were ~6x).
 
     from gate.decode.backend_llamacpp import LlamaCppBackend
     big = LlamaCppBackend("model.gguf", hidden_layer=None, n_threads=2)
