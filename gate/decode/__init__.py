@@ -1,6 +1,7 @@
 """Decoding side: run a big model, skipping its forward passes where a policy allows.
 
     backend.py   Backend protocol, HFBackend (transformers + DynamicCache), catch_up, early_exit_view
+    backend_llamacpp.py  LlamaCppBackend (GGUF in llama.cpp via llama-cpp-python; --backend llama.cpp)
     runtime.py   make_backend (BACKENDS registry), open_models -> Runtime, load_gate, held-out prompts, EOS ids
     loop.py      Decoder (catch-up, verify, rollback, cache crops), DecodeState, LM views, Policy base, Draft
     registry.py  @register, POLICIES, Arg: the CLI and the benchmark are generated from the policy classes

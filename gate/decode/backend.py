@@ -14,10 +14,8 @@ L = output of block L, n_layers = the last entry), or None when hidden_layer is 
 
 HFBackend wraps a transformers causal LM with a DynamicCache. Backends are made by
 gate/decode/runtime.py::make_backend from its BACKENDS table (kind -> class): a new backend is one class with
-these members plus one entry there. A llama.cpp backend would implement the same members: llama_decode with
-logits for the kept rows, llama_kv_self_seq_rm for crop, hidden states through an eval callback (its
-high-level API has none: such a backend sets hidden_layer = None, which only predictors that read no hidden
-state accept).
+these members plus one entry there. LlamaCppBackend (backend_llamacpp.py, kind "llama.cpp") is the other one:
+llama_decode with logits for the kept rows, llama_memory_seq_rm for crop, the last layer's hidden state only.
 """
 from __future__ import annotations
 

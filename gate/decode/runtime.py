@@ -15,16 +15,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from gate.decode.backend import Backend, HFBackend, early_exit_view
-
-BACKENDS: dict[str, type] = {   # kind -> class(model, name=..., hidden_layer=...) with the Backend members
-    "hf": HFBackend,
-}
 
 
 class UsageError(ValueError):
     """A user error (bad option value, missing file): the CLI prints it as one line and exits 2."""
+
+
+def llamacpp_backend(model, name: str = "", hidden_layer: int | None = None) -> Backend:
+    """llama.cpp runs the GGUF that `name` names (a packaged alias or a .gguf file), not the transformers
+    `model` open_models loaded (that one still gives the tokenizer, the EOS ids and the ModelInfo)."""
+    from gate.decode.backend_llamacpp import LlamaCppBackend
+
+    if name.startswith("self:"):
+        raise UsageError(f"{name!r}: an early-exit predictor needs the 'hf' backend (llama.cpp runs whole models)")
+    return LlamaCppBackend(name, name=name, hidden_layer=hidden_layer)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {   # kind -> (model, name=..., hidden_layer=...) -> a Backend
+    "hf": HFBackend,
+    "llama.cpp": llamacpp_backend,   # gate/decode/backend_llamacpp.py: needs llama-cpp-python
+}
 
 
 def make_backend(model_or_loaded, kind: str = "hf", **kw) -> Backend:
@@ -82,8 +95,10 @@ def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)") 
     """The runtime's options (infer.py and bench/decode.py): big model, dtype, backend, threads."""
     g.add_argument("--model", default="smollm2-135m", help="the big model (default: %(default)s)")
     g.add_argument("--dtype", default="float32", help=dtype_help)
-    g.add_argument("--backend", default="hf", choices=list(BACKENDS), help="model runtime (default: %(default)s)")
-    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice; on a busy machine "
+    g.add_argument("--backend", default="hf", choices=list(BACKENDS),
+                   help="model runtime (default: %(default)s); llama.cpp runs GGUF models (a packaged alias or a "
+                   ".gguf file) and gives the last layer's hidden state only")
+    g.add_argument("--threads", type=int, help="torch threads, and llama.cpp's (default: torch's choice; on a busy machine "
                    "--threads 1 avoids stalls: 2 threads on 2 busy cores ran 8x slower here)")
 
 

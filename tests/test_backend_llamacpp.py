@@ -1,0 +1,200 @@
+"""LlamaCppBackend against the Backend protocol, on the packaged SmolLM2-135M GGUF (tens of tokens each).
+
+One llama.cpp thread: robust on a busy machine (llama.cpp shares torch's OpenMP runtime, whose default spin-wait
+stalls 2 threads on 2 busy cores)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it from source)")
+
+from corpus_tools.models import ContextLengthError, packaged_gguf  # noqa: E402
+from gate.decode.backend_llamacpp import LayerUnavailable, LlamaCppBackend  # noqa: E402
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife.")
+N_LAYERS = 30   # SmolLM2-135M
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    return str(packaged_gguf("smollm2-135m")[0])
+
+
+@pytest.fixture(scope="module")
+def high_level(gguf):
+    """The binding's own high-level model: the tokenizer here, and the greedy reference. Flash attention as in
+    the backend (Llama() defaults to off, whose batched and one-token logits differ by up to 0.6)."""
+    llm = llama_cpp.Llama(gguf, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False, flash_attn=True)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def ids(high_level):
+    return high_level.tokenize(TEXT.encode(), add_bos=False)
+
+
+@pytest.fixture(scope="module")
+def backend(gguf):
+    b = LlamaCppBackend(gguf, name="smollm2-135m", hidden_layer=N_LAYERS, n_ctx=256, n_threads=1)
+    yield b
+    b.close()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # Measured bit-identical here (flash attention makes llama.cpp's logits batch-invariant).
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_shapes_and_counters(backend, ids):
+    backend.reset()
+    logits, hidden = backend.forward(ids, keep=3)
+    assert logits.shape == (3, backend.vocab_size) and logits.dtype == torch.float32
+    assert hidden.shape == (3, backend.hidden_size) and hidden.dtype == torch.float32
+    assert (backend.n_cached, backend.calls, backend.tokens_fed) == (len(ids), 1, len(ids))
+    logits, _ = backend.forward(ids[:2])            # keep=None: every row
+    assert logits.shape[0] == 2 and backend.n_cached == len(ids) + 2
+    backend.crop(len(ids))
+    assert backend.tokens_cropped == 2
+
+
+def test_batched_equals_token_by_token(backend, ids):
+    backend.reset()
+    batched, hb = backend.forward(ids)
+    backend.reset()
+    rows = [backend.forward([t]) for t in ids]
+    close(batched, torch.cat([r[0] for r in rows]))
+    close(hb, torch.cat([r[1] for r in rows]))
+    assert backend.calls == len(ids)
+
+
+def test_long_pass_equals_token_by_token(backend, ids):
+    """A pass longer than llama.cpp's large-batch kernel threshold (64 tokens) is still batch-invariant."""
+    long = (ids * 4)[:100]
+    backend.reset()
+    batched, _ = backend.forward(long)
+    backend.reset()
+    close(batched, torch.cat([backend.forward([t])[0] for t in long]))
+
+
+def test_crop_then_refeed(backend, ids):
+    backend.reset()
+    full, hidden = backend.forward(ids)
+    k = len(ids) // 2
+    backend.crop(k)
+    assert backend.n_cached == k
+    again, hidden2 = backend.forward(ids[k:])
+    close(again, full[k:])
+    close(hidden2, hidden[k:])
+    backend.crop(0)
+    close(backend.forward(ids, keep=1)[0], full[-1:])
+
+
+def test_hidden_times_output_embedding_is_logits(backend, ids, gguf):
+    """SmolLM2 ties its output layer to the token embedding: hidden @ E.T reproduces llama.cpp's logits."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    t = next(t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight")
+    emb = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    assert emb.shape == (backend.vocab_size, backend.hidden_size)
+    backend.reset()
+    logits, hidden = backend.forward(ids, keep=4)
+    mine = hidden @ emb.T
+    # llama.cpp quantises the activations to 8 bits for the q8_0 matmul: close, not bit-equal (measured 0.011).
+    err = (mine - logits).abs().max() / logits.abs().max()
+    assert err < 0.03, float(err)
+    assert torch.equal(mine.argmax(-1), logits.argmax(-1))
+
+
+def test_no_hidden_layer_same_logits(backend, ids):
+    backend.reset()
+    with_hidden, _ = backend.forward(ids, keep=2)
+    backend.hidden_layer = None
+    try:
+        backend.reset()
+        logits, hidden = backend.forward(ids, keep=2)
+    finally:
+        backend.hidden_layer = N_LAYERS
+    assert hidden is None
+    close(logits, with_hidden)
+
+
+def test_only_last_layer(backend):
+    with pytest.raises(LayerUnavailable, match="last layer only"):
+        backend.hidden_layer = 15
+    assert backend.hidden_layer == N_LAYERS
+
+
+def test_context_and_bad_input(backend, ids):
+    backend.reset()
+    with pytest.raises(ContextLengthError, match="context length"):
+        backend.forward([ids[0]] * (backend.n_ctx + 1))
+    assert backend.n_cached == 0
+    with pytest.raises(ValueError, match="token ids"):
+        backend.forward([backend.vocab_size])
+    with pytest.raises(ValueError, match="crop"):
+        backend.crop(1)
+    with pytest.raises(ValueError, match="at least one"):
+        backend.forward([])
+
+
+def test_big_policy_matches_binding_greedy(backend, high_level, ids):
+    """`--policy big` through the project's Decoder == llama-cpp-python's own greedy generate."""
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly
+
+    n_new = 24
+    ref = []
+    high_level.reset()
+    for tok in high_level.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        ref.append(tok)
+        if len(ref) == n_new:
+            break
+    backend.hidden_layer = None
+    try:
+        res = Decoder(backend, BigOnly()).generate(ids, n_new)
+    finally:
+        backend.hidden_layer = N_LAYERS
+    assert res.ids == ref
+    assert res.ledger["big_calls"] == n_new
+
+
+def test_copy_verify_lossless(backend, ids):
+    """`--policy copy --verify` on llama.cpp: drafts are checked by batched catch-up rows, output == big."""
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly, Copy
+
+    prompt = ids + ids[:12]   # a repeat in the prompt: the copy rule drafts from it
+    big = Decoder(backend, BigOnly()).generate(prompt, 32)
+    copy = Decoder(backend, Copy(min_match=3), verify=True).generate(prompt, 32)
+    assert copy.ids == big.ids
+    assert copy.ledger["skipped"] > 0 and copy.ledger["big_calls"] < big.ledger["big_calls"]
+    assert backend.hidden_layer is None   # the loop asks for no hidden state for big or copy
+
+
+def test_factory_refuses_early_exit():
+    from gate.decode.runtime import UsageError, make_backend
+
+    with pytest.raises(UsageError, match="'hf' backend"):
+        make_backend(None, "llama.cpp", name="self:15")
+
+
+def test_infer_cli_on_llamacpp(backend, ids, tmp_path):
+    """infer.py --backend llama.cpp --policy big: the same tokens as the backend's own greedy loop."""
+    import json
+
+    from gate.decode.cli import main
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly
+
+    out = tmp_path / "r.json"
+    rc = main(["--backend", "llama.cpp", "--policy", "big", "-m", "12", "--threads", "1", "--quiet",
+               "--json", str(out), TEXT])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["output_ids"] == Decoder(backend, BigOnly()).generate(r["prompt_ids"], 12).ids
