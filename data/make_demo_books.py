@@ -265,14 +265,18 @@ def book_file(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".epub"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
-    ap.add_argument("--out", type=Path, default=HERE / "books", help="folder for the EPUBs (default data/books)")
-    ap.add_argument("--debs", type=Path, default=HERE / "debs", help="cache of the .deb (default data/debs)")
+def book_args(doc: str, out: str, argv: list[str] | None) -> argparse.Namespace:
+    """--out, --debs, --force: the options of every book-making script here (its docstring as --help)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(doc.split("\n\n")[2:]))
+    ap.add_argument("--out", type=Path, default=HERE / out, help=f"folder for the EPUBs (default data/{out})")
+    ap.add_argument("--debs", type=Path, default=HERE / "debs", help="cache of the .debs (default data/debs)")
     ap.add_argument("--force", action="store_true", help="re-make books that already exist")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = book_args(__doc__, "books", argv)
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     targets = {name: args.out / book_file(title) for name, title in TITLES.items()}

@@ -15,7 +15,6 @@ project. Output bytes are the same on every run; each file is written atomically
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from make_demo_books import epub_bytes, fetch_deb, paragraphs, write_atomic  # noqa: E402
+from make_demo_books import book_args, epub_bytes, fetch_deb, paragraphs, write_atomic  # noqa: E402
 
 POLICY = ("debian-policy", "./usr/share/doc/debian-policy/policy.epub")
 JARGON = ("jargon-text", "./usr/share/doc/jargon-text/jargon.txt.gz")
@@ -61,13 +60,7 @@ BOOKS = {  # file name -> (package, how to make the EPUB from the .deb)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
-    ap.add_argument("--out", type=Path, default=HERE / "genres", help="folder for the EPUBs (default data/genres)")
-    ap.add_argument("--debs", type=Path, default=HERE / "debs", help="cache of the .debs (default data/debs)")
-    ap.add_argument("--force", action="store_true", help="re-make books that already exist")
-    args = ap.parse_args(argv)
+    args = book_args(__doc__, "genres", argv)
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (package, make) in BOOKS.items():
