@@ -457,6 +457,10 @@ def copy_trust(tr: SplitData, gate_pairs: Pairs, cfg: FitConfig, log) -> np.ndar
     table = trust_table(length[t], cand[t] == tr.argmax[t], cfg.copy_max_n, cfg.delta)
     log(f"[fit] copy rule trust by match length (lower bounds on {len(t):,} gate-fold positions): " +
         " ".join(f"{n}:{p:.3f}" for n, p in enumerate(table) if n))
+    # A length whose lower bound clears the target is trusted outright (score 1.0): the learned gate's scores
+    # are not precisions, so a bound of 0.996 next to an over-confident gate score of 0.999 would lose the
+    # rule's safest skips; ranked first, the gate covers at least what the rule covers at that precision.
+    table = np.where(table >= cfg.target_precision, 1.0, table).astype(np.float32)
     return table
 
 
