@@ -57,11 +57,13 @@ def prepare_genre(epub: Path, run_dir: Path, args, log) -> None:
         # every book id has a '-' (title slug, '-', hash): the pin puts the genre's book into the test split
         run(["train.py", "corpus", "--epubs", str(epub), "--out", str(corpus), "--pin", "test=-", "--quiet"], log)
     if not done(selfgen) or not done(run_dir / "selfgen_records"):
-        run(["train.py", "selfgen", "--corpus", str(corpus), "--out", str(selfgen), "--splits", "test",
+        run(["train.py", "selfgen", "--model", args.model, "--corpus", str(corpus), "--out", str(selfgen),
+             "--splits", "test",
              "--per-book", str(args.per_book), "--no-progress"], log)
-        run(["train.py", "record", "--corpus", str(selfgen), "--out", str(run_dir / "selfgen_records")], log)
+        run(["train.py", "record", "--model", args.model, "--corpus", str(selfgen),
+             "--out", str(run_dir / "selfgen_records")], log)
     if not done(run_dir / "records"):
-        run(["train.py", "record", "--corpus", str(corpus), "--out", str(run_dir / "records"),
+        run(["train.py", "record", "--model", args.model, "--corpus", str(corpus), "--out", str(run_dir / "records"),
              "--max-tokens-per-book", str(args.book_tokens)], log)
 
 
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gate", type=Path, default=Path("runs/demo/gate"), help="the trained drafter")
     ap.add_argument("--demo-run", type=Path, default=Path("runs/demo"), help="the demo's run folder (its "
                     "selfgen_records hold the test book's continuations)")
+    ap.add_argument("--model", default="smollm2-135m", help="the gate's big model (records and continuations)")
     ap.add_argument("--genres", type=Path, default=Path("data/genres"), help="one EPUB per held-out genre")
     ap.add_argument("--run", type=Path, default=Path("runs/genres"), help="where the genre runs are kept")
     ap.add_argument("--per-book", type=int, default=40, help="greedy continuations per genre")
