@@ -322,7 +322,7 @@ def run_prompts(rt, methods: dict[str, Method], prompts, new_tokens: int, tie_ep
     return rows
 
 
-def copy_split(rows: list[dict]) -> dict:
+def copy_skip_shares(rows: list[dict]) -> dict:
     """Share of generated tokens at copy positions, and of skips on the copy / non-copy positions."""
     copy = [c for r in rows for c in r["copy"]]
     skipped = [src not in BIG_SOURCES for r in rows for src in r["sources"]]
@@ -348,7 +348,7 @@ def summarize(name: str, method: Method, rows: list[dict], ref_tps: float | None
              on_policy_error_beyond_ties=round(sum(r["check"]["beyond_ties"] for r in rows) / toks, 5),
              nll=round(sum(r["check"]["nll"] * len(r["ids"]) for r in rows) / toks, 4))
     s["speed_vs_big"] = round(s["tokens_per_s"] / ref_tps, 3) if ref_tps else None
-    s.update(copy_split(rows))
+    s.update(copy_skip_shares(rows))
     if method.loop:
         s["skipped_share"] = round(sum(led.skipped for led in leds) / toks, 4)
         s["rollbacks"] = sum(led.rollbacks for led in leds)

@@ -527,9 +527,10 @@ def _md_intro(m: dict, meta: dict, dr) -> list[str]:
          f"(t, since_big s = 1..{dr.max_skip - 1}). Drafter reads big-model layer {dr.hidden_layer}; head mode "
          f"`{m['predictor']}`. The drafter's candidate (the best-scoring of: head top-1, head top-2, training-text "
          f"n-gram, in-context copy, or the copy rule's where it is trusted more) equals the big model's argmax on "
-         f"{_pct(m['predictor_accuracy'])} of pairs; the head's top-1 alone on {_pct(m['head_accuracy'])} (the candidate of the "
-         f"max_prob / entropy baselines, oracle:head); some candidate is right on {_pct(m['any_candidate_right'])}, some candidate or the copy rule's "
-         f"(the oracle's coverage) on {_pct(m['coverage_at_precision']['oracle'][0.99])}."
+         f"{_pct(m['predictor_accuracy'])} of pairs; the head's top-1 alone on {_pct(m['head_accuracy'])} (the "
+         f"candidate of the max_prob / entropy baselines, oracle:head); some candidate is right on "
+         f"{_pct(m['any_candidate_right'])}, some candidate or the copy rule's (the oracle's coverage) on "
+         f"{_pct(m['coverage_at_precision']['oracle'][0.99])}."
          f" Chosen candidate by source: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["chosen_source"].items()) +
          "; each source right: " + ", ".join(f"{k} {_pct(v)}" for k, v in m["source_right"].items()) +
          ". Definitions: see gate/train/evaluate.py (coverage = share of positions skipped; precision = share "

@@ -62,8 +62,8 @@ from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, to
 from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, context_copy_stats, pair_index
 from gate.train.calibration import coverage_at_precision, ltt_calibrate
 from gate.train.config import FitConfig, add_arguments, options_from_args
-from gate.train.data import (FitError, SplitData, apply_copy_trust, chunk_folds, find_split, load_split, model_entry,
-                             open_records_checked, predict_pairs, resolve_layer, subsample_pairs)
+from gate.train.data import (FitError, SplitData, apply_copy_trust, chunk_folds, find_split, load_split,
+                             model_entry, open_records_checked, predict_pairs, resolve_layer, subsample_pairs)
 from gate.train.distill import train_future_heads, train_word_head
 from gate.train.stages import StageCache, stage_key
 
