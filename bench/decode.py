@@ -45,7 +45,8 @@ from gate.decode.loop import BIG_SOURCES  # noqa: E402
 from gate.decode.registry import add_policy_args, registered  # noqa: E402
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
-GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_verify", "gate_dial")
+GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_verify", "gate_dial", "eagle", "eagle_verify",
+                 "eagle_chain")
 # the self:15 early exit is overconfident: tau 0.08 is its median normalised entropy
 BENCH_DEFAULTS = dict(small="self:15", tau=0.08, gate="runs/demo/gate")
 SOURCE_CODES = {"big": "B", "scaffold": "S", "small": "s", "skip": "k"}   # runs' sources as one string
@@ -82,6 +83,10 @@ def parse(argv, policies=None):
     ap.add_argument("--sweep", default="0.9,0.7,0.5", help="gate_sweep thresholds")
     ap.add_argument("--verify-sweep", default="0.5,0.3", help="gate_verify thresholds")
     ap.add_argument("--dial", default="0.5:0.9", help="gate_dial: skip threshold : verify-below value")
+    ap.add_argument("--eagle", metavar="PATH", help="a feature-head drafter (train.py fit --drafter eagle): adds "
+                    "the methods eagle (lossy, calibrated), eagle_verify (lossless at --verify-sweep) and "
+                    "eagle_chain (lossless at --chain-cuts)")
+    ap.add_argument("--chain-cuts", default="0.4,0.2", help="eagle_chain cuts (see --chain-cut in infer.py)")
     ap.add_argument("--pld-tokens", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy (lossless methods must match `big` token for token); > 0: the sampled "
@@ -226,6 +231,26 @@ def gate_variants(args, rt, notes) -> dict[str, Method]:
     a, b = (float(x) for x in args.dial.split(":"))
     out["gate_dial"] = loop_method(rt, Gate(drafter, a), verify=True, verify_below=b, **samp)
     notes.append(gate_note(args, drafter, a, b))
+    if args.eagle:
+        out.update(eagle_variants(args, rt, notes, samp))
+    return out
+
+
+def eagle_variants(args, rt, notes, samp) -> dict[str, Method]:
+    """The feature-head drafter (--eagle): lossy at its calibrated threshold, lossless at --verify-sweep."""
+    from gate.decode.policies import Gate
+
+    drafter = rt.load_gate(args.eagle)
+    out = {"eagle": loop_method(rt, Gate(drafter), **samp)}
+    for t in [float(x) for x in args.verify_sweep.split(",") if x]:
+        out[f"eagle_verify@{t:g}"] = loop_method(rt, Gate(drafter, t), verify=True, **samp)
+    for c in [float(x) for x in args.chain_cuts.split(",") if x]:
+        out[f"eagle_chain@{c:g}"] = loop_method(rt, Gate(drafter, 0.0, chain_cut=c), verify=True, **samp)
+    cal = drafter.meta.get("calibration", {}).get("gate", {})
+    notes.append(f"eagle: the feature head {args.eagle} (train.py fit --drafter eagle), calibrated threshold "
+                 f"{drafter.threshold:.4g} (validation coverage {cal.get('coverage', 0):.1%}), at most "
+                 f"{drafter.max_skip - 1} drafts per big pass; eagle_chain@C drafts (lossless, --verify) while the "
+                 "product of the gate's scores since the last big pass is >= C (EAGLE-2's dynamic draft length).")
     return out
 
 
@@ -255,7 +280,9 @@ def build(args, rt, notes, policies=None) -> dict[str, Method]:
     if set(GATE_VARIANTS) & set(wanted):
         methods.update(gate_variants(args, rt, notes))
     expand = {"gate_sweep": [k for k in methods if k.startswith("gate@")],
-              "gate_verify": [k for k in methods if k.startswith("gate_verify@")]}
+              "gate_verify": [k for k in methods if k.startswith("gate_verify@")],
+              "eagle_verify": [k for k in methods if k.startswith("eagle_verify@")],
+              "eagle_chain": [k for k in methods if k.startswith("eagle_chain@")]}
     wanted = [x for w in wanted for x in expand.get(w, [w])]
     return {k: methods[k] for k in wanted if k in methods}
 
@@ -428,7 +455,7 @@ def markdown_intro(results, argv, best) -> list[str]:
             + (f"sampled at temperature {cfg['temperature']:g} (seed {cfg['seed']} + prompt index; every method "
                "samples from the full distribution, lossless ones keep the big model's distribution by the "
                "speculative-sampling rule, so their outputs differ from `big`'s by design)"
-               if cfg.get("temperature", 0) > 0 else "greedy") + ". Machine: {m['cpus']} CPUs, torch "
+               if cfg.get("temperature", 0) > 0 else "greedy") + f". Machine: {m['cpus']} CPUs, torch "
             f"{m['torch']}, {m['torch_threads']} torch thread(s); shared with other jobs (load average "
             f"{m['load_before']} at the start), so timings are noisy: methods alternate on every prompt and "
             "speeds are compared within one run.", "",

@@ -10,7 +10,9 @@ fed by `forward` occupy positions n_cached .. n_cached+n-1, and the cache always
     backend.calls, backend.tokens_fed, backend.tokens_cropped          # the cost ledger reads these
 
 `logits` is float32 [keep, V]; `hidden` is float32 [keep, d] at `hidden_layer` (HF numbering: 0 = embeddings,
-L = output of block L, n_layers = the last entry), or None when hidden_layer is None.
+L = output of block L, n_layers = the last entry), or None when hidden_layer is None. With `hidden_all` set,
+`hidden` has a row for every fed token ([n, d]): a drafter that reads every position (the feature head) needs
+them, and both runtimes compute them anyway.
 
 HFBackend wraps a transformers causal LM with a DynamicCache. Backends are made by
 gate/decode/runtime.py::make_backend from its BACKENDS table (kind -> class): a new backend is one class with
@@ -29,6 +31,7 @@ class Backend(Protocol):
     name: str
     vocab_size: int
     hidden_layer: int | None
+    hidden_all: bool
     n_cached: int
     calls: int
     tokens_fed: int
@@ -82,6 +85,7 @@ def early_exit_view(model, k: int):
 
 class HFBackend:
     """A transformers causal LM with a DynamicCache, tuned for batch 1 on CPU."""
+    hidden_all = False
 
     def __init__(self, model, name: str = "", hidden_layer: int | None = None):
         self.model = model.eval()
@@ -129,7 +133,8 @@ class HFBackend:
         self.calls += 1
         self.tokens_fed += n
         logits = out.logits[0, -keep:].float()
-        hidden = out.hidden_states[self._hidden_layer][0, -keep:].float() if want_hidden else None
+        rows = n if self.hidden_all else keep
+        hidden = out.hidden_states[self._hidden_layer][0, -rows:].float() if want_hidden else None
         return logits, hidden
 
     def crop(self, n: int) -> None:

@@ -184,6 +184,8 @@ class LlamaCppBackend:
         self._hidden_layer = layer
         self.lib.llama_set_embeddings(self._ctx, layer is not None)
 
+    hidden_all = False     # True: hidden rows for every fed token, not only the last `keep` (see Backend)
+
     def set_threads(self, n: int) -> None:
         self.n_threads = n
         self.lib.llama_set_n_threads(self._ctx, n, n)
@@ -211,7 +213,8 @@ class LlamaCppBackend:
         logits = self._rows(self.lib.llama_get_logits_ith(self._ctx, n - keep), keep, self.vocab_size)
         hidden = None
         if self._hidden_layer is not None:
-            hidden = self._rows(self.lib.llama_get_embeddings_ith(self._ctx, n - keep), keep, self.hidden_size)
+            rows = n if self.hidden_all else keep
+            hidden = self._rows(self.lib.llama_get_embeddings_ith(self._ctx, n - rows), rows, self.hidden_size)
         return logits, hidden
 
     def crop(self, n: int) -> None:

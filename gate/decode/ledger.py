@@ -33,6 +33,8 @@ class Ledger:
     big_calls_per_token: float = 0.0
     predictor_calls: int = _total()     # small-model forward calls or drafter proposals
     predictor_tokens_fed: int = _total()
+    policy_s: float = _total(0.0)       # wall time inside the policy: predictors, drafter steps, gate
+    draft_steps: int = _total()         # the feature head's layer steps (entries computed), else 0
     drafted: int = _total()             # drafts emitted (kept or rolled back later)
     verified: int = _total()
     rollbacks: int = _total()
@@ -95,7 +97,8 @@ ROWS = [  # (label, the cell of one ledger)
     ("predictor calls", lambda l: f"{l.predictor_calls} (fed {l.predictor_tokens_fed})"),
     ("skipped", lambda l: f"{l.skipped} of {l.drafted} drafted"),
     ("verified", lambda l: f"{l.verified} ({l.rollbacks} rollbacks, -{l.rolled_back_tokens} tok)"),
-    ("wall time", lambda l: f"{l.wall_s:.2f} s"),
+    ("wall time", lambda l: f"{l.wall_s:.2f} s (policy {l.policy_s:.2f} s"
+                            + (f", {l.draft_steps} draft steps)" if l.draft_steps else ")")),
     ("tokens/s", lambda l: f"{l.tokens_per_s:.1f}"),
     ("on-policy error", _check_cell),
     ("NLL (nats/token)", lambda l: f"{l.check['nll']:.3f}" if l.check is not None else "-"),

@@ -134,6 +134,7 @@ class DecodeState:
     n_new: int                          # generated tokens so far
     big_cached: int                     # positions the big model has computed (its cache length)
     big_hidden: torch.Tensor | None     # its hidden state at position big_cached - 1 (policy.hidden_layer)
+    big_hiddens: torch.Tensor | None    # [big_cached, d]: every position's, when the policy needs_all_hidden
     temperature: float
     sample: Callable[[torch.Tensor], int]   # sample_token at the run's temperature and generator
     eos: frozenset[int]
@@ -159,12 +160,18 @@ class Policy:
     args: ClassVar[tuple["Arg", ...]] = ()
     examples: ClassVar[tuple[str, ...]] = ()    # infer.py arguments, shown in --help
     needs_big_hidden: ClassVar[bool] = False
+    needs_all_hidden = False                    # also every earlier position's (DecodeState.big_hiddens)
     source = "small"                            # the source of its drafts
     hidden_layer: int | None = None             # read when needs_big_hidden
 
     def __init__(self, lms: Sequence[LM] = ()) -> None:
         self.lms = tuple(lms)   # predictor views: reset, cropped and counted by the loop
         self.calls = 0          # predictor invocations (forward calls or drafter proposals)
+
+    @property
+    def draft_steps(self) -> int:
+        """Steps of a drafter's own network (the feature head's entries), for the ledger; 0 if none."""
+        return 0
 
     def start(self) -> None:
         """A new text begins: reset per-text state."""
@@ -221,8 +228,8 @@ class Decoder:
         return len(self.ids) - self.n_prompt
 
     def state(self) -> DecodeState:
-        return DecodeState(tuple(self.ids), self.n_new, self.big.n_cached, self.big_hidden, self.temperature,
-                           self.sample, self.eos, self.max_new)
+        return DecodeState(tuple(self.ids), self.n_new, self.big.n_cached, self.big_hidden, self.hidden_rows,
+                           self.temperature, self.sample, self.eos, self.max_new)
 
     # -- the loop ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -248,6 +255,9 @@ class Decoder:
         for lm in self.policy.lms:
             lm.reset()
         self.big.hidden_layer = self.policy.hidden_layer if self.policy.needs_big_hidden else None
+        self.all_hidden = bool(self.policy.needs_big_hidden and self.policy.needs_all_hidden)
+        self.big.hidden_all = self.all_hidden
+        self.hidden_rows: torch.Tensor | None = None    # every position's hidden state, when all_hidden
         self.gen = torch.Generator().manual_seed(self.seed)
         self.sample = partial(sample_token, temperature=self.temperature, gen=self.gen)
         self.ids, self.n_prompt, self.max_new = list(prompt_ids), len(prompt_ids), max_new_tokens
@@ -256,12 +266,15 @@ class Decoder:
         self.big_logits = self.big_hidden = None     # big model's outputs at position big.n_cached - 1
         self.n_final = self.n_prompt
         self.counts = Counts()
+        self.policy_s = 0.0
         self.policy.calls = 0
         self.policy.start()
 
     def step(self) -> None:
         """One policy decision: emit its drafts, or let the big model catch up and speak."""
+        t0 = time.perf_counter()
         drafts = self.policy.propose(self.state())
+        self.policy_s += time.perf_counter() - t0
         self.keep_predictors(self.ids + [d.token for d in drafts])   # drop a lookahead the policy refused
         if not drafts:
             self.big_step(emit=True)
@@ -294,6 +307,9 @@ class Decoder:
             first = self.pending[0][0] if self.pending else len(self.ids)
             keep = len(self.ids) - max(first - 1, c)
             logits, hidden = self.big.forward(self.ids[c:], keep=keep)
+            if self.all_hidden:
+                old = self.hidden_rows[:c] if self.hidden_rows is not None else hidden[:0]
+                self.hidden_rows, hidden = torch.cat([old, hidden]), hidden[-keep:]
             if self.check_pending(logits, hidden, row0=len(self.ids) - keep):
                 return
             self.big_logits, self.big_hidden = logits[-1], (None if hidden is None else hidden[-1])
@@ -326,6 +342,8 @@ class Decoder:
         self.pending.clear()
         if self.big.n_cached > q:
             self.big.crop(q)
+        if self.hidden_rows is not None:
+            self.hidden_rows = self.hidden_rows[:self.big.n_cached]
         for lm in self.policy.lms:
             lm.crop(q)
 
@@ -357,6 +375,7 @@ class Decoder:
             big_calls_per_token=self.big.calls / n if n else 0.0,
             predictor_calls=self.policy.calls,
             predictor_tokens_fed=sum(b.tokens_fed for b in predictors),
+            policy_s=round(self.policy_s, 4), draft_steps=self.policy.draft_steps,
             drafted=self.counts.drafted, verified=self.counts.verified, rollbacks=self.counts.rollbacks,
             rolled_back_tokens=self.counts.rolled_back_tokens,
             stopped="eos" if n and self.ids[-1] in self.eos else "max_new_tokens",

@@ -41,6 +41,9 @@ RAW_ENTROPY = arg("--raw-entropy", action="store_true", help="tau in nats instea
 THRESHOLD = arg("--threshold", type=float, help="gate threshold in [0, 1] (default: the gate's calibrated one; "
                 "0.8 for a small-LM gate)")
 MAX_SKIP = arg("--max-skip", type=int, help="at most this distance from the last big pass")
+CHAIN_CUT = arg("--chain-cut", type=float, help="gate: also stop skipping when the product of the scores since "
+                "the last big pass (the chance every draft of the run is right) falls below this (EAGLE-2's dynamic "
+                "draft length; for --verify)")
 
 DEFAULT_TAU = 0.3
 SMALL_LM_GATE_THRESHOLD = 0.8
@@ -330,7 +333,7 @@ class Gate(Policy):
     source = "skip"
     summary = ("the learned gate: --gate PATH (from `train.py fit`), or --small M to use a small LM's\n"
                "max-probability as the gate score; skips while score >= --threshold")
-    args = (GATE, SMALL, THRESHOLD, MAX_SKIP)
+    args = (GATE, SMALL, THRESHOLD, MAX_SKIP, CHAIN_CUT)
     needs_big_hidden = True
     examples = ('"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate',
                 '"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate --verify',
@@ -338,9 +341,10 @@ class Gate(Policy):
                 '"def fib(n):" --model qwen2.5-coder-1.5b --policy gate --small qwen2.5-coder-0.5b --verify')
 
     def __init__(self, drafter: Drafter, threshold: float | None = None, max_skip: int | None = None,
-                 name: str | None = None, lms: tuple[LM, ...] = ()):
+                 name: str | None = None, lms: tuple[LM, ...] = (), chain_cut: float | None = None):
         super().__init__(lms)
         self.drafter = drafter
+        self.chain_cut, self.chain = chain_cut, 1.0
         self.threshold = drafter.threshold if threshold is None else threshold
         self.max_skip = drafter.max_skip if max_skip is None else min(max_skip, drafter.max_skip)
         if name:
@@ -350,6 +354,14 @@ class Gate(Policy):
     def hidden_layer(self) -> int | None:
         return self.drafter.hidden_layer
 
+    @property
+    def needs_all_hidden(self) -> bool:
+        return getattr(self.drafter, "reads_all_hidden", False)
+
+    @property
+    def draft_steps(self) -> int:
+        return getattr(self.drafter, "steps", 0)
+
     def start(self):
         self.drafter.start()
 
@@ -357,9 +369,13 @@ class Gate(Policy):
         s = state.since_big
         if state.big_cached == 0 or not 1 <= s < self.max_skip:
             return []
-        tok, score = self.drafter.propose(state.ids, state.big_hidden, s)
+        hidden = state.big_hiddens if self.needs_all_hidden else state.big_hidden
+        tok, score = self.drafter.propose(state.ids, hidden, s)
         self.calls += 1
-        return [Draft(int(tok), self.source, float(score))] if score >= self.threshold else []
+        self.chain = (1.0 if s == 1 else self.chain) * float(score)
+        if score < self.threshold or (self.chain_cut is not None and self.chain < self.chain_cut):
+            return []
+        return [Draft(int(tok), self.source, float(score))]
 
     @classmethod
     def small_lm(cls, small: Backend, drafter_threshold: float = SMALL_LM_GATE_THRESHOLD, **kw) -> "Gate":
@@ -370,7 +386,8 @@ class Gate(Policy):
     @classmethod
     def from_args(cls, args, rt):
         kw = dict(threshold=unit_interval("--threshold", args.threshold),
-                  max_skip=at_least("--max-skip", args.max_skip, 1))
+                  max_skip=at_least("--max-skip", args.max_skip, 1),
+                  chain_cut=unit_interval("--chain-cut", args.chain_cut))
         if args.gate:
             return cls(rt.load_gate(args.gate), **kw)
         if args.small:

@@ -231,11 +231,14 @@ def read_meta(path: str | Path) -> dict:
         raise ArtifactError(f"{mf}: cannot read it ({e.strerror or e})") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{mf}: not a drafter description (a JSON {type(meta).__name__}, not an object)")
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{mf}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
-    missing = [k for k in ("big_model", "predictor", "gates", "primary_gate", "max_skip", "hidden_layer", "files")
+    from gate.model.eagle import EAGLE_FORMAT
+
+    keys = {FORMAT: ("predictor", "gates", "primary_gate"), EAGLE_FORMAT: ("head", "gate")}
+    if meta.get("format") not in keys:
+        raise ArtifactError(f"{mf}: format {meta.get('format')!r}, this code reads {' or '.join(map(repr, keys))}")
+    missing = [k for k in ("big_model", "max_skip", "hidden_layer", "files") + keys[meta["format"]]
                if k not in meta]
-    if missing or not isinstance(meta["big_model"], dict) or not isinstance(meta["gates"], dict):
+    if missing or not isinstance(meta["big_model"], dict) or not isinstance(meta.get("gates", {}), dict):
         raise ArtifactError(f"{mf}: damaged drafter description ("
                             f"{'missing ' + ', '.join(missing) if missing else 'big_model or gates not an object'})")
     return meta
@@ -263,8 +266,9 @@ def check_big_model(meta: dict, big_info, where: str) -> None:
                             f"{info.get('name')!r} has layers 0..{n_layers}")
 
 
-def load_drafter(path: str | Path, big_info: ModelInfo | dict | None) -> Drafter:
-    """Load an artifact folder; refuses a big model with another tokenizer (TokenizerMismatch)."""
+def load_drafter(path: str | Path, big_info: ModelInfo | dict | None):
+    """Load an artifact folder (a Drafter, or an EagleDrafter for a feature-head artifact); refuses a big model
+    with another tokenizer (TokenizerMismatch) or another hidden size / vocabulary (ArtifactError)."""
     from safetensors.torch import load_file
     path = Path(path)
     meta = read_meta(path)
@@ -275,6 +279,10 @@ def load_drafter(path: str | Path, big_info: ModelInfo | dict | None) -> Drafter
             raise ArtifactError(f"{f}: listed in {path / META_FILE} but missing")
         if sha256_file(f) != sha:
             raise ArtifactError(f"{f}: sha256 differs from {path / META_FILE} (folder partly rewritten?)")
+    from gate.model.eagle import EAGLE_FORMAT, EAGLE_TENSORS, EagleDrafter
+
+    if meta["format"] == EAGLE_FORMAT:
+        return EagleDrafter.from_tensors(load_file(str(path / EAGLE_TENSORS)), meta)
     t = load_file(str(path / TENSOR_FILE))
     pred = Predictor.from_tensors({k[5:]: v for k, v in t.items() if k.startswith("pred.")}, meta["predictor"])
     gates = {}

@@ -6,8 +6,9 @@ and the ones after it, and nothing before). `add_arguments` turns the fields int
 (--n-ctx for n_ctx, ...); fields marked cli=False are settings of the Python API (`fit(..., d_tok=8)`) that
 the command line does not expose.
 
-Stages: "data" (which records are read), "heads" (word-completion head, future heads, PCA), "mode" (the
-predictor mode chosen on validation), "gates" (the learned gates), "calibration" (not cached: it is quick).
+Stages: "data" (which records are read, which drafter), "heads" (word-completion head, future heads, PCA),
+"mode" (the predictor mode chosen on validation), "gates" (the learned gates), "calibration" (not cached: it is
+quick); "eagle" (the feature head of `--drafter eagle`, gate/train/fit_eagle.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def setting(default, help: str, stage: str, cli: bool = True, choices: tuple | N
 
 @dataclass
 class FitConfig:
+    drafter: str = setting(
+        "heads", "what drafts: the word-completion and future heads over one stale hidden state (heads), or an "
+                 "EAGLE-style feature head that drafts the big model's hidden states step by step (eagle)", "data",
+        choices=("heads", "eagle"))
     seed: int = setting(0, "seed of every random choice (folds, batches, initialisation)", "heads")
     target_precision: float = setting(
         0.99, "calibrate the gate so skipped tokens equal the big model's greedy token this often", "calibration")
@@ -58,6 +63,14 @@ class FitConfig:
     copy_max_n: int = setting(
         12, "the copy rule (prompt lookup) looks for the last N tokens earlier in the context; the drafter takes its "
             "candidate where the rule is trusted more than the learned gate (0: no copy rule)", "calibration")
+    eagle_vocab: int = setting(8192, "eagle: draft vocabulary, the most frequent greedy tokens of the training "
+                                     "records", "eagle")
+    eagle_window: int = setting(64, "eagle: positions per training window", "eagle")
+    eagle_batch: int = setting(16, "eagle: windows per optimiser step", "eagle")
+    eagle_depth: int = setting(3, "eagle: draft steps trained from each anchor (training-time test); the "
+                                  "drafter skips at most this many positions per big pass", "eagle")
+    eagle_epochs: float = setting(2.0, "eagle: epochs over the training windows", "eagle")
+    eagle_lr: float = setting(1e-3, "eagle: peak learning rate (AdamW, warmup + cosine)", "eagle")
     dtype: str = setting("float32", "dtype the big model is loaded in (for its embeddings)", "heads", cli=False)
     threads: int = setting(
         1, "torch intra-op threads (0: torch's default). The heads are small: on a busy 2-core machine 1 thread was "

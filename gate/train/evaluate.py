@@ -234,6 +234,9 @@ class EvalInputs:
 def open_inputs(records, gate, split: str, part: str | None = None) -> EvalInputs:
     gate = Path(gate)
     meta = read_meta(gate)
+    if "predictor" not in meta:
+        raise FitError(f"{gate}: a feature-head drafter (train.py fit --drafter eagle); its side-by-side evaluation "
+                       "with the heads drafter, the copy rule and the oracle is bench/eagle.py")
     rec = records if hasattr(records, "load") else open_records_checked(records)
     records = Path(getattr(rec, "path", records)) if not hasattr(records, "load") else getattr(rec, "path", "<records>")
     name = check_records_vs_gate(rec, records, meta, gate)

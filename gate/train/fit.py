@@ -535,8 +535,18 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
     """Train, calibrate and save a drafter (see the module docstring); returns the artifact folder.
     `opts`: FitConfig settings (gate/train/config.py)."""
     cfg = FitConfig.from_options(**opts)
+    paths = list(records) if isinstance(records, (list, tuple)) else [records]
+    if cfg.drafter == "heads" and len(paths) != 1:
+        raise FitError(f"--records: the heads drafter reads one records folder, got {len(paths)} "
+                       "(--drafter eagle reads several)")
     with torch_threads(cfg.threads or torch.get_num_threads()):
-        return _fit(records, Path(out), model, force, log, cfg)
+        if cfg.drafter == "eagle":
+            from gate.train.fit_eagle import fit_eagle
+
+            _check_settings(cfg)
+            sources = [open_source(p, model, cfg) for p in paths]
+            return fit_eagle(sources, load_big_model(sources[0], cfg, log), Path(out), cfg, force, log)
+        return _fit(paths[0], Path(out), model, force, log, cfg)
 
 
 def _check_settings(cfg: FitConfig) -> None:
@@ -586,7 +596,8 @@ def main(argv=None) -> int:
     """`python train.py fit`: train the word-completion head, future-token heads and gates from records."""
     ap = argparse.ArgumentParser(prog="train.py fit", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--records", required=True, help="records folder (python train.py record)")
+    ap.add_argument("--records", required=True, nargs="+",
+                    help="records folder (python train.py record); --drafter eagle takes several of one big model")
     ap.add_argument("--out", required=True, help="artifact folder to write (the Drafter)")
     ap.add_argument("--model", default=None, help="which recorded model is the big one (default: the largest)")
     add_arguments(ap)

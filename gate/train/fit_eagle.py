@@ -1,0 +1,212 @@
+"""`python train.py fit --drafter eagle`: the feature head (gate/model/eagle.py), its gate and calibration.
+
+Data use (books never mix between splits; several records folders of the same big model may be given, e.g.
+the teacher-forced novels and the big model's own continuations):
+    train splits, 85% of chunks  -> the feature head (and the hidden-state standardisation, draft vocabulary)
+    train splits, 15% of chunks  -> the gate over its drafts (positions the head never trained on)
+    validation splits            -> the Learn-then-Test threshold (gate/train/calibration.py) and the baselines
+    test splits                  -> untouched (bench/eagle.py, train.py evaluate)
+The gate's pairs are (t, s): the head drafting s steps from the big model's position t - s, with the text's
+tokens in between - the same convention as the heads' pairs (gate/model/heads.py), so the two drafters are
+compared on the same pairs.
+
+Resumable: the feature head is a cached stage (its checkpoint after each epoch, then the finished head) under
+OUT/stages/; the gate and calibration are quick and recomputed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corpus_tools.models import TokenizerMismatch
+from gate.model.copyrule import COPY_SPAN, MAX_N
+from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab
+from gate.model.features import LogisticGate, pick_candidate
+from gate.model.heads import HiddenNorm
+from gate.train.calibration import coverage_at_precision, ltt_calibrate
+from gate.train.config import FitConfig
+from gate.train.data import FitError, SplitData, chunk_folds, load_split
+from gate.train.eagle import run_levels, train_feature_head
+from gate.train.stages import StageCache, stage_key
+
+GATE_FRAC = 0.15
+
+
+class Checkpoint:
+    """The feature head's per-epoch checkpoint (atomic), for train_feature_head's resume."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, weights_only=False)
+        return state if state.get("key") == self.key else None
+
+    def save(self, state: dict) -> None:
+        from corpus_tools.files import atomic_path
+
+        with atomic_path(self.path) as tmp:
+            torch.save({**state, "key": self.key}, tmp)
+
+
+def load_parts(sources, big, kind: str) -> list[SplitData]:
+    out = []
+    for src in sources:
+        split = src.split_train if kind == "train" else src.split_val
+        d = load_split(src.rec, src.path, split, src.name, src.layer)
+        if d.hidden.shape[1] != big.D:
+            raise FitError(f"{src.path}: hidden size {d.hidden.shape[1]} but model {src.name!r} has {big.D}")
+        out.append(d)
+    return out
+
+
+def check_sources(sources) -> None:
+    first = sources[0]
+    for s in sources:
+        if s.rec.fingerprint != first.rec.fingerprint or s.name != first.name:
+            raise TokenizerMismatch(f"{s.path}: records of {s.name!r} (tokenizer {s.rec.fingerprint}) cannot "
+                                    f"train one drafter with {first.path} ({first.name!r}, {first.rec.fingerprint})")
+        if s.layer != s.entry["n_layers"]:
+            raise FitError(f"{s.path}: the feature head reads the last layer ({s.entry['n_layers']}); "
+                           f"--layer {s.layer} was asked for")
+
+
+def stage_head(cache: StageCache, big, train: list[SplitData], head_rows: list[np.ndarray], data_id: str,
+               cfg: FitConfig, log) -> tuple[FeatureHead, dict]:
+    key = stage_key("eagle", data_id, cfg.stage_settings("eagle"), cfg.seed, cfg.reg_weight)
+    hidden0 = np.concatenate([np.asarray(d.hidden[r[:20000]]) for d, r in zip(train, head_rows)])
+    mean, std = HiddenNorm.stats(hidden0, seed=cfg.seed)
+    ids = draft_vocab(np.concatenate([d.argmax[r] for d, r in zip(train, head_rows)]), cfg.eagle_vocab)
+    torch.manual_seed(cfg.seed)
+    head = FeatureHead(big.V, big.D, len(ids))
+    head.embed.copy_(big.embed.float())
+    head.out_rows.copy_(big.out_emb[ids].float())
+    head.draft_ids.copy_(ids)
+    head.h_mean.copy_(torch.from_numpy(mean))
+    head.h_std.copy_(torch.from_numpy(std))
+    dmap = torch.full((big.V,), -100, dtype=torch.long)
+    dmap[ids] = torch.arange(len(ids))
+
+    def train_it():
+        info = train_feature_head(head, list(zip(train, head_rows)), dmap, cfg,
+                                  Checkpoint(cache.folder / "eagle_checkpoint.pt", key), log)
+        return info, {k: v.contiguous() for k, v in head.state_dict().items()}
+
+    meta, st = cache.run("eagle_head", key, train_it, with_tensors=True)
+    head.load_state_dict(st)
+    return head.eval(), meta
+
+
+def drafts_on(head: FeatureHead, parts: list[SplitData], rows: list[np.ndarray] | None, cfg: FitConfig,
+              tables: dict, desc: str) -> dict:
+    """The head's pairs on some rows of each part, with both candidates' gate features and labels."""
+    outs = []
+    for i, d in enumerate(parts):
+        cand, length = d.copy_rule(MAX_N)
+        o = run_levels(head, d, cfg.eagle_depth, rows=None if rows is None else rows[i], desc=desc,
+                       other=cand)
+        if "t" not in o:
+            continue
+        t = o["t"]
+        f = candidate_features(o["token"], o["p1"], o["p2"], o["entropy"], o["p_other"], cand[t], length[t], o["s"],
+                               d.tokens[t], tables, cfg.eagle_depth)
+        f.update(t=t, s=o["s"], part=np.full(len(t), i), head_token=o["token"], p1=o["p1"],
+                 entropy=o["entropy"], copy_len=length[t].astype(np.int64), copy_tok=cand[t])
+        f["correct"] = (f["cands"] == d.argmax[t][:, None]) & f["valid"]
+        f["argmax"] = d.argmax[t]
+        outs.append(f)
+    if not outs:
+        raise FitError(f"{desc}: no position to score (the records' runs are too short or too few)")
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def fit_gate(o: dict, cfg: FitConfig) -> LogisticGate:
+    X, y = o["X"][o["valid"]], o["correct"][o["valid"]]
+    if y.all() or not y.any():
+        raise FitError("the gate's training pairs are all right or all wrong: too little data")
+    return LogisticGate().fit(X, y.astype(np.int64), seed=cfg.seed)
+
+
+def score_pairs(gate, o: dict) -> dict:
+    sc = gate.score(o["X"].reshape(-1, o["X"].shape[-1])).reshape(o["X"].shape[:2])
+    slot, tok, best = pick_candidate(sc, {"valid": o["valid"], "cands": o["cands"]})
+    idx = np.arange(len(slot))
+    return {"token": tok, "score": best, "correct": o["correct"][idx, slot], "slot": slot}
+
+
+def summarize(o: dict, sel: dict, target: float) -> dict:
+    """Agreement and coverage at precision, overall / copy / non-copy positions, per depth and for depth 1."""
+    copy = o["copy_len"] >= COPY_SPAN
+    right = o["head_token"] == o["argmax"]
+    out = {}
+    for name, m in (("all", np.ones(len(copy), bool)), ("non_copy", ~copy), ("copy_positions", copy)):
+        if not m.any():
+            continue
+        d1 = m & (o["s"] == 1)
+        out[name] = {
+            "share": float(m.mean()),
+            "first_token_agreement": float(right[d1].mean()) if d1.any() else None,
+            "agreement_by_depth": {int(s): float(right[m & (o["s"] == s)].mean()) for s in np.unique(o["s"][m])},
+            "coverage_at_precision": {
+                "gate": coverage_at_precision(sel["score"][m], sel["correct"][m], (target,))[target],
+                "max_prob": coverage_at_precision(o["p1"][m], right[m], (target,))[target],
+                "copy": coverage_at_precision(o["copy_len"][m].astype(float), o["copy_tok"][m] == o["argmax"][m],
+                                              (target,))[target],
+                "oracle": float((o["correct"][m].any(1) | right[m]).mean())},
+        }
+    return out
+
+
+def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path:
+    """Train, calibrate and save the feature-head drafter (see the module docstring)."""
+    t_start = time.time()
+    check_sources(sources)
+    train, val = load_parts(sources, big, "train"), load_parts(sources, big, "val")
+    # chunks of 512 positions, smaller for small record sets so that every set gives the gate some
+    folds = [chunk_folds(len(d), cfg.seed + i, GATE_FRAC, chunk=max(32, min(512, len(d) // 8)))
+             for i, d in enumerate(train)]
+    head_rows = [np.flatnonzero(~f) for f in folds]
+    gate_rows = [np.flatnonzero(f) for f in folds]
+    log(f"[fit] feature head on {sum(map(len, head_rows)):,} positions of {len(sources)} records folder(s); gate "
+        f"on {sum(map(len, gate_rows)):,}; calibration on {sum(map(len, val)):,} validation positions")
+    data_id = stage_key([str(s.path.resolve()) for s in sources], sources[0].rec.fingerprint,
+                        [len(d) for d in train], [int(d.tokens[:1000].sum()) for d in train])
+    cache = StageCache(out / "stages", force, log)
+    head, hmeta = stage_head(cache, big, train, head_rows, data_id, cfg, log)
+    gate_pairs = drafts_on(head, train, gate_rows, cfg, big.tables, "gate pairs")
+    gate = fit_gate(gate_pairs, cfg)
+    val_pairs = drafts_on(head, val, None, cfg, big.tables, "calibration pairs")
+    sel = score_pairs(gate, val_pairs)
+    cal = ltt_calibrate(sel["score"], sel["correct"], cfg.target_precision, cfg.delta)
+    metrics = summarize(val_pairs, sel, cfg.target_precision)
+    cover = {k: float(np.isin(d.argmax, head.draft_ids.numpy()).mean()) for k, d in (("train", train[0]),
+                                                                                     ("val", val[0]))}
+    agree = {k: v["first_token_agreement"] for k, v in metrics.items()}
+    log(f"[fit] feature head: first-token agreement on validation {agree['all']:.1%} (non-copy "
+        f"{agree.get('non_copy') or float('nan'):.1%}); calibrated threshold "
+        f"{cal['threshold']:.4g}, coverage {cal['coverage']:.1%}; draft vocabulary covers "
+        f"{cover['val']:.1%} of the big model's greedy tokens")
+    meta = {"big_model": {"name": sources[0].name, "fingerprint": sources[0].rec.fingerprint, "vocab_size": big.V,
+                          "hidden_size": big.D, "n_layers": sources[0].entry["n_layers"],
+                          "n_params": big.info["n_params"], "path": big.info["path"]},
+            "training_data": {"records": [str(s.path.resolve()) for s in sources],
+                              "head_positions": int(sum(map(len, head_rows))),
+                              "gate_pairs": int(len(gate_pairs["t"])), "calibration_pairs": int(len(val_pairs["t"]))},
+            "config": cfg.as_dict(), "calibration": {"gate": cal}, "metrics": {"validation": metrics},
+            "draft_vocab": {"size": int(head.n_draft), "big_argmax_covered": cover},
+            "cost": {"head_params": head.trainable_params(), "head_flops_per_token": head.flops_per_token(),
+                     "big_flops_per_token": 2 * big.info["n_params"]},
+            "timings": {"head": hmeta, "fit_total_s": round(time.time() - t_start, 1)},
+            "target_precision": cfg.target_precision, "delta": cfg.delta}
+    EagleDrafter(head, gate, cal["threshold"], cfg.eagle_depth + 1, sources[0].layer, big.tables, MAX_N,
+                 meta).save(out)
+    log(f"[fit] saved {out} ({time.time() - t_start:.0f}s)")
+    return out
+
+
+__all__ = ["fit_eagle", "drafts_on", "score_pairs", "summarize"]

@@ -1,0 +1,245 @@
+"""The feature head: its training levels equal step-by-step chain drafting with its KV cache; training lowers
+its loss and resumes; the artifact refuses another model; decoding with it is lossless."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gate.model.eagle import ChainCache, FeatureHead, level_mask
+
+
+def tiny_head(seed=0, V=50, D=16, K=20):
+    torch.manual_seed(seed)
+    head = FeatureHead(V, D, K, n_heads=2, mlp=24)
+    head.embed.normal_()
+    head.out_rows.normal_()
+    head.draft_ids.copy_(torch.arange(K))
+    head.h_mean.normal_()
+    head.h_std.uniform_(0.5, 2.0)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return head.eval()
+
+
+def test_level_mask_reads_the_chain_and_the_true_entries_before_it():
+    m = level_mask(5, 3)                      # level 3, query at i = 4: anchor 2
+    assert m[4, :5].tolist() == [True, True, True, False, False]
+    assert m[4, 5:10].tolist() == [False, False, False, True, False]   # level 2 at i-1
+    assert m[4, 10:].tolist() == [False, False, False, False, True]    # itself
+    assert m[0].sum() == 1 and m[0, 10]       # no anchor: its own key only
+
+
+def test_levels_equal_chain_drafting_with_the_cache():
+    head = tiny_head()
+    L, depth = 9, 3
+    h = torch.randn(1, L, 16)
+    toks = torch.randint(0, 50, (L + 1,))
+    with torch.no_grad():
+        preds = head(h, toks[1:][None], depth=depth)
+    cache = ChainCache(head)
+    for d in range(1, depth + 1):
+        for i in range(d - 1, L):
+            big_cached = i - d + 2            # true entries 0 .. i-d+1, chain entries after
+            ids = toks[:i + 2].tolist()
+            got = cache.draft(ids, h[0, :big_cached])
+            want = head.logits(preds[d - 1][0, i])
+            assert torch.allclose(got, want, atol=1e-4), (d, i)
+
+
+def test_cache_keeps_and_crops_entries_like_a_fresh_one():
+    head = tiny_head(1)
+    h = torch.randn(12, 16)
+    toks = torch.randint(0, 50, (14,)).tolist()
+    cache = ChainCache(head)
+    cache.draft(toks[:10], h[:6])             # 6 true + 3 chain entries
+    cache.draft(toks[:11], h[:6])             # one more chain entry, nothing recomputed before it
+    assert cache.steps == 10
+    changed = toks[:8] + [(toks[8] + 1) % 50] + toks[9:12]
+    got = cache.draft(changed, h[:8])         # a rollback at 8 and new true rows
+    want = ChainCache(head).draft(changed, h[:8])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def split_data(book, pos, D=16, V=50, seed=0):
+    import numpy as np
+
+    from gate.model.heads import run_starts
+    from gate.train.data import SplitData
+
+    rng = np.random.default_rng(seed)
+    n = len(book)
+    book, pos = np.asarray(book), np.asarray(pos)
+    return SplitData("train", rng.integers(0, V, n), rng.integers(0, V, n), rng.integers(0, V, n), book, pos,
+                     rng.normal(size=(n, D)).astype(np.float16), run_starts(book, pos), None, None, None, None, [])
+
+
+def test_eval_windows_stay_inside_runs_and_rows():
+    import numpy as np
+
+    from gate.train.eagle import eval_windows, window_starts
+
+    d = split_data([0] * 10 + [1] * 7, list(range(10)) + list(range(7)))
+    w = eval_windows(d, 4)
+    spans = sorted((int(s), L) for L, st in w.items() for s in st)
+    assert spans == [(0, 4), (4, 4), (8, 1), (10, 4), (14, 2)]      # predictions for every row but run starts
+    rows = np.r_[0:6, 10:17]
+    assert sorted((int(s), L) for L, st in eval_windows(d, 8, rows).items() for s in st) == [(0, 5), (10, 6)]
+    assert window_starts(d, 4).tolist() == [0, 4, 10]
+    assert window_starts(d, 4, rows=rows).tolist() == [0, 10]
+
+
+# ------------------------------------------------------------------------------------------------ fit + decode
+from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from test_record import book_text, save_model, write_corpus  # noqa: E402
+
+TINY_REC = dict(context=64, stride=48, batch_size=2, shard_tokens=400, dtype="float32", progress=False)
+EAGLE_FIT = dict(drafter="eagle", eagle_vocab=64, eagle_window=16, eagle_batch=8, eagle_depth=3, eagle_epochs=4.0,
+                 eagle_lr=3e-3, dtype="float32", threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_eagle(tmp_path_factory, tiny_llama, tiny_tokenizer):
+    from corpus_tools import record as rec_mod
+    from gate.train.fit import fit
+
+    root = tmp_path_factory.mktemp("eagle")
+    model_dir = save_model(root / "tiny", tiny_llama, tiny_tokenizer)
+    corpus = write_corpus(root / "corpus", [("a", "train", book_text(0, 6)), ("b", "train", book_text(1, 6)),
+                                            ("c", "val", book_text(2, 5)), ("d", "test", book_text(3, 4))])
+    records = root / "records"
+    rec_mod.record([model_dir], corpus, records, layers=("last",), **TINY_REC)
+    logs = []
+    fit(records, root / "eagle", log=logs.append, **EAGLE_FIT)
+    return model_dir, records, root / "eagle", logs
+
+
+def test_training_lowers_the_loss_and_resumes(tiny_eagle, tmp_path):
+    from gate.train.fit import fit
+
+    model_dir, records, out, logs = tiny_eagle
+    meta = json.loads((out / "drafter.json").read_text())
+    first, last = meta["timings"]["head"]["first_losses"], meta["timings"]["head"]["last_losses"]
+    assert last["ce1"] < 0.75 * first["ce1"] and last["ce2"] < first["ce2"]
+    assert meta["max_skip"] == EAGLE_FIT["eagle_depth"] + 1 and meta["format"] == "skipgate-eagle/1"
+    assert meta["cost"]["head_flops_per_token"] < meta["cost"]["big_flops_per_token"] * 10
+    # a re-run with the same settings loads the finished head instead of training it again
+    again = []
+    fit(records, out, log=again.append, **EAGLE_FIT)
+    assert any("loaded finished stage" in m for m in again)
+
+
+def test_artifact_refuses_another_tokenizer_or_hidden_size(tiny_eagle, tmp_path):
+    from corpus_tools.models import TokenizerMismatch, load
+    from gate.model.drafter import ArtifactError, load_drafter
+
+    model_dir, _, out, _ = tiny_eagle
+    info = load(model_dir, dtype="float32").info
+    dr = load_drafter(out, info)
+    assert dr.reads_all_hidden and dr.hidden_layer == info.n_layers
+    other = save_model(tmp_path / "other", make_tiny_llama(300), make_tiny_tokenizer(280))
+    with pytest.raises(TokenizerMismatch):
+        load_drafter(out, load(other, dtype="float32").info)
+    with pytest.raises(ArtifactError, match="hidden_size"):
+        load_drafter(out, {**info.to_dict(), "hidden_size": info.hidden_size * 2})
+
+
+def lossless_against_greedy(model, drafter, prompts, n_new=24):
+    from gate.decode.backend import HFBackend
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly, Gate
+
+    for ids in prompts:
+        want = Decoder(HFBackend(model, "big"), BigOnly()).generate(ids, n_new).ids
+        for th in (0.0, drafter.threshold):
+            res = Decoder(HFBackend(model, "big"), Gate(drafter, threshold=th), verify=True).generate(ids, n_new)
+            assert res.ids == want, th
+            if th == 0.0:       # every draft step proposed something and every one was checked or dropped
+                L = res.ledger
+                assert L["drafted"] > 0
+                assert L["drafted"] == L["verified"] + L["rolled_back_tokens"] - L["rollbacks"]
+
+
+def test_tiny_eagle_decode_is_lossless(tiny_eagle, tiny_llama, tiny_tokenizer):
+    from gate.model.drafter import load_drafter
+
+    dr = load_drafter(tiny_eagle[2], None)
+    prompts = [tiny_tokenizer(book_text(3, 1)[:200])["input_ids"][:40], [5, 9, 5, 9, 5, 9, 5]]
+    lossless_against_greedy(tiny_llama, dr, prompts)
+
+
+def test_sampled_decode_with_the_feature_head_keeps_the_big_models_distribution(tiny_eagle, tiny_llama):
+    """Speculative sampling with the feature head's drafts: the first sampled token's distribution equals the
+    big model's softmax(logits / T) (chi-square-like bound on 600 seeds)."""
+    from gate.decode.backend import HFBackend
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import Gate
+    from gate.model.drafter import load_drafter
+
+    dr = load_drafter(tiny_eagle[2], None)
+    ids, T, n = [5, 9, 5, 9, 5, 9, 5], 1.0, 600
+    with torch.no_grad():
+        logits = tiny_llama(torch.tensor([ids + [9]])).logits[0, -1]
+    q = torch.softmax(logits / T, -1)
+    counts = torch.zeros_like(q)
+    for seed in range(n):
+        # the big model speaks first (position len(ids)), then the drafter proposes position len(ids) + 1
+        res = Decoder(HFBackend(tiny_llama, "big"), Gate(dr, threshold=0.0), verify=True, temperature=T,
+                      seed=seed).generate(ids + [9], 2)
+        counts[res.ids[0]] += 1
+    top = q.topk(5).indices
+    err = (counts[top] / n - q[top]).abs()
+    assert (err < 4 * torch.sqrt(q[top] * (1 - q[top]) / n) + 0.01).all(), (counts[top] / n, q[top])
+
+
+# ------------------------------------------------------------------------------------------------ real SmolLM2
+AUSTEN = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+          "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+          "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+          "considered the rightful property of some one or other of their daughters.")
+
+
+@pytest.fixture(scope="module")
+def smollm2_eagle(smollm2, tmp_path_factory):
+    """A feature head fitted on a few hundred real SmolLM2 positions (weak, but real: the decode checks below
+    hold for any head)."""
+    from corpus_tools import record as rec_mod
+    from gate.train.fit import fit
+
+    root = tmp_path_factory.mktemp("eagle_smollm2")
+    texts = [AUSTEN, AUSTEN[120:] + " " + AUSTEN[:120]]
+    corpus = write_corpus(root / "corpus", [("pp", "train", "\n\n".join(texts * 3)), ("va", "val", texts[1]),
+                                            ("te", "test", texts[0])])
+    rec_mod.record(["smollm2-135m"], corpus, root / "records", layers=("last",), context=128, stride=96,
+                   max_tokens_per_book=400, shard_tokens=1000, progress=False)
+    fit(root / "records", root / "eagle", log=lambda m: None,
+        **{**EAGLE_FIT, "eagle_vocab": 512, "eagle_epochs": 2.0})
+    return root / "eagle"
+
+
+def test_smollm2_eagle_decode_is_lossless(smollm2, smollm2_eagle):
+    from gate.model.drafter import load_drafter
+
+    dr = load_drafter(smollm2_eagle, smollm2.info)
+    ids = smollm2.tokenizer(AUSTEN[:150], add_special_tokens=False).input_ids
+    lossless_against_greedy(smollm2.model, dr, [ids], n_new=16)
+
+
+def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
+    """The same drafter on the llama.cpp backend (its last-layer hidden rows) with --verify == big there."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it)")
+    from corpus_tools.models import packaged_gguf
+    from gate.decode.backend_llamacpp import LlamaCppBackend
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly, Gate
+    from gate.model.drafter import load_drafter
+
+    dr = load_drafter(smollm2_eagle, smollm2.info)
+    big = LlamaCppBackend(str(packaged_gguf("smollm2-135m")[0]), name="smollm2-135m", n_ctx=256, n_threads=1)
+    try:
+        ids = smollm2.tokenizer(AUSTEN[:150], add_special_tokens=False).input_ids
+        want = Decoder(big, BigOnly()).generate(ids, 16).ids
+        res = Decoder(big, Gate(dr, threshold=0.0), verify=True).generate(ids, 16)
+        assert res.ids == want and res.ledger["drafted"] > 0 and res.ledger["draft_steps"] > 0
+    finally:
+        big.close()
