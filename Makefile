@@ -64,11 +64,31 @@ test: venv books model
 
 # The decode benchmarks: greedy on the test book (every method), greedy on the held-out genres, and the sampled
 # workload (temperature 0.7) on both (the genre corpora runs/genres/*/corpus are made by bench/yardstick.py).
+# The feature head (train.py fit --drafter eagle) at full size: the first EAGLE_TOKENS positions of every novel
+# teacher-forced (last layer only), the demo's self-generated records, and the big model's answers to the
+# everyday instructions of data/prompts/general.txt (text beyond one author's novels); about 35 min in all.
 BENCH_PROMPTS ?= 12
+EAGLE_TOKENS  ?= 30000
+EAGLE         := runs/eagle
+GENRES        := debian-policy-manual the-jargon-file
 bench: venv books genres model
 	$(PY) bench/record.py
 	$(PY) bench/llamacpp.py
 	$(PY) bench/yardstick.py --gate $(RUN)/gate --demo-run $(RUN)
+	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/corpus --out $(EAGLE)/records --layers last \
+	    --max-tokens-per-book $(EAGLE_TOKENS)
+	$(PY) train.py selfgen --model $(MODEL) --prompts data/prompts/general.txt --chat --out $(EAGLE)/prompts_selfgen \
+	    --new-tokens 256
+	$(PY) train.py record --model $(MODEL) --corpus $(EAGLE)/prompts_selfgen --out $(EAGLE)/prompts_records \
+	    --layers last
+	$(PY) train.py fit --drafter eagle --records $(EAGLE)/records $(RUN)/selfgen_records --out $(EAGLE)/gate \
+	    --threads 0 --eagle-epochs 4 --max-skip 8
+	$(PY) train.py fit --drafter eagle --records $(EAGLE)/records $(RUN)/selfgen_records $(EAGLE)/prompts_records \
+	    --out $(EAGLE)/gate_mixed --threads 0 --eagle-epochs 4 --max-skip 8
+	$(PY) bench/eagle.py --eagle $(EAGLE)/gate --heads $(RUN)/gate \
+	    --data "test book, greedy continuations=$(RUN)/selfgen_records" "test book, book text=$(EAGLE)/records" \
+	    $(foreach g,$(GENRES),"$(g), greedy continuations=runs/genres/$(g)/selfgen_records" \
+	    "$(g), book text=runs/genres/$(g)/records")
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts $(BENCH_PROMPTS) \
 	    --methods big,hf_greedy,hf_assisted,hf_pld,ratio,entropy,copy,copy_verify,spec_small,gate,gate_sweep,gate_verify,gate_dial
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus runs/genres/*/corpus --n-prompts $(BENCH_PROMPTS) \

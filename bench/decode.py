@@ -210,16 +210,17 @@ def policy_methods(args, rt, policies, wanted, notes) -> dict[str, Method]:
     return out
 
 
-def gate_variants(args, rt, notes) -> dict[str, Method]:
+def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
     """spec_small, and the trained gate at other thresholds / with verification (when --gate exists)."""
     from gate.decode.policies import Gate
 
     from gate.decode.policies import Copy
 
     samp = sampling(args)
-    out = {"spec_small": loop_method(rt, Gate.small_lm(rt.predictor(args.small), args.small_threshold,
-                                                       name="spec_small"), verify=True, **samp),
-           "copy_verify": loop_method(rt, Copy.from_args(args, rt), verify=True, **samp)}
+    out = {"copy_verify": loop_method(rt, Copy.from_args(args, rt), verify=True, **samp)}
+    if "spec_small" in wanted:
+        out["spec_small"] = loop_method(rt, Gate.small_lm(rt.predictor(args.small), args.small_threshold,
+                                                          name="spec_small"), verify=True, **samp)
     if not Path(args.gate).exists():
         notes.append(f"gate*: skipped, no trained drafter at {args.gate} (python train.py fit).")
         return out
@@ -278,7 +279,7 @@ def build(args, rt, notes, policies=None) -> dict[str, Method]:
         methods.update(hf_methods(args, rt, notes))
     methods.update(policy_methods(args, rt, policies, [w for w in wanted if w in policies], notes))
     if set(GATE_VARIANTS) & set(wanted):
-        methods.update(gate_variants(args, rt, notes))
+        methods.update(gate_variants(args, rt, notes, wanted))
     expand = {"gate_sweep": [k for k in methods if k.startswith("gate@")],
               "gate_verify": [k for k in methods if k.startswith("gate_verify@")],
               "eagle_verify": [k for k in methods if k.startswith("eagle_verify@")],
@@ -399,8 +400,10 @@ def machine_info(load_before) -> dict:
 
 def models_to_open(args, policies) -> list[str]:
     """The predictors of the wanted policies (those with complete options), --small and --assistant."""
-    names = [args.small] + ([args.assistant] if args.assistant else [])
-    for name in args.methods.split(","):
+    wanted = args.methods.split(",")
+    names = [args.small] if {"spec_small", "hf_assisted"} & set(wanted) else []
+    names += [args.assistant] if args.assistant and "hf_assisted" in wanted else []
+    for name in wanted:
         if name in policies:
             try:
                 big, smalls = policies[name].model_names(args)

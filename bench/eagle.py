@@ -42,7 +42,7 @@ def heads_pairs(inp, t, s) -> dict:
                       copy=context_copy_stats(inp.te.tokens, inp.te.run_start))
     o = apply_copy_trust(o, inp.te, dr.copy_trust, dr.predictor.tables)
     sel = o["sel"][dr.primary]
-    return {"head_token": o["cands"][:, 0], "score": sel["score"], "correct": sel["correct"],
+    return {"head_token": o["cands"][:, 0], "token": sel["token"], "score": sel["score"], "correct": sel["correct"],
             "any_right": o["correct"].any(1) | o["copy"]["correct"], "threshold": dr.threshold}
 
 
@@ -50,8 +50,8 @@ def eagle_pairs(dr, te, cfg) -> dict:
     from gate.train.fit_eagle import drafts_on, score_pairs
 
     o = drafts_on(dr.head, [te], None, cfg, dr.tables, "feature head")
-    sel = score_pairs(dr.gate, o)
-    return {"t": o["t"], "s": o["s"], "head_token": o["head_token"], "score": sel["score"],
+    sel = score_pairs(dr.gate, o, dr.copy_trust)
+    return {"t": o["t"], "s": o["s"], "head_token": o["head_token"], "token": sel["token"], "score": sel["score"],
             "correct": sel["correct"], "any_right": o["correct"].any(1), "copy_len": o["copy_len"],
             "copy_tok": o["copy_tok"], "threshold": dr.threshold}
 
@@ -104,17 +104,51 @@ def one_dataset(label: str, records: str, args, eagle_dr, cfg) -> dict:
     return res
 
 
+def step_costs(dr, reps: int = 60) -> dict:
+    """Measured milliseconds (medians, 1 torch thread) of one draft step of the feature head (one chain entry
+    and its logits), of a whole EagleDrafter.propose (step + gate + copy rule), and of one big-model decode
+    step (transformers, float32, KV cache), on a 64-token context."""
+    import torch
+
+    from corpus_tools.models import load
+    from gate.decode.backend import HFBackend
+
+    big = HFBackend(load(dr.meta["big_model"]["name"], dtype="float32").model, "big")
+    big.hidden_layer, big.hidden_all = dr.hidden_layer, True
+    ids = list(range(1000, 1064))
+    t = {"head_step": [], "propose": [], "big_step": []}
+    with torch.inference_mode():
+        _, hid = big.forward(ids[:-1])
+        for i in range(reps):
+            big.crop(len(ids) - 2)
+            t0 = time.perf_counter()
+            big.forward(ids[-2:-1])
+            t["big_step"].append(time.perf_counter() - t0)
+            dr.start()
+            dr.propose(ids, hid[:-1], 1)                  # true entries for the context
+            t0 = time.perf_counter()
+            dr.propose(ids + [ids[i % 60]], hid[:-1], 2)  # one chain entry + gate
+            t["propose"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            dr.cache.draft(ids + [ids[i % 60], ids[3]], hid[:-1])
+            t["head_step"].append(time.perf_counter() - t0)
+    return {k: round(1000 * float(np.median(v)), 3) for k, v in t.items()}
+
+
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def markdown(results: dict, cmd: str, meta: dict) -> str:
+def markdown(results: dict, cmd: str, meta: dict, ms: dict) -> str:
     lines = ["# The feature head (EAGLE-style) beside the heads drafter, the copy rule and the oracle", "",
              f"`{cmd}`", "",
              f"Feature head: {meta['cost']['head_params'] / 1e6:.2f}M trained parameters, "
              f"{meta['cost']['head_flops_per_token'] / 1e6:.1f} MFLOP per draft step "
              f"({meta['cost']['head_flops_per_token'] / meta['cost']['big_flops_per_token']:.1%} of the big "
-             f"model's {meta['cost']['big_flops_per_token'] / 1e6:.0f}); draft vocabulary {meta['draft_vocab']['size']} "
+             f"model's {meta['cost']['big_flops_per_token'] / 1e6:.0f}); measured (median, 1 thread, 64-token "
+             f"context): {ms['head_step']:.2f} ms per draft step, {ms['propose']:.2f} ms per proposal with the gate "
+             f"and the copy rule, against {ms['big_step']:.1f} ms per big-model decode step (transformers, "
+             f"float32); draft vocabulary {meta['draft_vocab']['size']} "
              f"tokens, covering {pct(meta['draft_vocab']['big_argmax_covered']['val'])} of the big model's greedy "
              f"tokens on validation; trained on {meta['training_data']['head_positions']:,} positions.", "",
              "Pairs (t, s): since_big s = 1 .. the head's depth, the same pairs for both drafters (test split of "
@@ -156,11 +190,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/eagle", help="output path without extension")
     args = ap.parse_args(argv)
     from gate.model.drafter import load_drafter
+    from gate.model.features import torch_threads
     from gate.train.config import FitConfig
 
     eagle_dr = load_drafter(args.eagle, None)
     cfg = FitConfig.from_options(**{k: v for k, v in eagle_dr.meta["config"].items()
                                     if k in FitConfig.__dataclass_fields__})
+    with torch_threads(1):
+        costs = step_costs(eagle_dr)
+    print(f"[eagle] ms per step: {costs}", file=sys.stderr, flush=True)
     results = {}
     for item in args.data:
         label, _, records = item.rpartition("=")
@@ -169,9 +207,9 @@ def main(argv=None) -> int:
             return 2
         results[label] = one_dataset(label, records, args, eagle_dr, cfg)
     cmd = "python bench/eagle.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    write_json(Path(args.out + ".json"), {"command": cmd, "results": results, "eagle_meta": {
+    write_json(Path(args.out + ".json"), {"command": cmd, "results": results, "step_ms": costs, "eagle_meta": {
         k: eagle_dr.meta.get(k) for k in ("cost", "draft_vocab", "training_data", "calibration", "config")}})
-    write_text(Path(args.out + ".md"), markdown(results, cmd, eagle_dr.meta))
+    write_text(Path(args.out + ".md"), markdown(results, cmd, eagle_dr.meta, costs))
     print(Path(args.out + ".md").read_text())
     return 0
 

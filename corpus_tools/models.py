@@ -242,6 +242,27 @@ def check_gguf(path: Path) -> None:
         raise ModelSourceError(f"{path}: not a GGUF file (it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r})")
 
 
+def joined_gguf(paths: list[Path], name: str) -> Path:
+    """One GGUF file for a model shipped as ordered parts: the parts concatenated once into the cache (written
+    to a temporary name and renamed, so a killed join is never mistaken for a finished one); a single file is
+    returned as it is. transformers and llama.cpp both read one file."""
+    if len(paths) == 1:
+        return paths[0]
+    dst = cache_dir() / "gguf" / f"{Path(name).stem}-{_source_key(paths)}.gguf"
+    if dst.is_file():
+        return dst
+    check_gguf(paths[0])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    from corpus_tools.files import atomic_path
+
+    print(f"[models] joining the {len(paths)} GGUF parts of {name} once (cached in {dst})", file=sys.stderr)
+    with atomic_path(dst) as tmp, open(tmp, "wb") as out:
+        for p in paths:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    return dst
+
+
 def convert_gguf(paths: list[Path], name: str) -> Path:
     """De-quantize a GGUF (one file or ordered parts) into a cached HF directory; return its path."""
     dst = cache_dir() / "models" / f"{Path(name).stem}-{_source_key(paths)}"
@@ -253,14 +274,7 @@ def convert_gguf(paths: list[Path], name: str) -> Path:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        if len(paths) == 1:
-            gguf = paths[0]
-        else:  # transformers reads one file: join the parts inside the temp dir, delete after
-            gguf = tmp / "joined.gguf"
-            with open(gguf, "wb") as out:
-                for p in paths:
-                    with open(p, "rb") as f:
-                        shutil.copyfileobj(f, out, 16 << 20)
+        gguf = joined_gguf(paths, name)
         t0 = time.time()
         print(f"[models] converting {name} from GGUF once (cached in {dst})", file=sys.stderr)
         try:

@@ -11,6 +11,12 @@ paragraphs spread over the book, `prompts_of_book`), each continued greedily by 
 folder (manifest.jsonl + text/), with the split of its source book, so it goes through `train.py record` and
 `fit` like any corpus; a record of it starts at the sample's first token, as decoding does.
 
+Or from a prompts file (`--prompts FILE`, one instruction a line, `#` comments): each line, wrapped in the
+model's chat template with `--chat` (the user's text kept literal), is answered greedily; the sample's text is
+the instruction, a blank line and the answer (plain text, so `train.py record` reads it as it reads books).
+About 15% of the lines (by a hash of the line) go to the validation split, the rest to train: a way to give a
+drafter text beyond one corpus's genre (data/prompts/general.txt: everyday subjects).
+
 Resumable: each sample's text is written atomically when its batch is done and skipped on a re-run; the
 manifest is written last. Before any generation --out is checked and locked (a second run into it refuses at
 once) and prompt + new tokens are checked against the model's context length (corpus_tools.models.check_context).
@@ -28,7 +34,7 @@ from tqdm import tqdm
 from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, read_book, write_manifest
 from corpus_tools.errors import one_line
 from corpus_tools.files import FolderLock, LockedError, OutputPathError, check_output_dir, write_text
-from corpus_tools.tokens import encode_text
+from corpus_tools.tokens import chat_ids, encode_text
 
 
 def prompts_of_book(text: str, tokenizer, n: int, n_tokens: int) -> list[list[int]]:
@@ -55,10 +61,14 @@ def split_prompts(corpus: str | Path, tokenizer, n: int, n_tokens: int, split: s
 
 @torch.inference_mode()
 def continue_greedy(model, prompts: list[list[int]], new_tokens: int, eos_ids) -> list[list[int]]:
-    """Greedy continuations of equal-length prompts in one batch (no padding needed), cut at the first EOS."""
-    x = torch.tensor(prompts)
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=eos_ids[0] if eos_ids else None)[:, x.shape[1]:]
+    """Greedy continuations of prompts in one batch (shorter ones left-padded and masked), cut at the first
+    EOS."""
+    n = max(map(len, prompts))
+    pad = eos_ids[0] if eos_ids else 0
+    x = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=pad if eos_ids else None)[:, n:]
     conts = []
     for row in out.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
@@ -66,28 +76,66 @@ def continue_greedy(model, prompts: list[list[int]], new_tokens: int, eos_ids) -
     return conts
 
 
-def selfgen(model_name: str, corpus: str | Path, out: str | Path, splits=SPLITS, per_book: int = 50,
+def read_prompts(path: str | Path) -> list[str]:
+    """The instructions of a prompts file: non-empty lines not starting with '#'."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read the prompts file ({one_line(e)})") from None
+    prompts = [x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#")]
+    if not prompts:
+        raise CorpusError(f"{path}: no prompts (one instruction a line; '#' starts a comment)")
+    return prompts
+
+
+def prompt_jobs(prompts: list[str], tok, chat: bool, model_name: str, fingerprint: str, new_tokens: int):
+    """(manifest entry, prompt ids, text before the answer) for each prompt of a prompts file."""
+    jobs = []
+    for k, line in enumerate(prompts):
+        digest = hashlib.sha256(line.encode()).hexdigest()
+        split = "val" if int(digest[:8], 16) % 100 < 15 else "train"
+        ids = chat_ids(tok, line) if chat else encode_text(tok, line + "\n\n")
+        entry = dict(book_id=f"prompt-{k:04d}-{digest[:8]}", title=line[:60], source="prompts", split=split,
+                     model=model_name, fingerprint=fingerprint, prompt_tokens=len(ids), new_tokens=new_tokens,
+                     chat=chat)
+        jobs.append((entry, ids, line + "\n\n"))
+    return jobs
+
+
+def selfgen(model_name: str, corpus: str | Path | None, out: str | Path, splits=SPLITS, per_book: int = 50,
             prompt_tokens: int = 48, new_tokens: int = 128, batch: int = 16, dtype: str = "float32",
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, prompts: str | Path | None = None, chat: bool = False) -> list[dict]:
     """Write the samples (see the module docstring) into the corpus folder `out`; returns its manifest entries."""
     for name, n in (("--per-book", per_book), ("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens),
                     ("--batch", batch)):
         if n < 1:
             raise ValueError(f"{name} {n}: must be at least 1")
-    corpus, out = Path(corpus), Path(check_output_dir(out, "--out"))
-    books_of_split(corpus, splits[0])  # a missing or broken corpus fails here, before the model loads
+    if (corpus is None) == (prompts is None):
+        raise ValueError("give --corpus (continue book openings) or --prompts (answer instructions), not both")
+    lines = read_prompts(prompts) if prompts is not None else None
+    out = Path(check_output_dir(out, "--out"))
+    if corpus is not None:
+        corpus = Path(corpus)
+        books_of_split(corpus, splits[0])  # a missing or broken corpus fails here, before the model loads
     with FolderLock(out, "train.py selfgen"):
-        return _selfgen(model_name, corpus, out, splits, per_book, prompt_tokens, new_tokens, batch, dtype, progress)
+        from corpus_tools.models import check_context, load
+
+        lm = load(model_name, dtype)
+        if lines is not None:
+            jobs = prompt_jobs(lines, lm.tokenizer, chat, model_name, lm.info.fingerprint, new_tokens)
+            longest = max(len(ids) for _, ids, _ in jobs)
+            check_context(longest + new_tokens, lm.info, f"the longest prompt ({longest} tokens) + --new-tokens "
+                                                         f"{new_tokens}")
+        else:
+            check_context(prompt_tokens + new_tokens, lm.info,
+                          f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens}")
+            jobs = book_jobs(lm, model_name, corpus, splits, per_book, prompt_tokens, new_tokens)
+        return _selfgen(lm, jobs, out, new_tokens, batch, progress)
 
 
-def _selfgen(model_name, corpus, out, splits, per_book, prompt_tokens, new_tokens, batch, dtype, progress):
-    from corpus_tools.models import check_context, load
-
-    lm = load(model_name, dtype)
-    check_context(prompt_tokens + new_tokens, lm.info, f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens}")
-    eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
-    (out / "text").mkdir(parents=True, exist_ok=True)
-    jobs = []   # (entry, prompt ids) for every sample
+def book_jobs(lm, model_name, corpus, splits, per_book, prompt_tokens, new_tokens):
+    """(manifest entry, prompt ids, text before the continuation) for the openings of every book."""
+    jobs = []
     for split in splits:
         for book in books_of_split(corpus, split):
             for k, ids in enumerate(prompts_of_book(read_book(corpus, book["book_id"]), lm.tokenizer, per_book,
@@ -95,18 +143,25 @@ def _selfgen(model_name, corpus, out, splits, per_book, prompt_tokens, new_token
                 entry = dict(book_id=f"{book['book_id']}-g{k:03d}", title=f"{book['title']} (greedy {k})",
                              source=f"{corpus}/{book['book_id']}", split=split, model=model_name,
                              fingerprint=lm.info.fingerprint, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-                jobs.append((entry, ids))
+                jobs.append((entry, ids, None))
+    return jobs
+
+
+def _selfgen(lm, jobs, out, new_tokens, batch, progress):
+    eos = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
+    (out / "text").mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not (out / "text" / f"{j[0]['book_id']}.txt").is_file()]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="selfgen", unit="sample", disable=not progress)
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
-        conts = continue_greedy(lm.model, [ids for _, ids in chunk], new_tokens, eos)
-        for (entry, ids), cont in zip(chunk, conts):
-            write_text(out / "text" / f"{entry['book_id']}.txt", lm.tokenizer.decode(ids + cont))
+        conts = continue_greedy(lm.model, [ids for _, ids, _ in chunk], new_tokens, eos)
+        for (entry, ids, head), cont in zip(chunk, conts):
+            text = lm.tokenizer.decode(ids + cont) if head is None else head + lm.tokenizer.decode(cont)
+            write_text(out / "text" / f"{entry['book_id']}.txt", text)
         bar.update(len(chunk))
     bar.close()
     entries = []
-    for entry, _ in jobs:
+    for entry, _, _ in jobs:
         text = (out / "text" / f"{entry['book_id']}.txt").read_text(encoding="utf-8")
         entries.append(dict(entry, sha256=hashlib.sha256(text.encode()).hexdigest(), chars=len(text),
                             words=len(text.split()), paragraphs=text.count("\n\n") + 1))
@@ -118,7 +173,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="train.py selfgen", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="the big model whose greedy text to collect")
-    ap.add_argument("--corpus", required=True, help="source corpus folder (train.py corpus)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="source corpus folder (train.py corpus): continue openings of its books")
+    src.add_argument("--prompts", help="a prompts file (one instruction a line, '#' comments): answer each")
+    ap.add_argument("--chat", action="store_true", help="with --prompts: wrap each in the model's chat template")
     ap.add_argument("--out", required=True, help="corpus folder to write (record it with train.py record)")
     ap.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
     ap.add_argument("--per-book", type=int, default=50, help="prompts per source book")
@@ -131,7 +189,7 @@ def main(argv=None) -> int:
     from corpus_tools.models import ModelSourceError
     try:
         entries = selfgen(args.model, args.corpus, args.out, args.splits, args.per_book, args.prompt_tokens,
-                          args.new_tokens, args.batch, args.dtype, not args.no_progress)
+                          args.new_tokens, args.batch, args.dtype, not args.no_progress, args.prompts, args.chat)
     except (CorpusError, OutputPathError, LockedError, ModelSourceError, ValueError) as e:  # and ContextLengthError
         print(f"train.py selfgen: error: {one_line(e)}", file=sys.stderr)
         return 2

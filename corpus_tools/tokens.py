@@ -60,6 +60,33 @@ def encode_text(tokenizer, text: str, *, add_special_tokens: bool = True) -> lis
     return list(ids)
 
 
+SLOT = "\ue000skipgate-user-text\ue000"   # private-use characters: no chat template writes them itself
+
+
+def chat_ids(tok, text: str, parse_special: bool = False) -> list[int]:
+    """The chat template applied to one user turn. The template's own frame is parsed (its control tokens are
+    the point), the user's text is encoded as literal text (encode_text), so a "<|im_start|>" typed in a prompt
+    stays text and cannot open a turn: the template is rendered around a placeholder and split there.
+    A ValueError when the tokenizer has no template or the template rewrites the user's text."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template")
+    if parse_special:
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False))
+    rendered = tok.apply_chat_template([{"role": "user", "content": SLOT}], add_generation_prompt=True,
+                                       tokenize=False)
+    if rendered.count(SLOT) != 1:
+        raise ValueError("this chat template rewrites the user's text, so it cannot keep it literal; "
+                         "--parse-special applies it as it is")
+    before, after = rendered.split(SLOT)
+    return _frame_ids(tok, before) + encode_text(tok, text, add_special_tokens=False) + _frame_ids(tok, after)
+
+
+def _frame_ids(tok, template_text: str) -> list[int]:
+    """Ids of text a chat template wrote (its control tokens parsed), as apply_chat_template tokenizes it."""
+    return list(tok(template_text, add_special_tokens=False).input_ids) if template_text else []
+
+
 def token_class_from_tokenizer(tokenizer, ids, prev_ids=None) -> np.ndarray:
     """Class names (CLASSES) of `ids`; with `prev_ids` (the token before each one) a marker-less word that
     follows a non-letter (newline, quote, dash, start of text) is a word start, not a continuation."""

@@ -243,3 +243,14 @@ def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
         assert res.ids == want and res.ledger["drafted"] > 0 and res.ledger["draft_steps"] > 0
     finally:
         big.close()
+
+
+def test_cli_errors_name_the_problem(tiny_eagle, tmp_path, capsys):
+    from gate.train.evaluate import main as evaluate_main
+    from gate.train.fit import main as fit_main
+
+    _, records, out, _ = tiny_eagle
+    assert evaluate_main(["--records", str(records), "--gate", str(out), "--out", str(tmp_path / "e")]) == 2
+    assert "bench/eagle.py" in capsys.readouterr().err
+    assert fit_main(["--records", str(records), str(records), "--out", str(tmp_path / "g")]) == 2
+    assert "--drafter eagle reads several" in capsys.readouterr().err

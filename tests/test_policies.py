@@ -204,6 +204,9 @@ def test_gate_skips_while_score_high_and_within_max_skip(tiny):
     assert "skip" in res.sources                                      # --threshold overrides the drafter's
     res = run(big, Gate(FnDrafter(lambda i, h, s: (7, 1.0), max_skip=8), max_skip=2), ids, 9)
     assert res.sources == ["big", "skip"] * 4 + ["big"]
+    # --chain-cut: 0.9, 0.81 >= 0.75 skip; 0.729 stops the run (EAGLE-2's dynamic draft length)
+    res = run(big, Gate(FnDrafter(lambda i, h, s: (7, 0.9), max_skip=8), chain_cut=0.75), ids, 9)
+    assert res.sources == ["big", "skip", "skip"] * 3
 
 
 def test_small_lm_drafter_proposes_argmax_with_max_prob(tiny):

@@ -101,3 +101,26 @@ def test_settings_and_folder_are_checked_before_generating(tiny_dir, tmp_path):
             sg.selfgen(str(tiny_dir), corpus, tmp_path / "out", per_book=1, progress=False)
     with pytest.raises(ValueError, match="--per-book 0: must be at least 1"):
         sg.selfgen(str(tiny_dir), corpus, tmp_path / "out", per_book=0, progress=False)
+
+
+def test_prompts_file_answers_each_instruction_with_the_models_greedy_text(tiny_dir, tmp_path):
+    """--prompts: prompts of different lengths in one batch (left-padded) get the same greedy answers as one by
+    one; the sample text is the instruction, a blank line and the answer; splits come from a hash of the line."""
+    from corpus_tools.models import load
+
+    lines = ["Explain how volcanoes form.", "Write a poem about the sea and the long summer evenings.", "Why?"]
+    (tmp_path / "p.txt").write_text("# a comment\n\n" + "\n".join(lines) + "\n")
+    entries = sg.selfgen(str(tiny_dir), None, tmp_path / "out", prompts=tmp_path / "p.txt", new_tokens=6, batch=3,
+                         progress=False)
+    assert len(entries) == 3 and {e["split"] for e in entries} <= {"train", "val"}
+    lm = load(str(tiny_dir))
+    for line, e in zip(lines, entries):
+        ids = sg.encode_text(lm.tokenizer, line + "\n\n")
+        want = greedy_one_by_one(lm.model, ids, 6)[len(ids):]
+        text = (tmp_path / "out" / "text" / f"{e['book_id']}.txt").read_text()
+        assert text == line + "\n\n" + lm.tokenizer.decode(want)
+    with pytest.raises(ValueError, match="not both"):
+        sg.selfgen(str(tiny_dir), tmp_path, tmp_path / "o2", prompts=tmp_path / "p.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(sg.CorpusError, match="no prompts"):
+        sg.selfgen(str(tiny_dir), None, tmp_path / "o3", prompts=tmp_path / "empty.txt")

@@ -95,14 +95,10 @@ def _log_errors_only(level: int, text: bytes, user_data) -> None:
 
 def gguf_path(model: str | os.PathLike) -> Path:
     """A .gguf path, or a packaged alias (corpus_tools.models.ALIASES) resolved to its one GGUF file."""
-    from corpus_tools.models import ALIASES, ModelSourceError, check_gguf, packaged_gguf
+    from corpus_tools.models import ALIASES, ModelSourceError, check_gguf, joined_gguf, packaged_gguf
 
     if str(model) in ALIASES:
-        paths = packaged_gguf(str(model))
-        if len(paths) != 1:
-            raise ModelSourceError(
-                f"{model!r} ships as {len(paths)} GGUF parts; llama.cpp needs one file: concatenate them")
-        path = paths[0]
+        path = joined_gguf(packaged_gguf(str(model)), str(model))   # parts are joined once into the cache
     else:
         path = Path(model)
         if not path.is_file():

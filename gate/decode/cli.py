@@ -261,32 +261,14 @@ def nonempty(text: str, what: str) -> str:
     return text
 
 
-SLOT = "\ue000skipgate-user-text\ue000"   # private-use characters: no chat template writes them itself
-
-
 def chat_ids(tok, text: str, parse_special: bool) -> list[int]:
-    """The chat template applied to one user turn. The template's own frame is parsed (its control tokens are
-    the point), the user's text is encoded as literal text (encode_text), so a "<|im_start|>" typed in a prompt
-    stays text and cannot open a turn: the template is rendered around a placeholder and split there."""
-    from corpus_tools.tokens import encode_text
+    """corpus_tools.tokens.chat_ids, its ValueError as a usage error."""
+    from corpus_tools.tokens import chat_ids as template_ids
 
-    if not getattr(tok, "chat_template", None):
-        raise UsageError("--chat: this tokenizer has no chat template")
-    if parse_special:
-        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False))
-    rendered = tok.apply_chat_template([{"role": "user", "content": SLOT}], add_generation_prompt=True,
-                                       tokenize=False)
-    if rendered.count(SLOT) != 1:
-        raise UsageError("--chat: this chat template rewrites the user's text, so it cannot keep it literal; "
-                         "--parse-special applies it as it is")
-    before, after = rendered.split(SLOT)
-    return frame_ids(tok, before) + encode_text(tok, text, add_special_tokens=False) + frame_ids(tok, after)
-
-
-def frame_ids(tok, template_text: str) -> list[int]:
-    """Ids of text a chat template wrote (its control tokens parsed), as apply_chat_template tokenizes it."""
-    return list(tok(template_text, add_special_tokens=False).input_ids) if template_text else []
+    try:
+        return template_ids(tok, text, parse_special)
+    except ValueError as e:
+        raise UsageError(f"--chat: {e}") from None
 
 
 def encode(rt: Runtime, text: str, chat: bool, parse_special: bool = False) -> list[int]:

@@ -185,8 +185,12 @@ class Policy:
 
     @classmethod
     def model_names(cls, args) -> tuple[str, list[str]]:
-        """(big model, predictor models) to load for this policy."""
-        small = vars(args).get("small")
+        """(big model, predictor models) to load for this policy: --small, if the policy reads it and no
+        --gate replaces it."""
+        reads = {a.dest for a in cls.args}
+        small = vars(args).get("small") if "small" in reads else None
+        if "gate" in reads and vars(args).get("gate"):
+            small = None
         return args.model, [small] if small else []
 
     @classmethod

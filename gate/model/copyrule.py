@@ -111,6 +111,18 @@ def trust_table(match_len: np.ndarray, correct: np.ndarray, max_n: int = MAX_N, 
     return np.maximum.accumulate(np.nan_to_num(table))
 
 
+def trusted_table(match_len: np.ndarray, correct: np.ndarray, max_n: int, delta: float,
+                  target: float) -> np.ndarray:
+    """trust_table, with every length whose lower bound clears `target` trusted outright (1.0).
+
+    The learned gate's scores are not precisions, so a bound of 0.996 next to an over-confident gate score of
+    0.999 would lose the rule's safest skips; ranked first, the gate covers at least what the rule covers at
+    that precision. (The price: every trusted length scores alike, so no threshold can tell a 12-token match
+    from a 40-token one.)"""
+    table = trust_table(match_len, correct, max_n, delta)
+    return np.where(table >= target, 1.0, table).astype(np.float32)
+
+
 def trust_copy(token: np.ndarray, score: np.ndarray, copy_token: np.ndarray, copy_len: np.ndarray,
                table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The learned gate's pick, or the copy candidate where the copy rule is trusted more: (token, score, used).
@@ -130,4 +142,5 @@ def is_copy_position(match_len: np.ndarray) -> np.ndarray:
     return np.asarray(match_len) >= COPY_SPAN
 
 
-__all__ = ["CopyIndex", "copy_rule", "is_copy_position", "trust_table", "trust_copy", "COPY_SPAN", "MAX_N"]
+__all__ = ["CopyIndex", "copy_rule", "is_copy_position", "trust_table", "trusted_table", "trust_copy", "COPY_SPAN",
+           "MAX_N"]

@@ -236,8 +236,7 @@ def read_meta(path: str | Path) -> dict:
     keys = {FORMAT: ("predictor", "gates", "primary_gate"), EAGLE_FORMAT: ("head", "gate")}
     if meta.get("format") not in keys:
         raise ArtifactError(f"{mf}: format {meta.get('format')!r}, this code reads {' or '.join(map(repr, keys))}")
-    missing = [k for k in ("big_model", "max_skip", "hidden_layer", "files") + keys[meta["format"]]
-               if k not in meta]
+    missing = [k for k in ("big_model", *keys[meta["format"]], "max_skip", "hidden_layer", "files") if k not in meta]
     if missing or not isinstance(meta["big_model"], dict) or not isinstance(meta.get("gates", {}), dict):
         raise ArtifactError(f"{mf}: damaged drafter description ("
                             f"{'missing ' + ', '.join(missing) if missing else 'big_model or gates not an object'})")

@@ -30,12 +30,20 @@ for the level masks above, which are simpler to state directly with scaled_dot_p
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from corpus_tools.files import atomic_path, write_json
+from corpus_tools.inventory import CLASSES, token_class_from_tables
+from corpus_tools.records import sha256_file
+from gate.model.copyrule import COPY_SPAN, CopyIndex, trust_copy
+from gate.model.drafter import META_FILE, library_versions
+from gate.model.features import GATES
 
 
 def rotary(pos: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,21 +239,17 @@ class ChainCache:
 # gate scores both from these features (one function, used by the fit and by EagleDrafter.propose) and the
 # drafter proposes the better-scoring one.
 def gate_feature_names(max_depth: int) -> list[str]:
-    from corpus_tools.inventory import CLASSES
-
     return (["log_p_cand", "p_cand", "is_head1", "p1", "margin", "entropy", "copy_agree", "log_copy_len",
              "copy_len_ge4"] + [f"depth_{d}" for d in range(1, max_depth + 1)] + [f"cand_{c}" for c in CLASSES])
 
 
 def gate_features(p_cand, is_head1, p1, p2, entropy, copy_agree, copy_len, depth, cls, max_depth: int) -> np.ndarray:
     """[N, F] gate features of N candidates (arrays [N]); see gate_feature_names."""
-    from corpus_tools.inventory import CLASSES
-
     p_cand = np.asarray(p_cand, np.float32)
     f = lambda a: np.broadcast_to(np.asarray(a, np.float32), p_cand.shape)
     copy_len = f(copy_len)
     cols = [np.log(p_cand + 1e-6), p_cand, f(is_head1), f(p1), f(p1) - f(p2), f(entropy), f(copy_agree),
-            np.log1p(copy_len), (copy_len >= 4).astype(np.float32)]
+            np.log1p(copy_len), (copy_len >= COPY_SPAN).astype(np.float32)]
     depth = np.clip(np.asarray(depth), 1, max_depth)
     onehot_d = np.eye(max_depth, dtype=np.float32)[depth - 1]
     onehot_c = np.eye(len(CLASSES), dtype=np.float32)[np.asarray(cls, np.int64)]
@@ -255,8 +259,6 @@ def gate_features(p_cand, is_head1, p1, p2, entropy, copy_agree, copy_len, depth
 def candidate_features(head_tok, p1, p2, entropy, p_copy, copy_tok, copy_len, depth, last_tok, tables,
                        max_depth: int) -> dict:
     """Both candidates of N proposals: tokens [N, 2] (-1: none), valid [N, 2], X [N, 2, F]."""
-    from corpus_tools.inventory import token_class_from_tables
-
     head_tok, copy_tok = np.asarray(head_tok, np.int64), np.asarray(copy_tok, np.int64)
     agree = (copy_tok == head_tok) & (copy_tok >= 0)
     cands = np.stack([head_tok, np.where((copy_tok >= 0) & ~agree, copy_tok, -1)], 1)
@@ -270,19 +272,21 @@ def candidate_features(head_tok, p1, p2, entropy, p_copy, copy_tok, copy_len, de
 
 class EagleDrafter:
     """The Drafter contract (gate/decode/drafters.py) around the feature head, its KV cache, the copy rule and
-    a gate over both candidates. It reads every hidden row the big model computed (reads_all_hidden), so the
-    decode loop keeps them and the cache turns them into true entries."""
+    a gate over both candidates; like the heads drafter, it takes the copy rule's token wherever the rule's
+    lower-bounded precision at that match length beats the gate's score (gate.model.copyrule.trust_copy). It
+    reads every hidden row the big model computed (reads_all_hidden), so the decode loop keeps them and the
+    cache turns them into true entries."""
     reads_all_hidden = True
 
     def __init__(self, head: FeatureHead, gate, threshold: float, max_skip: int, hidden_layer: int,
-                 tables: dict, copy_max_n: int = 12, meta: dict | None = None):
-        from gate.model.copyrule import CopyIndex
-
+                 tables: dict, copy_trust: np.ndarray, depth: int, meta: dict | None = None):
         self.head, self.gate = head.eval(), gate
+        self.copy_trust = np.asarray(copy_trust, dtype=np.float32)   # gate.model.copyrule.trusted_table
         self.threshold, self.max_skip, self.hidden_layer = float(threshold), int(max_skip), int(hidden_layer)
+        self.depth = int(depth)     # chain steps the head and its gate were trained for; beyond: copies only
         self.tables, self.meta = tables, meta or {}
         self.cache = ChainCache(self.head)
-        self.copies = CopyIndex(copy_max_n)
+        self.copies = CopyIndex(len(self.copy_trust) - 1)
         self.index = torch.full((head.vocab_size,), -1, dtype=torch.long)
         self.index[head.draft_ids] = torch.arange(head.n_draft)
 
@@ -299,34 +303,30 @@ class EagleDrafter:
         if since_big < 1 or hiddens is None or len(hiddens) != len(ids) - since_big:
             raise ValueError("the feature head needs every hidden row the big model computed (len(ids) - since_big)")
         p = torch.softmax(self.cache.draft(ids, hiddens), -1)
-        top = p.topk(2)
+        (p1, p2), (i1, _) = p.topk(2)
+        entropy = float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(len(p))
         self.copies.sync(ids)
         copy_tok, copy_len = self.copies.query()
         i = int(self.index[copy_tok]) if copy_tok >= 0 else -1
         p_copy = float(p[i]) if i >= 0 else 0.0
-        depth = min(since_big, self.max_skip - 1)
-        f = candidate_features([int(self.head.draft_ids[top.indices[0]])], [float(top.values[0])],
-                               [float(top.values[1])], [float(-(p * p.clamp_min(1e-12).log()).sum() /
-                                                              math.log(len(p)))], [p_copy], [copy_tok], [copy_len],
-                               [depth], [ids[-1]], self.tables, self.max_skip - 1)
+        f = candidate_features([int(self.head.draft_ids[i1])], [float(p1)], [float(p2)], [entropy], [p_copy],
+                               [copy_tok], [copy_len], [min(since_big, self.depth)], [ids[-1]], self.tables,
+                               self.depth)
         scores = self.gate.score(f["X"][0]).numpy()
         scores[~f["valid"][0]] = -1.0
+        if since_big > self.depth:      # untrained chain depth: only the copy rule's trust can skip here
+            scores[:] = np.minimum(scores, 0.0)
         k = int(scores.argmax())
-        score = float(scores[k]) if since_big < self.max_skip else 0.0
-        return int(f["cands"][0, k]), score
-
+        tok, score, _ = trust_copy(f["cands"][0, k:k + 1], scores[k:k + 1], np.array([copy_tok]),
+                                   np.array([copy_len]), self.copy_trust)
+        return int(tok[0]), float(score[0]) if since_big < self.max_skip else 0.0
 
     # -- persistence (the same folder layout and checks as gate/model/drafter.py) ------------------------------
-    def save(self, path) -> "Path":
-        from pathlib import Path
-
-        from corpus_tools.files import atomic_path, write_json
-        from corpus_tools.records import sha256_file
-        from gate.model.drafter import META_FILE, library_versions
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
         t = {f"head.{k}": v.detach().contiguous() for k, v in self.head.state_dict().items()}
         t["head.embed"] = t["head.embed"].half()        # frozen copy of the big model's input embedding
         t.update({f"gate.{k}": v.contiguous() for k, v in self.gate.state().items()})
@@ -337,7 +337,8 @@ class EagleDrafter:
         meta = dict(self.meta)
         meta.update(format=EAGLE_FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
                     threshold=self.threshold, head=self.head.config(), gate={"kind": self.gate.kind},
-                    features=gate_feature_names(self.max_skip - 1), copy_max_n=self.copies.max_n,
+                    features=gate_feature_names(self.depth), depth=self.depth,
+                    copy_trust=[float(x) for x in self.copy_trust],
                     files={EAGLE_TENSORS: sha}, versions=library_versions())
         write_json(path / META_FILE, meta)
         self.meta = meta
@@ -345,8 +346,6 @@ class EagleDrafter:
 
     @classmethod
     def from_tensors(cls, t: dict, meta: dict) -> "EagleDrafter":
-        from gate.model.features import GATES
-
         head = FeatureHead(**meta["head"])
         st = {k[5:]: v.float() if k == "head.embed" else v for k, v in t.items() if k.startswith("head.")}
         head.load_state_dict(st)
@@ -354,7 +353,7 @@ class EagleDrafter:
                                                      meta["gate"].get("config", {}))
         tables = {k[7:]: v.numpy() for k, v in t.items() if k.startswith("tables.")}
         return cls(head, gate, meta["threshold"], meta["max_skip"], meta["hidden_layer"], tables,
-                   meta.get("copy_max_n", 12), meta)
+                   meta["copy_trust"], meta["depth"], meta)
 
 
 EAGLE_FORMAT = "skipgate-eagle/1"

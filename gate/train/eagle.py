@@ -17,7 +17,6 @@ stages folder; a re-run with the same settings and data continues from it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,13 +28,6 @@ from gate.train.data import SplitData
 from gate.train.distill import _lr_at
 
 LEVEL_DECAY = 0.8
-
-
-@dataclass
-class Windows:
-    """Start rows of the training windows of several splits, concatenated (data index, start row)."""
-    parts: list[SplitData]
-    index: np.ndarray          # [N, 2] (part, start row)
 
 
 def window_starts(data: SplitData, L: int, offset: int = 0, rows: np.ndarray | None = None) -> np.ndarray:

@@ -56,7 +56,7 @@ import torch
 
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
 from corpus_tools.models import TokenizerMismatch
-from gate.model.copyrule import trust_table
+from gate.model.copyrule import trusted_table
 from gate.model.drafter import ArtifactError, Drafter, Predictor
 from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, torch_threads
 from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, context_copy_stats, pair_index
@@ -454,13 +454,9 @@ def copy_trust(tr: SplitData, gate_pairs: Pairs, cfg: FitConfig, log) -> np.ndar
         return None
     t = np.unique(gate_pairs.t)
     cand, length = tr.copy_rule(cfg.copy_max_n)
-    table = trust_table(length[t], cand[t] == tr.argmax[t], cfg.copy_max_n, cfg.delta)
-    log(f"[fit] copy rule trust by match length (lower bounds on {len(t):,} gate-fold positions): " +
-        " ".join(f"{n}:{p:.3f}" for n, p in enumerate(table) if n))
-    # A length whose lower bound clears the target is trusted outright (score 1.0): the learned gate's scores
-    # are not precisions, so a bound of 0.996 next to an over-confident gate score of 0.999 would lose the
-    # rule's safest skips; ranked first, the gate covers at least what the rule covers at that precision.
-    table = np.where(table >= cfg.target_precision, 1.0, table).astype(np.float32)
+    table = trusted_table(length[t], cand[t] == tr.argmax[t], cfg.copy_max_n, cfg.delta, cfg.target_precision)
+    log(f"[fit] copy rule trust by match length (lower bounds on {len(t):,} gate-fold positions; 1 = trusted "
+        "outright): " + " ".join(f"{n}:{p:.3f}" for n, p in enumerate(table) if n))
     return table
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from corpus_tools.models import TokenizerMismatch
-from gate.model.copyrule import COPY_SPAN, MAX_N
+from gate.model.copyrule import COPY_SPAN, MAX_N, trust_copy, trusted_table
 from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab
 from gate.model.features import LogisticGate, pick_candidate
 from gate.model.heads import HiddenNorm
@@ -132,11 +132,21 @@ def fit_gate(o: dict, cfg: FitConfig) -> LogisticGate:
     return LogisticGate().fit(X, y.astype(np.int64), seed=cfg.seed)
 
 
-def score_pairs(gate, o: dict) -> dict:
+def copy_table(o: dict, cfg: FitConfig) -> np.ndarray:
+    """The copy rule's trust per match length on the gate pairs (each position once: s = 1)."""
+    one = o["s"] == 1
+    return trusted_table(o["copy_len"][one], (o["copy_tok"] == o["argmax"])[one], MAX_N, cfg.delta,
+                         cfg.target_precision)
+
+
+def score_pairs(gate, o: dict, table: np.ndarray | None) -> dict:
+    """The drafter's pick on every pair: the gate's best candidate, or the copy rule's where it is trusted more
+    (gate.model.copyrule.trust_copy, as EagleDrafter.propose does)."""
     sc = gate.score(o["X"].reshape(-1, o["X"].shape[-1])).reshape(o["X"].shape[:2])
     slot, tok, best = pick_candidate(sc, {"valid": o["valid"], "cands": o["cands"]})
-    idx = np.arange(len(slot))
-    return {"token": tok, "score": best, "correct": o["correct"][idx, slot], "slot": slot}
+    if table is not None:
+        tok, best, _ = trust_copy(tok, best, o["copy_tok"], o["copy_len"], table)
+    return {"token": tok, "score": best, "correct": tok == o["argmax"]}
 
 
 def summarize(o: dict, sel: dict, target: float) -> dict:
@@ -180,8 +190,9 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
     head, hmeta = stage_head(cache, big, train, head_rows, data_id, cfg, log)
     gate_pairs = drafts_on(head, train, gate_rows, cfg, big.tables, "gate pairs")
     gate = fit_gate(gate_pairs, cfg)
+    table = copy_table(gate_pairs, cfg)
     val_pairs = drafts_on(head, val, None, cfg, big.tables, "calibration pairs")
-    sel = score_pairs(gate, val_pairs)
+    sel = score_pairs(gate, val_pairs, table)
     cal = ltt_calibrate(sel["score"], sel["correct"], cfg.target_precision, cfg.delta)
     metrics = summarize(val_pairs, sel, cfg.target_precision)
     cover = {k: float(np.isin(d.argmax, head.draft_ids.numpy()).mean()) for k, d in (("train", train[0]),
@@ -203,7 +214,9 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
                      "big_flops_per_token": 2 * big.info["n_params"]},
             "timings": {"head": hmeta, "fit_total_s": round(time.time() - t_start, 1)},
             "target_precision": cfg.target_precision, "delta": cfg.delta}
-    EagleDrafter(head, gate, cal["threshold"], cfg.eagle_depth + 1, sources[0].layer, big.tables, MAX_N,
+    # the head drafts at most eagle_depth steps per big pass; up to max_skip - 1 when the copy rule is trusted
+    max_skip = max(cfg.max_skip, cfg.eagle_depth + 1)
+    EagleDrafter(head, gate, cal["threshold"], max_skip, sources[0].layer, big.tables, table, cfg.eagle_depth,
                  meta).save(out)
     log(f"[fit] saved {out} ({time.time() - t_start:.0f}s)")
     return out

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Does a drafter fitted on transformers records keep its precision on llama.cpp's hidden states?
+
+    python bench/llamacpp_features.py [--records runs/demo/selfgen_records] [--heads runs/demo/gate]
+                                      [--eagle runs/eagle/gate] [--runs 40] [--out bench/results/llamacpp_features]
+
+The drafters are fitted on records made by transformers (float32, the GGUF's weights de-quantized); llama.cpp
+runs the same GGUF with its quantized kernels, so its last-layer states differ a little. This re-computes the
+big model's last-layer hidden state of every position of the first --runs runs of the records' test split on
+the llama.cpp backend, swaps them in for the recorded ones, and scores both drafters on the same (t, s) pairs
+with each set of states: how close the states are (cosine, relative L2), how often the drafter's pick is the
+same, and its precision and coverage at its calibrated threshold (the Learn-then-Test promise) with each.
+Writes OUT.json and OUT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from corpus_tools.files import write_json, write_text  # noqa: E402
+
+
+def llamacpp_hidden(te, rows: np.ndarray, model: str, threads: int) -> np.ndarray:
+    """The llama.cpp backend's last-layer state at every row of `rows` (whole runs), run by run."""
+    from corpus_tools.models import packaged_gguf
+    from gate.decode.backend_llamacpp import LlamaCppBackend
+
+    big = LlamaCppBackend(str(packaged_gguf(model)[0]), name=model, n_ctx=4096, n_threads=threads)
+    big.hidden_layer, big.hidden_all = big.n_layers, True
+    out = np.zeros((len(rows), te.hidden.shape[1]), dtype=np.float32)
+    try:
+        starts = np.flatnonzero(te.run_start[rows] == rows)
+        for a, b in zip(starts, np.r_[starts[1:], len(rows)]):
+            big.reset()
+            _, h = big.forward(te.tokens[rows[a:b]].tolist())
+            out[a:b] = h.numpy()
+    finally:
+        big.close()
+    return out
+
+
+def pick_stats(pick_hf: dict, pick_lc: dict, threshold: float) -> dict:
+    def at(p):
+        m = p["score"] >= threshold
+        return {"coverage": float(m.mean()), "precision": float(p["correct"][m].mean()) if m.any() else None,
+                "accuracy": float(p["correct"].mean())}
+    return {"same_token": float((pick_hf["token"] == pick_lc["token"]).mean()),
+            "score_mean_abs_diff": float(np.abs(pick_hf["score"] - pick_lc["score"]).mean()),
+            "transformers": at(pick_hf), "llama.cpp": at(pick_lc), "threshold": float(threshold)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", default="runs/demo/selfgen_records")
+    ap.add_argument("--heads", default="runs/demo/gate")
+    ap.add_argument("--eagle", default="runs/eagle/gate")
+    ap.add_argument("--runs", type=int, default=40, help="test-split runs to re-compute on llama.cpp")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/llamacpp_features")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from eagle import eagle_pairs, heads_pairs   # bench/eagle.py
+    from gate.model.drafter import load_drafter
+    from gate.train.config import FitConfig
+    from gate.train.evaluate import open_inputs
+
+    inp = open_inputs(args.records, args.heads, "test")
+    full = inp.te
+    starts = np.flatnonzero(full.run_start == np.arange(len(full)))[:args.runs]
+    end = starts[-1] + np.argmax(np.r_[full.run_start[starts[-1]:] != starts[-1], True])
+    rows = np.arange(int(end))
+    te_hf = dataclasses.replace(full, tokens=full.tokens[rows], argmax=full.argmax[rows], target=full.target[rows],
+                                book=full.book[rows], pos=full.pos[rows], hidden=np.asarray(full.hidden[rows]),
+                                run_start=full.run_start[rows], rows=rows)
+    h_lc = llamacpp_hidden(te_hf, rows, inp.name, args.threads)
+    te_lc = dataclasses.replace(te_hf, hidden=h_lc.astype(np.float16))
+    a, b = np.asarray(te_hf.hidden, np.float32), h_lc
+    states = {"positions": int(len(rows)),
+              "cosine_mean": float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean()),
+              "relative_l2_mean": float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)).mean())}
+    eagle_dr = load_drafter(args.eagle, None)
+    cfg = FitConfig.from_options(**{k: v for k, v in eagle_dr.meta["config"].items()
+                                    if k in FitConfig.__dataclass_fields__})
+    e_hf, e_lc = eagle_pairs(eagle_dr, te_hf, cfg), eagle_pairs(eagle_dr, te_lc, cfg)
+    t, s = e_hf["t"], e_hf["s"]
+    h_hf = heads_pairs(dataclasses.replace(inp, te=te_hf), t, s)
+    h_lc2 = heads_pairs(dataclasses.replace(inp, te=te_lc), t, s)
+    res = {"states": states, "pairs": int(len(t)),
+           "eagle": pick_stats(e_hf, e_lc, eagle_dr.threshold), "heads": pick_stats(h_hf, h_lc2, inp.dr.threshold)}
+    cmd = "python bench/llamacpp_features.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    write_json(Path(args.out + ".json"), {"command": cmd, **res})
+    write_text(Path(args.out + ".md"), markdown(res, cmd, args))
+    print(Path(args.out + ".md").read_text())
+    return 0
+
+
+def markdown(res: dict, cmd: str, args) -> str:
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+    st = res["states"]
+    lines = ["# Drafters fitted on transformers records, fed llama.cpp's hidden states", "", f"`{cmd}`", "",
+             f"{st['positions']:,} positions of `{args.records}` (test split), {res['pairs']:,} (position, "
+             f"since_big) pairs. Last-layer states, llama.cpp vs transformers: mean cosine {st['cosine_mean']:.4f}, "
+             f"mean relative L2 difference {st['relative_l2_mean']:.3f}.", "",
+             "| drafter | same pick | mean score difference | calibrated threshold | transformers states: coverage / "
+             "precision / accuracy | llama.cpp states: coverage / precision / accuracy |", "|---|---|---|---|---|---|"]
+    for name in ("heads", "eagle"):
+        r = res[name]
+        cell = lambda d: f"{pct(d['coverage'])} / {pct(d['precision'])} / {pct(d['accuracy'])}"
+        lines.append(f"| {name} | {pct(r['same_token'])} | {r['score_mean_abs_diff']:.4f} | {r['threshold']:.4g} | "
+                     f"{cell(r['transformers'])} | {cell(r['llama.cpp'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
