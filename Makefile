@@ -14,7 +14,8 @@ help:
 	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit -> evaluate -> side-by-side decode"
 	@echo "make test   - set up, then run the test suite (pytest)"
 	@echo "make bench  - after make demo: the benchmarks in bench/ (recording, the yardstick on the test book and"
-	@echo "              held-out genres, decoding greedy and sampled), written to bench/results/"
+	@echo "              held-out genres, the feature head (train.py fit --drafter eagle) beside the heads drafter,"
+	@echo "              decoding greedy and sampled), written to bench/results/"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -71,6 +72,9 @@ BENCH_PROMPTS ?= 12
 EAGLE_TOKENS  ?= 30000
 EAGLE         := runs/eagle
 GENRES        := debian-policy-manual the-jargon-file
+EAGLE_DATA    := "test book, greedy continuations=$(RUN)/selfgen_records" "test book, book text=$(EAGLE)/records" \
+    $(foreach g,$(GENRES),"$(g), greedy continuations=runs/genres/$(g)/selfgen_records" \
+    "$(g), book text=runs/genres/$(g)/records")
 bench: venv books genres model
 	$(PY) bench/record.py
 	$(PY) bench/llamacpp.py
@@ -85,10 +89,20 @@ bench: venv books genres model
 	    --threads 0 --eagle-epochs 4 --max-skip 8
 	$(PY) train.py fit --drafter eagle --records $(EAGLE)/records $(RUN)/selfgen_records $(EAGLE)/prompts_records \
 	    --out $(EAGLE)/gate_mixed --threads 0 --eagle-epochs 4 --max-skip 8
-	$(PY) bench/eagle.py --eagle $(EAGLE)/gate --heads $(RUN)/gate \
-	    --data "test book, greedy continuations=$(RUN)/selfgen_records" "test book, book text=$(EAGLE)/records" \
-	    $(foreach g,$(GENRES),"$(g), greedy continuations=runs/genres/$(g)/selfgen_records" \
-	    "$(g), book text=runs/genres/$(g)/records")
+	$(PY) bench/eagle.py --eagle $(EAGLE)/gate --heads $(RUN)/gate --data $(EAGLE_DATA) --out bench/results/eagle
+	$(PY) bench/eagle.py --eagle $(EAGLE)/gate_mixed --heads $(RUN)/gate --data $(EAGLE_DATA) \
+	    --out bench/results/eagle_mixed
+	$(PY) bench/llamacpp_features.py --threads 1
+	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus runs/genres/*/corpus --n-prompts 8 \
+	    --new-tokens 64 --threads 1 --methods big,hf_pld,copy_verify,gate_verify,eagle,eagle_verify,eagle_chain \
+	    --verify-sweep 0.5,0.3 --chain-cuts 0.4,0.2 --out bench/results/decode_genres_eagle
+	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate_mixed --corpus runs/genres/*/corpus \
+	    --n-prompts 8 --new-tokens 64 --threads 1 --methods big,copy_verify,gate_verify,eagle_verify \
+	    --verify-sweep 0.5,0.3 --out bench/results/decode_genres_eagle_mixed
+	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
+	    --n-prompts 9 --new-tokens 64 --threads 1 --temperature 0.7 \
+	    --methods big,hf_pld,copy_verify,gate_verify,eagle_verify,eagle_chain --verify-sweep 0.5,0.3 \
+	    --chain-cuts 0.4,0.2 --out bench/results/decode_sampled_eagle
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts $(BENCH_PROMPTS) \
 	    --methods big,hf_greedy,hf_assisted,hf_pld,ratio,entropy,copy,copy_verify,spec_small,gate,gate_sweep,gate_verify,gate_dial
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus runs/genres/*/corpus --n-prompts $(BENCH_PROMPTS) \

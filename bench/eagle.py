@@ -118,19 +118,19 @@ def step_costs(dr, reps: int = 60) -> dict:
     ids = list(range(1000, 1064))
     t = {"head_step": [], "propose": [], "big_step": []}
     with torch.inference_mode():
-        _, hid = big.forward(ids[:-1])
+        _, hid = big.forward(ids[:-1])                    # the big model has computed positions 0 .. 62
         for i in range(reps):
             big.crop(len(ids) - 2)
             t0 = time.perf_counter()
-            big.forward(ids[-2:-1])
+            big.forward(ids[-2:-1])                       # one decode step
             t["big_step"].append(time.perf_counter() - t0)
             dr.start()
-            dr.propose(ids, hid[:-1], 1)                  # true entries for the context
+            dr.propose(ids, hid, 1)                       # true entries for the context
             t0 = time.perf_counter()
-            dr.propose(ids + [ids[i % 60]], hid[:-1], 2)  # one chain entry + gate
+            dr.propose(ids + [ids[i % 60]], hid, 2)       # one chain entry + gate + copy rule
             t["propose"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            dr.cache.draft(ids + [ids[i % 60], ids[3]], hid[:-1])
+            dr.cache.draft(ids + [ids[i % 60], ids[3]], hid)   # one chain entry alone
             t["head_step"].append(time.perf_counter() - t0)
     return {k: round(1000 * float(np.median(v)), 3) for k, v in t.items()}
 

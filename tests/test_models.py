@@ -112,3 +112,20 @@ def test_context_length_is_known_and_checked(smollm2):
         models.check_context(8619, info, "prompt (8,555 tokens) + -m 64")
     models.check_context(10**6, {"name": "x"}, "prompt")  # a model that does not say: not checked
     assert isinstance(models.ContextLengthError("x"), ValueError)
+
+
+def test_gguf_parts_are_joined_once_into_the_cache(tmp_path, monkeypatch):
+    """A model shipped as GGUF parts (the Qwen packages) is one file for llama.cpp and transformers: the parts
+    concatenated in order, once (a second call reuses the cached file)."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    src = models.packaged_gguf("smollm2-135m")[0].read_bytes()[:3_000_000]
+    parts = []
+    for i, k in enumerate(range(0, len(src), 1_000_000)):
+        parts.append(tmp_path / f"part{i}")
+        parts[-1].write_bytes(src[k:k + 1_000_000])
+    joined = models.joined_gguf(parts, "demo-model")
+    assert joined.read_bytes() == src and joined.parent == tmp_path / "cache" / "gguf"
+    mtime = joined.stat().st_mtime_ns
+    assert models.joined_gguf(parts, "demo-model") == joined and joined.stat().st_mtime_ns == mtime
+    assert models.joined_gguf(parts[:1], "demo-model") == parts[0]      # one file is used as it is
+    assert not list((tmp_path / "cache" / "gguf").glob("*.tmp*"))
