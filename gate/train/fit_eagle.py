@@ -84,7 +84,7 @@ def stage_head(cache: StageCache, big, train: list[SplitData], head_rows: list[n
     ids = draft_vocab(np.concatenate([d.argmax[r] for d, r in zip(train, head_rows)]), cfg.eagle_vocab)
     torch.manual_seed(cfg.seed)
     head = FeatureHead(big.V, big.D, len(ids))
-    head.embed.copy_(big.embed.float())
+    head.embed.copy_(big.embed.half().float())      # the artifact stores it in fp16: train on those values
     head.out_rows.copy_(big.out_emb[ids].float())
     head.draft_ids.copy_(ids)
     head.h_mean.copy_(torch.from_numpy(mean))
@@ -172,6 +172,20 @@ def summarize(o: dict, sel: dict, target: float) -> dict:
     return out
 
 
+def eagle_meta(sources, big, cfg: FitConfig, head: FeatureHead, counts: dict, cal: dict, metrics: dict,
+               cover: dict, timings: dict) -> dict:
+    """drafter.json's description of the training: big model, data, settings, calibration, metrics, cost."""
+    return {"big_model": {"name": sources[0].name, "fingerprint": sources[0].rec.fingerprint, "vocab_size": big.V,
+                          "hidden_size": big.D, "n_layers": sources[0].entry["n_layers"],
+                          "n_params": big.info["n_params"], "path": big.info["path"]},
+            "training_data": {"records": [str(s.path.resolve()) for s in sources], **counts},
+            "config": cfg.as_dict(), "calibration": {"gate": cal}, "metrics": {"validation": metrics},
+            "draft_vocab": {"size": int(head.n_draft), "big_argmax_covered": cover},
+            "cost": {"head_params": head.trainable_params(), "head_flops_per_token": head.flops_per_token(),
+                     "big_flops_per_token": 2 * big.info["n_params"]},
+            "timings": timings, "target_precision": cfg.target_precision, "delta": cfg.delta}
+
+
 def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path:
     """Train, calibrate and save the feature-head drafter (see the module docstring)."""
     t_start = time.time()
@@ -202,18 +216,10 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
         f"{agree.get('non_copy') or float('nan'):.1%}); calibrated threshold "
         f"{cal['threshold']:.4g}, coverage {cal['coverage']:.1%}; draft vocabulary covers "
         f"{cover['val']:.1%} of the big model's greedy tokens")
-    meta = {"big_model": {"name": sources[0].name, "fingerprint": sources[0].rec.fingerprint, "vocab_size": big.V,
-                          "hidden_size": big.D, "n_layers": sources[0].entry["n_layers"],
-                          "n_params": big.info["n_params"], "path": big.info["path"]},
-            "training_data": {"records": [str(s.path.resolve()) for s in sources],
-                              "head_positions": int(sum(map(len, head_rows))),
-                              "gate_pairs": int(len(gate_pairs["t"])), "calibration_pairs": int(len(val_pairs["t"]))},
-            "config": cfg.as_dict(), "calibration": {"gate": cal}, "metrics": {"validation": metrics},
-            "draft_vocab": {"size": int(head.n_draft), "big_argmax_covered": cover},
-            "cost": {"head_params": head.trainable_params(), "head_flops_per_token": head.flops_per_token(),
-                     "big_flops_per_token": 2 * big.info["n_params"]},
-            "timings": {"head": hmeta, "fit_total_s": round(time.time() - t_start, 1)},
-            "target_precision": cfg.target_precision, "delta": cfg.delta}
+    counts = {"head_positions": int(sum(map(len, head_rows))), "gate_pairs": int(len(gate_pairs["t"])),
+              "calibration_pairs": int(len(val_pairs["t"]))}
+    meta = eagle_meta(sources, big, cfg, head, counts, cal, metrics, cover,
+                      {"head": hmeta, "fit_total_s": round(time.time() - t_start, 1)})
     # the head drafts at most eagle_depth steps per big pass; up to max_skip - 1 when the copy rule is trusted
     max_skip = max(cfg.max_skip, cfg.eagle_depth + 1)
     EagleDrafter(head, gate, cal["threshold"], max_skip, sources[0].layer, big.tables, table, cfg.eagle_depth,
