@@ -99,6 +99,9 @@ bench: venv books genres model
 	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate_mixed --corpus runs/genres/*/corpus \
 	    --n-prompts 8 --new-tokens 64 --threads 1 --methods big,copy_verify,gate_verify,eagle_verify \
 	    --verify-sweep 0.5,0.3 --out bench/results/decode_genres_eagle_mixed
+	$(PY) bench/decode.py --backend llama.cpp --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus runs/genres/*/corpus \
+	    --n-prompts 8 --new-tokens 64 --threads 1 --methods big,copy,copy_verify,gate_verify,eagle_verify \
+	    --verify-sweep 0.5 --out bench/results/decode_genres_llamacpp
 	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
 	    --n-prompts 9 --new-tokens 64 --threads 1 --temperature 0.7 \
 	    --methods big,hf_pld,copy_verify,gate_verify,eagle_verify,eagle_chain --verify-sweep 0.5,0.3 \
