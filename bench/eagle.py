@@ -189,23 +189,38 @@ def main(argv=None) -> int:
                     help="records folders to evaluate on (their test split), each labelled")
     ap.add_argument("--out", default="bench/results/eagle", help="output path without extension")
     args = ap.parse_args(argv)
+    data = [item.rpartition("=")[::2] for item in args.data]
+    bad = [item for item, (label, records) in zip(args.data, data) if not label or not Path(records).is_dir()]
+    if bad:
+        print(f"error: --data {bad[0]!r}: write LABEL=RECORDS, RECORDS a records folder", file=sys.stderr)
+        return 2
+    try:
+        return run(args, data, argv)
+    except Exception as e:   # a bad artifact or records folder is one line; anything else is a bug
+        from corpus_tools.errors import one_line, project_errors
+
+        if not isinstance(e, project_errors()):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def run(args, data: list[tuple[str, str]], argv) -> int:
     from gate.model.drafter import load_drafter
     from gate.model.features import torch_threads
     from gate.train.config import FitConfig
 
     eagle_dr = load_drafter(args.eagle, None)
+    if not getattr(eagle_dr, "reads_all_hidden", False):
+        print(f"error: --eagle {args.eagle}: not a feature-head drafter (train.py fit --drafter eagle)",
+              file=sys.stderr)
+        return 2
     cfg = FitConfig.from_options(**{k: v for k, v in eagle_dr.meta["config"].items()
                                     if k in FitConfig.__dataclass_fields__})
     with torch_threads(1):
         costs = step_costs(eagle_dr)
     print(f"[eagle] ms per step: {costs}", file=sys.stderr, flush=True)
-    results = {}
-    for item in args.data:
-        label, _, records = item.rpartition("=")
-        if not label:
-            print(f"error: --data {item!r}: write LABEL=RECORDS", file=sys.stderr)
-            return 2
-        results[label] = one_dataset(label, records, args, eagle_dr, cfg)
+    results = {label: one_dataset(label, records, args, eagle_dr, cfg) for label, records in data}
     cmd = "python bench/eagle.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     write_json(Path(args.out + ".json"), {"command": cmd, "results": results, "step_ms": costs, "eagle_meta": {
         k: eagle_dr.meta.get(k) for k in ("cost", "draft_vocab", "training_data", "calibration", "config")}})
