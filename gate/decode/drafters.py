@@ -24,6 +24,8 @@ class Drafter(Protocol):
     hidden_layer: int | None    # the big model's layer it reads (HF numbering); None: it reads none
     # reads_all_hidden (optional, default False): propose gets every position's hidden state [big_cached, d]
     # instead of the last one's (the feature head, gate/model/eagle.py)
+    # last_logits (optional): next-token logits [V] behind the last proposal; with temperature > 0 the gate
+    # policy then drafts a sample of them and speculative sampling keeps the big model's distribution
     threshold: float            # skip while score >= threshold (a calibrated value may be 2.0: never)
     max_skip: int               # skip only while since_big < max_skip
 

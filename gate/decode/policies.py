@@ -375,6 +375,9 @@ class Gate(Policy):
         self.chain = (1.0 if s == 1 else self.chain) * float(score)
         if score < self.threshold or (self.chain_cut is not None and self.chain < self.chain_cut):
             return []
+        logits = getattr(self.drafter, "last_logits", None)
+        if state.temperature > 0 and logits is not None:   # sampled: draft from the drafter's own distribution
+            return [Draft(state.sample(logits), self.source, float(score), draft_probs(logits, state.temperature))]
         return [Draft(int(tok), self.source, float(score))]
 
     @classmethod

@@ -275,7 +275,9 @@ class EagleDrafter:
     a gate over both candidates; like the heads drafter, it takes the copy rule's token wherever the rule's
     lower-bounded precision at that match length beats the gate's score (gate.model.copyrule.trust_copy). It
     reads every hidden row the big model computed (reads_all_hidden), so the decode loop keeps them and the
-    cache turns them into true entries."""
+    cache turns them into true entries. When it proposes its head's token it leaves the head's distribution in
+    `last_logits` (over the whole vocabulary, -inf outside the draft vocabulary): sampled decoding then drafts a
+    sample of it, and speculative sampling accepts with min(1, q/p) (EAGLE's sampling)."""
     reads_all_hidden = True
 
     def __init__(self, head: FeatureHead, gate, threshold: float, max_skip: int, hidden_layer: int,
@@ -293,6 +295,7 @@ class EagleDrafter:
     def start(self) -> None:
         self.cache.reset()
         self.copies.reset()
+        self.last_logits: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -302,7 +305,8 @@ class EagleDrafter:
     def propose(self, ids: Sequence[int], hiddens: torch.Tensor, since_big: int) -> tuple[int, float]:
         if since_big < 1 or hiddens is None or len(hiddens) != len(ids) - since_big:
             raise ValueError("the feature head needs every hidden row the big model computed (len(ids) - since_big)")
-        p = torch.softmax(self.cache.draft(ids, hiddens), -1)
+        logits = self.cache.draft(ids, hiddens)
+        p = torch.softmax(logits, -1)
         (p1, p2), (i1, _) = p.topk(2)
         entropy = float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(len(p))
         self.copies.sync(ids)
@@ -317,8 +321,12 @@ class EagleDrafter:
         if since_big > self.depth:      # untrained chain depth: only the copy rule's trust can skip here
             scores[:] = np.minimum(scores, 0.0)
         k = int(scores.argmax())
-        tok, score, _ = trust_copy(f["cands"][0, k:k + 1], scores[k:k + 1], np.array([copy_tok]),
-                                   np.array([copy_len]), self.copy_trust)
+        tok, score, used = trust_copy(f["cands"][0, k:k + 1], scores[k:k + 1], np.array([copy_tok]),
+                                      np.array([copy_len]), self.copy_trust)
+        self.last_logits = None                       # the head's own distribution, when its token is proposed
+        if k == 0 and not used[0]:
+            self.last_logits = torch.full((self.head.vocab_size,), -math.inf)
+            self.last_logits[self.head.draft_ids] = logits
         return int(tok[0]), float(score[0]) if since_big < self.max_skip else 0.0
 
     # -- persistence (the same folder layout and checks as gate/model/drafter.py) ------------------------------
