@@ -106,6 +106,10 @@ bench: venv books genres model
 	    --n-prompts 9 --new-tokens 64 --threads 1 --temperature 0.7 \
 	    --methods big,hf_pld,copy_verify,gate_verify,eagle_verify,eagle_chain --verify-sweep 0.5,0.3 \
 	    --chain-cuts 0.4,0.2 --out bench/results/decode_sampled_eagle
+	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
+	    --n-prompts 9 --new-tokens 64 --threads 1 --temperature 0.7 \
+	    --methods big,copy_verify,gate_verify,eagle_verify,eagle_chain --verify-sweep 0.5,0.3 --chain-cuts 0.2 \
+	    --out bench/results/decode_sampled_eagle_drafts
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts $(BENCH_PROMPTS) \
 	    --methods big,hf_greedy,hf_assisted,hf_pld,ratio,entropy,copy,copy_verify,spec_small,gate,gate_sweep,gate_verify,gate_dial
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus runs/genres/*/corpus --n-prompts $(BENCH_PROMPTS) \
