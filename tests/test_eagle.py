@@ -91,24 +91,18 @@ def test_eval_windows_stay_inside_runs_and_rows():
 
 # ------------------------------------------------------------------------------------------------ fit + decode
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-from test_record import book_text, save_model, write_corpus  # noqa: E402
+from test_record import book_text, save_model, split_records, write_corpus  # noqa: E402
 
-TINY_REC = dict(context=64, stride=48, batch_size=2, shard_tokens=400, dtype="float32", progress=False)
 EAGLE_FIT = dict(drafter="eagle", eagle_vocab=64, eagle_window=16, eagle_batch=8, eagle_depth=3, eagle_epochs=4.0,
                  eagle_lr=3e-3, dtype="float32", threads=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_eagle(tmp_path_factory, tiny_llama, tiny_tokenizer):
-    from corpus_tools import record as rec_mod
     from gate.train.fit import fit
 
     root = tmp_path_factory.mktemp("eagle")
-    model_dir = save_model(root / "tiny", tiny_llama, tiny_tokenizer)
-    corpus = write_corpus(root / "corpus", [("a", "train", book_text(0, 6)), ("b", "train", book_text(1, 6)),
-                                            ("c", "val", book_text(2, 5)), ("d", "test", book_text(3, 4))])
-    records = root / "records"
-    rec_mod.record([model_dir], corpus, records, layers=("last",), **TINY_REC)
+    model_dir, _, records = split_records(root, tiny_llama, tiny_tokenizer, ("last",))
     logs = []
     fit(records, root / "eagle", log=logs.append, **EAGLE_FIT)
     return model_dir, records, root / "eagle", logs

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
-from test_record import book_text, save_model, write_corpus
+from test_record import SPLIT_REC, book_text, save_model, split_records, write_corpus
 from corpus_tools import record as rec_mod
 from corpus_tools.models import TokenizerMismatch, load
 from corpus_tools.records import open_records
@@ -22,7 +22,7 @@ from gate.train.fit import FitError, fit, main as fit_main
 from gate.decode.policies import BigOnly, Gate
 from gate.train.evaluate import main as evaluate_main
 
-TINY_REC = dict(context=64, stride=48, batch_size=2, shard_tokens=400, dtype="float32", progress=False)
+TINY_REC = SPLIT_REC
 SMALL_FIT = dict(restricted=48, width=32, d_tok=8, d_hid=16, epochs=3.0, future_epochs=3.0, n_pca=4,
                  max_gate_pairs=20000, batch=64, dtype="float32")
 
@@ -40,13 +40,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_llama, tiny_tokenizer):
     """(model dir, corpus dir, records dir) for the tiny random LLaMA."""
-    root = tmp_path_factory.mktemp("fit")
-    model_dir = save_model(root / "tiny", tiny_llama, tiny_tokenizer)
-    corpus = write_corpus(root / "corpus", [("a", "train", book_text(0, 6)), ("b", "train", book_text(1, 6)),
-                                            ("c", "val", book_text(2, 5)), ("d", "test", book_text(3, 4))])
-    records = root / "records"
-    rec_mod.record([model_dir], corpus, records, layers=("middle", "last"), **TINY_REC)
-    return model_dir, corpus, records
+    return split_records(tmp_path_factory.mktemp("fit"), tiny_llama, tiny_tokenizer, ("middle", "last"))
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,18 @@ def corpus(tmp_path_factory):
         ("book-c", "val", book_text(2, 1)), ("tiny-d", "test", "Yes.")])
 
 
+SPLIT_REC = dict(context=64, stride=48, batch_size=2, shard_tokens=400, dtype="float32", progress=False)
+
+
+def split_records(root: Path, model, tokenizer, layers: tuple[str, ...]) -> tuple[str, Path, Path]:
+    """(model dir, corpus, records) of a tiny model over four small books in train / train / val / test."""
+    model_dir = save_model(root / "tiny", model, tokenizer)
+    corpus = write_corpus(root / "corpus", [("a", "train", book_text(0, 6)), ("b", "train", book_text(1, 6)),
+                                            ("c", "val", book_text(2, 5)), ("d", "test", book_text(3, 4))])
+    rec_mod.record([model_dir], corpus, root / "records", layers=layers, **SPLIT_REC)
+    return model_dir, corpus, root / "records"
+
+
 def save_model(path: Path, model, tokenizer) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -289,8 +289,7 @@ class EagleDrafter:
         self.tables, self.meta = tables, meta or {}
         self.cache = ChainCache(self.head)
         self.copies = CopyIndex(len(self.copy_trust) - 1)
-        self.index = torch.full((head.vocab_size,), -1, dtype=torch.long)
-        self.index[head.draft_ids] = torch.arange(head.n_draft)
+        self.index = draft_index(head)
 
     def start(self) -> None:
         self.cache.reset()
@@ -368,6 +367,13 @@ EAGLE_FORMAT = "skipgate-eagle/1"
 EAGLE_TENSORS = "eagle.safetensors"
 
 
+def draft_index(head: FeatureHead) -> torch.Tensor:
+    """Token id -> index in the head's draft vocabulary, -1 outside it."""
+    index = torch.full((head.vocab_size,), -1, dtype=torch.long)
+    index[head.draft_ids] = torch.arange(head.n_draft)
+    return index
+
+
 def draft_vocab(argmax, n: int, must: Sequence[int] = ()) -> torch.Tensor:
     """The n most frequent greedy tokens (ties by id), plus `must`; sorted ids."""
     counts = np.bincount(np.asarray(argmax, dtype=np.int64))
@@ -376,5 +382,5 @@ def draft_vocab(argmax, n: int, must: Sequence[int] = ()) -> torch.Tensor:
     return torch.tensor(sorted(set(top) | set(int(m) for m in must)), dtype=torch.long)
 
 
-__all__ = ["FeatureHead", "ChainCache", "EagleDrafter", "level_mask", "draft_vocab", "candidate_features",
+__all__ = ["FeatureHead", "ChainCache", "EagleDrafter", "level_mask", "draft_index", "draft_vocab", "candidate_features",
            "gate_feature_names", "rotary", "apply_rotary"]

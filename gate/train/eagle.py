@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gate.model.eagle import FeatureHead
+from gate.model.eagle import FeatureHead, draft_index
 from gate.train.data import SplitData
 from gate.train.distill import _lr_at
 
@@ -175,13 +175,6 @@ def run_levels(head: FeatureHead, data: SplitData, depth: int, window: int = 256
             if other is not None:
                 out["p_other"].append(probs_of(p, index, other[out["t"][-1]]))
     return {k: np.concatenate(v) for k, v in out.items() if v}
-
-
-def draft_index(head: FeatureHead) -> torch.Tensor:
-    """Token id -> index in the draft vocabulary, -1 outside it."""
-    index = torch.full((head.vocab_size,), -1, dtype=torch.long)
-    index[head.draft_ids] = torch.arange(head.n_draft)
-    return index
 
 
 def probs_of(p: torch.Tensor, index: torch.Tensor, tokens: np.ndarray) -> np.ndarray:
