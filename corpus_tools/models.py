@@ -346,6 +346,63 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu")
     return LoadedModel(model, tok, describe(model, tok, name, str(src), dtype))
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of a model by any supported name, without its weights: a GGUF's (packaged alias or .gguf
+    file) is read from the file's metadata once and cached (gguf_tokenizer), not converted with the weights."""
+    from transformers import AutoTokenizer
+
+    p = Path(name).expanduser()
+    if name in ALIASES or p.suffix == ".gguf":
+        if name not in ALIASES and not p.is_file():
+            raise ModelSourceError(f"GGUF file {p} does not exist")
+        return gguf_tokenizer(joined_gguf(packaged_gguf(name), name) if name in ALIASES else p)
+    src = resolve(name)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise ModelSourceError(f"cannot load the tokenizer of {name!r} from {src}: {e}") from e
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer stored in a GGUF file. transformers parses it from the metadata (21 s for Qwen's 152k
+    vocabulary here), so the result is saved once into the cache (written to a temporary folder and renamed)."""
+    from transformers import AutoTokenizer
+
+    dst = cache_dir() / "tokenizers" / f"{gguf.stem}-{_source_key([gguf])}"
+    if not (dst / "tokenizer_config.json").is_file():
+        check_gguf(gguf)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, OSError, EOFError) as e:
+            raise ModelSourceError(f"{gguf}: cannot read its tokenizer ({type(e).__name__}: {e})") from e
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        try:
+            tok.save_pretrained(tmp)
+            try:
+                os.rename(tmp, dst)
+            except OSError:
+                if not (dst / "tokenizer_config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(dst)
+
+
+def input_embedding(name: str) -> torch.Tensor:
+    """The input embedding matrix [V, d] of a model, read alone from its safetensors files (a 1.5B model's
+    weights need not be loaded for one tensor); falls back to loading the model."""
+    from safetensors import safe_open
+
+    src = Path(resolve(name))
+    for f in sorted(src.glob("*.safetensors")) if src.is_dir() else []:
+        with safe_open(str(f), "pt") as st:
+            key = next((k for k in st.keys() if k.endswith("embed_tokens.weight")), None)
+            if key is not None:
+                return st.get_tensor(key).float()
+    return load(name).model.get_input_embeddings().weight.detach().float()
+
+
 def describe(model, tok, name: str, path: str = "", dtype: str = "") -> ModelInfo:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return ModelInfo(

@@ -198,3 +198,18 @@ def test_infer_cli_on_llamacpp(backend, ids, tmp_path):
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["output_ids"] == Decoder(backend, BigOnly()).generate(r["prompt_ids"], 12).ids
+
+
+def test_gguf_runtime_loads_no_transformers_weights_and_matches_hf_identity(smollm2, monkeypatch):
+    """open_models on llama.cpp reads the tokenizer from the GGUF and the ModelInfo from llama.cpp: the same
+    tokenizer fingerprint, layers, width and vocabulary as the transformers model (so artifacts fitted on
+    transformers records are checked alike), and transformers' model loader is never called."""
+    import corpus_tools.models as models
+    from gate.decode.runtime import eos_ids_of, open_models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded transformers weights"))
+    rt = open_models("smollm2-135m", [], "float32", "llama.cpp")
+    for key in ("fingerprint", "n_layers", "hidden_size", "vocab_size"):
+        assert getattr(rt.big_info, key) == getattr(smollm2.info, key), key
+    assert set(eos_ids_of(smollm2)) <= set(rt.eos_ids)
+    assert rt.tokenizer("a truth").input_ids == smollm2.tokenizer("a truth").input_ids

@@ -126,6 +126,7 @@ class LlamaCppBackend:
         self.hidden_size = self.lib.llama_model_n_embd(self._model)
         self.vocab_size = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self._model))
         self.n_ctx_train = self.lib.llama_model_n_ctx_train(self._model)
+        self.n_params = int(self.lib.llama_model_n_params(self._model))
         self.n_threads = n_threads or torch.get_num_threads()
         self._make_context(n_ctx or min(self.n_ctx_train, DEFAULT_MAX_CTX), n_ubatch)
         self._make_batch()
@@ -179,6 +180,11 @@ class LlamaCppBackend:
                 f"(hidden_layer={self.n_layers} for {self.name}, the post-norm state) or none (None)")
         self._hidden_layer = layer
         self.lib.llama_set_embeddings(self._ctx, layer is not None)
+
+    def is_eog(self, token: int) -> bool:
+        """Does llama.cpp end generation at this token (EOS, EOT, ...)?"""
+        return 0 <= token < self.vocab_size and bool(
+            self.lib.llama_vocab_is_eog(self.lib.llama_model_get_vocab(self._model), token))
 
     hidden_all = False     # True: hidden rows for every fed token, not only the last `keep` (see Backend)
 

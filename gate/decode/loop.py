@@ -93,8 +93,10 @@ class LM:
     the run dropped, and `reset` when a run starts.
     """
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, hidden_layer: int | None = None):
         self.backend = backend
+        self.hidden_layer = hidden_layer   # the layer this view asks its backend for (set on every reset)
+        self.hidden: torch.Tensor | None = None   # hidden state [d] behind the last call's logits
         self.tokens: list[int] = []     # what the cache holds
 
     @property
@@ -103,9 +105,10 @@ class LM:
 
     def __call__(self, ids: Sequence[int]) -> torch.Tensor:
         self.keep(ids)
-        logits = catch_up(self.backend, ids)[0][-1]
+        logits, hidden = catch_up(self.backend, ids)
+        self.hidden = None if hidden is None else hidden[-1]
         self.tokens = list(ids)
-        return logits
+        return logits[-1]
 
     def keep(self, text: Sequence[int]) -> None:
         """Crop the cache to its longest common prefix with `text`."""
@@ -123,8 +126,12 @@ class LM:
             del self.tokens[n:]
 
     def reset(self) -> None:
+        """A run starts: empty cache; the backend computes this view's hidden layer (views of one backend in
+        different policies may want different layers: the last reset wins, and one run uses one policy)."""
+        self.backend.hidden_layer = self.hidden_layer
         self.backend.reset()
         self.tokens = []
+        self.hidden = None
 
 
 @dataclass(frozen=True)

@@ -381,6 +381,18 @@ class Gate(Policy):
         return [Draft(int(tok), self.source, float(score))]
 
     @classmethod
+    def model_names(cls, args):
+        """A router artifact (--gate) runs over its small model: --small, or the one it was trained with."""
+        big, small = super().model_names(args)
+        if args.gate:
+            from gate.decode.runtime import router_meta
+
+            meta = router_meta(args.gate)
+            if meta is not None:
+                small = [args.small or meta["small_model"]["name"]]
+        return big, small
+
+    @classmethod
     def small_lm(cls, small: Backend, drafter_threshold: float = SMALL_LM_GATE_THRESHOLD, **kw) -> "Gate":
         """The gate over a small LM's max-probability (SmallLMDrafter), its cache kept by the loop."""
         drafter = SmallLMDrafter(small, threshold=drafter_threshold)
@@ -392,7 +404,8 @@ class Gate(Policy):
                   max_skip=at_least("--max-skip", args.max_skip, 1),
                   chain_cut=unit_interval("--chain-cut", args.chain_cut))
         if args.gate:
-            return cls(rt.load_gate(args.gate), **kw)
+            drafter = rt.load_gate(args.gate)
+            return cls(drafter, lms=getattr(drafter, "lms", ()), **kw)
         if args.small:
             return cls.small_lm(rt.predictor(args.small), **kw)
         raise ValueError("--policy gate needs --gate PATH (a trained gate) or --small M (a small LM as gate)")

@@ -58,6 +58,7 @@ class Runtime:
     predictors: dict[str, Backend] = field(default_factory=dict)
     eos_ids: tuple = ()
     gates: dict = field(default_factory=dict)        # path -> loaded drafter
+    infos: dict = field(default_factory=dict)        # predictor name -> its ModelInfo
 
     def predictor(self, name: str) -> Backend:
         if name not in self.predictors:
@@ -65,8 +66,13 @@ class Runtime:
         return self.predictors[name]
 
     def load_gate(self, path: str):
+        """The drafter at `path`, loaded once; a router artifact runs over its small model, opened by name."""
         if path not in self.gates:
-            self.gates[path] = load_gate(path, self.big_info)
+            meta = router_meta(path)
+            if meta is None:
+                self.gates[path] = load_gate(path, self.big_info)
+            else:
+                self.gates[path] = load_router(path, meta, self)
         return self.gates[path]
 
     def check_fits(self, n_prompt: int, max_new: int, what: str = "prompt", budget: str = "-m") -> None:
@@ -74,14 +80,11 @@ class Runtime:
         prompt that would hold more tokens than a model reads at once: past its context a model returns garbage,
         not an error. Every path that feeds the decoder calls this first (one prompt, the demo, batch lines,
         bench/decode.py). `what` names the prompt, `budget` the option that set max_new."""
-        from corpus_tools.models import check_context, context_length_of
+        from corpus_tools.models import check_context
 
         label = f"{what} ({n_prompt:,} tokens) + {budget} {max_new}"
-        check_context(n_prompt + max_new, self.big_info, label)
-        for name, backend in self.predictors.items():
-            model = getattr(backend, "model", None)
-            if model is not None and not name.startswith("self:"):
-                check_context(n_prompt + max_new, {"name": name, "context_length": context_length_of(model)}, label)
+        for info in (self.big_info, *self.infos.values()):   # self:K predictors read the big model's context
+            check_context(n_prompt + max_new, info, label)
 
     def hf_model(self, name: str | None = None):
         """The transformers model under the big backend (or predictor `name`): for HF-only baselines."""
@@ -105,9 +108,12 @@ def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)") 
 def open_models(big_name: str, small_names: list[str], dtype: str, kind: str = "hf") -> Runtime:
     """Load the big model and the predictors; refuse models whose tokenizers differ.
 
-    A predictor name `self:K` is the big model's first K layers + final norm + output layer (no copy)."""
+    A predictor name `self:K` is the big model's first K layers + final norm + output layer (no copy).
+    On llama.cpp no transformers model is loaded (open_gguf_models)."""
     from corpus_tools.models import check_same_tokenizer, load
 
+    if kind == "llama.cpp":
+        return open_gguf_models(big_name, small_names)
     big = load(big_name, dtype)
     fps = {big_name: big.info.fingerprint}
     rt = Runtime(big.tokenizer, make_backend(big, kind, name=big_name), big.info, eos_ids=eos_ids_of(big))
@@ -121,9 +127,47 @@ def open_models(big_name: str, small_names: list[str], dtype: str, kind: str = "
         lm = loaded.get(name) or load(name, dtype)
         loaded[name] = lm
         fps[name] = lm.info.fingerprint
+        rt.infos[name] = lm.info
         rt.predictors[name] = make_backend(lm, kind, name=name)
     check_same_tokenizer(fps)
     return rt
+
+
+def open_gguf_models(big_name: str, small_names: list[str]) -> Runtime:
+    """The runtime on llama.cpp: each model a LlamaCppBackend, its tokenizer read from the GGUF (cached) and its
+    ModelInfo from llama.cpp; the transformers weights are never loaded (a 1.5B model would take 11 GB)."""
+    from corpus_tools.models import check_same_tokenizer
+
+    big, tok, info = gguf_model(big_name)
+    rt = Runtime(tok, big, info, eos_ids=gguf_eos_ids(big, tok))
+    fps = {big_name: info.fingerprint}
+    for name in dict.fromkeys(small_names):
+        backend, _, rt.infos[name] = gguf_model(name)
+        rt.predictors[name] = backend
+        fps[name] = rt.infos[name].fingerprint
+    check_same_tokenizer(fps)
+    return rt
+
+
+def gguf_model(name: str):
+    """(LlamaCppBackend, tokenizer, ModelInfo) of a GGUF model (packaged alias or .gguf file)."""
+    from corpus_tools.models import ModelInfo, load_tokenizer, tokenizer_fingerprint
+
+    backend = llamacpp_backend(None, name)
+    tok = load_tokenizer(name)
+    info = ModelInfo(name=name, path=str(backend.path), dtype="gguf", n_params=backend.n_params,
+                     vocab_size=backend.vocab_size, n_layers=backend.n_layers, hidden_size=backend.hidden_size,
+                     fingerprint=tokenizer_fingerprint(tok), context_length=backend.n_ctx)
+    return backend, tok, info
+
+
+def gguf_eos_ids(backend, tokenizer) -> tuple:
+    """End-of-generation ids as llama.cpp sees them (llama_vocab_is_eog over the special tokens), plus the
+    tokenizer's eos token."""
+    ids = {i for i in getattr(tokenizer, "all_special_ids", []) if backend.is_eog(i)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
 
 
 def early_exit(big, name: str):
@@ -151,6 +195,39 @@ def load_gate(path: str, big_info):
     try:
         return load_drafter(path, big_info)   # TokenizerMismatch passes through: the CLI reports it
     except ArtifactError as e:
+        raise UsageError(str(e)) from e
+
+
+def router_meta(path: str) -> dict | None:
+    """drafter.json of a router artifact (a big/small pair), or None for any other drafter (or no folder:
+    load_gate reports that)."""
+    from gate.model.drafter import ArtifactError, read_meta
+    from gate.model.router import ROUTER_FORMAT
+
+    if not Path(path, "drafter.json").is_file():
+        return None
+    try:
+        meta = read_meta(path)
+    except ArtifactError as e:
+        raise UsageError(str(e)) from e
+    return meta if meta["format"] == ROUTER_FORMAT else None
+
+
+def load_router(path: str, meta: dict, rt: Runtime):
+    """A router artifact over the small model the runtime opened for it (the policy's model_names asks for the
+    artifact's small model unless --small names another, which the identity check then refuses)."""
+    from gate.decode.drafters import RouterDrafter
+    from gate.model.drafter import ArtifactError, check_big_model, check_files
+
+    small = next((n for n in rt.infos if n != rt.big_info.name), None)
+    if small is None:
+        raise UsageError(f"--gate {path}: a router needs its small model ({meta['small_model']['name']}): "
+                         "pass --small NAME")
+    try:
+        check_big_model(meta, rt.big_info, path)
+        check_files(Path(path), meta)
+        return RouterDrafter.load(path, meta, rt.predictor(small), rt.infos[small])
+    except (ArtifactError, ValueError) as e:
         raise UsageError(str(e)) from e
 
 

@@ -232,8 +232,10 @@ def read_meta(path: str | Path) -> dict:
     if not isinstance(meta, dict):
         raise ArtifactError(f"{mf}: not a drafter description (a JSON {type(meta).__name__}, not an object)")
     from gate.model.eagle import EAGLE_FORMAT
+    from gate.model.router import ROUTER_FORMAT
 
-    keys = {FORMAT: ("predictor", "gates", "primary_gate"), EAGLE_FORMAT: ("head", "gate")}
+    keys = {FORMAT: ("predictor", "gates", "primary_gate"), EAGLE_FORMAT: ("head", "gate"),
+            ROUTER_FORMAT: ("small_model", "gate", "features", "threshold")}
     if meta.get("format") not in keys:
         raise ArtifactError(f"{mf}: format {meta.get('format')!r}, this code reads {' or '.join(map(repr, keys))}")
     missing = [k for k in ("big_model", *keys[meta["format"]], "max_skip", "hidden_layer", "files") if k not in meta]
@@ -255,14 +257,24 @@ def check_big_model(meta: dict, big_info, where: str) -> None:
             f"{info.get('name')!r} has tokenizer {info.get('fingerprint')}; the same text gives other token "
             "ids, so its proposals would be meaningless - retrain it with `python train.py fit` on records of "
             "this model")
-    for key in ("hidden_size", "vocab_size"):
-        if key in info and info[key] != big[key]:
+    for key in ("hidden_size", "vocab_size", "n_layers"):   # one tokenizer may serve a family of sizes
+        if key in info and key in big and info[key] != big[key]:
             raise ArtifactError(f"{where}: drafter expects {key} {big[key]} but {info.get('name')!r} has "
                                 f"{info[key]}")
     n_layers = info.get("n_layers")
     if n_layers is not None and not 0 <= meta["hidden_layer"] <= n_layers:
         raise ArtifactError(f"{where}: drafter reads hidden layer {meta['hidden_layer']} but "
                             f"{info.get('name')!r} has layers 0..{n_layers}")
+
+
+def check_files(path: Path, meta: dict) -> None:
+    """Every file drafter.json lists exists and has its sha256: a half-rewritten folder is refused."""
+    for name, sha in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{f}: listed in {path / META_FILE} but missing")
+        if sha256_file(f) != sha:
+            raise ArtifactError(f"{f}: sha256 differs from {path / META_FILE} (folder partly rewritten?)")
 
 
 def load_drafter(path: str | Path, big_info: ModelInfo | dict | None):
@@ -272,14 +284,13 @@ def load_drafter(path: str | Path, big_info: ModelInfo | dict | None):
     path = Path(path)
     meta = read_meta(path)
     check_big_model(meta, big_info, str(path))
-    for name, sha in meta.get("files", {}).items():
-        f = path / name
-        if not f.is_file():
-            raise ArtifactError(f"{f}: listed in {path / META_FILE} but missing")
-        if sha256_file(f) != sha:
-            raise ArtifactError(f"{f}: sha256 differs from {path / META_FILE} (folder partly rewritten?)")
+    check_files(path, meta)
     from gate.model.eagle import EAGLE_FORMAT, EAGLE_TENSORS, EagleDrafter
+    from gate.model.router import ROUTER_FORMAT
 
+    if meta["format"] == ROUTER_FORMAT:   # it runs the small model: the decode runtime loads it with one
+        raise ArtifactError(f"{path}: a router for a big/small pair; decode with it through infer.py or "
+                            "bench/decode.py (--policy gate --gate PATH), which open its small model")
     if meta["format"] == EAGLE_FORMAT:
         return EagleDrafter.from_tensors(load_file(str(path / EAGLE_TENSORS)), meta)
     t = load_file(str(path / TENSOR_FILE))

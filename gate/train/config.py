@@ -25,8 +25,10 @@ def setting(default, help: str, stage: str, cli: bool = True, choices: tuple | N
 class FitConfig:
     drafter: str = setting(
         "heads", "what drafts: the word-completion and future heads over one stale hidden state (heads), or an "
-                 "EAGLE-style feature head that drafts the big model's hidden states step by step (eagle)", "data",
-        choices=("heads", "eagle"))
+                 "EAGLE-style feature head that drafts the big model's hidden states step by step (eagle), or a router "
+                 "that scores a small model's token from the small model's features (router: records of two "
+                 "models)", "data",
+        choices=("heads", "eagle", "router"))
     seed: int = setting(0, "seed of every random choice (folds, batches, initialisation)", "heads")
     target_precision: float = setting(
         0.99, "calibrate the gate so skipped tokens equal the big model's greedy token this often", "calibration")
@@ -71,6 +73,15 @@ class FitConfig:
                                   "drafter skips at most this many positions per big pass", "eagle")
     eagle_epochs: float = setting(2.0, "eagle: epochs over the training windows", "eagle")
     eagle_lr: float = setting(1e-3, "eagle: peak learning rate (AdamW, warmup + cosine)", "eagle")
+    router_pca: int = setting(32, "router: principal components of the small model's hidden state (and of the "
+                                  "big model's, with --router-big-hidden)", "router")
+    router_emb_pca: int = setting(16, "router: principal components of the candidate token's input embedding",
+                                  "router")
+    router_topk: int = setting(8, "router: top-k probabilities of the small model among its features", "router")
+    router_big_hidden: bool = setting(False, "router: also read the big model's stale hidden state (the big "
+                                             "backend then computes it; skips are bounded by --max-skip)", "router")
+    router_max_skip: int = setting(64, "router without the big hidden state: most consecutive small-model tokens",
+                                   "router")
     dtype: str = setting("float32", "dtype the big model is loaded in (for its embeddings)", "heads", cli=False)
     threads: int = setting(
         1, "torch intra-op threads (0: torch's default). The heads are small: on a busy 2-core machine 1 thread was "
@@ -100,6 +111,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         kw = {"default": f.default, "help": f.metadata["help"]}
         if f.metadata["choices"]:
             kw["choices"] = list(f.metadata["choices"])
+        elif isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
         elif not isinstance(f.default, str):
             kw["type"] = type(f.default)
         ap.add_argument("--" + f.name.replace("_", "-"), **kw)

@@ -536,6 +536,13 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
         raise FitError(f"--records: the heads drafter reads one records folder, got {len(paths)} "
                        "(--drafter eagle reads several)")
     with torch_threads(cfg.threads or torch.get_num_threads()):
+        if cfg.drafter == "router":
+            from gate.train.fit_router import fit_router
+
+            _check_settings(cfg)
+            if len(paths) != 1:
+                raise FitError(f"--records: the router reads one records folder of a model pair, got {len(paths)}")
+            return fit_router(paths[0], Path(out), cfg, model, log)
         if cfg.drafter == "eagle":
             from gate.train.fit_eagle import fit_eagle
 

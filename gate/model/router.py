@@ -1,0 +1,179 @@
+"""The router for a big/small pair: may the small model's next token stand for the big model's?
+
+Two models of one family share a tokenizer: a small one (Qwen2.5-Coder-0.5B) that writes most tokens and a big
+one (1.5B) that takes over where it is needed. Published routers (R2R 2025, CITER 2025, Co-LLM 2024) train a
+classifier on the small model's own features; the untrained rules of the ideas behind this project (the small
+model's entropy or max-probability under a threshold) are its baselines. At each position the router reads
+
+    the small model's next-token distribution   top-k probabilities, log p1, p1 - p2, normalised entropy
+    the small model's last-layer hidden state   standardised and projected (PCA fitted on training positions)
+    the candidate token (the small argmax)      its input embedding (projected) and its kind (word, suffix, ...)
+    the copy rule                               a candidate exists, its match length, whether it agrees
+    the big model's stale hidden state          optional: the state at the big model's last computed position
+                                                p = t - since_big, projected, with since_big one-hot
+
+and scores P(small argmax == big argmax). The same function (`RouterFeatures.__call__`) builds the features in
+training (gate/train/fit_router.py, from records) and in decoding (gate/decode/drafters.py `RouterDrafter`,
+from the small model's logits and hidden state). The copy rule's trusted match lengths override the router as in the other
+drafters (gate/model/copyrule.trust_copy), so on copies the router is at least as good as the rule.
+
+Decoding (the `gate` policy with `--gate ROUTER`): the small model writes while the score clears the calibrated
+threshold; the big model then catches up over the small model's tokens in one pass, and with `--verify` checks
+them (lossless). The small model is read through an `LM` view that asks its backend for the last layer's hidden
+state (the llama.cpp backend gives exactly that layer).
+
+Artifact (a folder written by `python train.py fit --router small`): drafter.json (format skipgate-router/1,
+identities of both models, feature settings, threshold and its Learn-then-Test calibration, metrics) and
+router.safetensors (projections, the candidate-embedding table, token kinds, the gate). Both models are checked
+by identity on load: tokenizer fingerprint, layers, width and vocabulary (one tokenizer serves the whole family,
+so the fingerprint alone cannot tell the 0.5B from the 1.5B).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from corpus_tools.inventory import KINDS
+from corpus_tools.models import ModelInfo, TokenizerMismatch
+from gate.model.features import GATES
+
+ROUTER_FORMAT = "skipgate-router/1"
+ROUTER_TENSORS = "router.safetensors"
+IDENTITY_KEYS = ("fingerprint", "n_layers", "hidden_size", "vocab_size")
+
+
+def model_identity(info) -> dict:
+    """What identifies a model for an artifact: its name (for messages) and the keys that must match."""
+    d = info.to_dict() if isinstance(info, ModelInfo) else dict(info)
+    return {"name": d.get("name"), **{k: d.get(k) for k in IDENTITY_KEYS}}
+
+
+def check_identity(expected: dict, info, role: str, where: str) -> None:
+    """Refuse a model that is not the one the artifact was trained for (TokenizerMismatch / ValueError)."""
+    got = model_identity(info)
+    if got["fingerprint"] != expected["fingerprint"]:
+        raise TokenizerMismatch(f"{where}: trained for the {role} model {expected['name']!r} (tokenizer "
+                                f"{expected['fingerprint']}) but {got['name']!r} has tokenizer {got['fingerprint']}")
+    diff = [f"{k} {got[k]} (expected {expected[k]})" for k in IDENTITY_KEYS[1:] if got[k] != expected[k]]
+    if diff:
+        raise ValueError(f"{where}: trained for the {role} model {expected['name']!r}, but {got['name']!r} differs: "
+                         f"{', '.join(diff)}; fit a router on records of this pair")
+
+
+class Projection:
+    """x -> (x - mean) @ proj: standardisation and PCA folded into one affine map (fitted in training)."""
+
+    def __init__(self, mean: torch.Tensor, proj: torch.Tensor):
+        self.mean, self.proj = mean.float(), proj.float()
+
+    def __call__(self, x) -> torch.Tensor:
+        return (torch.as_tensor(x).float() - self.mean) @ self.proj
+
+    @property
+    def width(self) -> int:
+        return self.proj.shape[1]
+
+
+class RouterFeatures:
+    """The router's feature function (see the module docstring), shared by training and decoding."""
+
+    def __init__(self, small: Projection, emb_table: torch.Tensor, kind: torch.Tensor, topk: int,
+                 big: Projection | None = None, max_s: int = 0):
+        self.small, self.emb_table, self.kind, self.topk = small, emb_table.float(), kind.long(), int(topk)
+        self.big, self.max_s = big, int(max_s)
+
+    def names(self) -> list[str]:
+        out = [f"p{i + 1}" for i in range(self.topk)] + ["log_p1", "margin", "entropy_norm"]
+        out += [f"small_pc{i}" for i in range(self.small.width)]
+        out += [f"emb_pc{i}" for i in range(self.emb_table.shape[1])] + [f"kind_{k}" for k in KINDS]
+        out += ["copy_has", "copy_len", "copy_agrees"]
+        if self.big is not None:
+            out += [f"big_pc{i}" for i in range(self.big.width)] + [f"s_{s}" for s in range(1, self.max_s + 1)]
+        return out
+
+    @torch.no_grad()
+    def __call__(self, topk_p, entropy_norm, small_h, cand, copy_tok, copy_len, s=None, big_h=None) -> torch.Tensor:
+        """Features [N, F] float32. topk_p [N, k] (descending), entropy_norm [N], small_h [N, d_small], cand [N]
+        (the small argmax), copy_tok / copy_len [N] (the copy rule: -1 / 0 for none), and with a big projection
+        s [N] (since_big >= 1) and big_h [N, d_big] (the big model's state at t - s)."""
+        p = torch.as_tensor(topk_p).float()[:, :self.topk]
+        cand = torch.as_tensor(np.asarray(cand), dtype=torch.long)
+        clen = torch.as_tensor(np.asarray(copy_len), dtype=torch.float32)
+        ctok = torch.as_tensor(np.asarray(copy_tok), dtype=torch.long)
+        cols = [p, torch.log(p[:, :1] + 1e-6), p[:, :1] - p[:, 1:2], torch.as_tensor(entropy_norm).float()[:, None],
+                self.small(small_h), self.emb_table[cand],
+                torch.nn.functional.one_hot(self.kind[cand], len(KINDS)).float(),
+                (clen > 0).float()[:, None], (torch.log1p(clen) / np.log(13.0))[:, None],
+                (ctok == cand).float()[:, None]]
+        if self.big is not None:
+            s = torch.as_tensor(np.asarray(s), dtype=torch.long).clamp(1, self.max_s)
+            cols += [self.big(big_h), torch.nn.functional.one_hot(s - 1, self.max_s).float()]
+        return torch.cat(cols, 1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {"small.mean": self.small.mean, "small.proj": self.small.proj, "emb_table": self.emb_table.half(),
+             "kind": self.kind.to(torch.int8)}
+        if self.big is not None:
+            t.update({"big.mean": self.big.mean, "big.proj": self.big.proj})
+        return t
+
+    def config(self) -> dict:
+        return {"topk": self.topk, "max_s": self.max_s, "big_hidden": self.big is not None}
+
+    @classmethod
+    def from_tensors(cls, t: dict, cfg: dict) -> "RouterFeatures":
+        big = Projection(t["big.mean"], t["big.proj"]) if cfg["big_hidden"] else None
+        return cls(Projection(t["small.mean"], t["small.proj"]), t["emb_table"], t["kind"], cfg["topk"], big,
+                   cfg["max_s"])
+
+
+def small_stats(logits: torch.Tensor, topk: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(argmax, top-k probabilities [1, k], normalised entropy [1]) of one next-token logits row, computed as
+    the recorder computes them (corpus_tools.record.logit_stats), so decode features match training's."""
+    from corpus_tools.record import logit_stats
+
+    st = logit_stats(logits.reshape(1, -1), torch.zeros(1, dtype=torch.long), topk)
+    return int(st["argmax"][0]), st["topk_p"], st["entropy_norm"]
+
+
+def save_router(path, features: RouterFeatures, gate, meta: dict) -> None:
+    """Write router.safetensors, then drafter.json naming it with its sha256 (written last: a folder without it
+    is unfinished)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from corpus_tools.files import atomic_path, write_json
+    from corpus_tools.records import sha256_file
+    from gate.model.drafter import META_FILE, library_versions
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"feat.{k}": v.detach().contiguous().cpu() for k, v in features.tensors().items()}
+    tensors.update({f"gate.{k}": v.detach().contiguous().cpu() for k, v in gate.state().items()})
+    with atomic_path(path / ROUTER_TENSORS) as tmp:
+        save_file(tensors, str(tmp))
+        sha = sha256_file(tmp)
+    write_json(path / META_FILE, {**meta, "format": ROUTER_FORMAT, "features": features.config(),
+                                  "feature_names": features.names(),
+                                  "gate": {"kind": gate.kind, "config": gate.config()},
+                                  "files": {ROUTER_TENSORS: sha}, "versions": library_versions()})
+
+
+def load_router_parts(path, meta: dict, small_info) -> tuple[RouterFeatures, object]:
+    """(features, gate) of an artifact whose drafter.json (`meta`) was read and checked against the big model;
+    `small_info` is checked against the small model it was trained with."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    check_identity(meta["small_model"], small_info, "small", str(path))
+    t = load_file(str(Path(path) / ROUTER_TENSORS))
+    feats = RouterFeatures.from_tensors({k[5:]: v for k, v in t.items() if k.startswith("feat.")}, meta["features"])
+    gate = GATES[meta["gate"]["kind"]].from_state({k[5:]: v for k, v in t.items() if k.startswith("gate.")},
+                                                  meta["gate"]["config"])
+    return feats, gate
+
+
+__all__ = ["RouterFeatures", "Projection", "model_identity", "check_identity", "save_router", "load_router_parts",
+           "ROUTER_FORMAT", "small_stats"]

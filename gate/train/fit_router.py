@@ -1,0 +1,233 @@
+"""`python train.py fit --drafter router`: a router for a big/small pair (gate/model/router.py), from records of
+both models (`train.py record --model BIG --model SMALL`).
+
+Label at position t: the small model's argmax equals the big model's (both recorded on the same text). The
+router scores that from the small model's features (and optionally the big model's stale hidden state).
+
+Data use (books never mix between splits):
+    train split       -> projections (small hidden state, candidate embedding, big hidden state), the copy rule's
+                         trust per match length, a logistic and an MLP gate
+    validation split  -> Learn-then-Test threshold of each gate (at delta / 2 each); the larger certified
+                         coverage wins
+    test split        -> the metrics in drafter.json (router vs the small model's entropy and max-probability,
+                         the copy rule and the oracle, overall and on non-copy positions); bench/pair.py reports
+                         them on held-out genres too, with `split_metrics`
+Pairs: the small model's features do not depend on how long ago the big model ran, so without the big hidden
+state each position is one example. With it (--router-big-hidden), each position t gets one since_big s, drawn
+uniformly from the valid 1 .. max_skip - 1, and reads the big model's state at t - s, as decoding would.
+
+Quick (a minute on 20k positions here), so not staged: a re-run refits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corpus_tools.inventory import OTHER_KIND, token_table
+from corpus_tools.models import input_embedding, load_tokenizer
+from gate.model.copyrule import MAX_N, is_copy_position, trust_copy, trusted_table
+from gate.model.features import NEVER, LogisticGate, MLPGate
+from gate.model.router import Projection, RouterFeatures, model_identity, save_router
+from gate.train.calibration import coverage_at_precision, ltt_calibrate
+from gate.train.config import FitConfig
+from gate.train.data import FitError, SplitData, find_split, load_split, open_records_checked
+from gate.train.fit import pca_fit
+
+BATCH = 8192   # rows of features built at once
+
+
+@dataclass
+class PairSplit:
+    """One split of pair records: the big model's data (label, hidden state) and the small model's."""
+    big: SplitData
+    small: SplitData
+    copy_tok: np.ndarray
+    copy_len: np.ndarray
+
+    @property
+    def agree(self) -> np.ndarray:
+        """The oracle's label: the small model's argmax is the big model's."""
+        return self.small.argmax == self.big.argmax
+
+    @property
+    def noncopy(self) -> np.ndarray:
+        return ~is_copy_position(self.copy_len)
+
+    def __len__(self):
+        return len(self.big)
+
+
+def pair_entries(rec, path, big_name: str | None = None) -> tuple[dict, dict]:
+    """(big, small) model entries of pair records: the big one is --model or the larger; the small the other."""
+    models = rec.meta.get("models") or []
+    if len(models) != 2:
+        raise FitError(f"{path}: a router needs records of two models (train.py record --model BIG --model SMALL); "
+                       f"these hold {len(models)}: {', '.join(m['name'] for m in models) or 'none'}")
+    size = lambda m: (m.get("n_layers", 0) * m.get("hidden_size", 0), m["name"])   # noqa: E731
+    big = next((m for m in models if m["name"] == big_name), None) if big_name else max(models, key=size)
+    if big is None:
+        raise FitError(f"--model {big_name}: not in {path} (recorded: {', '.join(m['name'] for m in models)})")
+    return big, next(m for m in models if m is not big)
+
+
+def load_pair(rec, path, split: str, big: dict, small: dict, max_n: int = MAX_N) -> PairSplit:
+    """Both models' fields of one split (the last layer's hidden state of each) and the copy rule."""
+    b = load_split(rec, path, split, big["name"], big["n_layers"])
+    s = load_split(rec, path, split, small["name"], small["n_layers"])
+    if s.topk_p is None or s.entropy_norm is None:
+        raise FitError(f"{path}: split {split!r} lacks the small model's top-k / entropy fields")
+    cand, length = b.copy_rule(max_n)
+    return PairSplit(b, s, cand, length)
+
+
+def since_big(d: PairSplit, max_skip: int, seed: int, use_big: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, s): every row with s = 1, or with the big hidden state one s per row drawn from 1..max_skip-1 with
+    the stale position t - s in the same run (rows at a run's start, with none before them, are left out)."""
+    rows = np.arange(len(d), dtype=np.int64)
+    if not use_big:
+        return rows, np.ones(len(rows), dtype=np.int64)
+    room = np.minimum(rows - d.big.run_start, max_skip - 1)
+    rows, room = rows[room >= 1], room[room >= 1]
+    s = 1 + (np.random.default_rng(seed).random(len(rows)) * room).astype(np.int64)
+    return rows, s
+
+
+def features_of(feats: RouterFeatures, d: PairSplit, rows: np.ndarray, s: np.ndarray) -> torch.Tensor:
+    """The router's features at rows (since_big s), in batches; the same function decoding calls."""
+    out = []
+    for i in range(0, len(rows), BATCH):
+        r, si = rows[i:i + BATCH], s[i:i + BATCH]
+        big_h = None if feats.big is None else torch.from_numpy(np.asarray(d.big.hidden[r - si], dtype=np.float32))
+        out.append(feats(torch.from_numpy(np.asarray(d.small.topk_p[r])), torch.from_numpy(
+            np.asarray(d.small.entropy_norm[r])), torch.from_numpy(np.asarray(d.small.hidden[r], dtype=np.float32)),
+            d.small.argmax[r], d.copy_tok[r], d.copy_len[r], si, big_h))
+    return torch.cat(out)
+
+
+def routed(feats, gate, table, d: PairSplit, rows, s) -> tuple[np.ndarray, np.ndarray]:
+    """(score, correct) at rows: the router's score on the small argmax, or the copy rule's trust where it is
+    trusted more (trust_copy, as decoding does); correct = the proposed token is the big model's argmax."""
+    score = gate.score(features_of(feats, d, rows, s)).numpy()
+    tok = d.small.argmax[rows]
+    if table is not None:
+        tok, score, _ = trust_copy(tok, score, d.copy_tok[rows], d.copy_len[rows], table)
+    return score, tok == d.big.argmax[rows]
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+def fit_features(tr: PairSplit, small: dict, cfg: FitConfig, log) -> RouterFeatures:
+    """Projections fitted on (a sample of) the training positions; the candidate-embedding table and token kinds
+    over the whole vocabulary."""
+    rng = np.random.default_rng(cfg.seed)
+    sub = np.sort(rng.choice(len(tr), min(len(tr), 20000), replace=False))
+    small_proj = projection(np.asarray(tr.small.hidden[sub], dtype=np.float32), cfg.router_pca)
+    big_proj = (projection(np.asarray(tr.big.hidden[sub], dtype=np.float32), cfg.router_pca)
+                if cfg.router_big_hidden else None)
+    emb = input_embedding(small["name"])
+    V = int(small["vocab_size"])
+    cands = np.unique(tr.small.argmax)
+    emb_proj = projection(emb[torch.from_numpy(cands)].numpy(), cfg.router_emb_pca)
+    kind = np.full(V, OTHER_KIND, dtype=np.int8)
+    tk = token_table(load_tokenizer(small["name"]))["kind"][:V]
+    kind[:len(tk)] = tk
+    log(f"[router] projections: small hidden {tr.small.hidden.shape[1]} -> {small_proj.width}, candidate "
+        f"embedding {emb.shape[1]} -> {emb_proj.width}" + (f", big hidden -> {big_proj.width}" if big_proj else ""))
+    return RouterFeatures(small_proj, emb_proj(emb[:V]), torch.from_numpy(kind), cfg.router_topk, big_proj,
+                          cfg.max_skip if cfg.router_big_hidden else 0)
+
+
+def projection(x: np.ndarray, k: int) -> Projection:
+    """Standardise, then whitened PCA to k dimensions, folded into one affine map."""
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    pmean, proj = pca_fit((x - mean) / std, k)
+    return Projection(torch.from_numpy(mean) + torch.from_numpy(std) * pmean, proj / torch.from_numpy(std)[:, None])
+
+
+def fit_gates(X: torch.Tensor, y: np.ndarray, cfg: FitConfig) -> dict:
+    Xn = X.numpy()
+    return {"logreg": LogisticGate().fit(Xn, y, seed=cfg.seed),
+            "mlp": MLPGate(X.shape[1]).fit(Xn, y, seed=cfg.seed)}
+
+
+def calibrate(gates: dict, feats, table, va: PairSplit, rows, s, cfg: FitConfig, log) -> tuple[str, dict]:
+    """Learn-then-Test on validation for each gate at delta / len(gates); the largest certified coverage wins
+    (by coverage at the target precision when none certifies)."""
+    cals = {}
+    for name, gate in gates.items():
+        score, correct = routed(feats, gate, table, va, rows, s)
+        cal = ltt_calibrate(score, correct, cfg.target_precision, cfg.delta / len(gates))
+        cal["coverage_at_target"] = coverage_at_precision(score, correct, (cfg.target_precision,))[
+            cfg.target_precision]
+        cals[name] = cal
+        log(f"[router] {name}: validation coverage at {cfg.target_precision:.0%} precision "
+            f"{cal['coverage_at_target']:.1%}; certified {cal['certified']} (threshold {cal['threshold']:.4f}, "
+            f"coverage {cal['coverage']:.1%})")
+    best = max(cals, key=lambda n: (cals[n]["certified"], cals[n]["coverage"], cals[n]["coverage_at_target"]))
+    return best, cals[best]
+
+
+def split_metrics(d: PairSplit, score: np.ndarray, correct: np.ndarray, rows: np.ndarray, threshold: float,
+                  target: float) -> dict:
+    """Coverage at `target` precision of the router and the untrained rules, overall and on non-copy positions,
+    plus the router at its calibrated threshold. Every rule's candidate is scored against the big argmax: the
+    small argmax for the router (or the copy token it chose), entropy and max-probability; the copy token for the
+    copy rule (score: match length). The oracle covers every position where the small argmax is right."""
+    sm, agree = d.small, d.agree[rows]
+    rules = {"router": (score, correct),
+             "max_prob": (np.asarray(sm.p_max[rows]), agree),
+             "entropy": (-np.asarray(sm.entropy_norm[rows]), agree),
+             "copy_rule": (d.copy_len[rows].astype(np.float64), d.copy_tok[rows] == d.big.argmax[rows])}
+    out = {}
+    for subset, mask in (("all", np.ones(len(rows), bool)), ("non_copy", d.noncopy[rows])):
+        m = {name: coverage_at_precision(sc[mask], ok[mask], (target,))[target] for name, (sc, ok) in rules.items()}
+        m["oracle"] = float(agree[mask].mean()) if mask.any() else 0.0
+        served = mask & (score >= threshold)
+        m["router_at_threshold"] = {"coverage": float(served.sum() / max(mask.sum(), 1)),
+                                    "precision": float(correct[served].mean()) if served.any() else None}
+        m["positions"] = int(mask.sum())
+        out[subset] = m
+    return out
+
+
+def fit_router(path, out, cfg: FitConfig, big_name: str | None, log) -> Path:
+    """Train, calibrate and save a router (see the module docstring); returns the artifact folder."""
+    t0 = time.time()
+    path, out = Path(path), Path(out)
+    rec = open_records_checked(path)
+    big, small = pair_entries(rec, path, big_name)
+    splits = {k: find_split(rec, path, k) for k in ("train", "validation")}
+    tr, va = (load_pair(rec, path, splits[k], big, small, cfg.copy_max_n or MAX_N) for k in ("train", "validation"))
+    log(f"[router] {big['name']} (big) / {small['name']} (small): {len(tr):,} train, {len(va):,} validation "
+        f"positions; small argmax = big argmax at {tr.agree.mean():.1%} of train positions")
+    feats = fit_features(tr, small, cfg, log)
+    table = (trusted_table(tr.copy_len, tr.copy_tok == tr.big.argmax, cfg.copy_max_n, cfg.delta, cfg.target_precision)
+             if cfg.copy_max_n else None)
+    rows, s = since_big(tr, cfg.max_skip, cfg.seed, cfg.router_big_hidden)
+    gates = fit_gates(features_of(feats, tr, rows, s), tr.agree[rows], cfg)
+    vrows, vs = since_big(va, cfg.max_skip, cfg.seed + 1, cfg.router_big_hidden)
+    primary, cal = calibrate(gates, feats, table, va, vrows, vs, cfg, log)
+    metrics = {"validation": split_metrics(va, *routed(feats, gates[primary], table, va, vrows, vs), vrows,
+                                           cal["threshold"], cfg.target_precision)}
+    if "test" in rec.splits:
+        te = load_pair(rec, path, "test", big, small, cfg.copy_max_n or MAX_N)
+        trows, ts = since_big(te, cfg.max_skip, cfg.seed + 2, cfg.router_big_hidden)
+        metrics["test"] = split_metrics(te, *routed(feats, gates[primary], table, te, trows, ts), trows,
+                                        cal["threshold"], cfg.target_precision)
+    meta = {"big_model": model_identity(big), "small_model": model_identity(small),
+            "hidden_layer": int(big["n_layers"]), "max_skip": int(cfg.max_skip if cfg.router_big_hidden else
+                                                                    cfg.router_max_skip),
+            "threshold": float(cal["threshold"]), "calibration": cal, "primary_gate": primary,
+            "copy_trust": None if table is None else [float(x) for x in table], "metrics": metrics,
+            "settings": cfg.as_dict(), "records": str(path), "positions": {"train": len(tr), "validation": len(va)}}
+    save_router(out, feats, gates[primary], meta)
+    log(f"[router] saved {out} ({time.time() - t0:.0f}s): threshold {cal['threshold']:.4f}"
+        + (f", test coverage {metrics['test']['all']['router']:.1%} at {cfg.target_precision:.0%} precision "
+           f"(oracle {metrics['test']['all']['oracle']:.1%})" if "test" in metrics else ""))
+    if cal["threshold"] >= NEVER:
+        log("[router] no threshold certified on validation: the router never skips (more validation positions or "
+            "a lower --target-precision)")
+    return out

@@ -1,0 +1,166 @@
+"""The router for a big/small pair: fitted on tiny two-model records, decoding with it (lossless against greedy
+`big`), refusal of another pair, the shared feature function, and the real Qwen pair (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from corpus_tools import record as rec_mod
+from gate.decode.backend import HFBackend
+from gate.decode.drafters import RouterDrafter
+from gate.decode.loop import Decoder
+from gate.decode.policies import Gate
+from gate.decode.runtime import UsageError, open_models
+from gate.model.drafter import read_meta
+from gate.model.router import small_stats
+from gate.train.fit import fit
+from gate.train.fit_router import features_of, load_pair, pair_entries
+from test_decode import PROMPTS, greedy, lively
+from test_record import SPLIT_REC, book_text, save_model, write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def truncated(big, n_layers: int):
+    """A real smaller model of the family: the big model's first n_layers blocks, norm and output layer (its
+    greedy tokens agree with the big model's at some positions, as a real small model's do)."""
+    small = make_tiny_llama(big.config.vocab_size, layers=n_layers, hidden=big.config.hidden_size)
+    missing = small.load_state_dict(big.state_dict(), strict=False).missing_keys
+    assert not missing
+    return small.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_tokenizer):
+    """(big dir, small dir, records, router artifact) over four small books in train / train / val / test."""
+    root = tmp_path_factory.mktemp("pair")
+    big = lively(make_tiny_llama(len(tiny_tokenizer), seed=3, layers=3), 4)
+    big_dir = save_model(root / "big", big, tiny_tokenizer)
+    small_dir = save_model(root / "small", truncated(big, 2), tiny_tokenizer)
+    corpus = write_corpus(root / "corpus", [("a", "train", book_text(0, 6)), ("b", "train", book_text(1, 6)),
+                                            ("c", "val", book_text(2, 5)), ("d", "test", book_text(3, 4))])
+    rec_mod.record([big_dir, small_dir], corpus, root / "records", layers=("last",), topk=8, **SPLIT_REC)
+    fit(root / "records", root / "router", drafter="router", router_pca=8, router_emb_pca=4, threads=1,
+        target_precision=0.9, log=lambda m: None)
+    return big_dir, small_dir, root / "records", root / "router"
+
+
+def open_pair(big_dir, small_dir, kind="hf"):
+    return open_models(big_dir, [small_dir], "float32", kind)
+
+
+def test_router_artifact_names_both_models_and_beats_nothing_it_cannot(pair):
+    big_dir, small_dir, records, router = pair
+    meta = read_meta(router)
+    assert meta["format"] == "skipgate-router/1"
+    assert meta["big_model"]["name"] == big_dir and meta["small_model"]["name"] == small_dir
+    assert meta["big_model"]["n_layers"] == 3 and meta["small_model"]["n_layers"] == 2
+    test = meta["metrics"]["test"]["all"]
+    # the oracle is the share of positions where the small argmax is right: no rule can cover more at 90%+
+    assert 0 < test["oracle"] < 1
+    for rule in ("router", "max_prob", "entropy"):
+        assert 0 <= test[rule] <= test["oracle"] / 0.9 + 1e-9
+    assert len(meta["feature_names"]) == 8 + 3 + 8 + 4 + 5 + 3
+
+
+def test_decode_features_equal_training_features(pair):
+    """The router's features from records (training) and from the small backend's logits and hidden state
+    (decoding) are the same function of the same numbers."""
+    big_dir, small_dir, records, router = pair
+    from corpus_tools.records import open_records
+
+    rec = open_records(records)
+    big, small = pair_entries(rec, records)
+    d = load_pair(rec, records, "test", big, small)
+    rt = open_pair(big_dir, small_dir)
+    drafter = rt.load_gate(str(router))
+    tokens = [int(t) for t in d.big.tokens[:40]]   # the first run of the test book starts at row 0
+    assert d.big.run_start[39] == 0
+    drafter.lm.reset()
+    rows = np.arange(10, 40)
+    want = features_of(drafter.features, d, rows, np.ones(len(rows), dtype=np.int64))
+    for i, t in enumerate(rows):
+        logits = drafter.lm(tokens[:t + 1])
+        tok, topk_p, ent = small_stats(logits, 8)
+        assert tok == d.small.argmax[t]
+        copy_tok, copy_len = d.copy_tok[t], d.copy_len[t]
+        got = drafter.features(topk_p, ent, drafter.lm.hidden[None], [tok], [copy_tok], [copy_len], [1])
+        torch.testing.assert_close(got[0], want[i], atol=2e-2, rtol=1e-2)   # hidden states stored in float16
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.3])
+def test_router_verify_is_lossless(pair, tiny_tokenizer, threshold):
+    big_dir, small_dir, _, router = pair
+    rt = open_pair(big_dir, small_dir)
+    drafter = rt.load_gate(str(router))
+    drafted = 0
+    for prompt in PROMPTS[:3]:
+        ids = tiny_tokenizer(prompt).input_ids
+        want = greedy(rt.big.model, ids, 24)
+        res = Decoder(rt.big, Gate(drafter, threshold=threshold, lms=drafter.lms), verify=True).generate(ids, 24)
+        assert res.ids == want, (prompt, threshold)
+        drafted += res.ledger["drafted"]
+    if threshold == 0.0:   # every position drafted by the small model, each checked by the big model
+        assert drafted > 0
+
+
+def test_router_lossy_skips_are_the_small_models_tokens(pair, tiny_tokenizer):
+    big_dir, small_dir, _, router = pair
+    rt = open_pair(big_dir, small_dir)
+    drafter = rt.load_gate(str(router))
+    ids = tiny_tokenizer(PROMPTS[4]).input_ids
+    res = Decoder(rt.big, Gate(drafter, threshold=0.0, lms=drafter.lms)).generate(ids, 20)
+    small = HFBackend(rt.predictor(small_dir).model, "s")
+    text = list(ids)
+    for tok, src in zip(res.ids, res.sources):
+        if src == "skip":
+            small.reset()
+            want = int(small.forward(text)[0][-1].argmax())
+            assert tok == want or drafter.copy_trust is not None
+        text.append(tok)
+    assert res.sources.count("skip") > 0
+
+
+def test_router_refuses_another_small_or_big_model(pair, tiny_tokenizer, tmp_path):
+    big_dir, small_dir, _, router = pair
+    other = save_model(tmp_path / "other", truncated(make_tiny_llama(len(tiny_tokenizer), seed=9, layers=3), 1),
+                       tiny_tokenizer)
+    rt = open_pair(big_dir, other)                     # same tokenizer, another small model (1 layer, not 2)
+    with pytest.raises(UsageError, match="small model"):
+        rt.load_gate(str(router))
+    rt = open_pair(other, small_dir)                   # another big model
+    with pytest.raises(UsageError, match="n_layers"):
+        rt.load_gate(str(router))
+
+
+def test_infer_cli_uses_the_routers_small_model(pair, tmp_path):
+    """infer.py opens the small model the router names (no --small) and decodes losslessly with it."""
+    big_dir, small_dir, _, router = pair
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "infer.py", "It is a truth", "--model", big_dir, "--policy", "gate",
+                          "--gate", str(router), "--threshold", "0", "--verify", "-m", "12", "--json",
+                          str(tmp_path / "r.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    rt = open_pair(big_dir, small_dir)
+    assert res["output_ids"] == greedy(rt.big.model, res["prompt_ids"], 12)
+    assert res["ledger"]["drafted"] > 0
+
+
+def test_fit_router_refuses_records_of_one_model(tmp_path, tiny_tokenizer, tiny_llama):
+    d = save_model(tmp_path / "m", tiny_llama, tiny_tokenizer)
+    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("c", "val", book_text(2, 2))])
+    rec_mod.record([d], corpus, tmp_path / "records", layers=("last",), **SPLIT_REC)
+    out = subprocess.run([sys.executable, "train.py", "fit", "--drafter", "router", "--records",
+                          str(tmp_path / "records"), "--out", str(tmp_path / "r")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "two models" in out.stderr and "Traceback" not in out.stderr
