@@ -84,7 +84,7 @@ def generate_runner(llm):
 def make_runners(args, gguf: str):
     import llama_cpp
 
-    from gate.decode.backend_llamacpp import LlamaCppBackend
+    from corpus_tools.llamacpp import LlamaCppBackend
 
     n_ctx = 1024
     llm = llama_cpp.Llama(gguf, n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
@@ -106,7 +106,7 @@ def make_runners(args, gguf: str):
 
 # -- the run ------------------------------------------------------------------------------------------------
 def bench(args) -> dict:
-    from gate.decode.backend_llamacpp import gguf_path
+    from corpus_tools.llamacpp import gguf_path
 
     torch.set_num_threads(args.threads)
     gguf = str(gguf_path(args.model))

@@ -34,7 +34,7 @@ from corpus_tools.files import write_json, write_text  # noqa: E402
 def llamacpp_hidden(te, rows: np.ndarray, model: str, threads: int) -> np.ndarray:
     """The llama.cpp backend's last-layer state at every row of `rows` (whole runs), run by run."""
     from corpus_tools.models import packaged_gguf
-    from gate.decode.backend_llamacpp import LlamaCppBackend
+    from corpus_tools.llamacpp import LlamaCppBackend
 
     big = LlamaCppBackend(str(packaged_gguf(model)[0]), name=model, n_ctx=4096, n_threads=threads)
     big.hidden_layer, big.hidden_all = big.n_layers, True

@@ -18,7 +18,7 @@ PROJECT_ERRORS = {  # module -> its error types
     "corpus_tools.models": ("ModelSourceError", "TokenizerMismatch", "ContextLengthError"),
     "corpus_tools.records": ("RecordsError",),
     "gate.model.drafter": ("ArtifactError",),
-    "gate.decode.backend_llamacpp": ("LayerUnavailable",),
+    "corpus_tools.llamacpp": ("LayerUnavailable",),
     "gate.train.data": ("FitError",),
 }
 

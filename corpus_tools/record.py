@@ -14,6 +14,9 @@ the start of a book). Logits are computed for the recorded positions only (logit
 probabilities, entropy and top-k per batch and dropped: memory is bounded by one batch plus one shard (and a
 book's token ids, 8 bytes per token).
 
+Runtimes: transformers by default; `--backend llama.cpp` runs GGUF models in llama.cpp (corpus_tools/llamacpp.py),
+which gives the last layer's hidden state only and computes the quantised model as decoding on llama.cpp will.
+
 dtype: record with the dtype you will decode with (greedy outputs differ between dtypes). On CPUs without
 AVX512-BF16 (e.g. the AMD EPYC/AVX2 machines here) bfloat16 matmuls are ~5x slower than float32.
 
@@ -160,6 +163,19 @@ def record_windows(lms: list[LoadedModel], meta_models: list[dict], ids: torch.T
     return {k: torch.cat(v).numpy() for k, v in cols.items()}
 
 
+def open_model(name: str, dtype: str, device: str, backend: str = "hf") -> LoadedModel:
+    """A model to record: transformers (any layer), or llama.cpp (corpus_tools/llamacpp.GGUFModel: the
+    model as llama.cpp computes it, e.g. to fit a drafter on the features it will read when decoding there)."""
+    if backend == "hf":
+        return load(name, dtype, device=device)
+    if backend != "llama.cpp":
+        raise ValueError(f"--backend {backend!r}: choose hf or llama.cpp")
+    from corpus_tools.llamacpp import GGUFModel, open_gguf
+
+    runner, tok, info = open_gguf(name)
+    return LoadedModel(GGUFModel(runner), tok, info)
+
+
 def write_shard(final: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write all arrays of a shard plus shard.json (sha256 per file) into a temp folder, then rename it."""
     with atomic_dir(final) as tmp:
@@ -238,8 +254,9 @@ def collect_manifest(out: Path, settings: dict, extra: dict, books: dict[str, li
 def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layers=("middle", "last"),
            context: int = 1024, stride: int = 768, topk: int = 8, batch_size: int = 1, splits=None,
            max_tokens_per_book: int | None = None, shard_tokens: int = 16384, hidden_dtype: str = "float16",
-           dtype: str = "float32", progress: bool = True) -> dict:
-    """Record `model_names` over `corpus` into `out` (see the module docstring); returns the manifest."""
+           dtype: str = "float32", progress: bool = True, backend: str = "hf") -> dict:
+    """Record `model_names` over `corpus` into `out` (see the module docstring); returns the manifest.
+    backend "llama.cpp": the GGUF models in llama.cpp (the last layer's hidden state only)."""
     from accelerate import PartialState
 
     if not 0 < stride <= context:
@@ -260,17 +277,20 @@ def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layer
     with contextlib.ExitStack() as held:
         if state.is_main_process:  # one lock per run: the other processes of the run write under it
             held.enter_context(FolderLock(out, "train.py record"))
-        lms = [load(n, dtype, device=str(state.device)) for n in model_names]
+        lms = [open_model(n, dtype, str(state.device), backend) for n in model_names]
         fingerprint = check_same_tokenizer({lm.info.name: lm.info.fingerprint for lm in lms})  # before any work
         for lm in lms:
             check_context(context, lm.info, f"--context {context}")
         meta_models = describe_models(lms, layers)
+        if backend == "llama.cpp" and any(m["layers"] not in ([], [m["n_layers"]]) for m in meta_models):
+            raise ValueError("--backend llama.cpp records the last layer's hidden state only: use --layers last "
+                             "(or --layers with no value for none)")
         settings = {"format": FORMAT, "models": meta_models, "fingerprint": fingerprint,
                     "tokenization": {"tokenizer_of": model_names[0], "add_special_tokens": True},
                     "context": context, "stride": stride, "topk": topk, "batch_size": batch_size,
                     "shard_tokens": shard_tokens, "hidden_dtype": hidden_dtype, "splits": splits,
                     "max_tokens_per_book": max_tokens_per_book, "corpus_sha256": sha256_file(corpus / "manifest.jsonl"),
-                    "device": state.device.type}
+                    "device": state.device.type, **({"backend": backend} if backend != "hf" else {})}
         pinned = out / "settings.json"
         if pinned.is_file():
             old = json.loads(pinned.read_text())
@@ -332,13 +352,17 @@ def main(argv=None) -> int:
                     help="int8 (per-row scale) halves the hidden-state bytes; read back as float16")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                     help="model weights dtype: the one you will decode with (see above for speed)")
+    ap.add_argument("--backend", choices=("hf", "llama.cpp"), default="hf",
+                    help="model runtime: transformers (any layer), or llama.cpp for GGUF models (the last layer's "
+                         "hidden state only: --layers last; --dtype does not apply)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         m = record(args.model, args.corpus, args.out, layers=args.layers, context=args.context, stride=args.stride,
                    topk=args.topk, batch_size=args.batch_size, splits=args.splits,
                    max_tokens_per_book=args.max_tokens_per_book, shard_tokens=args.shard_tokens,
-                   hidden_dtype=args.hidden_dtype, dtype=args.dtype, progress=not args.no_progress)
+                   hidden_dtype=args.hidden_dtype, dtype=args.dtype, progress=not args.no_progress,
+                   backend=args.backend)
     except (RecordsError, TokenizerMismatch, ModelSourceError, ContextLengthError, CorpusError, OutputPathError,
             LockedError, ValueError) as e:
         print(f"train.py record: error: {one_line(e)}", file=sys.stderr)

@@ -63,6 +63,8 @@ def split_prompts(corpus: str | Path, tokenizer, n: int, n_tokens: int, split: s
 def continue_greedy(model, prompts: list[list[int]], new_tokens: int, eos_ids) -> list[list[int]]:
     """Greedy continuations of prompts in one batch (shorter ones left-padded and masked), cut at the first
     EOS."""
+    if hasattr(model, "greedy"):   # a llama.cpp model (corpus_tools.llamacpp.GGUFModel): one prompt at a time
+        return [model.greedy(list(p), new_tokens, eos_ids) for p in prompts]
     n = max(map(len, prompts))
     pad = eos_ids[0] if eos_ids else 0
     x = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts])
@@ -104,7 +106,8 @@ def prompt_jobs(prompts: list[str], tok, chat: bool, model_name: str, fingerprin
 
 def selfgen(model_name: str, corpus: str | Path | None, out: str | Path, splits=SPLITS, per_book: int = 50,
             prompt_tokens: int = 48, new_tokens: int = 128, batch: int = 16, dtype: str = "float32",
-            progress: bool = True, prompts: str | Path | None = None, chat: bool = False) -> list[dict]:
+            progress: bool = True, prompts: str | Path | None = None, chat: bool = False,
+            backend: str = "hf") -> list[dict]:
     """Write the samples (see the module docstring) into the corpus folder `out`; returns its manifest entries."""
     for name, n in (("--per-book", per_book), ("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens),
                     ("--batch", batch)):
@@ -118,9 +121,10 @@ def selfgen(model_name: str, corpus: str | Path | None, out: str | Path, splits=
         corpus = Path(corpus)
         books_of_split(corpus, splits[0])  # a missing or broken corpus fails here, before the model loads
     with FolderLock(out, "train.py selfgen"):
-        from corpus_tools.models import check_context, load
+        from corpus_tools.models import check_context
+        from corpus_tools.record import open_model
 
-        lm = load(model_name, dtype)
+        lm = open_model(model_name, dtype, "cpu", backend)
         if lines is not None:
             jobs = prompt_jobs(lines, lm.tokenizer, chat, model_name, lm.info.fingerprint, new_tokens)
             longest = max(len(ids) for _, ids, _ in jobs)
@@ -184,12 +188,16 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
     ap.add_argument("--dtype", default="float32", help="decode with the dtype you record and decode with")
+    ap.add_argument("--backend", choices=("hf", "llama.cpp"), default="hf",
+                    help="model runtime: transformers, or llama.cpp for GGUF models (one prompt at a time; "
+                         "--batch and --dtype do not apply)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from corpus_tools.models import ModelSourceError
     try:
         entries = selfgen(args.model, args.corpus, args.out, args.splits, args.per_book, args.prompt_tokens,
-                          args.new_tokens, args.batch, args.dtype, not args.no_progress, args.prompts, args.chat)
+                          args.new_tokens, args.batch, args.dtype, not args.no_progress, args.prompts, args.chat,
+                          args.backend)
     except (CorpusError, OutputPathError, LockedError, ModelSourceError, ValueError) as e:  # and ContextLengthError
         print(f"train.py selfgen: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it from source)")
 
 from corpus_tools.models import ContextLengthError, packaged_gguf  # noqa: E402
-from gate.decode.backend_llamacpp import LayerUnavailable, LlamaCppBackend  # noqa: E402
+from corpus_tools.llamacpp import LayerUnavailable, LlamaCppBackend  # noqa: E402
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.")
@@ -213,3 +213,43 @@ def test_gguf_runtime_loads_no_transformers_weights_and_matches_hf_identity(smol
         assert getattr(rt.big_info, key) == getattr(smollm2.info, key), key
     assert set(eos_ids_of(smollm2)) <= set(rt.eos_ids)
     assert rt.tokenizer("a truth").input_ids == smollm2.tokenizer("a truth").input_ids
+
+
+def test_record_on_llamacpp_matches_transformers_records(tmp_path):
+    """train.py record --backend llama.cpp: the same positions and tokens as the transformers records of the same
+    GGUF; argmax and last-layer hidden states agree up to the de-quantisation (llama.cpp computes the quantised
+    weights, transformers their float32 copy); other layers are refused."""
+    from corpus_tools import record as rec_mod
+    from corpus_tools.records import open_records
+    from test_record import SPLIT_REC, book_text, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("b", "test", book_text(1, 2))])
+    opts = dict(SPLIT_REC, layers=("last",), max_tokens_per_book=60)
+    rec_mod.record(["smollm2-135m"], corpus, tmp_path / "hf", **opts)
+    rec_mod.record(["smollm2-135m"], corpus, tmp_path / "cpp", backend="llama.cpp", **opts)
+    a, b = (open_records(tmp_path / k).load("train") for k in ("hf", "cpp"))
+    assert (a["token"] == b["token"]).all() and (a["target"] == b["target"]).all()
+    m = "smollm2-135m/"
+    assert (a[m + "argmax"] == b[m + "argmax"]).mean() >= 0.9
+    ha, hb = (torch.from_numpy(np.asarray(x[m + f"hidden/{N_LAYERS}"], dtype=np.float32)) for x in (a, b))
+    assert torch.nn.functional.cosine_similarity(ha, hb).min() > 0.98
+    with pytest.raises(ValueError, match="last layer"):
+        rec_mod.record(["smollm2-135m"], corpus, tmp_path / "mid", backend="llama.cpp", **{**opts, "layers": ("middle",)})
+
+
+def test_selfgen_on_llamacpp_is_the_backends_greedy_text(backend, tmp_path):
+    """train.py selfgen --backend llama.cpp: each sample is the prompt + llama.cpp's greedy continuation."""
+    from corpus_tools import selfgen as sg
+    from corpus_tools.models import load_tokenizer
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly
+    from test_record import book_text, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 3))])
+    entries = sg.selfgen("smollm2-135m", corpus, tmp_path / "out", splits=["train"], per_book=2, prompt_tokens=12,
+                         new_tokens=10, progress=False, backend="llama.cpp")
+    tok = load_tokenizer("smollm2-135m")
+    prompts = sg.prompts_of_book((corpus / "text" / "a.txt").read_text(), tok, 2, 12)
+    for entry, prompt in zip(entries, prompts):
+        want = Decoder(backend, BigOnly()).generate(prompt, 10).ids
+        assert (tmp_path / "out" / "text" / f"{entry['book_id']}.txt").read_text() == tok.decode(prompt + want)

@@ -233,7 +233,7 @@ def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
     """The same drafter on the llama.cpp backend (its last-layer hidden rows) with --verify == big there."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it)")
     from corpus_tools.models import packaged_gguf
-    from gate.decode.backend_llamacpp import LlamaCppBackend
+    from corpus_tools.llamacpp import LlamaCppBackend
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly, Gate
     from gate.model.drafter import load_drafter

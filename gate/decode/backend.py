@@ -16,7 +16,7 @@ them, and both runtimes compute them anyway.
 
 HFBackend wraps a transformers causal LM with a DynamicCache. Backends are made by
 gate/decode/runtime.py::make_backend from its BACKENDS table (kind -> class): a new backend is one class with
-these members plus one entry there. LlamaCppBackend (backend_llamacpp.py, kind "llama.cpp") is the other one:
+these members plus one entry there. LlamaCppBackend (corpus_tools/llamacpp.py, kind "llama.cpp") is the other one:
 llama_decode with logits for the kept rows, llama_memory_seq_rm for crop, the last layer's hidden state only.
 """
 from __future__ import annotations

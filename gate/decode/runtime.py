@@ -27,7 +27,7 @@ class UsageError(ValueError):
 def llamacpp_backend(model, name: str = "", hidden_layer: int | None = None) -> Backend:
     """llama.cpp runs the GGUF that `name` names (a packaged alias or a .gguf file), not the transformers
     `model` open_models loaded (that one still gives the tokenizer, the EOS ids and the ModelInfo)."""
-    from gate.decode.backend_llamacpp import LlamaCppBackend
+    from corpus_tools.llamacpp import LlamaCppBackend
 
     if name.startswith("self:"):
         raise UsageError(f"{name!r}: an early-exit predictor needs the 'hf' backend (llama.cpp runs whole models)")
@@ -36,7 +36,7 @@ def llamacpp_backend(model, name: str = "", hidden_layer: int | None = None) -> 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {   # kind -> (model, name=..., hidden_layer=...) -> a Backend
     "hf": HFBackend,
-    "llama.cpp": llamacpp_backend,   # gate/decode/backend_llamacpp.py: needs llama-cpp-python
+    "llama.cpp": llamacpp_backend,   # corpus_tools/llamacpp.py: needs llama-cpp-python
 }
 
 
@@ -136,38 +136,22 @@ def open_models(big_name: str, small_names: list[str], dtype: str, kind: str = "
 def open_gguf_models(big_name: str, small_names: list[str]) -> Runtime:
     """The runtime on llama.cpp: each model a LlamaCppBackend, its tokenizer read from the GGUF (cached) and its
     ModelInfo from llama.cpp; the transformers weights are never loaded (a 1.5B model would take 11 GB)."""
+    from corpus_tools.llamacpp import eos_ids, open_gguf
     from corpus_tools.models import check_same_tokenizer
 
-    big, tok, info = gguf_model(big_name)
-    rt = Runtime(tok, big, info, eos_ids=gguf_eos_ids(big, tok))
+    for name in (big_name, *small_names):
+        if name.startswith("self:"):
+            raise UsageError(f"{name!r}: an early-exit predictor needs the 'hf' backend (llama.cpp runs whole "
+                             "models)")
+    big, tok, info = open_gguf(big_name)
+    rt = Runtime(tok, big, info, eos_ids=eos_ids(big, tok))
     fps = {big_name: info.fingerprint}
     for name in dict.fromkeys(small_names):
-        backend, _, rt.infos[name] = gguf_model(name)
+        backend, _, rt.infos[name] = open_gguf(name)
         rt.predictors[name] = backend
         fps[name] = rt.infos[name].fingerprint
     check_same_tokenizer(fps)
     return rt
-
-
-def gguf_model(name: str):
-    """(LlamaCppBackend, tokenizer, ModelInfo) of a GGUF model (packaged alias or .gguf file)."""
-    from corpus_tools.models import ModelInfo, load_tokenizer, tokenizer_fingerprint
-
-    backend = llamacpp_backend(None, name)
-    tok = load_tokenizer(name)
-    info = ModelInfo(name=name, path=str(backend.path), dtype="gguf", n_params=backend.n_params,
-                     vocab_size=backend.vocab_size, n_layers=backend.n_layers, hidden_size=backend.hidden_size,
-                     fingerprint=tokenizer_fingerprint(tok), context_length=backend.n_ctx)
-    return backend, tok, info
-
-
-def gguf_eos_ids(backend, tokenizer) -> tuple:
-    """End-of-generation ids as llama.cpp sees them (llama_vocab_is_eog over the special tokens), plus the
-    tokenizer's eos token."""
-    ids = {i for i in getattr(tokenizer, "all_special_ids", []) if backend.is_eog(i)}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))
 
 
 def early_exit(big, name: str):

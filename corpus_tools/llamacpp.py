@@ -1,7 +1,10 @@
-"""LlamaCppBackend: the Backend protocol (gate/decode/backend.py) over llama.cpp, for GGUF models on CPU.
+"""LlamaCppBackend: the llama.cpp runtime for GGUF models on CPU, with the members of the decoder's Backend
+protocol (gate/decode/backend.py); `train.py record --backend llama.cpp` runs it too (GGUFModel), so a
+drafter can be fitted on the very features it reads when decoding on llama.cpp. It lives here, beside the
+transformers loader (corpus_tools/models.py), because recording comes before decoding in the pipeline.
 
 Why: users decode GGUF models with llama.cpp, which runs SmolLM2-135M several times faster than transformers
-on these CPUs (issue 11). A gate speed-up measured over the slower transformers loop means little to them.
+on these CPUs. A gate speed-up measured over the slower transformers loop means little to them.
 
 Design. The backend drives llama.cpp's C API directly (llama_decode on a llama_batch), not the binding's
 high-level `Llama` object, because the decode loop needs exactly the protocol's semantics:
@@ -48,7 +51,7 @@ bench/results/llamacpp*.md (3 passes over 4 prompts x 64 tokens, load 5-6): `big
 0.88x (2 threads) and 0.94x (1 thread) of the binding's own greedy generate's tokens/s in the same run, and
 2.5x / 3.4x the transformers backend's `big` on this busy machine (the issue's idle-machine numbers were ~6x).
 
-    from gate.decode.backend_llamacpp import LlamaCppBackend
+    from corpus_tools.llamacpp import LlamaCppBackend
     big = LlamaCppBackend("model.gguf", hidden_layer=None, n_threads=2)
     logits, hidden = big.forward([1, 2, 3], keep=1)
 """
@@ -270,3 +273,69 @@ class LlamaCppBackend:
             self.close()
         except Exception:
             pass
+
+
+def open_gguf(name: str, **kw) -> tuple[LlamaCppBackend, object, "ModelInfo"]:
+    """(backend, tokenizer, ModelInfo) of a GGUF model (packaged alias or .gguf file) without transformers
+    weights: the tokenizer from the GGUF (cached, corpus_tools.models.load_tokenizer), the sizes from llama.cpp.
+    Layers, width, vocabulary and tokenizer fingerprint equal the transformers model's, so artifacts fitted on
+    either runtime's records are checked alike."""
+    from corpus_tools.models import ModelInfo, load_tokenizer, tokenizer_fingerprint
+
+    backend = LlamaCppBackend(name, name=name, **kw)
+    tok = load_tokenizer(name)
+    info = ModelInfo(name=name, path=str(backend.path), dtype="gguf", n_params=backend.n_params,
+                     vocab_size=backend.vocab_size, n_layers=backend.n_layers, hidden_size=backend.hidden_size,
+                     fingerprint=tokenizer_fingerprint(tok), context_length=backend.n_ctx)
+    return backend, tok, info
+
+
+def eos_ids(backend: LlamaCppBackend, tokenizer) -> tuple:
+    """End-of-generation ids as llama.cpp sees them (llama_vocab_is_eog over the special tokens), plus the
+    tokenizer's eos token."""
+    ids = {i for i in getattr(tokenizer, "all_special_ids", []) if backend.is_eog(i)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+class GGUFModel:
+    """A llama.cpp model as corpus_tools uses a transformers causal LM. Recording calls it:
+    model(x [B, L], logits_to_keep=k, output_hidden_states=bool) -> .logits [B, k, V] and .hidden_states, where
+    only the last layer (index n_layers, post-norm) exists; each window is one fresh pass over its tokens.
+    selfgen calls `greedy`."""
+    device = torch.device("cpu")
+
+    def __init__(self, backend: LlamaCppBackend):
+        self.backend = backend
+
+    def __call__(self, x: torch.Tensor, logits_to_keep: int, output_hidden_states: bool = False):
+        from types import SimpleNamespace
+
+        b = self.backend
+        b.hidden_layer = b.n_layers if output_hidden_states else None
+        b.hidden_all = True
+        logits, hidden = [], []
+        for row in x.tolist():
+            b.reset()
+            lg, h = b.forward(row, keep=logits_to_keep)
+            logits.append(lg)
+            hidden.append(h)
+        states = {b.n_layers: torch.stack(hidden)} if output_hidden_states else None
+        return SimpleNamespace(logits=torch.stack(logits), hidden_states=states)
+
+    def greedy(self, prompt: list[int], new_tokens: int, eos_ids) -> list[int]:
+        """The greedy continuation of one prompt, cut before the first EOS."""
+        b = self.backend
+        b.hidden_layer = None
+        b.reset()
+        logits, _ = b.forward(prompt, keep=1)
+        out: list[int] = []
+        while len(out) < new_tokens:
+            tok = int(logits[-1].argmax())
+            if tok in eos_ids:
+                break
+            out.append(tok)
+            if len(out) < new_tokens:
+                logits, _ = b.forward([tok], keep=1)
+        return out
