@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Benchmark the llama.cpp backend: greedy `big` tokens/s against llama.cpp's own generate and the HF backend.
+"""Benchmark the llama.cpp backend against llama.cpp's own generate and the transformers backend.
 
     python bench/llamacpp.py [--model smollm2-135m] [--threads 2] [--n-prompts 4] [--new-tokens 64] [--no-hf]
+                             [--gate PATH [--small M]]
 
 One process, one load of each model, the same GGUF, the same threads, the same prompt token ids (tokenised by
 the GGUF's own tokenizer). Methods, their order rotating from prompt to prompt so the machine's drift hits all
 alike (the machine here is shared: compare the ratios of one run, not absolute numbers across runs):
-  llama_big       the project's Decoder, policy big, on LlamaCppBackend (hidden states off)
-  llama_generate  llama-cpp-python's high-level Llama.generate, greedy (temp 0, top_k 1, no repeat penalty)
-  hf_big          the project's Decoder, policy big, on HFBackend (transformers float32, torch threads = --threads)
+  llama_big          the project's Decoder, policy big, on LlamaCppBackend (hidden states off)
+  llama_generate     llama-cpp-python's high-level Llama.generate, greedy (temp 0, top_k 1, no repeat penalty)
+  llama_pld          the same with the binding's prompt-lookup draft model (LlamaPromptLookupDecoding, 10 tokens)
+  llama_copy_verify  the Decoder, the copy rule (prompt lookup as a gate) with --verify: lossless
+  llama_gate_verify  the Decoder, `--policy gate --gate PATH --verify` (a heads drafter, or a router over --small)
+  hf_big, hf_copy_verify, hf_gate_verify   the same three on HFBackend (transformers float32)
 Each timing covers the whole generation: the prompt pass and --new-tokens decode steps.
-Targets (issue 11): llama_big within 15% of llama_generate, and >= 4x hf_big.
+Targets (issue 11): llama_big within 15% of llama_generate, and >= 4x hf_big; lossless gate decoding ahead of
+llama_big and of prompt lookup.
 Writes bench/results/llamacpp.json and .md (--out to change).
 """
 from __future__ import annotations
@@ -51,19 +56,25 @@ def parse(argv):
     ap.add_argument("--n-prompts", type=int, default=4, help=f"at most {len(PROMPTS)}")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1, help="passes over the prompts")
-    ap.add_argument("--no-hf", action="store_true", help="skip hf_big (no transformers load)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the hf_* methods (no transformers load)")
+    ap.add_argument("--gate", help="a drafter for --model (train.py fit): adds llama_gate_verify / hf_gate_verify")
+    ap.add_argument("--small", help="the small model a router --gate runs over (default: the one it names)")
+    ap.add_argument("--gate-threshold", type=float, default=0.5,
+                    help="skip threshold of the verified gate (lossless at any value)")
     ap.add_argument("--out", default="bench/results/llamacpp", help="output path without extension")
     return ap.parse_args(argv)
 
 
 # -- runners: each maps (prompt ids, n new tokens) -> (new ids, wall seconds) ------------------------------------
-def decoder_runner(backend):
+def decoder_runner(backend, policy=None, **kw):
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly
 
+    policy = policy or BigOnly()
+
     def run(ids, n):
         t0 = time.perf_counter()
-        res = Decoder(backend, BigOnly()).generate(ids, n)
+        res = Decoder(backend, policy, **kw).generate(ids, n)
         return res.ids, time.perf_counter() - t0
     return run
 
@@ -84,24 +95,33 @@ def generate_runner(llm):
 def make_runners(args, gguf: str):
     import llama_cpp
 
-    from corpus_tools.llamacpp import LlamaCppBackend
-
     n_ctx = 1024
     llm = llama_cpp.Llama(gguf, n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
-                          verbose=False,
-                          flash_attn=True)
-    runners = {
-        "llama_big": decoder_runner(LlamaCppBackend(gguf, name=args.model, n_ctx=n_ctx,
-                                                    n_threads=args.threads)),
-        "llama_generate": generate_runner(llm),
-    }
+                          verbose=False, flash_attn=True)
+    pld = llama_cpp.Llama(gguf, n_ctx=n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
+                          verbose=False, flash_attn=True,
+                          draft_model=llama_cpp.llama_speculative.LlamaPromptLookupDecoding(num_pred_tokens=10))
+    runners = {"llama_generate": generate_runner(llm), "llama_pld": generate_runner(pld)}
+    runners.update(runtime_runners(args, "llama.cpp", "llama"))
     if not args.no_hf:
-        from corpus_tools.models import load
-        from gate.decode.backend import HFBackend
-
-        lm = load(args.model, "float32")
-        runners["hf_big"] = decoder_runner(HFBackend(lm.model, args.model))
+        runners.update(runtime_runners(args, "hf", "hf"))
     return runners, llm
+
+
+def runtime_runners(args, kind: str, prefix: str) -> dict:
+    """big, copy --verify and (with --gate) gate --verify through the project's runtime on one backend."""
+    from gate.decode.policies import Copy, Gate
+    from gate.decode.runtime import open_models, router_meta
+
+    small = args.small or (router_meta(args.gate) or {}).get("small_model", {}).get("name") if args.gate else None
+    rt = open_models(args.model, [small] if small else [], "float32", kind)
+    out = {f"{prefix}_big": decoder_runner(rt.big),
+           f"{prefix}_copy_verify": decoder_runner(rt.big, Copy(), verify=True)}
+    if args.gate:
+        drafter = rt.load_gate(args.gate)
+        out[f"{prefix}_gate_verify"] = decoder_runner(
+            rt.big, Gate(drafter, args.gate_threshold, lms=getattr(drafter, "lms", ())), verify=True)
+    return out
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -134,6 +154,8 @@ def summarise(args, gguf, totals, outputs, prompts, load0) -> dict:
     tps = {m: t["tokens"] / t["wall"] for m, t in totals.items()}
     ref = outputs["llama_generate"]
     same = {m: sum(a == b for a, b in zip(o, ref)) for m, o in outputs.items()}
+    same_big = {m: sum(a == b for a, b in zip(o, outputs["hf_big" if m.startswith("hf_") else "llama_big"]))
+                for m, o in outputs.items()}
     res = dict(
         command="python " + " ".join(shlex.quote(a) for a in sys.argv),
         model=args.model, gguf=gguf, threads=args.threads, n_prompts=len(prompts),
@@ -143,9 +165,15 @@ def summarise(args, gguf, totals, outputs, prompts, load0) -> dict:
                      loadavg_start=[round(x, 2) for x in load0],
                      loadavg_end=[round(x, 2) for x in os.getloadavg()]),
         methods={m: dict(tokens=t["tokens"], wall_s=round(t["wall"], 3), tokens_per_s=round(tps[m], 2),
-                         prompts_identical_to_llama_generate=same[m]) for m, t in totals.items()},
+                         prompts_identical_to_llama_generate=same[m],
+                         prompts_identical_to_big=same_big[m]) for m, t in totals.items()},
         ratios=dict(llama_big_over_llama_generate=round(tps["llama_big"] / tps["llama_generate"], 3)),
     )
+    for m in tps:
+        if m.startswith("hf_") and m != "hf_big" and "hf_big" in tps:
+            res["ratios"][f"{m}_over_hf_big"] = round(tps[m] / tps["hf_big"], 3)
+        elif m not in ("llama_big", "llama_generate") and m.startswith("llama_"):
+            res["ratios"][f"{m}_over_llama_big"] = round(tps[m] / tps["llama_big"], 3)
     if "hf_big" in tps:
         res["ratios"]["llama_big_over_hf_big"] = round(tps["llama_big"] / tps["hf_big"], 2)
     return res
@@ -160,13 +188,15 @@ def markdown(res: dict) -> str:
         f"{res['repeats']} pass(es); wall time per generation includes the prompt pass. Machine: "
         f"{res['machine']['cpus']} CPUs, shared (load average {res['machine']['loadavg_start'][0]} at start, "
         f"{res['machine']['loadavg_end'][0]} at end): compare ratios within this run.", "",
-        "| method | tokens | wall s | tokens/s | outputs identical to llama_generate |",
-        "|---|---|---|---|---|",
+        "| method | tokens | wall s | tokens/s | outputs identical to llama_generate | identical to its backend's big |",
+        "|---|---|---|---|---|---|",
     ]
     for m, v in res["methods"].items():
         lines.append(f"| {m} | {v['tokens']} | {v['wall_s']} | {v['tokens_per_s']} | "
-                     f"{v['prompts_identical_to_llama_generate']}/{res['n_prompts']} |")
-    lines += ["", "Ratios (targets: llama_big / llama_generate >= 0.85; llama_big / hf_big >= 4):", ""]
+                     f"{v['prompts_identical_to_llama_generate']}/{res['n_prompts']} | "
+                     f"{v['prompts_identical_to_big']}/{res['n_prompts']} |")
+    lines += ["", "Ratios (targets: llama_big / llama_generate >= 0.85; llama_big / hf_big >= 4; a lossless gate "
+              "ahead of big and of prompt lookup on its backend):", ""]
     lines += [f"- {k}: {v}" for k, v in res["ratios"].items()]
     if "hf_big" in res["methods"]:
         lines += ["", "hf_big runs the GGUF de-quantised to float32 weights in transformers, while llama.cpp "

@@ -230,7 +230,11 @@ def cmd_decode(args, argv) -> int:
     methods, families = lossless_methods(rt, args, drafter), {}
     for name, (m, fam) in {**lossy_methods(rt, args, drafter), **(hf_methods(rt, args) if args.hf else {})}.items():
         methods[name], families[name] = m, fam
-    print(f"[pair] {len(prompts)} prompts x {args.new_tokens} tokens; {len(methods)} methods", file=sys.stderr)
+    if args.only:
+        keep = tuple(args.only.split(","))
+        methods = {k: m for k, m in methods.items() if k == "big" or k.split("@")[0] in keep}
+    print(f"[pair] {len(prompts)} prompts x {args.new_tokens} tokens; methods: {', '.join(methods)}",
+          file=sys.stderr)
     t0 = time.time()
     rows = run_prompts(rt, methods, prompts, args.new_tokens, 1e-3, "float32")
     ref = sum(len(r["ids"]) for r in rows["big"]) / sum(r["ledger"].wall_s for r in rows["big"])
@@ -281,6 +285,8 @@ def main(argv=None) -> int:
     d.add_argument("--router-sweep", default="0.9,0.7,0.5")
     d.add_argument("--verify-sweep", default="0.5,0.2")
     d.add_argument("--hf", action="store_true", help="add the transformers-only methods (needs --backend hf)")
+    d.add_argument("--only", help="keep only these methods (comma-separated names before '@', e.g. "
+                   "router_verify,hf_assisted; `big` is always kept)")
     d.add_argument("--early-exit", default="self:14", help="the cascade's first level with --hf")
     d.add_argument("--out", default="bench/results/pair_decode")
     args = ap.parse_args(argv)

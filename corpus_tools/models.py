@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from corpus_tools.errors import one_line
@@ -390,10 +391,22 @@ def gguf_tokenizer(gguf: Path):
 
 
 def input_embedding(name: str) -> torch.Tensor:
-    """The input embedding matrix [V, d] of a model, read alone from its safetensors files (a 1.5B model's
-    weights need not be loaded for one tensor); falls back to loading the model."""
+    """The input embedding matrix [V, d] of a model, read alone (a 1.5B model's weights need not be loaded for
+    one tensor): from a GGUF (packaged alias or .gguf file) de-quantised by gguf-py, without converting the
+    model (30 s for Qwen-0.5B's Q-quantised 152k x 896 table here); else from the safetensors files; else by
+    loading the model."""
     from safetensors import safe_open
 
+    if name in ALIASES or Path(name).suffix == ".gguf":
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        gguf = joined_gguf(packaged_gguf(name), name) if name in ALIASES else Path(name)
+        t = next((t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight"), None)
+        if t is None:
+            raise ModelSourceError(f"{gguf}: no token_embd.weight tensor")
+        w = dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(-1, w.shape[-1]))
     src = Path(resolve(name))
     for f in sorted(src.glob("*.safetensors")) if src.is_dir() else []:
         with safe_open(str(f), "pt") as st:

@@ -540,9 +540,7 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
             from gate.train.fit_router import fit_router
 
             _check_settings(cfg)
-            if len(paths) != 1:
-                raise FitError(f"--records: the router reads one records folder of a model pair, got {len(paths)}")
-            return fit_router(paths[0], Path(out), cfg, model, log)
+            return fit_router(paths, Path(out), cfg, model, log)
         if cfg.drafter == "eagle":
             from gate.train.fit_eagle import fit_eagle
 
@@ -600,7 +598,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="train.py fit", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--records", required=True, nargs="+",
-                    help="records folder (python train.py record); --drafter eagle takes several of one big model")
+                    help="records folder (python train.py record); --drafter eagle takes several of one big model, "
+                         "--drafter router several of one model pair")
     ap.add_argument("--out", required=True, help="artifact folder to write (the Drafter)")
     ap.add_argument("--model", default=None, help="which recorded model is the big one (default: the largest)")
     add_arguments(ap)

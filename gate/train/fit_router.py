@@ -4,14 +4,17 @@ both models (`train.py record --model BIG --model SMALL`).
 Label at position t: the small model's argmax equals the big model's (both recorded on the same text). The
 router scores that from the small model's features (and optionally the big model's stale hidden state).
 
+Several records folders of one pair may be given (e.g. the book text, teacher-forced, and the big model's own
+continuations, `train.py selfgen`): their splits are pooled.
+
 Data use (books never mix between splits):
     train split       -> projections (small hidden state, candidate embedding, big hidden state), the copy rule's
                          trust per match length, a logistic and an MLP gate
     validation split  -> Learn-then-Test threshold of each gate (at delta / 2 each); the larger certified
                          coverage wins
-    test split        -> the metrics in drafter.json (router vs the small model's entropy and max-probability,
-                         the copy rule and the oracle, overall and on non-copy positions); bench/pair.py reports
-                         them on held-out genres too, with `split_metrics`
+    test split        -> the metrics in drafter.json, per records folder (router vs the small model's entropy
+                         and max-probability, the copy rule and the oracle, overall and on non-copy positions);
+                         bench/pair.py reports them on held-out genres too, with `split_metrics`
 Pairs: the small model's features do not depend on how long ago the big model ran, so without the big hidden
 state each position is one example. With it (--router-big-hidden), each position t gets one since_big s, drawn
 uniformly from the valid 1 .. max_skip - 1, and reads the big model's state at t - s, as decoding would.
@@ -119,22 +122,23 @@ def routed(feats, gate, table, d: PairSplit, rows, s) -> tuple[np.ndarray, np.nd
 
 
 # ------------------------------------------------------------------------------------------------ fitting
-def fit_features(tr: PairSplit, small: dict, cfg: FitConfig, log) -> RouterFeatures:
-    """Projections fitted on (a sample of) the training positions; the candidate-embedding table and token kinds
-    over the whole vocabulary."""
+def fit_features(parts: list[PairSplit], small: dict, cfg: FitConfig, log) -> RouterFeatures:
+    """Projections fitted on (a sample of) the training positions of every part; the candidate-embedding table
+    and token kinds over the whole vocabulary."""
     rng = np.random.default_rng(cfg.seed)
-    sub = np.sort(rng.choice(len(tr), min(len(tr), 20000), replace=False))
-    small_proj = projection(np.asarray(tr.small.hidden[sub], dtype=np.float32), cfg.router_pca)
-    big_proj = (projection(np.asarray(tr.big.hidden[sub], dtype=np.float32), cfg.router_pca)
-                if cfg.router_big_hidden else None)
+    subs = [np.sort(rng.choice(len(d), min(len(d), 20000 // len(parts)), replace=False)) for d in parts]
+    sample = lambda field: np.concatenate([np.asarray(getattr(d, field).hidden[i], dtype=np.float32)  # noqa: E731
+                                           for d, i in zip(parts, subs)])
+    small_proj = projection(sample("small"), cfg.router_pca)
+    big_proj = projection(sample("big"), cfg.router_pca) if cfg.router_big_hidden else None
     emb = input_embedding(small["name"])
     V = int(small["vocab_size"])
-    cands = np.unique(tr.small.argmax)
+    cands = np.unique(np.concatenate([d.small.argmax for d in parts]))
     emb_proj = projection(emb[torch.from_numpy(cands)].numpy(), cfg.router_emb_pca)
     kind = np.full(V, OTHER_KIND, dtype=np.int8)
     tk = token_table(load_tokenizer(small["name"]))["kind"][:V]
     kind[:len(tk)] = tk
-    log(f"[router] projections: small hidden {tr.small.hidden.shape[1]} -> {small_proj.width}, candidate "
+    log(f"[router] projections: small hidden {small_proj.mean.shape[0]} -> {small_proj.width}, candidate "
         f"embedding {emb.shape[1]} -> {emb_proj.width}" + (f", big hidden -> {big_proj.width}" if big_proj else ""))
     return RouterFeatures(small_proj, emb_proj(emb[:V]), torch.from_numpy(kind), cfg.router_topk, big_proj,
                           cfg.max_skip if cfg.router_big_hidden else 0)
@@ -153,12 +157,18 @@ def fit_gates(X: torch.Tensor, y: np.ndarray, cfg: FitConfig) -> dict:
             "mlp": MLPGate(X.shape[1]).fit(Xn, y, seed=cfg.seed)}
 
 
-def calibrate(gates: dict, feats, table, va: PairSplit, rows, s, cfg: FitConfig, log) -> tuple[str, dict]:
-    """Learn-then-Test on validation for each gate at delta / len(gates); the largest certified coverage wins
-    (by coverage at the target precision when none certifies)."""
+def routed_parts(feats, gate, table, parts: list[tuple[PairSplit, np.ndarray, np.ndarray]]):
+    """routed() over several (data, rows, s) parts, concatenated."""
+    out = [routed(feats, gate, table, d, rows, s) for d, rows, s in parts]
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+
+def calibrate(gates: dict, feats, table, val: list, cfg: FitConfig, log) -> tuple[str, dict]:
+    """Learn-then-Test on the validation parts for each gate at delta / len(gates); the largest certified
+    coverage wins (by coverage at the target precision when none certifies)."""
     cals = {}
     for name, gate in gates.items():
-        score, correct = routed(feats, gate, table, va, rows, s)
+        score, correct = routed_parts(feats, gate, table, val)
         cal = ltt_calibrate(score, correct, cfg.target_precision, cfg.delta / len(gates))
         cal["coverage_at_target"] = coverage_at_precision(score, correct, (cfg.target_precision,))[
             cfg.target_precision]
@@ -193,40 +203,58 @@ def split_metrics(d: PairSplit, score: np.ndarray, correct: np.ndarray, rows: np
     return out
 
 
-def fit_router(path, out, cfg: FitConfig, big_name: str | None, log) -> Path:
+def load_parts(paths: list[Path], kind: str, big_name: str | None, cfg: FitConfig, seed: int):
+    """[(records path, PairSplit, rows, s)] of one split kind from every records folder (one pair in all)."""
+    out, first = [], None
+    for k, path in enumerate(paths):
+        rec = open_records_checked(path)
+        big, small = pair_entries(rec, path, big_name)
+        if first is None:
+            first = (big, small)
+        elif [model_identity(m) for m in (big, small)] != [model_identity(m) for m in first]:
+            raise FitError(f"{path}: records of another pair ({big['name']} / {small['name']}) than "
+                           f"{paths[0]} ({first[0]['name']} / {first[1]['name']})")
+        if kind == "test" and "test" not in rec.splits:
+            continue
+        d = load_pair(rec, path, find_split(rec, path, kind), big, small, cfg.copy_max_n or MAX_N)
+        out.append((path, d, *since_big(d, cfg.max_skip, seed + k, cfg.router_big_hidden)))
+    return out, first
+
+
+def fit_router(paths, out, cfg: FitConfig, big_name: str | None, log) -> Path:
     """Train, calibrate and save a router (see the module docstring); returns the artifact folder."""
     t0 = time.time()
-    path, out = Path(path), Path(out)
-    rec = open_records_checked(path)
-    big, small = pair_entries(rec, path, big_name)
-    splits = {k: find_split(rec, path, k) for k in ("train", "validation")}
-    tr, va = (load_pair(rec, path, splits[k], big, small, cfg.copy_max_n or MAX_N) for k in ("train", "validation"))
-    log(f"[router] {big['name']} (big) / {small['name']} (small): {len(tr):,} train, {len(va):,} validation "
-        f"positions; small argmax = big argmax at {tr.agree.mean():.1%} of train positions")
+    paths, out = [Path(p) for p in paths], Path(out)
+    train, (big, small) = load_parts(paths, "train", big_name, cfg, cfg.seed)
+    val, _ = load_parts(paths, "validation", big_name, cfg, cfg.seed + 100)
+    tr = [d for _, d, _, _ in train]
+    n_tr, n_va = sum(len(r) for _, _, r, _ in train), sum(len(r) for _, _, r, _ in val)
+    log(f"[router] {big['name']} (big) / {small['name']} (small): {n_tr:,} train, {n_va:,} validation positions "
+        f"from {len(paths)} records folder(s); small argmax = big argmax at "
+        f"{np.concatenate([d.agree for d in tr]).mean():.1%} of train positions")
     feats = fit_features(tr, small, cfg, log)
-    table = (trusted_table(tr.copy_len, tr.copy_tok == tr.big.argmax, cfg.copy_max_n, cfg.delta, cfg.target_precision)
+    table = (trusted_table(np.concatenate([d.copy_len for d in tr]), np.concatenate(
+        [d.copy_tok == d.big.argmax for d in tr]), cfg.copy_max_n, cfg.delta, cfg.target_precision)
              if cfg.copy_max_n else None)
-    rows, s = since_big(tr, cfg.max_skip, cfg.seed, cfg.router_big_hidden)
-    gates = fit_gates(features_of(feats, tr, rows, s), tr.agree[rows], cfg)
-    vrows, vs = since_big(va, cfg.max_skip, cfg.seed + 1, cfg.router_big_hidden)
-    primary, cal = calibrate(gates, feats, table, va, vrows, vs, cfg, log)
-    metrics = {"validation": split_metrics(va, *routed(feats, gates[primary], table, va, vrows, vs), vrows,
-                                           cal["threshold"], cfg.target_precision)}
-    if "test" in rec.splits:
-        te = load_pair(rec, path, "test", big, small, cfg.copy_max_n or MAX_N)
-        trows, ts = since_big(te, cfg.max_skip, cfg.seed + 2, cfg.router_big_hidden)
-        metrics["test"] = split_metrics(te, *routed(feats, gates[primary], table, te, trows, ts), trows,
-                                        cal["threshold"], cfg.target_precision)
+    X = torch.cat([features_of(feats, d, rows, s) for _, d, rows, s in train])
+    gates = fit_gates(X, np.concatenate([d.agree[rows] for _, d, rows, _ in train]), cfg)
+    primary, cal = calibrate(gates, feats, table, [p[1:] for p in val], cfg, log)
+    metrics = {}
+    for kind, parts in (("validation", val), ("test", load_parts(paths, "test", big_name, cfg, cfg.seed + 200)[0])):
+        for path, d, rows, s in parts:
+            metrics[f"{kind}:{path}"] = split_metrics(d, *routed(feats, gates[primary], table, d, rows, s), rows,
+                                                      cal["threshold"], cfg.target_precision)
     meta = {"big_model": model_identity(big), "small_model": model_identity(small),
-            "hidden_layer": int(big["n_layers"]), "max_skip": int(cfg.max_skip if cfg.router_big_hidden else
-                                                                    cfg.router_max_skip),
+            "hidden_layer": int(big["n_layers"]),
+            "max_skip": int(cfg.max_skip if cfg.router_big_hidden else cfg.router_max_skip),
             "threshold": float(cal["threshold"]), "calibration": cal, "primary_gate": primary,
             "copy_trust": None if table is None else [float(x) for x in table], "metrics": metrics,
-            "settings": cfg.as_dict(), "records": str(path), "positions": {"train": len(tr), "validation": len(va)}}
+            "settings": cfg.as_dict(), "records": [str(p) for p in paths],
+            "positions": {"train": n_tr, "validation": n_va}}
     save_router(out, feats, gates[primary], meta)
-    log(f"[router] saved {out} ({time.time() - t0:.0f}s): threshold {cal['threshold']:.4f}"
-        + (f", test coverage {metrics['test']['all']['router']:.1%} at {cfg.target_precision:.0%} precision "
-           f"(oracle {metrics['test']['all']['oracle']:.1%})" if "test" in metrics else ""))
+    log(f"[router] saved {out} ({time.time() - t0:.0f}s): threshold {cal['threshold']:.4f}; " + "; ".join(
+        f"{k}: {m['all']['router']:.1%} at {cfg.target_precision:.0%} precision (oracle {m['all']['oracle']:.1%})"
+        for k, m in metrics.items() if k.startswith("test")))
     if cal["threshold"] >= NEVER:
         log("[router] no threshold certified on validation: the router never skips (more validation positions or "
             "a lower --target-precision)")
