@@ -125,8 +125,9 @@ bench: venv books genres model
 	    --out bench/results/decode_sampled
 
 # The big/small pair (issue: a real pair end to end). Both models record the first PAIR_TOKENS positions of every
-# novel (teacher-forced) and the big model's own continuations (selfgen on llama.cpp); the router is fitted on
-# both; coverage on the test book, the held-out genres and the continuations; then the policies in decoding on
+# novel (teacher-forced), the big model's own continuations of novel openings and its answers to the everyday
+# instructions of data/prompts/general.txt (selfgen on llama.cpp: text beyond one author); the router is fitted
+# on all three; coverage on the test book, the held-out genres and the continuations; then the policies in decoding on
 # llama.cpp (the fast backend) and, for HF assisted generation and the cascade, on transformers. Every step
 # resumes (records, selfgen) or is quick (fit, about a minute). Measured here: records 23 min (24k positions),
 # genres 6 min, selfgen 8 min + its records 12 min, fit 1 min, decode on llama.cpp 20 min, on transformers 15 min.
@@ -148,9 +149,13 @@ bench-pair: venv books genres
 	      --max-tokens-per-book 3000 || exit 1; \
 	done
 	$(PY) train.py selfgen --backend llama.cpp --model $(BIG) --corpus $(RUN)/corpus --out $(PAIR)/selfgen \
-	    --per-book 20 --prompt-tokens 48 --new-tokens 96 --no-progress
+	    --per-book 6 --prompt-tokens 48 --new-tokens 96 --no-progress
+	$(PY) train.py selfgen --backend llama.cpp --model $(BIG) --prompts data/prompts/general.txt --chat \
+	    --out $(PAIR)/prompts_selfgen --new-tokens 64 --no-progress
 	$(PY) train.py record $(PAIR_REC) --corpus $(PAIR)/selfgen --out $(PAIR)/selfgen_records
-	$(PY) train.py fit --drafter router --records $(PAIR)/records $(PAIR)/selfgen_records --out $(PAIR)/router
+	$(PY) train.py record $(PAIR_REC) --corpus $(PAIR)/prompts_selfgen --out $(PAIR)/prompts_records
+	$(PY) train.py fit --drafter router --records $(PAIR)/records $(PAIR)/selfgen_records $(PAIR)/prompts_records \
+	    --out $(PAIR)/router
 	$(PY) bench/pair.py coverage --router $(PAIR)/router --records $(PAIR_SETS) --out bench/results/pair_coverage
 	$(PY) bench/pair.py decode --router $(PAIR)/router --backend llama.cpp --threads 2 \
 	    --corpus $(RUN)/corpus $(PAIR)/genres/*/corpus --out bench/results/pair_decode_llamacpp

@@ -120,7 +120,7 @@ def runtime_runners(args, kind: str, prefix: str) -> dict:
     if args.gate:
         drafter = rt.load_gate(args.gate)
         out[f"{prefix}_gate_verify"] = decoder_runner(
-            rt.big, Gate(drafter, args.gate_threshold, lms=getattr(drafter, "lms", ())), verify=True)
+            rt.big, Gate(drafter, args.gate_threshold), verify=True)
     return out
 
 

@@ -106,7 +106,7 @@ def test_router_verify_is_lossless(pair, tiny_tokenizer, threshold):
     for prompt in PROMPTS[:3]:
         ids = tiny_tokenizer(prompt).input_ids
         want = greedy(rt.big.model, ids, 24)
-        res = Decoder(rt.big, Gate(drafter, threshold=threshold, lms=drafter.lms), verify=True).generate(ids, 24)
+        res = Decoder(rt.big, Gate(drafter, threshold=threshold), verify=True).generate(ids, 24)
         assert res.ids == want, (prompt, threshold)
         drafted += res.ledger["drafted"]
     if threshold == 0.0:   # every position drafted by the small model, each checked by the big model
@@ -118,7 +118,7 @@ def test_router_lossy_skips_are_the_small_models_tokens(pair, tiny_tokenizer):
     rt = open_pair(big_dir, small_dir)
     drafter = rt.load_gate(str(router))
     ids = tiny_tokenizer(PROMPTS[4]).input_ids
-    res = Decoder(rt.big, Gate(drafter, threshold=0.0, lms=drafter.lms)).generate(ids, 20)
+    res = Decoder(rt.big, Gate(drafter, threshold=0.0)).generate(ids, 20)
     small = HFBackend(rt.predictor(small_dir).model, "s")
     text = list(ids)
     for tok, src in zip(res.ids, res.sources):
@@ -190,9 +190,27 @@ def test_real_qwen_pair_end_to_end_on_llamacpp(tmp_path):
     assert drafter.features.small.mean.shape[0] == 896 and drafter.lm.hidden_layer == 24
     ids = rt.tokenizer(paragraphs[31][:200]).input_ids
     want = Decoder(rt.big, BigOnly()).generate(ids, 12).ids
-    res = Decoder(rt.big, Gate(drafter, threshold=0.3, lms=drafter.lms), verify=True).generate(ids, 12)
+    res = Decoder(rt.big, Gate(drafter, threshold=0.3), verify=True).generate(ids, 12)
     assert res.ids == want
     assert res.ledger["drafted"] > 0
     swapped = open_models(small, [big], "float32", "llama.cpp")
     with pytest.raises(UsageError):
         swapped.load_gate(str(tmp_path / "router"))
+
+
+def test_confidence_gate_ignores_the_vector_features():
+    """fit_gates' confidence-only gate is trained with the hidden-state / embedding columns zeroed: its weights
+    there are exactly zero, so at decode time those columns (never zero) do not move its score."""
+    from gate.train.config import FitConfig
+    from gate.train.fit_router import fit_gates
+
+    rng = np.random.default_rng(0)
+    names = ["p1", "entropy_norm", "small_pc0", "small_pc1", "emb_pc0", "copy_len"]
+    X = torch.from_numpy(rng.normal(size=(600, len(names))).astype(np.float32))
+    y = (X[:, 0] + X[:, 2] > 0).numpy()
+    gates = fit_gates(X, y, names, FitConfig(drafter="router"))
+    conf = gates["logreg_confidence"]
+    X2 = X.clone()
+    X2[:, 2:5] = torch.from_numpy(rng.normal(size=(600, 3)).astype(np.float32))
+    assert torch.equal(conf.score(X), conf.score(X2))
+    assert not torch.equal(gates["logreg"].score(X), gates["logreg"].score(X2))

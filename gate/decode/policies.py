@@ -328,7 +328,8 @@ class Gate(Policy):
     computed position the drafter proposes a token and a score; skip while score >= threshold and
     since_big < max_skip. Multi-token skips come from the drafter's future-token heads.
 
-    `lms`: the predictor views the drafter calls (SmallLMDrafter.lms), so the loop keeps them in step."""
+    `lms`: the predictor views the drafter calls (default: the drafter's `lms`, e.g. SmallLMDrafter's or
+    RouterDrafter's small model), so the loop keeps them in step."""
     name = "gate"
     source = "skip"
     summary = ("the learned gate: --gate PATH (from `train.py fit`), or --small M to use a small LM's\n"
@@ -341,8 +342,8 @@ class Gate(Policy):
                 '"def fib(n):" --model qwen2.5-coder-1.5b --policy gate --small qwen2.5-coder-0.5b --verify')
 
     def __init__(self, drafter: Drafter, threshold: float | None = None, max_skip: int | None = None,
-                 name: str | None = None, lms: tuple[LM, ...] = (), chain_cut: float | None = None):
-        super().__init__(lms)
+                 name: str | None = None, lms: tuple[LM, ...] | None = None, chain_cut: float | None = None):
+        super().__init__(getattr(drafter, "lms", ()) if lms is None else lms)
         self.drafter = drafter
         self.chain_cut, self.chain = chain_cut, 1.0
         self.threshold = drafter.threshold if threshold is None else threshold
@@ -395,8 +396,7 @@ class Gate(Policy):
     @classmethod
     def small_lm(cls, small: Backend, drafter_threshold: float = SMALL_LM_GATE_THRESHOLD, **kw) -> "Gate":
         """The gate over a small LM's max-probability (SmallLMDrafter), its cache kept by the loop."""
-        drafter = SmallLMDrafter(small, threshold=drafter_threshold)
-        return cls(drafter, lms=drafter.lms, **kw)
+        return cls(SmallLMDrafter(small, threshold=drafter_threshold), **kw)
 
     @classmethod
     def from_args(cls, args, rt):
@@ -404,8 +404,7 @@ class Gate(Policy):
                   max_skip=at_least("--max-skip", args.max_skip, 1),
                   chain_cut=unit_interval("--chain-cut", args.chain_cut))
         if args.gate:
-            drafter = rt.load_gate(args.gate)
-            return cls(drafter, lms=getattr(drafter, "lms", ()), **kw)
+            return cls(rt.load_gate(args.gate), **kw)
         if args.small:
             return cls.small_lm(rt.predictor(args.small), **kw)
         raise ValueError("--policy gate needs --gate PATH (a trained gate) or --small M (a small LM as gate)")

@@ -151,10 +151,20 @@ def projection(x: np.ndarray, k: int) -> Projection:
     return Projection(torch.from_numpy(mean) + torch.from_numpy(std) * pmean, proj / torch.from_numpy(std)[:, None])
 
 
-def fit_gates(X: torch.Tensor, y: np.ndarray, cfg: FitConfig) -> dict:
+LEARNED = ("small_pc", "emb_pc", "big_pc")   # feature groups read from vectors (hidden states, embeddings)
+
+
+def fit_gates(X: torch.Tensor, y: np.ndarray, names: list[str], cfg: FitConfig) -> dict:
+    """Three gates: logistic and MLP on every feature, and logistic on the confidence features alone (the small
+    model's distribution, the candidate's kind, the copy rule). The vector features fit the training text
+    closely, and on the held-out genres a router that leaned on them did worse than the small model's plain
+    max-probability; validation then picks the gate that holds up (the confidence-only one has zero weights on
+    the vector columns: trained with them zeroed, it ignores them when scoring)."""
     Xn = X.numpy()
+    conf = Xn * np.array([not n.startswith(LEARNED) for n in names], dtype=Xn.dtype)
     return {"logreg": LogisticGate().fit(Xn, y, seed=cfg.seed),
-            "mlp": MLPGate(X.shape[1]).fit(Xn, y, seed=cfg.seed)}
+            "mlp": MLPGate(X.shape[1]).fit(Xn, y, seed=cfg.seed),
+            "logreg_confidence": LogisticGate().fit(conf, y, seed=cfg.seed)}
 
 
 def routed_parts(feats, gate, table, parts: list[tuple[PairSplit, np.ndarray, np.ndarray]]):
@@ -237,7 +247,7 @@ def fit_router(paths, out, cfg: FitConfig, big_name: str | None, log) -> Path:
         [d.copy_tok == d.big.argmax for d in tr]), cfg.copy_max_n, cfg.delta, cfg.target_precision)
              if cfg.copy_max_n else None)
     X = torch.cat([features_of(feats, d, rows, s) for _, d, rows, s in train])
-    gates = fit_gates(X, np.concatenate([d.agree[rows] for _, d, rows, _ in train]), cfg)
+    gates = fit_gates(X, np.concatenate([d.agree[rows] for _, d, rows, _ in train]), feats.names(), cfg)
     primary, cal = calibrate(gates, feats, table, [p[1:] for p in val], cfg, log)
     metrics = {}
     for kind, parts in (("validation", val), ("test", load_parts(paths, "test", big_name, cfg, cfg.seed + 200)[0])):
