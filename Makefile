@@ -157,11 +157,13 @@ bench-pair: venv books genres
 	$(PY) train.py fit --drafter router --records $(PAIR)/records $(PAIR)/selfgen_records $(PAIR)/prompts_records \
 	    --out $(PAIR)/router
 	$(PY) bench/pair.py coverage --router $(PAIR)/router --records $(PAIR_SETS) --out bench/results/pair_coverage
-	$(PY) bench/pair.py decode --router $(PAIR)/router --backend llama.cpp --threads 2 \
-	    --corpus $(RUN)/corpus $(PAIR)/genres/*/corpus --out bench/results/pair_decode_llamacpp
-	$(PY) bench/pair.py decode --router $(PAIR)/router --backend hf --hf --n-prompts 3 --new-tokens 32 \
-	    --only router_verify,spec_small,hf_greedy,hf_assisted,cascade,router \
+	$(PY) bench/pair.py decode --router $(PAIR)/router --backend llama.cpp --threads 1 --n-prompts 4 \
+	    --new-tokens 40 --corpus $(RUN)/corpus $(PAIR)/genres/*/corpus --out bench/results/pair_decode_llamacpp
+	$(PY) bench/pair.py decode --router $(PAIR)/router --backend hf --hf --threads 1 --n-prompts 2 --new-tokens 24 \
+	    --only router_verify,spec_small,copy_verify,hf_greedy,hf_assisted,cascade,router \
 	    --corpus $(RUN)/corpus $(PAIR)/genres/*/corpus --out bench/results/pair_decode_hf
+	$(PY) bench/llamacpp.py --model $(BIG) --gate $(PAIR)/router --threads 1 --n-prompts 2 --new-tokens 32 --no-hf \
+	    --out bench/results/llamacpp_qwen_methods
 
 clean:
 	rm -rf runs $(VENV) data/books data/genres data/debs

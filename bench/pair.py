@@ -59,7 +59,7 @@ def coverage_of(router: str, name: str, spec: str, target: float) -> dict:
     split = split or ("test" if "test" in rec.splits else rec.splits[0])
     d = load_pair(rec, path, split, big, small)
     rows, s = since_big(d, meta["max_skip"], 7, meta["features"]["big_hidden"])
-    score, correct = routed(feats, gate, np.asarray(meta["copy_trust"]) if meta["copy_trust"] else None, d, rows, s)
+    score, correct = routed(feats, gate, d, rows, s)
     out = split_metrics(d, score, correct, rows, meta["threshold"], target)
     return {"name": name, "records": path, "split": split, **out}
 

@@ -10,7 +10,7 @@ of positions: its cache is caught up over the big model's tokens in one pass, li
 skipped ones. It calls its model through an `LM` view, listed in `lms`, which the `gate` policy hands to the
 loop so that the cache is cropped on rollback and counted in the ledger.
 
-RouterDrafter is the small model behind a trained router (gate/model/router.py, `train.py fit --router small`):
+RouterDrafter is the small model behind a trained router (gate/model/router.py, `train.py fit --drafter router`):
 the same candidate, but the score is the router's estimate that the big model agrees, from the small model's
 distribution, last-layer hidden state, candidate token and the copy rule (and optionally the big model's stale
 hidden state). Its artifact is loaded here, not in gate/model, because it runs a model through a backend.
@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-import numpy as np
 import torch
 
 from gate.decode.backend import Backend
 from gate.decode.loop import LM
-from gate.model.copyrule import CopyIndex, trust_copy
+from gate.model.copyrule import MAX_N, CopyIndex
 from gate.model.router import RouterFeatures, load_router_parts, small_stats
 
 
@@ -67,44 +66,35 @@ class SmallLMDrafter(DrafterBase):
 
 
 class RouterDrafter(DrafterBase):
-    """The Drafter contract over the small model and a trained router: candidate = the small model's argmax (or
-    the copy rule's token where the rule is trusted more), score = the router's estimate that the big model
-    agrees (gate/model/router.py)."""
+    """The Drafter contract over the small model and a trained router: candidate = the small model's argmax,
+    score = the router's estimate that the big model agrees (gate/model/router.py)."""
 
     def __init__(self, features: RouterFeatures, gate, threshold: float, max_skip: int, small: Backend,
-                 small_layer: int, big_layer: int | None, copy_trust=None, meta: dict | None = None):
+                 small_layer: int, big_layer: int | None, copy_max_n: int = MAX_N, meta: dict | None = None):
         self.features, self.gate = features, gate
         self.threshold, self.max_skip = float(threshold), int(max_skip)
         self.hidden_layer = big_layer           # the big model's layer it reads (None: none)
         self.lm = LM(small, hidden_layer=small_layer)
         self.lms = (self.lm,)
         self.meta = meta or {}
-        self.copy_trust = None if copy_trust is None else np.asarray(copy_trust, dtype=np.float32)
-        self.copies = CopyIndex(len(self.copy_trust) - 1) if self.copy_trust is not None else None
+        self.copies = CopyIndex(copy_max_n)     # the copy rule, one of the router's features
         self.last_logits = None                 # the small model's logits: sampled drafts (gate policy)
 
     def start(self) -> None:
-        if self.copies is not None:
-            self.copies.reset()
+        self.copies.reset()
 
     def propose(self, ids: Sequence[int], hidden: torch.Tensor | None, since_big: int) -> tuple[int, float]:
         if self.hidden_layer is not None and hidden is None:
             raise ValueError(f"the router needs the big model's hidden state at layer {self.hidden_layer}")
         logits = self.last_logits = self.lm(ids)
         tok, topk_p, entropy_norm = small_stats(logits, self.features.topk)
-        copy_tok, copy_len = -1, 0
-        if self.copies is not None:
-            self.copies.sync(ids)
-            copy_tok, copy_len = self.copies.query()
+        self.copies.sync(ids)
+        copy_tok, copy_len = self.copies.query()
         big_h = None if hidden is None else torch.as_tensor(hidden).reshape(1, -1)
         X = self.features(topk_p, entropy_norm, self.lm.hidden.reshape(1, -1), [tok], [copy_tok], [copy_len],
                           [since_big], big_h)
-        score = self.gate.score(X).reshape(1).numpy()
-        if self.copy_trust is not None:
-            toks, score, _ = trust_copy(np.array([tok]), score, np.array([copy_tok]), np.array([copy_len]),
-                                        self.copy_trust)
-            tok = int(toks[0])
-        return tok, (float(score[0]) if since_big < self.max_skip else 0.0)
+        score = float(self.gate.score(X).reshape(()))
+        return tok, (score if since_big < self.max_skip else 0.0)
 
     @classmethod
     def load(cls, path, meta: dict, small: Backend, small_info) -> "RouterDrafter":
@@ -113,4 +103,4 @@ class RouterDrafter(DrafterBase):
         feats, gate = load_router_parts(path, meta, small_info)
         big_layer = meta["hidden_layer"] if meta["features"]["big_hidden"] else None
         return cls(feats, gate, meta["threshold"], meta["max_skip"], small, meta["small_model"]["n_layers"],
-                   big_layer, meta.get("copy_trust"), meta)
+                   big_layer, meta.get("copy_max_n", MAX_N), meta)

@@ -14,8 +14,8 @@ model's entropy or max-probability under a threshold) are its baselines. At each
 
 and scores P(small argmax == big argmax). The same function (`RouterFeatures.__call__`) builds the features in
 training (gate/train/fit_router.py, from records) and in decoding (gate/decode/drafters.py `RouterDrafter`,
-from the small model's logits and hidden state). The copy rule's trusted match lengths override the router as in the other
-drafters (gate/model/copyrule.trust_copy), so on copies the router is at least as good as the rule.
+from the small model's logits and hidden state). The copy rule is a feature, not an override (gate/train/fit_router.py, `routed`,
+says why).
 
 Decoding (the `gate` policy with `--gate ROUTER`): the small model writes while the score clears the calibrated
 threshold; the big model then catches up over the small model's tokens in one pass, and with `--verify` checks
