@@ -36,10 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-RULES = ("router", "max_prob", "entropy", "copy_rule", "oracle")
+RULES = ("router", "max_prob", "entropy", "copy_rule", "big_informed", "oracle")
 
 
 # -- coverage --------------------------------------------------------------------------------------------------
@@ -73,10 +72,12 @@ def coverage_md(res: dict, argv) -> str:
              f"{res['threshold']:.4f}). router: train.py fit --drafter router; max_prob / entropy: the small "
              "model's own confidence, untrained; copy_rule: prompt lookup (score = match length); oracle: the "
              "share where the small model's argmax is the big model's (no rule on the small model's token can "
-             "serve more at full precision). x best rule = router / max(max_prob, entropy); x oracle = router / "
+             "serve more at full precision); big_informed: not a router, the big model's own probability of the small "
+             "model's token, which needs the big model's pass at that position (what the small model's features "
+             "cannot know). x best rule = router / max(max_prob, entropy); x oracle = router / "
              "oracle. At threshold: the router at its calibrated threshold (coverage, precision).", "",
-             "| records | positions | subset | router | max_prob | entropy | copy_rule | oracle | x best rule | "
-             "x oracle | at threshold |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| records | positions | subset | router | max_prob | entropy | copy_rule | big_informed | oracle | "
+             "x best rule | x oracle | at threshold |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["sets"]:
         for subset in ("all", "non_copy"):
             m = r[subset]
@@ -241,7 +242,7 @@ def cmd_decode(args, argv) -> int:
     notes = [f"router: {args.router}, calibrated threshold {drafter.threshold:.4f}; small model {args.small}.",
              f"ratio: --min-tokens {args.min_tokens} scaffold tokens first; entropy variants at tau {floats(args.taus)[len(floats(args.taus)) // 2]:g}: "
              "span 4, lookahead 3, adaptive, pattern (the big model after a newline or an opening bracket).",
-             f"spec_small: the small model drafts where its max-probability >= 0.6, verified (lossless).",
+             "spec_small: the small model drafts where its max-probability >= 0.6, verified (lossless).",
              f"run took {time.time() - t0:.0f} s."]
     if args.hf:
         notes.append(f"cascade: {args.early_exit} (the big model's early exit) -> {args.small} -> {args.model}, "

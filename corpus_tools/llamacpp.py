@@ -61,10 +61,13 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from corpus_tools.models import ModelInfo
 
 DEFAULT_MAX_CTX = 8192   # default n_ctx = min(the model's training context, this): bounds the KV cache memory
 UBATCH = 32              # llama.cpp computes a pass in chunks of this many tokens: see the module docstring

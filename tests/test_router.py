@@ -15,7 +15,6 @@ import torch
 from conftest import make_tiny_llama
 from corpus_tools import record as rec_mod
 from gate.decode.backend import HFBackend
-from gate.decode.drafters import RouterDrafter
 from gate.decode.loop import Decoder
 from gate.decode.policies import Gate
 from gate.decode.runtime import UsageError, open_models

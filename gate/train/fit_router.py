@@ -194,12 +194,18 @@ def split_metrics(d: PairSplit, score: np.ndarray, correct: np.ndarray, rows: np
     """Coverage at `target` precision of the router and the untrained rules, overall and on non-copy positions,
     plus the router at its calibrated threshold. Every rule's candidate is scored against the big argmax: the
     small argmax for the router (or the copy token it chose), entropy and max-probability; the copy token for the
-    copy rule (score: match length). The oracle covers every position where the small argmax is right."""
+    copy rule (score: match length). The oracle covers every position where the small argmax is right;
+    big_informed scores it with the big model's own probability of the small token (a reference that needs the
+    big model's pass at that very position: what a router reading only the small model cannot know)."""
     sm, agree = d.small, d.agree[rows]
+    big_p_of_small = (np.asarray(d.big.topk_p[rows]) * (np.asarray(d.big.topk_ids[rows]) == sm.argmax[rows, None])
+                      ).sum(1) if d.big.topk_p is not None else np.zeros(len(rows))
     rules = {"router": (score, correct),
              "max_prob": (np.asarray(sm.p_max[rows]), agree),
              "entropy": (-np.asarray(sm.entropy_norm[rows]), agree),
-             "copy_rule": (d.copy_len[rows].astype(np.float64), d.copy_tok[rows] == d.big.argmax[rows])}
+             "copy_rule": (d.copy_len[rows].astype(np.float64), d.copy_tok[rows] == d.big.argmax[rows]),
+             # not a router: the big model's own probability of the small token, known only after running it
+             "big_informed": (big_p_of_small, agree)}
     out = {}
     for subset, mask in (("all", np.ones(len(rows), bool)), ("non_copy", d.noncopy[rows])):
         m = {name: coverage_at_precision(sc[mask], ok[mask], (target,))[target] for name, (sc, ok) in rules.items()}
