@@ -17,7 +17,7 @@ help:
 	@echo "              held-out genres, the feature head (train.py fit --drafter eagle) beside the heads drafter,"
 	@echo "              decoding greedy and sampled), written to bench/results/"
 	@echo "make bench-pair - the Qwen2.5-Coder 0.5B -> 1.5B pair: record, fit the router, coverage table, the"
-	@echo "              policies in decoding on llama.cpp and transformers (about 80 min on 2 cores; resumes)"
+	@echo "              policies in decoding on llama.cpp and transformers (about 2 hours on 2 cores; resumes)"
 	@echo "make test-fast - the test suite without the slow real-model tests"
 
 venv: $(VENV)/.installed
@@ -129,8 +129,10 @@ bench: venv books genres model
 # instructions of data/prompts/general.txt (selfgen on llama.cpp: text beyond one author); the router is fitted
 # on all three; coverage on the test book, the held-out genres and the continuations; then the policies in decoding on
 # llama.cpp (the fast backend) and, for HF assisted generation and the cascade, on transformers. Every step
-# resumes (records, selfgen) or is quick (fit, about a minute). Measured here: records 23 min (24k positions),
-# genres 6 min, selfgen 8 min + its records 12 min, fit 1 min, decode on llama.cpp 20 min, on transformers 15 min.
+# resumes (records, selfgen) or is quick (fit, about a minute). Measured here, on 2 cores often shared with other
+# jobs: novel records 23 min (24k positions), genre records 7 min, continuations 5 min + records 6 min, instruction
+# answers 15 min + records 10 min, fit 1 min, coverage 1 min, decode on llama.cpp 21 min, on transformers 20 min,
+# bench/llamacpp.py 7 min: about 2 hours in all, most of it recording.
 PAIR        := runs/pair
 BIG         := qwen2.5-coder-1.5b
 SMALL       := qwen2.5-coder-0.5b

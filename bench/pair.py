@@ -179,6 +179,8 @@ def curve_png(summary: list[dict], families: dict, path: Path, title: str) -> No
     for fam in dict.fromkeys(f for f in families.values() if f):
         pts = sorted((s["big_calls_per_token"], 100 * s["on_policy_error"]) for s in summary
                      if families.get(s["method"]) == fam)
+        if not pts:
+            continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=fam)
     ax.set_xlabel("big-model calls per generated token")
     ax.set_ylabel("on-policy error (% tokens != big model's argmax)")
