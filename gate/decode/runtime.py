@@ -25,13 +25,17 @@ class UsageError(ValueError):
 
 
 def llamacpp_backend(model, name: str = "", hidden_layer: int | None = None) -> Backend:
-    """llama.cpp runs the GGUF that `name` names (a packaged alias or a .gguf file), not the transformers
-    `model` open_models loaded (that one still gives the tokenizer, the EOS ids and the ModelInfo)."""
+    """llama.cpp runs the GGUF that `name` names (a packaged alias or a .gguf file); `model` is not used
+    (open_models opens llama.cpp models without transformers: open_gguf_models)."""
     from corpus_tools.llamacpp import LlamaCppBackend
 
+    refuse_early_exit(name)
+    return LlamaCppBackend(name, name=name, hidden_layer=hidden_layer)
+
+
+def refuse_early_exit(name: str) -> None:
     if name.startswith("self:"):
         raise UsageError(f"{name!r}: an early-exit predictor needs the 'hf' backend (llama.cpp runs whole models)")
-    return LlamaCppBackend(name, name=name, hidden_layer=hidden_layer)
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {   # kind -> (model, name=..., hidden_layer=...) -> a Backend
@@ -140,9 +144,7 @@ def open_gguf_models(big_name: str, small_names: list[str]) -> Runtime:
     from corpus_tools.models import check_same_tokenizer
 
     for name in (big_name, *small_names):
-        if name.startswith("self:"):
-            raise UsageError(f"{name!r}: an early-exit predictor needs the 'hf' backend (llama.cpp runs whole "
-                             "models)")
+        refuse_early_exit(name)
     big, tok, info = open_gguf(big_name)
     rt = Runtime(tok, big, info, eos_ids=eos_ids(big, tok))
     fps = {big_name: info.fingerprint}
@@ -203,7 +205,8 @@ def load_router(path: str, meta: dict, rt: Runtime):
     from gate.decode.drafters import RouterDrafter
     from gate.model.drafter import ArtifactError, check_big_model, check_files
 
-    small = next((n for n in rt.infos if n != rt.big_info.name), None)
+    wanted = meta["small_model"]["name"]
+    small = wanted if wanted in rt.infos else next((n for n in rt.infos if n != rt.big_info.name), None)
     if small is None:
         raise UsageError(f"--gate {path}: a router needs its small model ({meta['small_model']['name']}): "
                          "pass --small NAME")

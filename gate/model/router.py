@@ -14,15 +14,15 @@ model's entropy or max-probability under a threshold) are its baselines. At each
 
 and scores P(small argmax == big argmax). The same function (`RouterFeatures.__call__`) builds the features in
 training (gate/train/fit_router.py, from records) and in decoding (gate/decode/drafters.py `RouterDrafter`,
-from the small model's logits and hidden state). The copy rule is a feature, not an override (gate/train/fit_router.py, `routed`,
-says why).
+from the small model's logits and hidden state). The copy rule is a feature, not an override
+(gate/train/fit_router.py, `routed`, says why).
 
 Decoding (the `gate` policy with `--gate ROUTER`): the small model writes while the score clears the calibrated
 threshold; the big model then catches up over the small model's tokens in one pass, and with `--verify` checks
 them (lossless). The small model is read through an `LM` view that asks its backend for the last layer's hidden
 state (the llama.cpp backend gives exactly that layer).
 
-Artifact (a folder written by `python train.py fit --router small`): drafter.json (format skipgate-router/1,
+Artifact (a folder written by `python train.py fit --drafter router`): drafter.json (format skipgate-router/1,
 identities of both models, feature settings, threshold and its Learn-then-Test calibration, metrics) and
 router.safetensors (projections, the candidate-embedding table, token kinds, the gate). Both models are checked
 by identity on load: tokenizer fingerprint, layers, width and vocabulary (one tokenizer serves the whole family,

@@ -124,6 +124,9 @@ def routed(feats, gate, d: PairSplit, rows, s) -> tuple[np.ndarray, np.ndarray]:
 def fit_features(parts: list[PairSplit], small: dict, cfg: FitConfig, log) -> RouterFeatures:
     """Projections fitted on (a sample of) the training positions of every part; the candidate-embedding table
     and token kinds over the whole vocabulary."""
+    recorded = min(d.small.topk_p.shape[1] for d in parts)
+    if cfg.router_topk > recorded:
+        raise FitError(f"--router-topk {cfg.router_topk}: the records hold the top {recorded} probabilities only")
     rng = np.random.default_rng(cfg.seed)
     subs = [np.sort(rng.choice(len(d), min(len(d), 20000 // len(parts)), replace=False)) for d in parts]
     sample = lambda field: np.concatenate([np.asarray(getattr(d, field).hidden[i], dtype=np.float32)  # noqa: E731
@@ -157,8 +160,8 @@ def fit_gates(X: torch.Tensor, y: np.ndarray, names: list[str], cfg: FitConfig) 
     """Three gates: logistic and MLP on every feature, and logistic on the confidence features alone (the small
     model's distribution, the candidate's kind, the copy rule). The vector features fit the training text
     closely, and on the held-out genres a router that leaned on them did worse than the small model's plain
-    max-probability; validation then picks the gate that holds up (the confidence-only one has zero weights on
-    the vector columns: trained with them zeroed, it ignores them when scoring)."""
+    max-probability; validation picks among the three by certified coverage (the confidence-only gate has zero
+    weights on the vector columns: trained with them zeroed, it ignores them when scoring)."""
     Xn = X.numpy()
     conf = Xn * np.array([not n.startswith(LEARNED) for n in names], dtype=Xn.dtype)
     return {"logreg": LogisticGate().fit(Xn, y, seed=cfg.seed),
