@@ -295,7 +295,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if getattr(args, "hf", False) and args.backend != "hf":
         ap.error("--hf needs --backend hf")
-    return cmd_coverage(args, argv) if args.cmd == "coverage" else cmd_decode(args, argv)
+    try:
+        return cmd_coverage(args, argv) if args.cmd == "coverage" else cmd_decode(args, argv)
+    except Exception as e:   # a user's mistake (a missing folder, another pair's records) is one line
+        from corpus_tools.errors import one_line, project_errors
+        from gate.decode.runtime import UsageError
+
+        if not isinstance(e, (UsageError, ValueError, *project_errors())):
+            raise
+        print(f"bench/pair.py: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
