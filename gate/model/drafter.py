@@ -184,25 +184,32 @@ class Drafter:
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"pred.{k}": v.detach().contiguous().cpu() for k, v in self.predictor.tensors().items()}
+        tensors = {f"pred.{k}": v for k, v in self.predictor.tensors().items()}
         for name, g in self.gates.items():
-            tensors.update({f"gate.{name}.{k}": v.detach().contiguous().cpu() for k, v in g.state().items()})
-        with atomic_path(path / TENSOR_FILE) as tmp:
-            save_file(tensors, str(tmp))
-            sha = sha256_file(tmp)
+            tensors.update({f"gate.{name}.{k}": v for k, v in g.state().items()})
         meta = dict(self.meta)
         meta.update(format=FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
                     threshold=self.threshold, primary_gate=self.primary,
                     gates={n: {"kind": g.kind, "config": g.config()} for n, g in self.gates.items()},
                     predictor=self.predictor.config(), features=self.predictor.feature_names,
-                    copy_trust=None if self.copy_trust is None else [float(x) for x in self.copy_trust],
-                    files={TENSOR_FILE: sha}, versions=library_versions())
-        write_json(path / META_FILE, meta)
-        self.meta = meta
-        return path
+                    copy_trust=None if self.copy_trust is None else [float(x) for x in self.copy_trust])
+        self.meta = write_artifact(path, TENSOR_FILE, tensors, meta)
+        return Path(path)
+
+
+def write_artifact(path: str | Path, tensor_file: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """An artifact folder: the tensors (safetensors, written atomically), then META_FILE with their sha256 and the
+    library versions, written last (a folder without it is unfinished). Returns the metadata written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / tensor_file) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        sha = sha256_file(tmp)
+    meta = {**meta, "files": {tensor_file: sha}, "versions": library_versions()}
+    write_json(path / META_FILE, meta)
+    return meta
 
 
 def library_versions() -> dict:

@@ -38,11 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from corpus_tools.files import atomic_path, write_json
 from corpus_tools.inventory import CLASSES, token_class_from_tables
-from corpus_tools.records import sha256_file
 from gate.model.copyrule import COPY_SPAN, CopyIndex, trust_copy
-from gate.model.drafter import META_FILE, library_versions
+from gate.model.drafter import write_artifact
 from gate.model.features import GATES
 
 
@@ -330,26 +328,17 @@ class EagleDrafter:
 
     # -- persistence (the same folder layout and checks as gate/model/drafter.py) ------------------------------
     def save(self, path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        t = {f"head.{k}": v.detach().contiguous() for k, v in self.head.state_dict().items()}
+        t = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         t["head.embed"] = t["head.embed"].half()        # frozen copy of the big model's input embedding
-        t.update({f"gate.{k}": v.contiguous() for k, v in self.gate.state().items()})
+        t.update({f"gate.{k}": v for k, v in self.gate.state().items()})
         t.update({f"tables.{k}": torch.from_numpy(np.asarray(v).copy()) for k, v in self.tables.items()})
-        with atomic_path(path / EAGLE_TENSORS) as tmp:
-            save_file(t, str(tmp))
-            sha = sha256_file(tmp)
         meta = dict(self.meta)
         meta.update(format=EAGLE_FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
                     threshold=self.threshold, head=self.head.config(), gate={"kind": self.gate.kind},
                     features=gate_feature_names(self.depth), depth=self.depth,
-                    copy_trust=[float(x) for x in self.copy_trust],
-                    files={EAGLE_TENSORS: sha}, versions=library_versions())
-        write_json(path / META_FILE, meta)
-        self.meta = meta
-        return path
+                    copy_trust=[float(x) for x in self.copy_trust])
+        self.meta = write_artifact(path, EAGLE_TENSORS, t, meta)
+        return Path(path)
 
     @classmethod
     def from_tensors(cls, t: dict, meta: dict) -> "EagleDrafter":

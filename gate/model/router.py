@@ -35,6 +35,7 @@ import torch
 
 from corpus_tools.inventory import KINDS
 from corpus_tools.models import ModelInfo, TokenizerMismatch
+from corpus_tools.record import logit_stats
 from gate.model.features import GATES
 
 ROUTER_FORMAT = "skipgate-router/1"
@@ -130,34 +131,19 @@ class RouterFeatures:
 def small_stats(logits: torch.Tensor, topk: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(argmax, top-k probabilities [1, k], normalised entropy [1]) of one next-token logits row, computed as
     the recorder computes them (corpus_tools.record.logit_stats), so decode features match training's."""
-    from corpus_tools.record import logit_stats
-
     st = logit_stats(logits.reshape(1, -1), torch.zeros(1, dtype=torch.long), topk)
     return int(st["argmax"][0]), st["topk_p"], st["entropy_norm"]
 
 
 def save_router(path, features: RouterFeatures, gate, meta: dict) -> None:
-    """Write router.safetensors, then drafter.json naming it with its sha256 (written last: a folder without it
-    is unfinished)."""
-    from pathlib import Path
+    """router.safetensors, then drafter.json naming it (gate.model.drafter.write_artifact)."""
+    from gate.model.drafter import write_artifact
 
-    from safetensors.torch import save_file
-
-    from corpus_tools.files import atomic_path, write_json
-    from corpus_tools.records import sha256_file
-    from gate.model.drafter import META_FILE, library_versions
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"feat.{k}": v.detach().contiguous().cpu() for k, v in features.tensors().items()}
-    tensors.update({f"gate.{k}": v.detach().contiguous().cpu() for k, v in gate.state().items()})
-    with atomic_path(path / ROUTER_TENSORS) as tmp:
-        save_file(tensors, str(tmp))
-        sha = sha256_file(tmp)
-    write_json(path / META_FILE, {**meta, "format": ROUTER_FORMAT, "features": features.config(),
-                                  "feature_names": features.names(),
-                                  "gate": {"kind": gate.kind, "config": gate.config()},
-                                  "files": {ROUTER_TENSORS: sha}, "versions": library_versions()})
+    tensors = {f"feat.{k}": v for k, v in features.tensors().items()}
+    tensors.update({f"gate.{k}": v for k, v in gate.state().items()})
+    write_artifact(path, ROUTER_TENSORS, tensors, {**meta, "format": ROUTER_FORMAT, "features": features.config(),
+                                                   "feature_names": features.names(),
+                                                   "gate": {"kind": gate.kind, "config": gate.config()}})
 
 
 def load_router_parts(path, meta: dict, small_info) -> tuple[RouterFeatures, object]:
