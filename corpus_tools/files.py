@@ -10,11 +10,18 @@ file (tempfile.mkstemp alone would leave it 0600).
     with atomic_path(path) as tmp: save_file(tensors, tmp)     # for libraries that write to a path
     with atomic_dir(path) as tmp: ...fill tmp...                # a whole folder, renamed into place
     with FolderLock(out, "train.py record"): ...                # refuses a second writer, naming the first
+    with FolderLock.of_file(path, "infer.py --output"): ...     # one output file of a shared folder
     check_output_dir(out, "--out") / check_output_file(path, "--json")    # before any work: a typo fails at once
 
 A lock left by a process that died does not block a resume (the kernel drops a dead process's flock). Output
 paths are checked where they enter, before the work whose result they would receive: a path that is a file where
 a folder belongs, lies inside a file, or is not writable is refused with OutputPathError naming the flag.
+
+One output rule for every writer: symlinks are resolved first (real_path), so a write through a link updates
+the real file (the link stays a link, never becomes a detached copy) and a lock is named after the real path
+(two names of one file are one lock). An existing path that is neither a regular file nor a folder (a device
+such as /dev/null, a FIFO, a socket, /dev/stdout on a pipe) is refused: renaming a file onto it would replace
+it. Where streaming makes sense a caller accepts '-' for stdout (check_output_file(..., stdout=True)).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -36,14 +44,20 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def real_path(path: str | Path) -> Path:
+    """`path` with every symlink resolved (a dangling link: its target), absolute: where a writer writes."""
+    return Path(os.path.realpath(path))
+
+
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
-    path = Path(path)
+    """Yield a temporary path beside `path` (links resolved: beside the real file); on success it is renamed onto
+    the real file, on error removed."""
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
@@ -58,8 +72,8 @@ def atomic_path(path: str | Path):
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield an empty temporary folder beside `path`; on success it replaces `path` (which must not exist
-    or be an empty folder), on error it is removed."""
-    path = Path(path)
+    or be an empty folder; links resolved), on error it is removed."""
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     tmp.mkdir()
@@ -133,40 +147,65 @@ def _probe_writable(folder: Path, shown: Path, flag: str) -> None:
     os.unlink(tmp)
 
 
-def _check_output(path: Path, flag: str, want_dir: bool) -> Path:
-    existing = _nearest_existing(path)
+SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: str | Path) -> str | None:
+    """What `path` is (links followed) when it exists and is neither a regular file nor a folder, else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((name for test, name in SPECIAL if test(mode)), "not a regular file")
+
+
+def _check_output(shown: Path, flag: str, want_dir: bool, hint: str = "") -> Path:
     kind = "folder" if want_dir else "file"
+    special = special_kind(shown)
+    if special:
+        want = "a folder" if want_dir else "a regular file"
+        raise OutputPathError(f"{flag} {shown}: is {special}, not {want}; writing would replace it "
+                              f"(name {want}{hint})")
+    path = real_path(shown)
+    existing = _nearest_existing(path)
     if existing == path:
         if want_dir and not path.is_dir():
-            raise OutputPathError(f"{flag} {path}: exists and is not a folder; name a folder (new or to resume)")
+            raise OutputPathError(f"{flag} {shown}: exists and is not a folder; name a folder (new or to resume)")
         if not want_dir and path.is_dir():
-            raise OutputPathError(f"{flag} {path}: is a folder; name a file")
+            raise OutputPathError(f"{flag} {shown}: is a folder; name a file")
         folder = path if want_dir else path.parent
     else:
         if not existing.is_dir():
-            raise OutputPathError(f"{flag} {path}: cannot create this {kind}: {existing} is a file, not a folder")
+            raise OutputPathError(f"{flag} {shown}: cannot create this {kind}: {existing} is a file, not a folder")
         folder = existing
-    _probe_writable(folder, path, flag)
-    return path
+    _probe_writable(folder, shown, flag)
+    return shown
 
 
 def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     """Check, before any work, that `path` is an output folder this process can create or write into: it is a
-    folder or does not exist, no ancestor is a file, and the nearest existing folder takes a new file. Creates
-    nothing; raises OutputPathError naming `flag` and the path. Returns the path."""
+    folder or does not exist, no ancestor is a file, and the nearest existing folder takes a new file (links
+    resolved; a device, FIFO or socket is refused). Creates nothing; raises OutputPathError naming `flag` and the
+    path. Returns the path."""
     return _check_output(Path(path), flag, want_dir=True)
 
 
-def check_output_file(path: str | Path, flag: str = "--out", *, parents: bool = True) -> Path:
-    """Check, before any work, that `path` is a file this process can write: not a folder, no ancestor is a file,
-    and its folder (or, with `parents`, the nearest existing ancestor, as atomic_path creates missing folders)
-    takes a new file. parents=False also refuses a missing folder (a typo there should not create folders).
-    Creates nothing; raises OutputPathError naming `flag` and the path. Returns the path."""
+def check_output_file(path: str | Path, flag: str = "--out", *, parents: bool = True, stdout: bool = False) -> Path:
+    """Check, before any work, that `path` is a file this process can write: a regular file (links resolved) or
+    new, not a folder, device, FIFO or socket, no ancestor is a file, and its folder (or, with `parents`, the
+    nearest existing ancestor, as atomic_path creates missing folders) takes a new file. parents=False also
+    refuses a missing folder (a typo there should not create folders). stdout=True accepts '-' (the caller
+    streams to stdout). Creates nothing; raises OutputPathError naming `flag` and the path. Returns the path."""
+    if stdout and str(path) == "-":
+        return Path("-")
     path = Path(path)
     if not parents and not path.parent.is_dir() and not path.parent.is_symlink():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise OutputPathError(f"{flag} {path}: folder {path.parent} {what}")
-    return _check_output(path, flag, want_dir=False)
+    return _check_output(path, flag, want_dir=False, hint=", or '-' for stdout" if stdout else "")
 
 
 class LockedError(RuntimeError):
@@ -183,16 +222,24 @@ class FolderLock:
     that is read, judged stale and replaced can be taken twice). The file is removed on release; a taker
     checks after flock() that the path still names the file it locked (the holder may have just removed it).
     Use as a context manager. Processes of one multi-process run share one lock: only the main one takes it.
-    `name` (default .lock) gives one output file of a shared folder a lock of its own (infer.py --output).
+    `name` (default .lock) gives one output file of a shared folder a lock of its own (infer.py --output; see
+    of_file). The lock file lies in the real folder (links resolved).
     """
 
     NAME = ".lock"
 
     def __init__(self, folder: str | Path, what: str = "", name: str | None = None):
         self.folder, self.what = Path(folder), what
-        self.file = self.folder / (name or self.NAME)   # name: one lock per output file in a shared folder
+        self.file = real_path(self.folder) / (name or self.NAME)   # name: one lock per output file of a folder
         self._fd: int | None = None
         self._made = False  # the folder did not exist: removed on release if still empty
+
+    @classmethod
+    def of_file(cls, path: str | Path, what: str = "") -> "FolderLock":
+        """The lock of one output file: `.NAME.lock` beside the real file, named after the real path (links
+        resolved), so two names that reach one file take one lock."""
+        real = real_path(path)
+        return cls(real.parent, what, name=f".{real.name}.lock")
 
     @property
     def held(self) -> bool:
@@ -215,6 +262,7 @@ class FolderLock:
 
         self._made = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.file = real_path(self.folder) / self.file.name   # the folder may have been a dangling link
         for _ in range(20):
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -256,4 +304,4 @@ class FolderLock:
 
 
 __all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "save_tensors", "FolderLock",
-           "LockedError", "OutputPathError", "check_output_dir", "check_output_file"]
+           "LockedError", "OutputPathError", "check_output_dir", "check_output_file", "real_path", "special_kind"]

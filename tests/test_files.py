@@ -97,3 +97,56 @@ def test_lock_is_reentrant_after_release_and_leaves_no_empty_folder(tmp_path):
         with FolderLock(tmp_path / "kept"):
             (tmp_path / "kept" / "data").write_text("x")
     assert os.listdir(tmp_path / "kept") == ["data"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 22
+def test_a_write_through_a_link_updates_the_real_file(tmp_path):
+    """Case 3: a symlinked output stays a link; the file it names gets the new content (not a detached copy)."""
+    from corpus_tools.files import atomic_dir, write_text
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "r.jsonl").write_text("old\n")
+    link = tmp_path / "r.jsonl"
+    link.symlink_to(tmp_path / "real" / "r.jsonl")
+    write_text(link, "new\n")
+    assert link.is_symlink() and (tmp_path / "real" / "r.jsonl").read_text() == "new\n"
+    assert os.listdir(tmp_path / "real") == ["r.jsonl"]                      # no temporary file left
+    dangling = tmp_path / "later.json"
+    dangling.symlink_to(tmp_path / "real" / "later.json")                    # a link to a file not written yet
+    write_text(dangling, "{}\n")
+    assert dangling.is_symlink() and (tmp_path / "real" / "later.json").read_text() == "{}\n"
+    (tmp_path / "dir_link").symlink_to(tmp_path / "real" / "folder")
+    with atomic_dir(tmp_path / "dir_link") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "dir_link").is_symlink() and (tmp_path / "real" / "folder" / "x").is_file()
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path):
+    """Case 1: a FIFO stands in for /dev/null (a device), a link to it for /dev/stdout on a pipe: refused, so
+    no writer renames a file onto them; '-' passes where the caller streams to stdout."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "stdout").symlink_to(fifo)
+    for p in (fifo, tmp_path / "stdout"):
+        with pytest.raises(OutputPathError, match=r"^--json .*: is a FIFO \(named pipe\), not a regular file; "
+                                                  "writing would replace it"):
+            check_output_file(p, "--json")
+        with pytest.raises(OutputPathError, match=r"is a FIFO \(named pipe\), not a folder"):
+            check_output_dir(p)
+    with pytest.raises(OutputPathError, match=r"is a character device, not a regular file; .*or '-' for stdout"):
+        check_output_file("/dev/null", "--output", stdout=True)
+    assert check_output_file("-", "--output", stdout=True) == Path("-")
+    assert (tmp_path / "stdout").is_symlink() and fifo.is_fifo()
+
+
+def test_two_names_of_one_file_are_one_lock(tmp_path):
+    """Case 2: the lock of an output file is named after the real path, whatever name reached it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "r.jsonl").write_text("")
+    (tmp_path / "a" / "r2.jsonl").symlink_to(tmp_path / "b" / "r.jsonl")
+    with FolderLock.of_file(tmp_path / "b" / "r.jsonl", "infer.py --output b/r.jsonl"):
+        assert (tmp_path / "b" / ".r.jsonl.lock").is_file()
+        with pytest.raises(LockedError, match=r"in use by infer.py --output b/r.jsonl"):
+            FolderLock.of_file(tmp_path / "a" / "r2.jsonl").acquire()
+    assert sorted(os.listdir(tmp_path / "a")) == ["r2.jsonl"] and os.listdir(tmp_path / "b") == ["r.jsonl"]
