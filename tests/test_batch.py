@@ -6,6 +6,7 @@ greedy, so outputs are deterministic; one end-to-end case uses the real SmolLM2.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_resume_after_a_kill_gives_each_prompt_once(tiny_dir, tmp_path, one_thre
     full = rows(whole)
     assert [r["id"] for r in full] == [1, 2, 3, "last"] and len(full[3]["output_ids"]) == 3
     assert all(len(r["output_ids"]) == 6 and r["ledger"]["new_tokens"] == 6 for r in full[:3])
-    assert set(full[0]) == {"id", "line", "prompt_ids", "output_ids", "text", "sources", "ledger"}
+    assert set(full[0]) == {"id", "line", "prompt_ids", "output_ids", "text", "sources", "ledger", "input", "run"}
     lines = whole.read_text().splitlines(keepends=True)
     killed = tmp_path / "killed.jsonl"
     killed.write_text(lines[0] + lines[1] + lines[2][:len(lines[2]) // 2])   # two rows and half a row
@@ -156,3 +157,95 @@ def test_runtime_checks_prompt_and_new_tokens_against_the_context(tiny_dir):
     with pytest.raises(ContextLengthError, match=r"^--prompt-tokens prompt \(2,041 tokens\) \+ --new-tokens 8: "
                                                  r"2,049 tokens, more than the 2,048 tokens"):
         rt.check_fits(2041, 8, "--prompt-tokens prompt", "--new-tokens")
+
+
+# ------------------------------------------------------------------------------------------------ issue 22
+def test_a_line_that_fails_while_decoding_is_an_error_row(tiny_dir, tmp_path, one_thread, capsys, monkeypatch):
+    """Case 4: any exception while decoding one line is that line's error row (traceback on stderr, not in the
+    file); the rest goes on, and a re-run tries the line again. A temperature below the floor is a bad line."""
+    from gate.decode import cli
+
+    real = cli.run_one
+
+    def flaky(rt, policy, ids, args, **kw):
+        if len(ids) == 3:   # the prompt_ids line below
+            raise FloatingPointError("overflow in the softmax")
+        return real(rt, policy, ids, args, **kw)
+
+    monkeypatch.setattr(cli, "run_one", flaky)
+    inp = write_lines(tmp_path / "in.jsonl", [{"prompt": PROMPTS[0]}, {"prompt_ids": [5, 6, 7]},
+                                              {"prompt": PROMPTS[1], "temperature": 1e-300}, {"prompt": PROMPTS[2]}])
+    out = tmp_path / "out.jsonl"
+    assert run(tiny_dir, inp, out) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FloatingPointError: overflow in the softmax" in err
+    assert f"{inp}:2: decoding failed: FloatingPointError: overflow in the softmax (traceback on stderr)" in err
+    assert f"{inp}:3: 'temperature' 1e-300 is below 0.0001" in err
+    got = {r["line"]: r for r in rows(out)}
+    assert sorted(got) == [1, 2, 3, 4] and "error" in got[2] and "error" in got[3]
+    assert "Traceback" not in out.read_text() and len(got[4]["output_ids"]) == 6
+    monkeypatch.setattr(cli, "run_one", real)
+    assert run(tiny_dir, inp, out) == 2                          # line 2 now decodes; line 3 is still bad
+    assert sorted((r["line"], "error" in r) for r in rows(out)) == [(1, False), (2, False), (3, True), (4, False)]
+
+
+def test_resume_refuses_rows_of_another_line_or_run(tiny_dir, tmp_path, one_thread, capsys):
+    """Case 5: a kept row must come from its own input line (hash) and this run's model, policy and settings;
+    else one line names the difference and nothing is touched, or --rerun-mismatched runs those lines again."""
+    import subprocess
+    import sys
+
+    inp = write_lines(tmp_path / "in.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    out = tmp_path / "out.jsonl"
+    assert run(tiny_dir, inp, out) == 0
+    before = out.read_bytes()
+    for extra, expected in ((["--policy", "copy"], "policy 'big' (this run: 'copy')"),
+                            (["-m", "7"], "max_new_tokens 6 (this run: 7)"),
+                            (["-t", "0.5"], "temperature 0.0 (this run: 0.5)")):
+        assert run(tiny_dir, inp, out, *extra) == 2
+        assert expected in capsys.readouterr().err and out.read_bytes() == before
+    write_lines(inp, [{"prompt": "A new first prompt"}] + [{"prompt": p} for p in PROMPTS[:3]])  # ids shift
+    r = subprocess.run([sys.executable, "infer.py", "--model", str(tiny_dir), "--input", str(inp), "--output",
+                        str(out), "-m", "6"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=300)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    assert (f"--output {out}: 3 rows do not match this run's input and settings, first row 1 (id 1): input line 1 "
+            "is not the line it was made from") in errors[0] and "--rerun-mismatched" in errors[0]
+    assert out.read_bytes() == before
+    assert run(tiny_dir, inp, out, "--rerun-mismatched") == 0
+    assert "removing 3 rows of another line or run" in capsys.readouterr().err
+    fresh = tmp_path / "fresh.jsonl"
+    assert run(tiny_dir, inp, fresh) == 0
+    key = lambda r: r["id"]   # noqa: E731
+    assert [(r["id"], r["output_ids"]) for r in sorted(rows(out), key=key)] == \
+        [(r["id"], r["output_ids"]) for r in sorted(rows(fresh), key=key)]
+
+
+def test_a_symlinked_output_is_resumed_through_the_link(tiny_dir, tmp_path, one_thread):
+    """Case 3: the repair rewrites the real file; the link stays a link and keeps receiving rows."""
+    inp = write_lines(tmp_path / "in.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    (tmp_path / "real").mkdir()
+    real, link = tmp_path / "real" / "out.jsonl", tmp_path / "out.jsonl"
+    assert run(tiny_dir, inp, real) == 0
+    whole = real.read_text().splitlines(keepends=True)
+    real.write_text(whole[0] + whole[1][:10])                   # one row and a partial one
+    link.symlink_to(real)
+    assert run(tiny_dir, inp, link) == 0
+    assert link.is_symlink() and sorted(r["id"] for r in rows(real)) == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path / "real")) == ["out.jsonl"]
+
+
+def test_dash_reads_stdin_and_streams_to_stdout(tiny_dir, tmp_path, one_thread, capfd, monkeypatch):
+    """Minor: --input - reads stdin, --output - streams the rows to stdout (no file named '-', no lock)."""
+    import io
+
+    data = "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]).encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(tiny_dir), "--input", "-", "--output", "-", "-m", "3"]) == 0
+    got = capfd.readouterr()
+    streamed = [json.loads(line) for line in got.out.splitlines()]
+    assert [r["id"] for r in streamed] == [1, 2] and all(len(r["output_ids"]) == 3 for r in streamed)
+    assert "2 prompts in stdin: 0 already in stdout, 2 to run" in got.err
+    assert os.listdir(tmp_path) == []

@@ -12,27 +12,39 @@ Input, one JSON object a line (blank lines are ignored; line numbers count every
 "max_tokens" would otherwise be silently ignored), and so are repeated ids (resuming goes by id).
 
 Output, one JSON object a line, in the order prompts finish: id, line, prompt_ids, output_ids, text, sources,
-ledger; a bad line (not JSON, neither prompt nor prompt_ids, a bad type, too long for the context, ...) becomes
-an error row {id, line, error} and is reported on stderr as PATH:LINE: message, while the rest goes on. The
-exit status is 2 when some line was bad, else 0.
+ledger, input (a hash of the input line) and run (what else decides the output: model, tokenizer, policy and
+its options, the decoding settings of that line). A bad line (not JSON, neither prompt nor prompt_ids, a bad
+type, too long for the context, ...) and a line whose decoding fails (any exception: its traceback goes to
+stderr, not to the file) become an error row {id, line, error}, reported on stderr as PATH:LINE: message, while
+the rest goes on. The exit status is 2 when some line was bad, else 0.
 
-Resuming: a re-run skips the ids that have a result row. Error rows are not results: a re-run removes them and
-tries those lines again (the input may have been fixed). Each row is appended with one write and fsynced, so a
-run killed at any moment leaves whole rows plus at most a partial last line (no newline at its end), which the
-re-run drops. Repairs (a partial line, error rows) rewrite the output atomically (corpus_tools.files.write_text).
-A complete line that is not a result row means the file is not ours: refused, nothing is touched.
+Resuming: a re-run skips the ids that have a result row made from the same input line (its hash) by the same
+run (model, tokenizer, policy, settings). A kept row of another line (prompts inserted above it, with ids by
+line number) or of another run (another --model, --policy, -t, ...) is refused with one line naming what
+differs, before the model loads (only its tokenizer is read): one file never mixes two runs. --rerun-mismatched runs those lines again
+instead (their old rows are removed). Error rows are not results: a re-run removes them and tries those lines
+again (the input may have been fixed). Each row is appended with one write and fsynced, so a run killed at any
+moment leaves whole rows plus at most a partial last line (no newline at its end), which the re-run drops.
+Repairs rewrite the output atomically, through a symlink to the real file (corpus_tools.files.write_text). A
+complete line that is not a result row means the file is not ours: refused, nothing is touched.
 
-Lock: a lock file beside the output (`.NAME.lock`, corpus_tools.files.FolderLock with its own name), not the
-folder's `.lock`: the output is one file, often in a shared folder (the current directory), and two runs writing
-different outputs there must not block each other; two runs into the same output are refused at once, naming
-the first. The flock dies with its process, so a killed run never blocks the resume.
+`--input -` reads the prompts from stdin; `--output -` streams the rows to stdout (nothing to resume, no lock).
+An --output that is not a regular file (a device, a FIFO, /dev/stdout on a pipe) is refused: use '-'.
+
+Lock: a lock file beside the output (`.NAME.lock`, corpus_tools.files.FolderLock.of_file, named after the real
+path: two names of one file are one lock), not the folder's `.lock`: the output is one file, often in a shared
+folder (the current directory), and two runs writing different outputs there must not block each other; two
+runs into the same output are refused at once, naming the first. The flock dies with its process, so a killed
+run never blocks the resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +52,8 @@ from gate.decode.runtime import UsageError
 
 OPTIONS = ("max_new_tokens", "temperature", "seed")   # per line; defaults: -m, -t, --seed
 KEYS = ("id", "prompt", "prompt_ids", *OPTIONS)
+MIN_TEMPERATURE = 1e-4   # below it (but above 0) a temperature is refused; see gate.decode.cli.check_temperature
+RUN_ARGS = ("model", "dtype", "backend", "policy", "verify", "verify_below", "chat", "parse_special", "check")
 
 
 @dataclass
@@ -50,6 +64,7 @@ class Line:
     obj: dict | None = None
     error: str | None = None
     repeated: bool = False   # its id is an earlier line's: reported on every run, whatever the output holds
+    digest: str = ""         # hash of the line's bytes: a kept row must have been made from this very line
 
     @property
     def key(self) -> str:
@@ -62,15 +77,17 @@ def id_key(value) -> str:
 
 # -- input -----------------------------------------------------------------------------------------------------
 def read_input(path: str) -> list[Line]:
-    """The prompts of --input, each checked as far as that needs no tokenizer (done before loading a model)."""
+    """The prompts of --input ('-': stdin), each checked as far as that needs no tokenizer (done before loading
+    a model)."""
     try:
-        raw = Path(path).read_bytes()
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as e:
         raise UsageError(f"--input {path}: {e.strerror or e}") from None
     lines, seen = [], {}
     for number, data in enumerate(raw.split(b"\n"), 1):
         if data.strip():
             line = parse_line(number, data)
+            line.digest = hashlib.sha256(data.strip()).hexdigest()[:16]
             if line.error is None and line.key in seen:
                 line.repeated = True
                 line.error = f"id {line.id!r} repeats line {seen[line.key]}'s (ids must be unique: resuming goes by id)"
@@ -118,6 +135,9 @@ def check_fields(obj: dict) -> str | None:
         return f"'max_new_tokens' must be an integer >= 1, got {m!r}"
     if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
         return f"'temperature' must be a finite number >= 0, got {t!r}"
+    if t is not None and 0 < t < MIN_TEMPERATURE:
+        return (f"'temperature' {t!r} is below {MIN_TEMPERATURE:g}: sampling there is greedy in all but name and "
+                "overflows float32; write 0 for greedy")
     if seed is not None and not (is_int(seed) and 0 <= seed < 2 ** 63):
         return f"'seed' must be an integer in [0, 2**63), got {seed!r}"
     return None
@@ -143,24 +163,81 @@ def prompt_ids_of(rt, line: Line, args) -> list[int]:
 
 
 # -- output ----------------------------------------------------------------------------------------------------
-def repair_output(path: Path) -> set[str]:
-    """The ids (keys) with a result row in the output; a partial last line and error rows are removed."""
+def run_identity(args, policies) -> dict:
+    """What decides a row's output besides its input line: the models, the policy and the options it reads, the
+    decoding settings (JSON-normalised, so it compares equal to a row read back). The tokenizer's fingerprint and
+    each line's max_new_tokens / temperature / seed are added per row (line_identity)."""
+    cls = policies.get(args.policy)
+    names = [*RUN_ARGS, *(a.dest for a in getattr(cls, "args", ()))]
+    run = {k: getattr(args, k, None) for k in dict.fromkeys(names)}
+    run = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in run.items()}
+    return json.loads(json.dumps(run, default=str))
+
+
+def line_identity(run: dict, line: Line, args, tokenizer: str | None) -> dict:
+    """The run's identity for one line: its effective options and the tokenizer."""
+    opts = {k: line.obj.get(k, getattr(args, k)) for k in OPTIONS} if line.obj else {}
+    return json.loads(json.dumps({**run, **opts, "tokenizer": tokenizer}))
+
+
+def big_tokenizer(args, policies) -> str:
+    """The fingerprint of the run's big model's tokenizer, read without its weights."""
+    from corpus_tools.models import load_tokenizer, tokenizer_fingerprint
+
+    try:
+        big, _ = policies[args.policy].model_names(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return tokenizer_fingerprint(load_tokenizer(big))
+
+
+def mismatch(row: dict, line: Line | None, want: dict | None) -> str | None:
+    """Why a kept row was not made from `line` by this run (None: it was, or its id is no line of the input)."""
+    if line is None:
+        return None
+    if "input" not in row or "run" not in row:
+        return "made by an older infer.py (no input hash)"
+    if row["input"] != line.digest:
+        return f"input line {line.number} is not the line it was made from"
+    got = row["run"] if isinstance(row["run"], dict) else {}
+    diff = [k for k in want if got.get(k) != want[k]]
+    return ", ".join(f"{k} {got.get(k)!r} (this run: {want[k]!r})" for k in diff[:3]) or None
+
+
+def repair_output(path: Path, lines: list[Line], want, rerun: bool) -> set[str]:
+    """The ids (keys) with a result row of their own line and this run (want(line): its identity) in the output.
+    A partial last line and error rows are removed; a row of another line or run is refused (UsageError naming
+    what differs) or, with `rerun`, removed."""
     from corpus_tools.files import write_text
 
     if not path.exists():
         return set()
     raw = path.read_bytes()
     *whole, tail = raw.split(b"\n")
-    keep, done, errors = [], set(), 0
+    by_key = {line.key: line for line in lines if not line.repeated}
+    keep, done, errors, wrong = [], set(), 0, []
     for number, data in enumerate(whole, 1):
         row = result_row(path, number, data)
-        if row is not None and "error" in row:
+        if row is None:
+            continue
+        if "error" in row:
             errors += 1
-        elif row is not None:
-            done.add(id_key(row["id"]))
-            keep.append(data.decode("utf-8") + "\n")
+            continue
+        line = by_key.get(id_key(row["id"]))
+        why = mismatch(row, line, want(line) if line else None)
+        if why:
+            wrong.append(f"row {number} (id {row['id']!r}): {why}")
+            if rerun:
+                continue
+        done.add(id_key(row["id"]))
+        keep.append(data.decode("utf-8") + "\n")
+    if wrong and not rerun:
+        raise UsageError(f"--output {path}: {len(wrong)} row{'s' * (len(wrong) > 1)} do not match this run's input "
+                         f"and settings, first {wrong[0]}; name a new --output, or add --rerun-mismatched to run "
+                         "those lines again")
     dropped = ["a partial last line (an interrupted run)"] * bool(tail)
     dropped += [f"{errors} error row{'s' * (errors > 1)} (those lines are tried again)"] * bool(errors)
+    dropped += [f"{len(wrong)} row{'s' * (len(wrong) > 1)} of another line or run (--rerun-mismatched)"] * bool(wrong)
     if dropped:
         print(f"infer.py: {path}: removing {', '.join(dropped)}", file=sys.stderr)
         write_text(path, "".join(keep))
@@ -181,17 +258,19 @@ def result_row(path: Path, number: int, data: bytes) -> dict | None:
     return row
 
 
-def append_row(fd: int, row: dict) -> None:
-    """One row, appended with one write (a kill leaves at most a partial last line) and made durable."""
+def append_row(fd: int, row: dict, sync: bool = True) -> None:
+    """One row, appended with one write (a kill leaves at most a partial last line) and made durable (`sync`;
+    not for a pipe)."""
     data = memoryview((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
     while data:
         data = data[os.write(fd, data):]
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def run_line(rt, policy, line: Line, args) -> dict:
-    """The output row of one line: its result, or its error."""
+def run_line(rt, policy, line: Line, args, run: dict) -> dict:
+    """The output row of one line: its result (with its input hash and run identity), or its error."""
     from corpus_tools.errors import one_line, project_errors
     from gate.decode.cli import run_one
     from gate.decode.registry import namespace
@@ -206,43 +285,85 @@ def run_line(rt, policy, line: Line, args) -> dict:
     opts = {k: line.obj[k] for k in OPTIONS if k in line.obj}
     r = run_one(rt, policy, ids, namespace(args, **opts))
     return dict(id=line.id, line=line.number, **{k: r[k] for k in ("prompt_ids", "output_ids", "text", "sources",
-                                                                 "ledger")})
+                                                                 "ledger")},
+                input=line.digest, run=line_identity(run, line, args, rt.big_info.fingerprint))
 
 
-def run_lines(rt, policy, todo: list[Line], args) -> tuple[list, int]:
-    """Every line in `todo`, each row appended to --output as it finishes; (ledgers, bad lines)."""
+def safe_row(rt, policy, line: Line, args, run: dict) -> dict:
+    """run_line, with any exception while decoding the line turned into its error row (the traceback goes to
+    stderr): one line that fails never stops the batch, nor every re-run."""
+    from corpus_tools.errors import one_line
+
+    try:
+        return run_line(rt, policy, line, args, run)
+    except Exception as e:   # a bug or a numerical failure on this line alone; KeyboardInterrupt passes
+        print(f"infer.py: {input_name(args)}:{line.number}: decoding failed:", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return dict(id=line.id, line=line.number, error=f"decoding failed: {type(e).__name__}: {one_line(e)} "
+                    "(traceback on stderr)")
+
+
+def input_name(args) -> str:
+    return "stdin" if args.input == "-" else args.input
+
+
+def run_lines(rt, policy, todo: list[Line], args, run: dict) -> tuple[list, int]:
+    """Every line in `todo`, each row appended to --output (or streamed to stdout: '-') as it finishes;
+    (ledgers, bad lines)."""
     from tqdm import tqdm
 
     from gate.decode.ledger import Ledger
 
     ledgers, bad = [], 0
-    fd = os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    stream = args.output == "-"
+    fd = sys.stdout.fileno() if stream else os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         with tqdm(todo, unit="prompt", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
             for line in bar:
-                row = run_line(rt, policy, line, args)
-                append_row(fd, row)
+                row = safe_row(rt, policy, line, args, run)
+                append_row(fd, row, sync=not stream)
                 if "error" in row:
                     bad += 1
-                    tqdm.write(f"infer.py: {args.input}:{line.number}: {row['error']}", file=sys.stderr)
+                    tqdm.write(f"infer.py: {input_name(args)}:{line.number}: {row['error']}", file=sys.stderr)
                 else:
                     ledgers.append(Ledger.from_dict(row["ledger"]))
     finally:
-        os.close(fd)
+        if not stream:
+            os.close(fd)
     return ledgers, bad
+
+
+def plan(lines: list[Line], args, policies, run: dict) -> list[Line]:
+    """The lines to run: those without a matching result row in --output (repaired first; see repair_output)."""
+    out = Path(args.output)
+    if args.output == "-" or not out.exists():
+        return list(lines)
+    tokenizer = []   # read once, and only when some kept row has to be checked against it
+
+    def want(line: Line) -> dict:
+        if not tokenizer:
+            tokenizer.append(big_tokenizer(args, policies))
+        return line_identity(run, line, args, tokenizer[0])
+
+    done = repair_output(out, lines, want, getattr(args, "rerun_mismatched", False))
+    return [line for line in lines if line.repeated or line.key not in done]
 
 
 def run_batch(args, policies) -> int:
     """infer.py --input/--output: see the module docstring. Exit status 2 when some line was bad."""
+    import contextlib
+
     from corpus_tools.files import FolderLock
     from gate.decode.cli import make_policy, open_runtime
 
     lines = read_input(args.input)
-    out = Path(args.output)
-    with FolderLock(out.parent, f"infer.py --output {out}", name=f".{out.name}.lock"):
-        done = repair_output(out)
-        todo = [line for line in lines if line.repeated or line.key not in done]
-        print(f"infer.py: {len(lines)} prompts in {args.input}: {len(lines) - len(todo)} already in {out}, "
+    run = run_identity(args, policies)
+    stream = args.output == "-"
+    where = "stdout" if stream else args.output
+    lock = contextlib.nullcontext() if stream else FolderLock.of_file(args.output, f"infer.py --output {where}")
+    with lock:
+        todo = plan(lines, args, policies, run)
+        print(f"infer.py: {len(lines)} prompts in {input_name(args)}: {len(lines) - len(todo)} already in {where}, "
               f"{len(todo)} to run", file=sys.stderr)
         if not todo:
             return 0
@@ -250,7 +371,7 @@ def run_batch(args, policies) -> int:
         if any(line.error is None for line in todo):   # only bad lines left: no model needed
             rt = open_runtime(args, policies)
             policy = make_policy(args, rt, policies)
-        ledgers, bad = run_lines(rt, policy, todo, args)
+        ledgers, bad = run_lines(rt, policy, todo, args, run)
     print_summary(ledgers, bad, len(todo), args)
     return 2 if bad else 0
 
@@ -263,5 +384,5 @@ def print_summary(ledgers: list, bad: int, n: int, args) -> None:
         total = sum_ledgers(ledgers)
         print(format_ledgers({f"{policy_label(total)}, {len(ledgers)} prompts": total}), file=sys.stderr)
     if bad:
-        print(f"infer.py: error: {bad} of {n} lines of {args.input} were bad (above, and as error rows in "
-              f"{args.output}); the other prompts ran", file=sys.stderr)
+        print(f"infer.py: error: {bad} of {n} lines of {input_name(args)} were bad (above, and as error rows in "
+              f"{'stdout' if args.output == '-' else args.output}); the other prompts ran", file=sys.stderr)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from corpus_tools.files import check_output_file
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
-from gate.decode.registry import add_policy_args, number, policies_help, policy_examples, registered
+from gate.decode.registry import (add_policy_args, number, policies_help, policy_examples, registered,
+                                  unread_options)
 from gate.decode.runtime import Runtime, UsageError, add_runtime_args, held_out_prompts, open_models
 
 NOTES = """\
@@ -35,9 +36,11 @@ BATCH_HELP = """\
 --input F --output R decodes every prompt of F with one model load: a line is {"prompt": "text"} or
 {"prompt_ids": [ids]}, optionally with "id" (default: the line number), "max_new_tokens", "temperature",
 "seed". Each result (id, line, prompt_ids, output_ids, text, sources, ledger) is appended to R as it
-finishes; a re-run skips the ids already there (resume after a kill). A bad line is reported as F:LINE on
-stderr and written as an error row {id, line, error} (tried again on a re-run) while the rest goes on; exit
-status 2 if some line was bad, else 0. A second run into the same R is refused (lock file .R.lock)."""
+finishes; a re-run skips the ids already there (resume after a kill), and refuses rows made from another
+line or by another model, tokenizer, policy or setting (--rerun-mismatched runs those lines again). A bad
+line, or one whose decoding fails, is reported as F:LINE on stderr and written as an error row {id, line,
+error} (tried again on a re-run) while the rest goes on; exit status 2 if some line was bad, else 0. A second
+run into the same R is refused (lock file .R.lock). --input - reads stdin; --output - streams to stdout."""
 
 COLORS = {"scaffold": "\033[94m", "big": "", "small": "\033[91m", "skip": "\033[91m"}
 MID_COLOR, RESET, DIM = "\033[93m", "\033[0m", "\033[2m"
@@ -77,7 +80,9 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true", help="check skipped tokens at catch-up (lossless greedy)")
     g.add_argument("--verify-below", type=float, metavar="T2",
                    help="verify only skips whose score is below T2 (implies --verify)")
-    g.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("-t", "--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); a temperature above 0 but below 1e-4 is refused (write 0): there "
+                   "sampling is greedy in all but name, and logits / T overflow float32 further down")
     g.add_argument("--seed", type=int, default=0)
     g = ap.add_argument_group("output")
     g.add_argument("--json", metavar="PATH", help="write prompt, output ids/text, sources and ledger as JSON")
@@ -88,7 +93,10 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g = ap.add_argument_group("batch", BATCH_HELP)
     g.add_argument("--input", metavar="PROMPTS.jsonl", help="prompts, one JSON object a line (see above)")
     g.add_argument("--output", metavar="RESULTS.jsonl", help="results, one JSON object a line; an existing file "
-                   "is resumed (its prompts are skipped)")
+                   "is resumed (its prompts are skipped); '-': stream to stdout")
+    g.add_argument("--rerun-mismatched", action="store_true", help="resuming: run again the lines whose row in "
+                   "--output was made from another line or with another model, tokenizer, policy or setting "
+                   "(default: refuse)")
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
                    help="generate from prompts of held-out corpus books with big, with the chosen policy "
@@ -105,6 +113,10 @@ def settle_args(args) -> None:
     """Check the options that are not a policy's and fill in the implied ones (--verify-below, --demo)."""
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature:g}")
+    from gate.decode.batch import MIN_TEMPERATURE
+    if 0 < args.temperature < MIN_TEMPERATURE:   # 1e-300 overflowed float32 in the softmax (issue 22)
+        raise UsageError(f"--temperature {args.temperature:g}: below {MIN_TEMPERATURE:g}, sampling is greedy in all "
+                         "but name and overflows float32; use -t 0 for greedy")
     if args.max_new_tokens < 1:
         raise UsageError("-m must be >= 1")
     if args.threads is not None and args.threads < 1:
@@ -142,8 +154,8 @@ def settle_batch(args) -> None:
                              ("--json", args.json)) if v]
     if others:
         raise UsageError(f"--input takes its prompts from the file: drop {others[0]} (the results go to --output)")
-    check_output_file(args.output, "--output", parents=False)
-    if Path(args.input).resolve() == Path(args.output).resolve():
+    check_output_file(args.output, "--output", parents=False, stdout=True)   # '-': stdout
+    if "-" not in (args.input, args.output) and Path(args.input).resolve() == Path(args.output).resolve():
         raise UsageError(f"--output {args.output}: the same file as --input")
 
 
@@ -361,6 +373,7 @@ def main(argv=None, policies=None) -> int:
     args = build_parser(policies).parse_args(argv)
     try:
         settle_args(args)
+        unread_options(args, policies)
         configure_torch(args)
         if args.input:
             from gate.decode.batch import run_batch

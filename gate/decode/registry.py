@@ -103,6 +103,22 @@ def at_least(flag: str, value: int | None, low: int) -> int | None:
     return value
 
 
+def unread_options(args: argparse.Namespace, policies: Mapping[str, type]) -> None:
+    """Refuse a policy option that was given but that the chosen policy does not read (`--chain-cut` with
+    `--policy copy` was silently ignored): a UsageError naming it and the policies that read it."""
+    from gate.decode.runtime import UsageError
+
+    cls = policies.get(args.policy)
+    mine = {a.dest for a in getattr(cls, "args", ())}
+    for name, other in policies.items():
+        for a in other.args:
+            default = a.kwargs.get("default", False if a.kwargs.get("action") == "store_true" else None)
+            if a.dest not in mine and getattr(args, a.dest, default) != default:
+                users = [n for n, c in policies.items() if a.dest in {b.dest for b in c.args}]
+                raise UsageError(f"{a.flags[-1]} is read by --policy {' / '.join(users)}, not by --policy "
+                                 f"{args.policy}: drop it, or choose a policy that reads it")
+
+
 def namespace(args: argparse.Namespace, **changes) -> argparse.Namespace:
     """A copy of parsed options with some values changed (the benchmark's variants of one policy)."""
     return argparse.Namespace(**{**vars(args), **changes})
