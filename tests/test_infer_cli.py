@@ -29,6 +29,10 @@ def ws(tmp_path_factory):
     (t / "in.jsonl").write_text('{"prompt": "Hi"}\n')
     (t / "garbled").mkdir()
     (t / "garbled" / "drafter.json").write_bytes(b'{"format": \xff\xfe garbage')
+    os.mkfifo(t / "fifo")                                   # stands in for /dev/null (issue 22, case 1)
+    (t / "stdout").symlink_to(t / "fifo")                   # stands in for /dev/stdout on a pipe (cases 1, 6)
+    (t / "busy.jsonl").write_text("")
+    (t / "busy_link.jsonl").symlink_to(t / "busy.jsonl")    # another name of the busy output (case 2)
     with FolderLock(t, "infer.py --output busy.jsonl", name=".busy.jsonl.lock"):   # held for the whole module
         yield t
 
@@ -54,6 +58,18 @@ NO_MODEL = [  # (infer.py arguments, text the error line must contain); {t} is t
     ("--input {t}/in.jsonl --output {t}/no_such_folder/r.jsonl", "--output {t}/no_such_folder/r.jsonl: folder "),
     ("--input {t}/in.jsonl --output {t}/in.jsonl", "--output {t}/in.jsonl: the same file as --input"),
     ("--input {t}/in.jsonl --output {t}/busy.jsonl", "{t}: in use by infer.py --output busy.jsonl (pid {pid} "),
+    # issue 22
+    ("Hello --json {t}/fifo", "--json {t}/fifo: is a FIFO (named pipe), not a regular file; writing would "
+                              "replace it (name a regular file)"),                                  # case 1
+    ("Hello --json {t}/stdout", "--json {t}/stdout: is a FIFO (named pipe), not a regular file"),
+    ("--input {t}/in.jsonl --output {t}/stdout", "--output {t}/stdout: is a FIFO (named pipe), not a regular file; "
+                                                 "writing would replace it (name a regular file, or '-' for stdout)"),
+    ("--input {t}/in.jsonl --output {t}/busy_link.jsonl", "{t}: in use by infer.py --output busy.jsonl (pid {pid} "),
+    ("Hi -t 1e-300", "--temperature 1e-300: below 0.0001, sampling is greedy in all but name and overflows "
+                     "float32; use -t 0 for greedy"),                                               # case 4
+    ("Hi -t 1e-300 --backend llama.cpp", "--temperature 1e-300: below 0.0001"),
+    ("x --policy copy --chain-cut 0.5", "--chain-cut is read by --policy gate, not by --policy copy: drop it"),
+    ("x --small self:2", "--small is read by --policy "),                                           # minor
 ]
 
 WITH_MODEL = [  # each loads SmolLM2 (a few seconds): one per kind of check made after loading
@@ -89,6 +105,8 @@ def test_bad_input_is_one_error_line(ws, args, expected):
     r = run_infer(args.format(**fill).split(), text=True)
     assert_one_error_line(r, expected.format(**fill))
     assert not (ws / "r.jsonl").exists() and not (ws / "no_such_folder").exists()   # nothing written
+    assert (ws / "fifo").is_fifo() and (ws / "stdout").is_symlink() and (ws / "busy_link.jsonl").is_symlink()
+    assert (ws / "busy.jsonl").read_text() == "" and [p.name for p in ws.glob(".*.lock")] == [".busy.jsonl.lock"]
 
 
 def test_prompt_argument_that_is_not_utf8(ws):
