@@ -193,6 +193,11 @@ def main(argv=None) -> int:
                          "--batch and --dtype do not apply)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.chat and args.corpus:   # it was silently ignored: book openings are continued, not answered
+        print("train.py selfgen: error: --chat wraps the instructions of --prompts in the chat template; with "
+              "--corpus (book openings to continue) it does not apply: drop --chat, or use --prompts",
+              file=sys.stderr)
+        return 2
     from corpus_tools.models import ModelSourceError
     try:
         entries = selfgen(args.model, args.corpus, args.out, args.splits, args.per_book, args.prompt_tokens,

@@ -34,6 +34,10 @@ def ws(tmp_path_factory):
     (t / "fake.gguf").write_bytes(os.urandom(100))
     (t / "garbled").mkdir()
     (t / "garbled" / "drafter.json").write_bytes(b'{"format": \xff\xfe garbage')
+    (t / "router").mkdir()   # a router's description (issue 22: calibrate named it a feature-head drafter)
+    (t / "router" / "drafter.json").write_text(json.dumps(
+        {"format": "skipgate-router/1", "big_model": {}, "small_model": {}, "gate": {}, "features": {},
+         "threshold": 0.5, "max_skip": 64, "hidden_layer": 2, "files": {}}))
     with FolderLock(t / "locked", "train.py fit"):  # held by this test process for the whole module
         yield t
 
@@ -62,6 +66,23 @@ CASES = [  # (train.py arguments, text the error line must contain); {t} is the 
     ("evaluate --records {t}/records --gate {t}/garbled", "{t}/garbled/drafter.json: not valid JSON"),  # case 15
     ("no-such-command", "unknown command 'no-such-command'"),
     ("record --model {t}/tiny --corpus {t}/corpus --out {t}/rec --context many", "invalid int value: 'many'"),
+    # issue 22, case 10: every numeric option checked before any work (the records need not even exist)
+    *[(f"fit --drafter eagle --records {{t}}/records --out {{t}}/g {opt}", f"{opt}: must be {rng}") for opt, rng in (
+        ("--eagle-epochs nan", "> 0"), ("--eagle-epochs 0", "> 0"), ("--eagle-epochs -1", "> 0"),
+        ("--eagle-depth 0", ">= 1"), ("--eagle-depth -2", ">= 1"), ("--eagle-vocab 0", ">= 2"),
+        ("--eagle-window 0", ">= 2"), ("--eagle-batch 0", ">= 1"), ("--eagle-lr nan", "> 0"), ("--threads -1", ">= 0"),
+        ("--target-precision 1", "in [0.5, 1)"), ("--delta 0", "in (0, 1)"), ("--gate-frac 1", "in (0, 1)"))],
+    ("fit --drafter eagle --records {t}/records --out {t}/g --eagle-window 3", "--eagle-window 3: must be more "
+                                                                                "than --eagle-depth 3"),
+    ("fit --drafter router --records {t}/records --out {t}/g --router-topk 0", "--router-topk 0: must be >= 1"),
+    ("fit --drafter router --records {t}/records --out {t}/g --router-pca -1", "--router-pca -1: must be >= 1"),
+    ("calibrate --records {t}/records --gate {t}/garbled --max-pairs -5", "--max-pairs -5: must be >= 1"),
+    ("calibrate --records {t}/records --gate {t}/garbled --max-pairs 0", "--max-pairs 0: must be >= 1"),   # minor
+    ("calibrate --records {t}/records --gate {t}/router", "--gate {t}/router: a router for a big/small pair "
+                                                          "(train.py fit --drafter router); calibrate recalibrates"),
+    ("calibrate --records {t}/records --gate {t}/router --out {t}/file", "--gate {t}/router: a router"),
+    ("selfgen --model {t}/tiny --corpus {t}/corpus --chat --out {t}/sg", "--chat wraps the instructions of "
+                                                                         "--prompts"),                  # minor
 ]
 
 
@@ -78,6 +99,8 @@ def test_bad_input_is_one_error_line(ws, args, expected):
     assert len(errors) == 1 and errors[0] == lines[-1], r.stderr[-2000:]
     assert expected.format(**fill) in errors[0]
     assert not (ws / "rec").exists() and not (ws / "sg").exists()  # refused before writing anything
+    assert not (ws / "g").exists() and (ws / "file").read_text() == "not a folder"
+    assert sorted(os.listdir(ws / "router")) == ["drafter.json"]   # no lock, nothing written beside it
 
 
 @pytest.mark.parametrize("content,problem", [

@@ -252,6 +252,16 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+KINDS = {"skipgate-drafter": "the heads drafter (train.py fit)",
+         "skipgate-eagle": "a feature-head drafter (train.py fit --drafter eagle)",
+         "skipgate-router": "a router for a big/small pair (train.py fit --drafter router)"}
+
+
+def kind_of(meta: dict) -> str:
+    """What kind of artifact drafter.json describes, in words (for messages)."""
+    return KINDS.get(str(meta.get("format")).split("/")[0], f"a {meta.get('format')!r} artifact")
+
+
 def check_big_model(meta: dict, big_info, where: str) -> None:
     """Raise TokenizerMismatch / ArtifactError unless big_info matches the artifact's big model."""
     if big_info is None:
@@ -311,4 +321,4 @@ def load_drafter(path: str | Path, big_info: ModelInfo | dict | None):
                    meta["hidden_layer"], meta, meta.get("copy_trust"))
 
 
-__all__ = ["Drafter", "Predictor", "load_drafter", "read_meta", "ArtifactError", "TokenizerMismatch"]
+__all__ = ["Drafter", "Predictor", "load_drafter", "read_meta", "kind_of", "ArtifactError", "TokenizerMismatch"]

@@ -78,6 +78,16 @@ def threshold_grid(n: int = 1201, lo_logit: float = -8.0, hi_logit: float = 16.0
     return np.r_[1.0, g]
 
 
+def format_threshold(t: float) -> str:
+    """A threshold for a log line: 'never' for NEVER (none certified), and thresholds near 1 as 1 - eps (with
+    4 significant digits 0.99996 and 1.0 both printed as 1: `threshold 1 -> 1` said nothing)."""
+    if t >= NEVER:
+        return "never (none certified)"
+    if t == 1.0:
+        return "1 (saturated scores only)"
+    return f"1 - {1 - t:.2g}" if t > 0.999 else f"{t:.4g}"
+
+
 def ltt_calibrate(scores, correct, target_precision: float = 0.99, delta: float = 0.1,
                   grid: np.ndarray | None = None) -> dict:
     """Learn-then-Test fixed-sequence calibration; see the module docstring. Returns a JSON-able dict.

@@ -6,6 +6,10 @@ and the ones after it, and nothing before). `add_arguments` turns the fields int
 (--n-ctx for n_ctx, ...); fields marked cli=False are settings of the Python API (`fit(..., d_tok=8)`) that
 the command line does not expose.
 
+Every numeric setting has a range (LIMITS below), checked before any work by `FitConfig.problem()`: a value out of
+range, nan or infinite is one `error:` line naming the option, never a traceback deep in training or an artifact
+trained on nothing (--eagle-epochs 0 used to save one).
+
 Stages: "data" (which records are read, which drafter), "heads" (word-completion head, future heads, PCA),
 "mode" (the predictor mode chosen on validation), "gates" (the learned gates), "calibration" (not cached: it is
 quick); "eagle" (the feature head of `--drafter eagle`, gate/train/fit_eagle.py).
@@ -13,7 +17,31 @@ quick); "eagle" (the feature head of `--drafter eagle`, gate/train/fit_eagle.py)
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, field, fields
+
+INF = math.inf
+# field -> (low, high, low excluded, high excluded); every value must also be finite
+LIMITS = {
+    "seed": (0, 2 ** 63 - 1, False, False), "target_precision": (0.5, 1, False, True), "delta": (0, 1, True, True),
+    "max_skip": (2, INF, False, False), "n_ctx": (1, INF, False, False), "restricted": (1, INF, False, False),
+    "d_tok": (1, INF, False, False), "d_hid": (1, INF, False, False), "width": (1, INF, False, False),
+    "epochs": (0, INF, True, False), "future_epochs": (0, INF, True, False), "batch": (1, INF, False, False),
+    "soft_weight": (0, 1, False, False), "reg_weight": (0, INF, False, False), "min_steps": (0, INF, False, False),
+    "n_pca": (1, INF, False, False), "gate_frac": (0, 1, True, True), "max_train": (2, INF, False, False),
+    "max_gate_pairs": (1, INF, False, False), "max_val_pairs": (1, INF, False, False),
+    "copy_max_n": (0, INF, False, False), "eagle_vocab": (2, INF, False, False), "eagle_window": (2, INF, False, False),
+    "eagle_batch": (1, INF, False, False), "eagle_depth": (1, INF, False, False), "eagle_epochs": (0, INF, True, False),
+    "eagle_lr": (0, INF, True, False), "router_pca": (1, INF, False, False), "router_emb_pca": (1, INF, False, False),
+    "router_topk": (1, INF, False, False), "router_max_skip": (1, INF, False, False), "threads": (0, INF, False, False),
+}
+
+
+def interval(low, high, lo_open: bool, hi_open: bool) -> str:
+    """The range in words: '>= 1', '> 0', 'in [0.5, 1)'."""
+    if high == INF:
+        return f"{'>' if lo_open else '>='} {low:g}"
+    return f"in {'(' if lo_open else '['}{low:g}, {high:g}{')' if hi_open else ']'}"
 
 
 def setting(default, help: str, stage: str, cli: bool = True, choices: tuple | None = None):
@@ -94,6 +122,19 @@ class FitConfig:
         if unknown:
             raise TypeError(f"unknown fit options: {sorted(unknown)}")
         return cls(**opts)
+
+    def problem(self) -> str | None:
+        """Why a setting is out of its range (LIMITS; nan and infinities never pass), None if all are fine."""
+        for name, (low, high, lo_open, hi_open) in LIMITS.items():
+            v = getattr(self, name)
+            ok = math.isfinite(v) and (v > low if lo_open else v >= low) and (v < high if hi_open else v <= high)
+            if not ok:
+                shown = v if isinstance(v, int) else f"{v:g}"
+                return f"--{name.replace('_', '-')} {shown}: must be {interval(low, high, lo_open, hi_open)}"
+        if self.drafter == "eagle" and self.eagle_window <= self.eagle_depth:
+            return (f"--eagle-window {self.eagle_window}: must be more than --eagle-depth {self.eagle_depth} (each "
+                    "window trains every draft depth)")
+        return None
 
     def stage_settings(self, stage: str) -> dict:
         """The settings whose change invalidates the cached result of `stage`."""

@@ -235,8 +235,10 @@ def open_inputs(records, gate, split: str, part: str | None = None) -> EvalInput
     gate = Path(gate)
     meta = read_meta(gate)
     if "predictor" not in meta:
-        raise FitError(f"{gate}: a feature-head drafter (train.py fit --drafter eagle); its side-by-side evaluation "
-                       "with the heads drafter, the copy rule and the oracle is bench/eagle.py")
+        from gate.model.drafter import kind_of
+        where = "bench/pair.py coverage" if "small_model" in meta else "bench/eagle.py"
+        raise FitError(f"{gate}: {kind_of(meta)}; this reads the heads drafter (its side-by-side evaluation with "
+                       f"the copy rule and the oracle is {where})")
     rec = records if hasattr(records, "load") else open_records_checked(records)
     records = Path(getattr(rec, "path", records)) if not hasattr(records, "load") else getattr(rec, "path", "<records>")
     name = check_records_vs_gate(rec, records, meta, gate)
@@ -618,7 +620,9 @@ def _md_target_and_policy(m: dict, meta: dict, dr) -> list[str]:
           f"- copy rule: {_pct(tg['copy_cov_99'])} -> the learned gate is "
           f"{'at least as good' if tg['meets_copy_rule'] else 'WORSE'}", ""]
     tp = meta.get("target_precision", 0.99)
-    L += [f"## Calibrated thresholds (Learn-then-Test on validation: precision >= {_pct(tp)} with probability >= "
+    recal = meta.get("recalibrated") or {}
+    on = f"{recal['split']} of {recal['records']} (train.py calibrate)" if recal.get("split") else "validation"
+    L += [f"## Calibrated thresholds (Learn-then-Test on {on}: precision >= {_pct(tp)} with probability >= "
           f"{_pct(1 - meta.get('delta', 0.1), 0)})", "",
           "| score | threshold | val coverage | val precision | test coverage | test precision |", "|---|---|---|---|---|---|"]
     for n, c in m["calibrated"].items():

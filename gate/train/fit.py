@@ -40,6 +40,11 @@ Resumable: heads, mode and gates are saved under OUT/stages/ with a key hashing 
 (gate/train/stages.py); a re-run with the same settings loads finished stages instead of training again
 (--force retrains). All writes are atomic (temp file + rename). Deterministic for a seed on a given machine and
 thread count.
+
+Before any work: every numeric setting is checked against its range (gate/train/config.py LIMITS), and an
+artifact already in --out that this fit would not have made (another drafter kind, other records, or one
+recalibrated by `train.py calibrate`) is refused unless --force; a refit of the same kind on the same records
+(a resume, other settings) replaces it.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ import torch
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
 from corpus_tools.models import TokenizerMismatch
 from gate.model.copyrule import trusted_table
-from gate.model.drafter import ArtifactError, Drafter, Predictor
+from gate.model.drafter import FORMAT, META_FILE, ArtifactError, Drafter, Predictor, kind_of, read_meta
 from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, torch_threads
 from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, context_copy_stats, pair_index
 from gate.train.calibration import coverage_at_precision, ltt_calibrate
@@ -531,10 +536,13 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
     """Train, calibrate and save a drafter (see the module docstring); returns the artifact folder.
     `opts`: FitConfig settings (gate/train/config.py)."""
     cfg = FitConfig.from_options(**opts)
+    if cfg.problem():
+        raise FitError(cfg.problem())
     paths = list(records) if isinstance(records, (list, tuple)) else [records]
     if cfg.drafter == "heads" and len(paths) != 1:
         raise FitError(f"--records: the heads drafter reads one records folder, got {len(paths)} "
                        "(--drafter eagle reads several)")
+    check_out_artifact(Path(out), cfg.drafter, paths, force)
     with torch_threads(cfg.threads or torch.get_num_threads()):
         if cfg.drafter == "router":
             from gate.train.fit_router import fit_router
@@ -548,6 +556,40 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
             sources = [open_source(p, model, cfg) for p in paths]
             return fit_eagle(sources, load_big_model(sources[0], cfg, log), Path(out), cfg, force, log)
         return _fit(paths[0], Path(out), model, force, log, cfg)
+
+
+def artifact_records(meta: dict) -> list[str]:
+    """The records folders (resolved) an artifact was trained on, from its drafter.json."""
+    recs = meta.get("training_data", {}).get("records", meta.get("records", []))
+    return sorted(str(Path(r).resolve()) for r in ([recs] if isinstance(recs, str) else recs))
+
+
+def check_out_artifact(out: Path, drafter: str, records: list, force: bool) -> None:
+    """Refuse (unless force) to replace an artifact in `out` that this fit would not have made: another drafter
+    kind, other records, a recalibrated one, or an unreadable drafter.json. A folder without drafter.json (new,
+    or an interrupted fit: its stages resume) passes."""
+    from gate.model.eagle import EAGLE_FORMAT
+    from gate.model.router import ROUTER_FORMAT
+
+    if force or not (out / META_FILE).exists():
+        return
+    try:
+        meta = read_meta(out)
+    except ArtifactError as e:
+        meta, why = None, f"a drafter.json this fit cannot read ({e})"
+    mine = sorted(str(Path(getattr(r, "path", r)).resolve()) for r in records)
+    if meta is None:
+        pass
+    elif meta["format"] != {"heads": FORMAT, "eagle": EAGLE_FORMAT, "router": ROUTER_FORMAT}[drafter]:
+        why = kind_of(meta)
+    elif meta.get("recalibrated"):
+        why = "a drafter recalibrated by train.py calibrate"
+    elif artifact_records(meta) != mine:
+        why = f"a drafter trained on other records ({', '.join(artifact_records(meta)) or 'unknown'})"
+    else:
+        return
+    raise FitError(f"--out {out}: holds {why}; this fit (--drafter {drafter}) would replace it - name a new "
+                   "folder, or add --force")
 
 
 def _check_settings(cfg: FitConfig) -> None:
@@ -603,7 +645,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="artifact folder to write (the Drafter)")
     ap.add_argument("--model", default=None, help="which recorded model is the big one (default: the largest)")
     add_arguments(ap)
-    ap.add_argument("--force", action="store_true", help="retrain every stage even if a finished one matches")
+    ap.add_argument("--force", action="store_true", help="retrain every stage even if a finished one matches, and "
+                    "replace an artifact in --out of another drafter kind or other records, or a recalibrated one")
     args = ap.parse_args(argv)
     try:
         fit(args.records, args.out, model=args.model, force=args.force,

@@ -18,7 +18,9 @@ Pairs: the small model's features do not depend on how long ago the big model ra
 state each position is one example. With it (--router-big-hidden), each position t gets one since_big s, drawn
 uniformly from the valid 1 .. max_skip - 1, and reads the big model's state at t - s, as decoding would.
 
-Quick (a minute on 20k positions here), so not staged: a re-run refits.
+Quick (a minute on 20k positions here), so not staged: a re-run refits. Records where the small model always
+(or never) agrees with the big one - the small model a copy of the big one - or too few positions give a router
+nothing to learn: refused with "too little data / one class" (check_labels), as the feature-head fit does.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from gate.train.data import FitError, SplitData, find_split, load_split, open_re
 from gate.train.fit import pca_fit
 
 BATCH = 8192   # rows of features built at once
+MIN_POSITIONS = 20   # train positions below which a router is not fitted (too little data)
 
 
 @dataclass
@@ -239,6 +242,18 @@ def load_parts(paths: list[Path], kind: str, big_name: str | None, cfg: FitConfi
     return out, first
 
 
+def check_labels(y: np.ndarray, big: dict, small: dict) -> None:
+    """FitError unless the train labels hold both classes over enough positions."""
+    n, k = len(y), int(y.sum())
+    if n < MIN_POSITIONS:
+        raise FitError(f"too little data: {n} train positions (a router needs at least {MIN_POSITIONS}); record "
+                       "more text")
+    if k in (0, n):
+        raise FitError(f"too little data / one class: {small['name']!r}'s argmax {'equals' if k else 'differs from'} "
+                       f"{big['name']!r}'s at all {n:,} train positions, so there is nothing to learn"
+                       + (" (is the small model a copy of the big one?)" if k else ""))
+
+
 def fit_router(paths, out, cfg: FitConfig, big_name: str | None, log) -> Path:
     """Train, calibrate and save a router (see the module docstring); returns the artifact folder."""
     t0 = time.time()
@@ -250,9 +265,11 @@ def fit_router(paths, out, cfg: FitConfig, big_name: str | None, log) -> Path:
     log(f"[router] {big['name']} (big) / {small['name']} (small): {n_tr:,} train, {n_va:,} validation positions "
         f"from {len(paths)} records folder(s); small argmax = big argmax at "
         f"{np.concatenate([d.agree for d in tr]).mean():.1%} of train positions")
+    y = np.concatenate([d.agree[rows] for _, d, rows, _ in train])
+    check_labels(y, big, small)
     feats = fit_features(tr, small, cfg, log)
     X = torch.cat([features_of(feats, d, rows, s) for _, d, rows, s in train])
-    gates = fit_gates(X, np.concatenate([d.agree[rows] for _, d, rows, _ in train]), feats.names(), cfg)
+    gates = fit_gates(X, y, feats.names(), cfg)
     primary, cal = calibrate(gates, feats, [p[1:] for p in val], cfg, log)
     metrics = {}
     for kind, parts in (("validation", val), ("test", load_parts(paths, "test", big_name, cfg, cfg.seed + 200)[0])):

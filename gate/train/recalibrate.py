@@ -11,6 +11,13 @@ Only the threshold and its metadata change: drafter.safetensors is copied byte f
 new `threshold`, `calibration[primary]` and a `recalibrated` entry saying on what, by what command, and the
 threshold it replaced. The records must come from the gate's big model (same tokenizer fingerprint, hidden size
 and layers), as for evaluation.
+
+Checked before any work: the numbers (--target-precision, --delta, --max-pairs), the drafter's kind (the heads
+drafter of `train.py fit`; a feature head or a router is named as such and refused), and the output folder
+(--out, or --gate itself when rewriting in place): it must be writable, and it is locked for the whole run.
+--out refuses a folder holding another artifact (one this command did not make from this gate) unless --force.
+A split the gate was trained on (its books, from drafter.json) is refused unless --force: a threshold certified
+on the gate's own training text promises a precision it does not have on new text.
 """
 from __future__ import annotations
 
@@ -24,20 +31,75 @@ from pathlib import Path
 import numpy as np
 
 from corpus_tools.files import FolderLock, check_output_dir, write_json
-from gate.model.drafter import META_FILE, TENSOR_FILE
+from gate.model.drafter import FORMAT, META_FILE, TENSOR_FILE, ArtifactError, kind_of, read_meta
 from gate.model.heads import context_copy_stats, pair_index
-from gate.train.calibration import ltt_calibrate
+from gate.train.calibration import format_threshold, ltt_calibrate
 from gate.train.data import FitError, apply_copy_trust, predict_pairs, subsample_pairs
+
+
+def check_kind(gate) -> dict:
+    """The gate's drafter.json, if it is the heads drafter (the one this command recalibrates)."""
+    meta = read_meta(gate)
+    if meta["format"] != FORMAT:
+        raise ArtifactError(f"--gate {gate}: {kind_of(meta)}; calibrate recalibrates the heads drafter of `train.py fit` "
+                            "only")
+    return meta
+
+
+def check_out(gate: Path, out: Path, force: bool) -> None:
+    """Refuse an --out folder that holds an artifact this command did not make from this gate (unless force)."""
+    if force or out.resolve() == gate.resolve() or not (out / META_FILE).exists() and not (out / TENSOR_FILE).exists():
+        return
+    try:
+        made = read_meta(out).get("recalibrated", {}).get("gate")
+    except ArtifactError:
+        made = None
+    if made != str(gate.resolve()):
+        raise FitError(f"--out {out}: holds another drafter artifact (not a recalibration of {gate}); name a new "
+                       "folder, or add --force to replace it")
+
+
+def training_books(meta: dict, records: Path, split: str) -> set[str]:
+    """The books of the gate's training split (drafter.json's training_data); when drafter.json lists none, every
+    book of `split` if it is the training split of the very records the gate was trained on."""
+    data = meta.get("training_data", {})
+    train = data.get("splits", {}).get("train")
+    books = data.get("counts", {}).get(train, {}).get("books")
+    if books:
+        return set(books)
+    return {"*"} if str(Path(records).resolve()) == data.get("records") and split == train else set()
+
+
+def split_books(te, part: str | None) -> list[str]:
+    """The books of a loaded split (only those of the part, with --part)."""
+    return list(te.books) if part is None else sorted({te.books[b] for b in set(te.book)})
+
+
+def check_split(inp, part: str | None, force: bool) -> None:
+    """Refuse calibrating on books the gate was trained on, unless force."""
+    trained = training_books(inp.meta, inp.records, inp.split)
+    books = split_books(inp.te, part)
+    overlap = books if "*" in trained else sorted(set(books) & trained)
+    if overlap and not force:
+        raise FitError(f"--split {inp.split}: the gate was trained on {len(overlap)} of its {len(books)} books "
+                       f"({', '.join(overlap[:3])}{', ...' if len(overlap) > 3 else ''}); a threshold certified on "
+                       "its own training text promises a precision it does not have on new text - calibrate on a "
+                       "split it was not trained on (validation, test), or add --force")
 
 
 def recalibrate(records, gate, out=None, split: str = "validation", part: str | None = None,
                 target_precision: float | None = None, delta: float | None = None, max_pairs: int = 400000,
-                log=print, command: str = "") -> dict:
+                log=print, command: str = "", force: bool = False) -> dict:
     """Certify a new threshold for `gate` on the records' split; write the recalibrated artifact to `out`
-    (default: `gate` itself, only drafter.json rewritten). Returns the new calibration entry."""
+    (default: `gate` itself, only drafter.json rewritten). Returns the new calibration entry. The caller holds
+    the output folder's lock (main does)."""
     from gate.train.evaluate import open_inputs
 
+    if max_pairs < 1:
+        raise FitError(f"--max-pairs {max_pairs}: must be >= 1")
+    check_kind(gate)
     inp = open_inputs(records, gate, split, part)
+    check_split(inp, part, force)
     dr, te, meta = inp.dr, inp.te, inp.meta
     tp = meta.get("target_precision", 0.99) if target_precision is None else target_precision
     dl = meta.get("delta", 0.1) if delta is None else delta
@@ -49,11 +111,12 @@ def recalibrate(records, gate, out=None, split: str = "validation", part: str | 
     sel = apply_copy_trust(o, te, dr.copy_trust, dr.predictor.tables)["sel"][dr.primary]
     cal = ltt_calibrate(sel["score"], sel["correct"], tp, dl)
     log(f"[calibrate] {dr.primary} gate on {len(t):,} pairs of {inp.records} ({inp.split}"
-        f"{', part ' + part if part else ''}): threshold {dr.threshold:.4g} -> {cal['threshold']:.4g}, coverage "
+        f"{', part ' + part if part else ''}): threshold {format_threshold(dr.threshold)} -> "
+        f"{format_threshold(cal['threshold'])}, coverage "
         f"{cal['coverage']:.1%}" + ("" if cal["certified"] else " - NO threshold certified: the gate will never skip"))
     meta = dict(meta, threshold=cal["threshold"], calibration={**meta.get("calibration", {}), dr.primary: cal},
-                recalibrated={"records": str(inp.records), "split": inp.split, "part": part, "pairs": int(len(t)),
-                              "books": te.books if part is None else sorted({te.books[b] for b in set(te.book)}),
+                recalibrated={"gate": str(Path(gate).resolve()), "records": str(inp.records), "split": inp.split, "part": part, "pairs": int(len(t)),
+                              "books": split_books(te, part),
                               "previous_threshold": dr.threshold, "target_precision": tp, "delta": dl,
                               "command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_artifact(Path(gate), Path(out) if out else Path(gate), meta)
@@ -62,16 +125,13 @@ def recalibrate(records, gate, out=None, split: str = "validation", part: str | 
 
 def write_artifact(src: Path, dst: Path, meta: dict) -> None:
     """drafter.json with the new meta; the tensors copied unchanged when dst is another folder (drafter.json is
-    written last: a folder without it is incomplete, and load_drafter checks the tensors' sha256)."""
+    written last: a folder without it is incomplete, and load_drafter checks the tensors' sha256). The caller
+    holds dst's lock."""
     if dst.resolve() != src.resolve():
-        check_output_dir(dst, "--out")
-        with FolderLock(dst, "train.py calibrate"):
-            (dst / META_FILE).unlink(missing_ok=True)
-            shutil.copyfile(src / TENSOR_FILE, dst / TENSOR_FILE)
-            write_json(dst / META_FILE, meta)
-        return
-    with FolderLock(dst, "train.py calibrate"):
-        write_json(dst / META_FILE, meta)
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / META_FILE).unlink(missing_ok=True)
+        shutil.copyfile(src / TENSOR_FILE, dst / TENSOR_FILE)
+    write_json(dst / META_FILE, meta)
 
 
 def main(argv=None) -> int:
@@ -86,13 +146,23 @@ def main(argv=None) -> int:
                     "other part to check the new threshold with `train.py evaluate --part`)")
     ap.add_argument("--target-precision", type=float, help="default: the gate's own")
     ap.add_argument("--delta", type=float, help="default: the gate's own")
-    ap.add_argument("--max-pairs", type=int, default=400000)
+    ap.add_argument("--max-pairs", type=int, default=400000, help="at most this many (position, since_big) pairs")
+    ap.add_argument("--force", action="store_true", help="calibrate on a split the gate was trained on, and let "
+                    "--out replace another artifact")
     args = ap.parse_args(argv)
     cmd = "python train.py calibrate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.target_precision is not None and not 0.5 <= args.target_precision < 1:
         raise FitError(f"--target-precision {args.target_precision}: must be in [0.5, 1)")
     if args.delta is not None and not 0 < args.delta < 1:
         raise FitError(f"--delta {args.delta}: must be in (0, 1)")
-    recalibrate(args.records, args.gate, args.out, args.split, args.part, args.target_precision, args.delta,
-                args.max_pairs, log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd)
+    if args.max_pairs < 1:
+        raise FitError(f"--max-pairs {args.max_pairs}: must be >= 1")
+    gate, out = Path(args.gate), Path(args.out or args.gate)
+    check_kind(gate)
+    check_output_dir(out, "--out" if args.out else "--gate (rewritten in place without --out)")
+    check_out(gate, out, args.force)
+    with FolderLock(out, "train.py calibrate"):   # before any work, held to the end
+        recalibrate(args.records, args.gate, args.out, args.split, args.part, args.target_precision, args.delta,
+                    args.max_pairs, log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd,
+                    force=args.force)
     return 0
