@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,14 @@ def _source_key(paths: list[Path]) -> str:
 
 
 GGUF_MAGIC = b"GGUF"
+# What reading a damaged GGUF raises: a file cut short inside its metadata ends in struct.error (gguf-py unpacks
+# fixed-size fields from too few bytes), one cut inside the tensors in ValueError/OSError (a short memmap).
+GGUF_ERRORS = (ValueError, KeyError, OSError, EOFError, struct.error)
+
+
+def gguf_reason(e: BaseException) -> str:
+    """Why a GGUF could not be read, for the error line ('struct.error: unpack_from ...' says: cut short)."""
+    return f"cut short? {e}" if isinstance(e, struct.error) else f"{type(e).__name__}: {e}"
 
 
 def check_gguf(path: Path) -> None:
@@ -282,9 +291,9 @@ def convert_gguf(paths: list[Path], name: str) -> Path:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             packed = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                           dtype=torch.bfloat16)
-        except (ValueError, KeyError, OSError, EOFError) as e:  # damaged, truncated or unsupported GGUF
+        except GGUF_ERRORS as e:  # damaged, truncated or unsupported GGUF
             raise ModelSourceError(f"{', '.join(map(str, paths))}: cannot read this GGUF file "
-                                   f"({type(e).__name__}: {e})") from e
+                                   f"({gguf_reason(e)})") from e
         config = packed.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -374,8 +383,8 @@ def gguf_tokenizer(gguf: Path):
         check_gguf(gguf)
         try:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except (ValueError, KeyError, OSError, EOFError) as e:
-            raise ModelSourceError(f"{gguf}: cannot read its tokenizer ({type(e).__name__}: {e})") from e
+        except GGUF_ERRORS as e:
+            raise ModelSourceError(f"{gguf}: cannot read its tokenizer ({gguf_reason(e)})") from e
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
@@ -402,7 +411,11 @@ def input_embedding(name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
         gguf = joined_gguf(packaged_gguf(name), name) if name in ALIASES else Path(name)
-        t = next((t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight"), None)
+        check_gguf(gguf)
+        try:
+            t = next((t for t in GGUFReader(gguf).tensors if t.name == "token_embd.weight"), None)
+        except GGUF_ERRORS as e:
+            raise ModelSourceError(f"{gguf}: cannot read this GGUF file ({gguf_reason(e)})") from e
         if t is None:
             raise ModelSourceError(f"{gguf}: no token_embd.weight tensor")
         w = dequantize(t.data, t.tensor_type)

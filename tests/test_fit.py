@@ -3,6 +3,10 @@ the artifact round trip, determinism and resume, and a small real SmolLM2 record
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +236,89 @@ def test_damaged_artifact_is_refused(tiny_gate, tmp_path):
         f.write(b"\0" * 8)
     with pytest.raises(D.ArtifactError, match="sha256"):
         D.load_drafter(bad, None)
+
+
+# ------------------------------------------------------------------------------------------------ issue 22
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_py(*args) -> tuple[int, str]:
+    r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return r.returncode, r.stderr
+
+
+def one_error_line(rc: int, err: str, expected: str) -> None:
+    """Exit 2, no traceback, one `error:` line (the last), holding `expected`."""
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0] == lines[-1] and expected in errors[0], err[-2000:]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_calibrate_refuses_the_training_split_and_another_artifact(tiny, tiny_gate, tmp_path):
+    """Cases 7-9: the gate's own training books are refused unless --force; --out checked (and locked) before any
+    work, and refused when it holds an artifact calibrate did not make from this gate; nothing is touched."""
+    import shutil
+
+    records, gate = tiny[2], tiny_gate
+    before = snapshot(gate)
+    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--split", "train", "--out", tmp_path / "o")
+    one_error_line(rc, err, "--split train: the gate was trained on 2 of its 2 books (")
+    assert "or add --force" in err and not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("x")
+    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--out", tmp_path / "file")
+    one_error_line(rc, err, f"--out {tmp_path / 'file'}: exists and is not a folder")
+    assert "[calibrate]" not in err                                            # case 9: refused before the work
+    shutil.copytree(gate, tmp_path / "other")                                 # an unrelated artifact
+    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--split", "test", "--out", tmp_path / "other")
+    one_error_line(rc, err, f"--out {tmp_path / 'other'}: holds another drafter artifact (not a recalibration of ")
+    assert "[calibrate]" not in err and snapshot(tmp_path / "other") == before
+    rc, err = train_py("fit", "--drafter", "eagle", "--records", records, "--out", tmp_path / "other")  # case 8
+    one_error_line(rc, err, f"--out {tmp_path / 'other'}: holds the heads drafter (train.py fit); this fit "
+                            "(--drafter eagle) would replace it")
+    assert snapshot(tmp_path / "other") == before
+    # forced: calibrated on train; then calibrate may rewrite its own --out, and fit refuses the recalibrated one
+    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--split", "train", "--out", tmp_path / "o",
+                       "--force", "--target-precision", "0.6")
+    assert rc == 0 and "threshold" in err, err[-2000:]
+    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--split", "test", "--out", tmp_path / "o",
+                       "--target-precision", "0.6")
+    assert rc == 0, err[-2000:]
+    assert json.loads((tmp_path / "o" / "drafter.json").read_text())["recalibrated"]["split"] == "test"
+    with pytest.raises(FitError, match="holds a drafter recalibrated by train.py calibrate"):
+        fit(records, tmp_path / "o", log=lambda m: None, **SMALL_FIT)
+    assert snapshot(gate) == before and sorted(os.listdir(tmp_path / "o")) == ["drafter.json", "drafter.safetensors"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_calibrate_in_place_on_a_read_only_gate_is_one_error_line(tiny, tiny_gate, tmp_path):
+    """Case 9: rewriting --gate in place where it cannot be written is refused before the work."""
+    import shutil
+
+    ro = tmp_path / "ro"
+    shutil.copytree(tiny_gate, ro)
+    ro.chmod(0o555)
+    try:
+        rc, err = train_py("calibrate", "--records", tiny[2], "--gate", ro, "--split", "test")
+        one_error_line(rc, err, f"--gate (rewritten in place without --out) {ro}: cannot write in")
+        assert "[calibrate]" not in err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_threshold_in_the_log_says_what_it_is():
+    """Minor: `threshold 1 -> 1` said nothing; NEVER is 'never', thresholds near 1 show their distance to it."""
+    from gate.model.features import NEVER
+    from gate.train.calibration import format_threshold
+
+    assert format_threshold(NEVER) == "never (none certified)"
+    assert format_threshold(1.0) == "1 (saturated scores only)"
+    assert format_threshold(0.99996) == "1 - 4e-05" and format_threshold(0.5) == "0.5"
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2

@@ -129,3 +129,30 @@ def test_gguf_parts_are_joined_once_into_the_cache(tmp_path, monkeypatch):
     assert models.joined_gguf(parts, "demo-model") == joined and joined.stat().st_mtime_ns == mtime
     assert models.joined_gguf(parts[:1], "demo-model") == parts[0]      # one file is used as it is
     assert not list((tmp_path / "cache" / "gguf").glob("*.tmp*"))
+
+
+def test_a_truncated_gguf_is_one_error_line(tmp_path):
+    """Issue 22, case 12: a .gguf cut short (in its metadata, in its tensors) on the transformers backend (the
+    conversion to safetensors) is one `error:` line, as on llama.cpp, not a struct traceback; the cache is left
+    without a half conversion."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    try:
+        src = models.ALIASES["smollm2-135m"].gguf_paths()[0]
+    except (ModuleNotFoundError, ImportError):
+        pytest.skip("the packaged SmolLM2 is not installed")
+    data = src.read_bytes()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SKIPGATE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    for n, cmd in ((300_000, ["train.py", "models"]), (len(data) // 2, ["infer.py", "Hi", "-m", "2", "--backend", "hf", "--model"])):
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(data[:n])
+        r = subprocess.run([sys.executable, *cmd, str(cut)], cwd=root, capture_output=True, text=True, timeout=300,
+                           env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        errors = [line for line in r.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"{cut}: cannot read this GGUF file" in errors[0], r.stderr[-2000:]
+        assert not [p for p in (tmp_path / "cache" / "models").glob("*") if p.is_dir()]   # no half conversion

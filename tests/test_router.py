@@ -218,3 +218,18 @@ def test_confidence_gate_ignores_the_vector_features():
     X2[:, 2:5] = torch.from_numpy(rng.normal(size=(600, 3)).astype(np.float32))
     assert torch.equal(conf.score(X), conf.score(X2))
     assert not torch.equal(gates["logreg"].score(X), gates["logreg"].score(X2))
+
+
+def test_fit_router_refuses_a_small_model_that_is_a_copy_of_the_big_one(tmp_path, tiny_tokenizer, tiny_llama):
+    """Issue 22, case 11: the small model's argmax always equals the big one's: one class, nothing to learn."""
+    big = save_model(tmp_path / "big", tiny_llama, tiny_tokenizer)
+    copy = save_model(tmp_path / "copy", tiny_llama, tiny_tokenizer)
+    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("c", "val", book_text(2, 2))])
+    rec_mod.record([big, copy], corpus, tmp_path / "records", layers=("last",), topk=8, **SPLIT_REC)
+    r = subprocess.run([sys.executable, "train.py", "fit", "--drafter", "router", "--records",
+                        str(tmp_path / "records"), "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-3000:]
+    assert "too little data / one class" in errors[0] and "is the small model a copy of the big one?" in errors[0]
+    assert not (tmp_path / "r").exists()
