@@ -275,7 +275,8 @@ def test_calibrate_refuses_the_training_split_and_another_artifact(tiny, tiny_ga
     one_error_line(rc, err, f"--out {tmp_path / 'file'}: exists and is not a folder")
     assert "[calibrate]" not in err                                            # case 9: refused before the work
     shutil.copytree(gate, tmp_path / "other")                                 # an unrelated artifact
-    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--split", "test", "--out", tmp_path / "other")
+    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--split", "test", "--out",
+                       tmp_path / "other")
     one_error_line(rc, err, f"--out {tmp_path / 'other'}: holds another drafter artifact (not a recalibration of ")
     assert "[calibrate]" not in err and snapshot(tmp_path / "other") == before
     rc, err = train_py("fit", "--drafter", "eagle", "--records", records, "--out", tmp_path / "other")  # case 8

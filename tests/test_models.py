@@ -147,7 +147,8 @@ def test_a_truncated_gguf_is_one_error_line(tmp_path):
     data = src.read_bytes()
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "SKIPGATE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    for n, cmd in ((300_000, ["train.py", "models"]), (len(data) // 2, ["infer.py", "Hi", "-m", "2", "--backend", "hf", "--model"])):
+    for n, cmd in ((300_000, ["train.py", "models"]),
+                   (len(data) // 2, ["infer.py", "Hi", "-m", "2", "--backend", "hf", "--model"])):
         cut = tmp_path / f"cut{n}.gguf"
         cut.write_bytes(data[:n])
         r = subprocess.run([sys.executable, *cmd, str(cut)], cwd=root, capture_output=True, text=True, timeout=300,

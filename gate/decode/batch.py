@@ -21,10 +21,11 @@ the rest goes on. The exit status is 2 when some line was bad, else 0.
 Resuming: a re-run skips the ids that have a result row made from the same input line (its hash) by the same
 run (model, tokenizer, policy, settings). A kept row of another line (prompts inserted above it, with ids by
 line number) or of another run (another --model, --policy, -t, ...) is refused with one line naming what
-differs, before the model loads (only its tokenizer is read): one file never mixes two runs. --rerun-mismatched runs those lines again
-instead (their old rows are removed). Error rows are not results: a re-run removes them and tries those lines
-again (the input may have been fixed). Each row is appended with one write and fsynced, so a run killed at any
-moment leaves whole rows plus at most a partial last line (no newline at its end), which the re-run drops.
+differs, before the model loads (only its tokenizer is read): one file never mixes two runs.
+--rerun-mismatched runs those lines again instead (their old rows are removed). Error rows are not results: a
+re-run removes them and tries those lines again (the input may have been fixed). Each row is appended with one
+write and fsynced, so a run killed at any moment leaves whole rows plus at most a partial last line (no newline
+at its end), which the re-run drops.
 Repairs rewrite the output atomically, through a symlink to the real file (corpus_tools.files.write_text). A
 complete line that is not a result row means the file is not ours: refused, nothing is touched.
 

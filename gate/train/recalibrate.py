@@ -41,8 +41,8 @@ def check_kind(gate) -> dict:
     """The gate's drafter.json, if it is the heads drafter (the one this command recalibrates)."""
     meta = read_meta(gate)
     if meta["format"] != FORMAT:
-        raise ArtifactError(f"--gate {gate}: {kind_of(meta)}; calibrate recalibrates the heads drafter of `train.py fit` "
-                            "only")
+        raise ArtifactError(f"--gate {gate}: {kind_of(meta)}; calibrate recalibrates the heads drafter of "
+                            "`train.py fit` only")
     return meta
 
 
@@ -51,10 +51,10 @@ def check_out(gate: Path, out: Path, force: bool) -> None:
     if force or out.resolve() == gate.resolve() or not (out / META_FILE).exists() and not (out / TENSOR_FILE).exists():
         return
     try:
-        made = read_meta(out).get("recalibrated", {}).get("gate")
+        recal = read_meta(out).get("recalibrated") or {}
     except ArtifactError:
-        made = None
-    if made != str(gate.resolve()):
+        recal = {}
+    if not recal or recal.get("gate", str(gate.resolve())) != str(gate.resolve()):   # (older ones name no gate)
         raise FitError(f"--out {out}: holds another drafter artifact (not a recalibration of {gate}); name a new "
                        "folder, or add --force to replace it")
 
@@ -115,7 +115,8 @@ def recalibrate(records, gate, out=None, split: str = "validation", part: str | 
         f"{format_threshold(cal['threshold'])}, coverage "
         f"{cal['coverage']:.1%}" + ("" if cal["certified"] else " - NO threshold certified: the gate will never skip"))
     meta = dict(meta, threshold=cal["threshold"], calibration={**meta.get("calibration", {}), dr.primary: cal},
-                recalibrated={"gate": str(Path(gate).resolve()), "records": str(inp.records), "split": inp.split, "part": part, "pairs": int(len(t)),
+                recalibrated={"gate": str(Path(gate).resolve()), "records": str(inp.records), "split": inp.split,
+                              "part": part, "pairs": int(len(t)),
                               "books": split_books(te, part),
                               "previous_threshold": dr.threshold, "target_precision": tp, "delta": dl,
                               "command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
