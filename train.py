@@ -10,6 +10,7 @@
     python train.py evaluate  --records runs/demo/records --gate runs/demo/gate
     python train.py calibrate --records runs/mine/records --gate runs/demo/gate --out runs/mine/gate
     python train.py models    [NAME]      list model aliases, or load one and print its info
+    python train.py profile   smollm2-135m [--requant Q4_0 Q8_0]   what a verify pass of n tokens costs here
 
 `python train.py COMMAND --help` shows each command's options. A mistake in the input (a missing folder, a bad
 model name, an output path that cannot be written, an output folder in use by another run) ends with one line
@@ -22,6 +23,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a model hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "--shared-cpu" in sys.argv[1:]:   # passive OpenMP waiting, before torch loads libgomp (docs/speed.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (torch is slow to import)
     "corpus": "corpus_tools.corpus",
@@ -33,6 +36,7 @@ COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (
     "evaluate": "gate.train.evaluate",
     "calibrate": "gate.train.recalibrate",
     "models": "corpus_tools.models",
+    "profile": "gate.decode.cost",
 }
 # Commands whose module does not check (and lock) its output folder itself: checked here before the module runs.
 # corpus, record and selfgen check and lock theirs where the folder enters (also when called as functions).
@@ -80,7 +84,7 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
         return 0
-    return run(argv[0], argv[1:])
+    return run(argv[0], [a for a in argv[1:] if a != "--shared-cpu"])
 
 
 if __name__ == "__main__":

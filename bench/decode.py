@@ -35,7 +35,6 @@ from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch: see infer.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -67,7 +66,7 @@ def parse(argv, policies=None):
                                  "from infer.py's: " + ", ".join(f"--{k.replace('_', '-')} {v}"
                                                                  for k, v in BENCH_DEFAULTS.items()),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_runtime_args(ap, dtype_help="one or more, comma-separated (e.g. bfloat16,float32)")
+    add_runtime_args(ap, dtype_help="one or more, comma-separated (e.g. bfloat16,float32)", auto=False)
     ap.add_argument("--corpus", default=["runs/demo/corpus"], nargs="+",
                     help="corpus folder(s) whose held-out books give the prompts (--n-prompts split among them)")
     ap.add_argument("--split", default="test")

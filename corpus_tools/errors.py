@@ -20,6 +20,7 @@ PROJECT_ERRORS = {  # module -> its error types
     "gate.model.drafter": ("ArtifactError",),
     "corpus_tools.llamacpp": ("LayerUnavailable",),
     "gate.train.data": ("FitError",),
+    "gate.decode.runtime": ("UsageError",),
 }
 
 

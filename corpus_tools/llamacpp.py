@@ -18,9 +18,9 @@ high-level `Llama` object, because the decode loop needs exactly the protocol's 
     state after the final norm, i.e. HF's last `hidden_states` entry (hidden_layer == n_layers). No other layer
     is reachable without an eval callback, so any other hidden_layer raises LayerUnavailable (a ValueError). With hidden_layer None
     the embeddings output is switched off (llama_set_embeddings), so a plain `big` run pays nothing for it;
-  - logits and hidden rows are read zero-copy as numpy views of llama.cpp's output buffers and copied once
-    into a torch tensor (torch.from_numpy). A per-row Python list costs 2-4 ms per 49k-vocabulary row
-    (measured below), a large share of a 135M decode step;
+  - logits and hidden rows are read as numpy views of llama.cpp's output buffers and copied once into torch,
+    or not at all with forward(copy=False) (the decode loop's big passes: it clones the one row it keeps). A
+    per-row Python list costs 2-4 ms per 49k-vocabulary row (measured below), a large share of a 135M step;
   - the batch's token/pos/logits arrays are numpy views too, filled with slice assignments; seq ids are set
     once when the batch is allocated;
   - batch invariance: the lossless --verify checks drafts with rows of a catch-up pass, where a big-only run
@@ -203,7 +203,10 @@ class LlamaCppBackend:
         self.n_cached = 0
         self.calls = self.tokens_fed = self.tokens_cropped = 0
 
-    def forward(self, tokens: Sequence[int], keep: int | None = None):
+    def forward(self, tokens: Sequence[int], keep: int | None = None, copy: bool = True):
+        """The Backend protocol's forward. copy=False returns zero-copy views of llama.cpp's output buffers,
+        valid until this backend's next forward (the decode loop's verify passes need one argmax per row and
+        clone the one row they keep)."""
         n = len(tokens)
         if n == 0:
             raise ValueError("forward() needs at least one token")
@@ -218,11 +221,12 @@ class LlamaCppBackend:
         self.tokens_fed += n
         # The _ith getters map a batch index to its output row: row n - keep starts the kept rows whether
         # the batch flagged those only or every row.
-        logits = self._rows(self.lib.llama_get_logits_ith(self._ctx, n - keep), keep, self.vocab_size)
+        logits = self._rows(self.lib.llama_get_logits_ith(self._ctx, n - keep), keep, self.vocab_size, copy)
         hidden = None
         if self._hidden_layer is not None:
             rows = n if self.hidden_all else keep
-            hidden = self._rows(self.lib.llama_get_embeddings_ith(self._ctx, n - rows), rows, self.hidden_size)
+            hidden = self._rows(self.lib.llama_get_embeddings_ith(self._ctx, n - rows), rows, self.hidden_size,
+                                copy)
         return logits, hidden
 
     def crop(self, n: int) -> None:
@@ -255,12 +259,12 @@ class LlamaCppBackend:
         self._batch.n_tokens = n
 
     @staticmethod
-    def _rows(ptr, rows: int, width: int) -> torch.Tensor:
-        # A view of llama.cpp's output buffer (the next decode overwrites it): one copy into torch.
+    def _rows(ptr, rows: int, width: int, copy: bool) -> torch.Tensor:
+        # A view of llama.cpp's output buffer, which the next decode overwrites: copied unless asked not to.
         if not ptr:
             raise RuntimeError("llama.cpp returned no output buffer for this batch")
         view = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, width))
-        return torch.from_numpy(view.copy())
+        return torch.from_numpy(view.copy() if copy else view)
 
     def close(self) -> None:
         if self._ctx:

@@ -253,3 +253,62 @@ def test_selfgen_on_llamacpp_is_the_backends_greedy_text(backend, tmp_path):
     for entry, prompt in zip(entries, prompts):
         want = Decoder(backend, BigOnly()).generate(prompt, 10).ids
         assert (tmp_path / "out" / "text" / f"{entry['book_id']}.txt").read_text() == tok.decode(prompt + want)
+
+
+@pytest.mark.parametrize("shape", ["cheap", "measured"])
+def test_planned_copy_verify_is_greedy_big(backend, ids, shape, tmp_path, monkeypatch):
+    """The default lossless decode (--verify, chains sized by the planner) on the real model: the same tokens as
+    greedy `big`. 'cheap' pretends extra tokens cost nothing, so the planner sends long chains that get cut by
+    rollbacks; 'measured' uses this machine's cost curve, measured through the backend (cached in tmp)."""
+    from gate.decode.cost import CostProfile, Planner, load_or_measure
+    from gate.decode.loop import Decoder
+    from gate.decode.policies import BigOnly, Copy
+
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    backend.hidden_layer = None
+    if shape == "cheap":
+        ks = list(range(1, 34))
+        prof = CostProfile({}, 10.0, ks, [1 + 0.05 * (k - 1) for k in ks])
+    else:
+        prof = load_or_measure(backend, ks=(1, 2, 4, 8, 16, 32), reps=2)
+    pol = Copy(min_match=1, max_skip=33)
+    plan = Planner(prof, pol.acceptance())
+    for prompt in (ids + ids[:12], ids[::-1] + ids):
+        big = Decoder(backend, BigOnly()).generate(prompt, 40)
+        res = Decoder(backend, pol, verify=True, planner=plan).generate(prompt, 40)
+        assert res.ids == big.ids
+    if shape == "cheap":
+        assert plan.stats["kept"] > 0 and res.ledger["big_calls"] < big.ledger["big_calls"]
+
+
+def test_infer_cli_default_backend_and_planned_verify(ids, tmp_path, monkeypatch):
+    """infer.py on a packaged alias picks llama.cpp by itself and says so; --policy copy --verify (planned by
+    default) gives big's tokens; the ledger reports the plan."""
+    import json
+
+    from gate.decode.cli import main
+
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    outs = {}
+    for policy in ("big", "copy"):
+        out = tmp_path / f"{policy}.json"
+        args = ["--policy", policy, "-m", "24", "--threads", "1", "--quiet", "--json", str(out), TEXT + " " + TEXT]
+        assert main(args + (["--verify"] if policy == "copy" else [])) == 0
+        outs[policy] = json.loads(out.read_text())
+    assert outs["copy"]["output_ids"] == outs["big"]["output_ids"]
+    assert outs["copy"]["config"]["backend"] == "auto" and outs["copy"]["ledger"]["models"]["smollm2-135m"]
+    assert outs["copy"]["ledger"]["plan"]["chains"] > 0
+    assert list((tmp_path / "profiles").glob("*.json"))     # the cost curve was measured once and cached
+
+
+def test_profile_command_and_requantized_copy(tmp_path, monkeypatch, capsys):
+    """`train.py profile MODEL --requant Q4_0`: both cost curves printed, the requantized copy cached and never
+    the model that decodes (a requantized model is a different model)."""
+    from gate.decode.cost import main
+
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    assert main(["smollm2-135m", "--threads", "1", "--reps", "1", "--requant", "Q4_0"]) == 0
+    out = capsys.readouterr().out
+    assert "as shipped" in out and "requantized Q4_0" in out and out.count("best ceiling") == 2
+    assert len(list((tmp_path / "requantized").glob("*.Q4_0.gguf"))) == 1
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 2

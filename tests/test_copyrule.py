@@ -91,3 +91,25 @@ def test_trust_copy_takes_the_copy_candidate_only_where_it_is_trusted_more():
                                   np.array([3, 3, -1]), np.array([4, 3, 0]), table)
     assert used.tolist() == [True, False, False]
     assert tok.tolist() == [3, 7, 7] and np.allclose(score, [0.99, 0.95, 0.1])
+
+
+def test_index_after_rollbacks_equals_a_fresh_one():
+    """sync() over texts that drop and re-grow their tail (rollbacks, cut draft chains) answers like an index
+    built from scratch on the same text."""
+    import random
+
+    from gate.model.copyrule import CopyIndex
+
+    rng = random.Random(0)
+    text = [rng.randrange(5) for _ in range(60)]
+    live = CopyIndex(6)
+    for _ in range(200):
+        cut = rng.randrange(len(text) + 1)
+        text = text[:cut] + [rng.randrange(5) for _ in range(rng.randrange(8))]
+        live.sync(text)
+        fresh = CopyIndex(6)
+        fresh.sync(text)
+        if text:
+            assert live.query() == fresh.query()
+        assert live.ids == text and {n: {k: v for k, v in d.items()} for n, d in enumerate(live.ends)} == \
+            {n: {k: v for k, v in d.items()} for n, d in enumerate(fresh.ends)}

@@ -15,7 +15,7 @@ import torch
 from gate.decode.backend import HFBackend, early_exit_view
 from gate.decode.loop import Decoder, Draft, accept_draft, check_output
 from gate.decode.drafters import DrafterBase
-from gate.decode.policies import BigOnly, Cascade, Entropy, Gate, Ratio, SmallOnly
+from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio, SmallOnly
 
 PROMPTS = ["It is a truth", "My dear Mr. Bennet", "However little known", "Netherfield Park is let",
            "she told me all about it", "a single man in possession"]
@@ -413,6 +413,25 @@ def test_smollm2_verify_is_lossless(smollm2, prompt):
         res = Decoder(bb, pol, verify=True).generate(ids, 12)
         assert res.ids == want, pol.name
         ledger_adds_up(res, bb)
+
+
+def test_smollm2_planned_verify_is_lossless(smollm2):
+    """The default lossless decode (chains sized by the planner) on transformers: greedy big's tokens, with a
+    cost curve that makes long chains look cheap (so rollbacks happen) and with a linear one (no drafts)."""
+    from gate.decode.cost import CostProfile, Planner
+
+    m, tok = smollm2.model, smollm2.tokenizer
+    ids = tok("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+              "in want of a wife. It is a truth universally acknowledged").input_ids
+    bb, sb = HFBackend(m, "big"), HFBackend(early_exit_view(m, 20), "self:20")
+    want = Decoder(bb, BigOnly()).generate(ids, 24).ids
+    ks = list(range(1, 34))
+    for curve in ([1 + 0.05 * (k - 1) for k in ks], [float(k) for k in ks]):
+        for pol in (Copy(min_match=1, max_skip=33), Gate.small_lm(sb, threshold=-1.0)):
+            plan = Planner(CostProfile({}, 10.0, ks, curve), pol.acceptance())
+            res = Decoder(bb, pol, verify=True, planner=plan).generate(ids, 24)
+            assert res.ids == want, pol.name
+            assert (plan.stats["kept"] == 0) == (curve[-1] == 33.0)
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------------

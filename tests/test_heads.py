@@ -99,3 +99,18 @@ def test_context_index_matches_records_statistics_and_resyncs():
     rs2 = np.r_[np.zeros(5, dtype=np.int64), np.full(6, 5)]
     st2 = H.context_copy_stats(tokens, rs2)
     assert st2["n1"][5] == 0
+
+
+def test_context_index_after_rollbacks_equals_a_fresh_one():
+    """The in-context statistics after texts drop and re-grow their tail equal those built from scratch."""
+    import random
+
+    rng = random.Random(1)
+    text = [rng.randrange(4) for _ in range(50)]
+    live = H.ContextIndex()
+    for _ in range(200):
+        text = text[:rng.randrange(len(text) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(6))]
+        live.sync(text)
+        fresh = H.ContextIndex()
+        fresh.sync(text)
+        assert live.ids == text and live.query() == fresh.query() and live.tables == fresh.tables

@@ -4,6 +4,7 @@ A backend holds one model and the KV cache of one sequence (batch 1). Positions 
 fed by `forward` occupy positions n_cached .. n_cached+n-1, and the cache always holds a prefix of the text.
 
     logits, hidden = backend.forward(tokens, keep=None)   # append to the cache; outputs for the last `keep`
+    backend.forward(tokens, keep, copy=False)             # outputs may be views valid until the next forward
     backend.crop(n)                                       # keep positions 0..n-1 (rollback)
     backend.reset()                                       # empty cache, zero counters
     backend.n_cached, backend.vocab_size, backend.hidden_layer, backend.name
@@ -37,7 +38,7 @@ class Backend(Protocol):
     tokens_fed: int
     tokens_cropped: int
 
-    def forward(self, tokens: Sequence[int], keep: int | None = None
+    def forward(self, tokens: Sequence[int], keep: int | None = None, copy: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def crop(self, n: int) -> None: ...
@@ -116,8 +117,8 @@ class HFBackend:
         self.calls = self.tokens_fed = self.tokens_cropped = 0
 
     @torch.inference_mode()
-    def forward(self, tokens: Sequence[int], keep: int | None = None):
-        n = len(tokens)
+    def forward(self, tokens: Sequence[int], keep: int | None = None, copy: bool = True):
+        n = len(tokens)   # the outputs are fresh tensors either way
         if n == 0:
             raise ValueError("forward() needs at least one token")
         keep = n if keep is None else max(1, min(keep, n))

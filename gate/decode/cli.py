@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 from corpus_tools.files import check_output_file
+from gate.decode.cost import Planner, load_or_measure
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
+from gate.decode.policies import BigOnly
 from gate.decode.registry import (add_policy_args, number, policies_help, policy_examples, registered,
                                   unread_options)
 from gate.decode.runtime import Runtime, UsageError, add_runtime_args, held_out_prompts, open_models
@@ -71,7 +73,11 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     ap.add_argument("--parse-special", action="store_true",
                     help="parse special-token strings typed in the prompt ('<|endoftext|>', '<|im_start|>') as "
                     "control tokens; by default a prompt is literal text")
-    add_runtime_args(ap.add_argument_group("models"))
+    g = ap.add_argument_group("models")
+    add_runtime_args(g)
+    g.add_argument("--shared-cpu", action="store_true", help="a machine busy with other jobs: OpenMP threads "
+                   "sleep while they wait (OMP_WAIT_POLICY=PASSIVE, read by infer.py before torch loads; about 3x "
+                   "slower on an idle machine, much faster than spinning on a loaded one)")
     g = ap.add_argument_group("policy", "each option lists the policies that read it in [brackets]")
     g.add_argument("--policy", default="big", choices=list(policies))
     g.add_argument("-m", "--max-new-tokens", type=int, default=128)
@@ -80,6 +86,11 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true", help="check skipped tokens at catch-up (lossless greedy)")
     g.add_argument("--verify-below", type=float, metavar="T2",
                    help="verify only skips whose score is below T2 (implies --verify)")
+    g.add_argument("--plan", choices=("cost", "fixed"), default="cost",
+                   help="with --verify: 'cost' (default) sizes each draft chain by the measured cost of a verify "
+                   "pass and the learned chance of acceptance, down to no draft where none pays (the cost curve "
+                   "is measured once per model file, runtime, threads and CPU and cached); 'fixed' drafts while "
+                   "the policy's --threshold / --max-skip allow")
     g.add_argument("-t", "--temperature", type=float, default=0.0,
                    help="0 = greedy (default); a temperature above 0 but below 1e-4 is refused (write 0): there "
                    "sampling is greedy in all but name, and logits / T overflow float32 further down")
@@ -128,6 +139,7 @@ def settle_args(args) -> None:
     if args.verify_below is not None:
         args.verify = True
     args.verify_below = math.inf if args.verify_below is None else args.verify_below
+    args.planned = args.verify and math.isinf(args.verify_below) and args.plan == "cost"
     if args.json:
         check_output_file(args.json, "--json", parents=False)   # before any work: a typo fails at once
     settle_batch(args)
@@ -164,7 +176,8 @@ def open_runtime(args, policies) -> Runtime:
         big, smalls = policies[args.policy].model_names(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return open_models(big, smalls, args.dtype, args.backend)
+    return open_models(big, smalls, args.dtype, args.backend, gate=getattr(args, "gate", None),
+                       log=lambda m: print(m, file=sys.stderr))
 
 
 def make_policy(args, rt: Runtime, policies=None):
@@ -216,7 +229,8 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
 
     verify = args.verify if verify is None else verify
     dec = Decoder(rt.big, policy, verify=verify, verify_below=args.verify_below if verify else math.inf,
-                  temperature=args.temperature, seed=args.seed, eos_ids=rt.eos_ids, on_final=stream)
+                  temperature=args.temperature, seed=args.seed, eos_ids=rt.eos_ids, on_final=stream,
+                  planner=planner_for(policy, rt, args) if verify else None)
     res = dec.generate(prompt_ids, args.max_new_tokens)
     ledger = res.ledger
     ledger["models"] = {"big": rt.big_info.name, **ledger["models"]}
@@ -227,6 +241,19 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
                 text=tok.decode(res.ids, skip_special_tokens=True), sources=res.sources,
                 config={k: (None if isinstance(v, float) and math.isinf(v) else v)
                         for k, v in vars(args).items() if k != "prompt"}, ledger=ledger)
+
+
+def planner_for(policy, rt: Runtime, args):
+    """The policy's draft planner (made once per policy, so a batch or the demo keeps learning), or None
+    without --plan cost and a lossless --verify."""
+
+    if not getattr(args, "planned", False) or isinstance(policy, BigOnly):
+        return None
+    if getattr(policy, "planner", None) is None:
+        hidden = bool(policy.needs_big_hidden and policy.hidden_layer is not None)
+        profile = load_or_measure(rt.big, hidden=hidden, log=lambda m: print(m, file=sys.stderr))
+        policy.planner = Planner(profile, policy.acceptance())
+    return policy.planner
 
 
 def user_text(text: str, what: str, from_bytes: bool = True) -> str:
@@ -315,6 +342,7 @@ def run_prompt(args, policies) -> int:
     text = read_prompt(args)
     rt = open_runtime(args, policies)
     policy = make_policy(args, rt, policies)
+    planner_for(policy, rt, args)       # a first run measures the verify pass's cost: before the text streams
     prompt_ids = encode(rt, text, args.chat, args.parse_special)
     rt.check_fits(len(prompt_ids), args.max_new_tokens)
     stream = None if args.quiet else Streamer(rt.tokenizer, use_color(args))
@@ -332,21 +360,24 @@ def run_prompt(args, policies) -> int:
 
 
 def run_demo(args, policies) -> int:
-    """Prompts from held-out books, each generated with big, the policy, and the policy with --verify."""
-    from gate.decode.policies import BigOnly
+    """Prompts from held-out books, each generated with big, the policy, and the policy with --verify (its chains
+    sized by the planner); on llama.cpp the binding's own generate speed on the same GGUF is named beside them."""
+    import argparse
 
     rt = open_runtime(args, policies)
     prompts = held_out_prompts(args.corpus, rt.tokenizer, args.n_prompts, args.prompt_tokens)
     for ids in prompts:
         rt.check_fits(len(ids), args.max_new_tokens, "demo prompt")
     policy = make_policy(args, rt, policies)
+    lossless = argparse.Namespace(**{**vars(args), "verify": True, "planned": args.plan == "cost"})
+    verified = make_policy(lossless, rt, policies)
     runs, totals = [], {}
     for i, ids in enumerate(prompts, 1):
         print(f"\n=== prompt {i}: {len(ids)} tokens from a held-out book ===")
         print((DIM + rt.tokenizer.decode(ids) + RESET) if use_color(args) else rt.tokenizer.decode(ids))
         cols = {}
-        for pol, verify in ((BigOnly(), False), (policy, False), (policy, True)):
-            r = run_one(rt, pol, ids, args, verify=verify)
+        for pol, a in ((BigOnly(), args), (policy, args), (verified, lossless)):
+            r = run_one(rt, pol, ids, a)
             led = Ledger.from_dict(r["ledger"])
             print(f"\n--- {policy_label(led)} ---")
             Streamer(rt.tokenizer, use_color(args))(r["output_ids"], r["sources"])
@@ -359,9 +390,34 @@ def run_demo(args, policies) -> int:
     if len(prompts) > 1:
         print(f"\n=== all {len(prompts)} prompts ===")
         print(format_ledgers({k: sum_ledgers(v) for k, v in totals.items()}))
+    own = binding_speed(rt, prompts, args.max_new_tokens)
+    if own:
+        print(f"\nllama-cpp-python's own generate on the same GGUF and threads: {own:.1f} tokens/s (greedy, prompt "
+              "pass included, as in the ledgers above)")
     if args.json:
-        save_json(args.json, dict(runs=runs))
+        save_json(args.json, dict(runs=runs, binding_generate_tokens_per_s=own))
     return 0
+
+
+def binding_speed(rt: Runtime, prompts, n: int) -> float | None:
+    """Tokens/s of llama-cpp-python's own greedy generate over the prompts (None unless the big model runs on
+    llama.cpp): the speed a user of the binding alone gets, the yardstick for every method."""
+    path = getattr(rt.big, "path", None)
+    if path is None or not hasattr(rt.big, "n_threads"):
+        return None
+    import llama_cpp
+    import time
+
+    llm = llama_cpp.Llama(str(path), n_ctx=rt.big.n_ctx, n_threads=rt.big.n_threads,
+                          n_threads_batch=rt.big.n_threads, verbose=False)
+    tokens, t0 = 0, time.perf_counter()
+    for ids in prompts:
+        llm.reset()
+        for k, tok in enumerate(llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True), 1):
+            if tok in rt.eos_ids or k > n:
+                break
+            tokens += 1
+    return tokens / (time.perf_counter() - t0)
 
 
 def main(argv=None, policies=None) -> int:

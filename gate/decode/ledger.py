@@ -44,11 +44,13 @@ class Ledger:
     tokens_per_s: float = 0.0
     models: dict = field(default_factory=dict)      # backend name -> role, calls, tokens fed/cropped, n_cached
     check: dict | None = None           # check_output()'s dict, when asked for (--check, the demo)
+    plan: dict | None = None            # the draft planner's counts in this run (chains, drafts kept, ...)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["check"] is None:
-            del d["check"]
+        for k in ("check", "plan"):
+            if d[k] is None:
+                del d[k]
         return d
 
     @classmethod
@@ -57,6 +59,7 @@ class Ledger:
 
 
 TOTALS = tuple(f.name for f in dataclasses.fields(Ledger) if f.metadata.get("total"))
+PLAN_COUNTS = ("chains", "kept", "cut_to_zero", "skipped_starts")   # the planner's counts that add up
 
 
 def sum_ledgers(ledgers: list[Ledger]) -> Ledger:
@@ -70,6 +73,9 @@ def sum_ledgers(ledgers: list[Ledger]) -> Ledger:
     out.big_calls_per_token = out.big_calls / n if n else 0.0
     out.tokens_per_s = n / out.wall_s if out.wall_s else 0.0
     out.stopped = f"{len(ledgers)} runs"
+    plans = [x.plan for x in ledgers if x.plan]
+    if plans:
+        out.plan = {**plans[0], **{k: sum(p[k] for p in plans) for k in PLAN_COUNTS}}
     checks = [x.check for x in ledgers]
     out.check = sum_checks(checks) if all(c is not None for c in checks) else None
     return out
@@ -99,6 +105,8 @@ ROWS = [  # (label, the cell of one ledger)
     ("verified", lambda l: f"{l.verified} ({l.rollbacks} rollbacks, -{l.rolled_back_tokens} tok)"),
     ("wall time", lambda l: f"{l.wall_s:.2f} s (policy {l.policy_s:.2f} s"
                             + (f", {l.draft_steps} draft steps)" if l.draft_steps else ")")),
+    ("draft plan", lambda l: f"{l.plan['kept']} drafts in {l.plan['chains'] - l.plan['cut_to_zero']} of "
+                             f"{l.plan['chains']} chains" if l.plan else "-"),
     ("tokens/s", lambda l: f"{l.tokens_per_s:.1f}"),
     ("on-policy error", _check_cell),
     ("NLL (nats/token)", lambda l: f"{l.check['nll']:.3f}" if l.check is not None else "-"),

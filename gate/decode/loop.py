@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 import torch
 
 from gate.decode.backend import Backend, catch_up
+from gate.decode.cost import Acceptance, Planner
 from gate.decode.ledger import Ledger
 
 if TYPE_CHECKING:   # annotations only: the registry and the runtime import this module
@@ -190,6 +191,10 @@ class Policy:
     def big_source(self, state: DecodeState) -> str:
         return "big"
 
+    def acceptance(self) -> Acceptance:
+        """How the draft planner reads this policy's draft scores: by default each estimates P(accepted)."""
+        return Acceptance()
+
     @classmethod
     def model_names(cls, args) -> tuple[str, list[str]]:
         """(big model, predictor models) to load for this policy: --small, if the policy reads it and no
@@ -227,9 +232,12 @@ class Decoder:
 
     def __init__(self, big: Backend, policy: Policy, *, verify: bool = False,
                  verify_below: float = math.inf, temperature: float = 0.0, seed: int = 0,
-                 eos_ids: Sequence[int] = (), on_final: Callable[[list[int], list[str]], None] | None = None):
+                 eos_ids: Sequence[int] = (), on_final: Callable[[list[int], list[str]], None] | None = None,
+                 planner: Planner | None = None):
         self.big, self.policy = big, policy
         self.verify, self.verify_below = verify, verify_below
+        # The planner sizes each draft chain by cost (gate/decode/cost.py); it needs every draft verified.
+        self.planner = planner if verify and math.isinf(verify_below) else None
         self.temperature, self.seed = temperature, seed
         self.eos = frozenset(eos_ids)
         self.on_final = on_final        # streaming: gets tokens once no rollback can remove them
@@ -280,12 +288,13 @@ class Decoder:
         self.policy_s = 0.0
         self.policy.calls = 0
         self.policy.start()
+        self.plan0 = dict(self.planner.stats) if self.planner is not None else None
 
     def step(self) -> None:
         """One policy decision: emit its drafts, or let the big model catch up and speak."""
-        t0 = time.perf_counter()
-        drafts = self.policy.propose(self.state())
-        self.policy_s += time.perf_counter() - t0
+        if self.planner is not None:
+            return self.planned_step()
+        drafts = self.propose()
         self.keep_predictors(self.ids + [d.token for d in drafts])   # drop a lookahead the policy refused
         if not drafts:
             self.big_step(emit=True)
@@ -294,6 +303,64 @@ class Decoder:
                 break
             self.emit(d.token, d.source, d)
         self.keep_predictors(self.ids)                                # drafts cut by done()
+
+    def propose(self) -> list[Draft]:
+        t0 = time.perf_counter()
+        drafts = self.policy.propose(self.state())
+        dt = time.perf_counter() - t0
+        self.policy_s += dt
+        if self.planner is not None:
+            self.planner.observe_draft_time(dt)
+        return drafts
+
+    def planned_step(self) -> None:
+        """A draft chain sized by the planner: propose while a longer chain may pay, cut it to its best length
+        (maybe none), then one big pass verifies what is left and speaks."""
+        plan, acc = self.planner, self.planner.acceptance
+        start, calls = len(self.ids), self.policy.calls
+        probs: list[float] = []
+        if plan.start_chain():
+            while not self.done():
+                drafts = self.propose()
+                self.keep_predictors(self.ids + [d.token for d in drafts])
+                for d in drafts:
+                    if self.done():
+                        break
+                    self.emit(d.token, d.source, d)
+                    probs.append(acc.p(d.score))
+                if not drafts or not plan.extend(probs):
+                    break
+        keep = plan.cut(probs)
+        shadow = None
+        if start + keep < len(self.ids):
+            shadow = next(d for q, d in self.pending if q == start + keep)
+            self.drop_from(start + keep)
+        self.keep_predictors(self.ids)
+        fed = len(self.ids) - self.big.n_cached
+        if not self.done() or self.pending:
+            self.big_step(emit=not self.done())
+        plan.observe_cycle(len(self.ids) - start, fed, self.policy.calls - calls)
+        if shadow is not None and len(self.ids) > start + keep and self.sources[start + keep - self.n_prompt] == "big":
+            # The big model spoke where the first dropped draft stood: a free label for the acceptance model.
+            acc.update(shadow.score, self.draft_chance(self.big_logits, shadow))
+
+    def draft_chance(self, logits: torch.Tensor, draft: Draft) -> float:
+        """The chance the verify rule would have accepted `draft` against these logits: 0/1 when greedy,
+        min(1, q(x)/p(x)) when sampled."""
+        if self.temperature <= 0:
+            return float(int(logits.argmax()) == draft.token)
+        q = float(torch.softmax(logits / self.temperature, -1)[draft.token])
+        p = 1.0 if draft.probs is None else float(draft.probs[draft.token])
+        return min(1.0, q / p) if p > 0 else 0.0
+
+    def drop_from(self, q: int) -> None:
+        """Drop drafts ids[q:] that the planner cut before any pass saw them."""
+        self.counts.drafted -= len(self.ids) - q
+        del self.ids[q:]
+        del self.sources[q - self.n_prompt:]
+        self.pending = [(p, d) for p, d in self.pending if p < q]
+        for lm in self.policy.lms:
+            lm.crop(q)
 
     def keep_predictors(self, text: Sequence[int]) -> None:
         for lm in self.policy.lms:
@@ -317,13 +384,14 @@ class Decoder:
             # Rows are needed from the first pending draft's previous position on; else only the last one.
             first = self.pending[0][0] if self.pending else len(self.ids)
             keep = len(self.ids) - max(first - 1, c)
-            logits, hidden = self.big.forward(self.ids[c:], keep=keep)
+            logits, hidden = self.big.forward(self.ids[c:], keep=keep, copy=False)   # rows read once here
             if self.all_hidden:
                 old = self.hidden_rows[:c] if self.hidden_rows is not None else hidden[:0]
                 self.hidden_rows, hidden = torch.cat([old, hidden]), hidden[-keep:]
             if self.check_pending(logits, hidden, row0=len(self.ids) - keep):
                 return
-            self.big_logits, self.big_hidden = logits[-1], (None if hidden is None else hidden[-1])
+            # clone: the rows are views of the backend's output buffers (llama.cpp), rewritten by its next pass
+            self.big_logits, self.big_hidden = logits[-1].clone(), (None if hidden is None else hidden[-1].clone())
         self.pending.clear()
         if emit:
             self.emit(self.sample(self.big_logits), self.policy.big_source(self.state()))
@@ -336,10 +404,12 @@ class Decoder:
             row = logits[i] if i >= 0 else self.big_logits
             self.counts.verified += 1
             ok, tok = accept_draft(row, d, self.temperature, self.gen)
+            if self.planner is not None:
+                self.planner.acceptance.update(d.score, ok)
             if not ok:
                 self.rollback(q)
-                self.big_logits = row
-                self.big_hidden = None if hidden is None else (hidden[i] if i >= 0 else self.big_hidden)
+                self.big_logits = row.clone()
+                self.big_hidden = None if hidden is None else (hidden[i].clone() if i >= 0 else self.big_hidden)
                 self.emit(tok, "big")
                 return True
         return False
@@ -391,7 +461,14 @@ class Decoder:
             rolled_back_tokens=self.counts.rolled_back_tokens,
             stopped="eos" if n and self.ids[-1] in self.eos else "max_new_tokens",
             wall_s=round(wall, 4), tokens_per_s=round(n / wall, 3) if wall > 0 else 0.0,
-            models=backend_counters(self.big, predictors)).to_dict()
+            models=backend_counters(self.big, predictors), plan=self.plan_counts()).to_dict()
+
+    def plan_counts(self) -> dict | None:
+        if self.planner is None:
+            return None
+        p = self.planner
+        return dict({k: v - self.plan0[k] for k, v in p.stats.items()}, step_ms=p.profile.step_ms,
+                    draft_ms=round(p.draft_ms, 4))
 
 
 def backend_counters(big: Backend, predictors: Sequence[Backend]) -> dict:

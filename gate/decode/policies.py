@@ -26,6 +26,7 @@ import re
 import torch
 
 from gate.decode.backend import Backend
+from gate.decode.cost import MAX_CHAIN, copy_acceptance
 from gate.decode.drafters import Drafter, SmallLMDrafter
 from gate.decode.loop import LM, DecodeState, Draft, Policy, draft_probs
 from gate.decode.registry import arg, at_least, number, register, unit_interval
@@ -67,6 +68,11 @@ def predictor(args, rt, policy: str):
     if not args.small:
         raise ValueError(f"--policy {policy} needs --small M")
     return rt.predictor(args.small)
+
+
+def planned(args) -> bool:
+    """Does the draft planner size the chains (lossless --verify with the default --plan cost)?"""
+    return bool(getattr(args, "planned", False))
 
 
 def taus_of(args) -> list[float]:
@@ -400,8 +406,10 @@ class Gate(Policy):
 
     @classmethod
     def from_args(cls, args, rt):
-        kw = dict(threshold=unit_interval("--threshold", args.threshold),
-                  max_skip=at_least("--max-skip", args.max_skip, 1),
+        threshold = unit_interval("--threshold", args.threshold)
+        if threshold is None and planned(args):   # the planner sizes chains by cost: propose every candidate
+            threshold = -math.inf
+        kw = dict(threshold=threshold, max_skip=at_least("--max-skip", args.max_skip, 1),
                   chain_cut=unit_interval("--chain-cut", args.chain_cut))
         if args.gate:
             return cls(rt.load_gate(args.gate), **kw)
@@ -422,7 +430,8 @@ class Copy(Policy):
     summary = ("the copy rule (prompt lookup as a gate, no training): where the last --min-match tokens\n"
                "occurred earlier, skip with the token that followed them (up to --max-skip - 1 = 10 per\n"
                "big pass by default); lossless with --verify")
-    args = (arg("--min-match", type=int, default=4, help="shortest repeated suffix that drafts a token"),
+    args = (arg("--min-match", type=int, help="shortest repeated suffix that drafts a token (default 4; 1 with "
+                "--verify, where the planner weighs each match length by its acceptance)"),
             MAX_SKIP)
     examples = ('"Call me Ishmael." --policy copy --min-match 3 --verify',)
     DEFAULT_MAX_SKIP = 11   # up to 10 drafts per big pass, as transformers' prompt_lookup_num_tokens=10
@@ -439,6 +448,9 @@ class Copy(Policy):
     def start(self):
         self.index.reset()
 
+    def acceptance(self):
+        return copy_acceptance()   # the score is a match length
+
     def propose(self, state):
         if state.big_cached == 0 or not 1 <= state.since_big < self.max_skip:
             return []
@@ -450,7 +462,10 @@ class Copy(Policy):
     @classmethod
     def from_args(cls, args, rt):
         max_skip = at_least("--max-skip", args.max_skip, 1)
-        return cls(args.min_match, cls.DEFAULT_MAX_SKIP if max_skip is None else max_skip)
+        if max_skip is None:
+            max_skip = MAX_CHAIN + 1 if planned(args) else cls.DEFAULT_MAX_SKIP
+        min_match = args.min_match if args.min_match is not None else (1 if planned(args) else 4)
+        return cls(min_match, max_skip)
 
 
 __all__ = ["BigOnly", "SmallOnly", "Ratio", "Entropy", "Cascade", "Gate", "Copy", "entropy", "lm_draft",

@@ -98,24 +98,72 @@ class Runtime:
         return backend.model
 
 
-def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)") -> None:
+def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)", auto: bool = True) -> None:
     """The runtime's options (infer.py and bench/decode.py): big model, dtype, backend, threads."""
     g.add_argument("--model", default="smollm2-135m", help="the big model (default: %(default)s)")
     g.add_argument("--dtype", default="float32", help=dtype_help)
-    g.add_argument("--backend", default="hf", choices=list(BACKENDS),
+    g.add_argument("--backend", default="auto" if auto else "hf", choices=(["auto"] if auto else []) + list(BACKENDS),
                    help="model runtime (default: %(default)s); llama.cpp runs GGUF models (a packaged alias or a "
-                   ".gguf file) and gives the last layer's hidden state only")
-    g.add_argument("--threads", type=int, help="torch threads, and llama.cpp's (default: torch's choice; on a busy machine "
-                   "--threads 1 avoids stalls: 2 threads on 2 busy cores ran 8x slower here)")
+                   ".gguf file) several times faster than transformers on a CPU and gives the last layer's hidden "
+                   "state only; auto picks llama.cpp wherever it can serve every model and layer the run needs")
+    g.add_argument("--threads", type=int, help="torch's and llama.cpp's threads (default: one per core, the fastest "
+                   "on an idle machine; on a machine busy with other jobs fewer threads and OMP_WAIT_POLICY=PASSIVE "
+                   "avoid stalls: docs/speed.md)")
 
 
-def open_models(big_name: str, small_names: list[str], dtype: str, kind: str = "hf") -> Runtime:
+def auto_backend(big: str, smalls: list[str], dtype: str = "float32", gate: str | None = None) -> tuple[str, str]:
+    """(kind, why) for --backend auto: llama.cpp when every model is a GGUF (a packaged alias or a .gguf file),
+    none is an early exit (self:K), the dtype is the default and the gate reads the last layer or none; else hf."""
+    from corpus_tools.models import ALIASES
+
+    def gguf(name: str) -> bool:
+        return name in ALIASES or (name.endswith(".gguf") and Path(name).is_file())
+
+    early = next((n for n in smalls if n.startswith("self:")), None)
+    if early:
+        return "hf", f"the early-exit predictor {early} runs in transformers"
+    other = next((n for n in (big, *smalls) if not gguf(n)), None)
+    if other:
+        return "hf", f"{other} is not a GGUF"
+    if dtype != "float32":
+        return "hf", f"--dtype {dtype}"
+    layer = gate_layer(gate) if gate else None
+    if layer is not None and layer != "last":
+        return "hf", f"the gate reads hidden layer {layer}"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "hf", "llama-cpp-python is not installed"
+    return "llama.cpp", "every model is a GGUF"
+
+
+def gate_layer(path: str):
+    """'last', None (reads no big hidden state) or the layer number a gate artifact reads, from drafter.json."""
+    from gate.model.drafter import ArtifactError, read_meta
+
+    try:
+        meta = read_meta(path)
+    except (ArtifactError, OSError):
+        return None                     # load_gate reports it
+    layer, feats = meta.get("hidden_layer"), meta.get("features")
+    if layer is None or (isinstance(feats, dict) and not feats.get("big_hidden", True)):
+        return None
+    n = meta.get("big_model", {}).get("n_layers")
+    return "last" if layer == n else layer
+
+
+def open_models(big_name: str, small_names: list[str], dtype: str, kind: str = "hf", gate: str | None = None,
+                log=None) -> Runtime:
     """Load the big model and the predictors; refuse models whose tokenizers differ.
 
     A predictor name `self:K` is the big model's first K layers + final norm + output layer (no copy).
     On llama.cpp no transformers model is loaded (open_gguf_models)."""
     from corpus_tools.models import check_same_tokenizer, load
 
+    if kind == "auto":
+        kind, why = auto_backend(big_name, small_names, dtype, gate)
+        if log:
+            log(f"backend: {kind} ({why}; --backend to choose)")
     if kind == "llama.cpp":
         return open_gguf_models(big_name, small_names)
     big = load(big_name, dtype)

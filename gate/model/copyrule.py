@@ -7,7 +7,7 @@ the baseline every learned gate here must beat: a gate whose skips are all copie
 rule, with no training, does not already find.
 
     index = CopyIndex(max_n=12)
-    index.sync(ids)                       # incremental: O(max_n) per new token; rebuilt if ids shrank
+    index.sync(ids)                       # incremental: O(max_n) per new or dropped token
     token, n = index.query()              # the copy candidate for position len(ids), and its match length
     copy_rule(tokens, run_start) -> (cand, match_len)   # the same for every recorded position (records)
 
@@ -30,11 +30,12 @@ MAX_N = 12          # longest suffix the rule looks for
 
 
 class CopyIndex:
-    """Longest earlier occurrence of the text's suffix, kept up to date as tokens are appended.
+    """Longest earlier occurrence of the text's suffix, kept up to date as tokens are appended or dropped.
 
-    For each length n <= max_n, a dict maps every n-gram that ends before the last position to the end index of
-    its most recent occurrence. If the n-gram ending at the last position is not among them, no longer one is
-    either (its suffix would be), so the search stops at the first miss.
+    For each length n <= max_n, a dict maps every n-gram that ends before the last position to the end indices of
+    its occurrences (the most recent last, so dropping tokens after a rollback restores the earlier ones). If the
+    n-gram ending at the last position is not among them, no longer one is either (its suffix would be), so the
+    search stops at the first miss.
     """
 
     def __init__(self, max_n: int = MAX_N):
@@ -45,21 +46,34 @@ class CopyIndex:
 
     def reset(self) -> None:
         self.ids: list[int] = []
-        self.ends: list[dict[tuple, int]] = [{} for _ in range(self.max_n + 1)]
+        self.ends: list[dict[tuple, list[int]]] = [{} for _ in range(self.max_n + 1)]
 
     def push(self, token: int) -> None:
         """Append one token: the n-grams ending at the previous last position become searchable."""
         i = len(self.ids) - 1
         for n in range(1, min(self.max_n, i + 1) + 1):
-            self.ends[n][tuple(self.ids[i - n + 1:i + 1])] = i
+            self.ends[n].setdefault(tuple(self.ids[i - n + 1:i + 1]), []).append(i)
         self.ids.append(int(token))
 
+    def pop(self) -> None:
+        """Undo the last push."""
+        self.ids.pop()
+        i = len(self.ids) - 1
+        for n in range(1, min(self.max_n, i + 1) + 1):
+            key = tuple(self.ids[i - n + 1:i + 1])
+            ends = self.ends[n][key]
+            ends.pop()
+            if not ends:
+                del self.ends[n][key]
+
     def sync(self, ids: Sequence[int]) -> None:
-        """Make the index describe `ids`: append what is new; rebuild after a rollback or another text."""
+        """Make the index describe `ids`: drop what the text no longer holds (a rollback), append what is new."""
         k = len(self.ids)
         if len(ids) < k or list(ids[:k]) != self.ids:   # a C-speed compare: cheap next to a model call
-            self.reset()
-            k = 0
+            common = next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), min(k, len(ids)))
+            for _ in range(k - common):
+                self.pop()
+            k = common
         for t in ids[k:]:
             self.push(t)
 
@@ -71,7 +85,7 @@ class CopyIndex:
             e = self.ends[n].get(tuple(self.ids[t - n + 1:]))
             if e is None:
                 break
-            best_end, best_n = e, n
+            best_end, best_n = e[-1], n
         return (self.ids[best_end + 1], best_n) if best_n else (-1, 0)
 
 

@@ -348,12 +348,14 @@ class ContextIndex:
     def reset(self):
         self.ids: list[int] = []
         self.tables = [dict() for _ in range(self.max_order)]   # key -> [counts dict, top, top_count, total]
+        self.undo: list[list[tuple]] = []                        # per token: what extend changed, to pop it
 
     def extend(self, new_ids) -> None:
         ids = self.ids
         for y in new_ids:
             y = int(y)
             i = len(ids)                       # y is token i; add pairs (ids[i-n..i-1] -> y)
+            changes = []
             for n in range(1, self.max_order + 1):
                 if i - n < 0:
                     break
@@ -361,12 +363,29 @@ class ContextIndex:
                 e = self.tables[n - 1].get(key)
                 if e is None:
                     self.tables[n - 1][key] = [{y: 1}, y, 1, 1]
+                    changes.append((n, key, None, 0))
                     continue
+                changes.append((n, key, e[1], e[2]))
                 c = e[0][y] = e[0].get(y, 0) + 1
                 e[3] += 1
                 if c > e[2]:
                     e[1], e[2] = y, c
             ids.append(y)
+            self.undo.append(changes)
+
+    def pop(self) -> None:
+        """Undo the last token's extend exactly (counts, and the top continuation with its tie order)."""
+        y = self.ids.pop()
+        for n, key, top, top_count in self.undo.pop():
+            table = self.tables[n - 1]
+            if top is None:
+                del table[key]
+                continue
+            e = table[key]
+            e[0][y] -= 1
+            if not e[0][y]:
+                del e[0][y]
+            e[1], e[2], e[3] = top, top_count, e[3] - 1
 
     def query(self) -> tuple[list[int], list[float], list[int]]:
         """(top, p_top, total) per order 1..max_order for the current last tokens (-1, 0, 0 when unseen)."""
@@ -380,12 +399,14 @@ class ContextIndex:
         return tops, ps, tots
 
     def sync(self, ids) -> None:
-        """Make the index cover exactly `ids` (extends when ids continue the indexed text, else rebuilds)."""
-        n = len(self.ids)
-        if len(ids) < n or (n and list(ids[max(0, n - 8):n]) != self.ids[max(0, n - 8):]):
-            self.reset()
-            n = 0
-        self.extend(ids[n:])
+        """Make the index cover exactly `ids`: pop what the text no longer holds (a rollback), extend the rest."""
+        k = len(self.ids)
+        if len(ids) < k or list(ids[:k]) != self.ids:
+            common = next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), min(k, len(ids)))
+            for _ in range(k - common):
+                self.pop()
+            k = common
+        self.extend(ids[k:])
 
 
 def context_copy_stats(tokens: np.ndarray, run_start: np.ndarray, max_order: int = 3) -> dict[str, np.ndarray]:

@@ -1,0 +1,430 @@
+"""What a verify pass costs and what a draft is worth: the measured cost curve, the acceptance model, the planner.
+
+    prof = load_or_measure(backend)          # cost[n] of one pass feeding n tokens, in one-token steps (cached)
+    acc = Acceptance()                       # P(draft accepted | the drafts before it were), learned while decoding
+    plan = Planner(prof, acc)                # the decode loop asks it how long each draft chain should be
+
+A pass that feeds n tokens (the big model's last token + n - 1 drafts) yields 1 + a tokens, a = accepted drafts.
+With q_i the chance that draft i is accepted given the drafts before it were, S_k = sum_{i<=k} prod_{j<=i} q_j is
+the expected number accepted of k drafts, and the rate of a chain of k is (1 + S_k) / (cost[k + 1] + D m), where
+D is the drafter's measured cost per proposal in steps and m the proposals made (Planner: the value of a chain at
+the achieved rate). The planner keeps proposing while some longer chain could still beat the best so far (future
+drafts assumed as likely as the last one), then cuts the chain to its best length before the pass, down to no
+draft at all when none pays; so decoding with drafts is
+never meaningfully slower than the big model alone. Where no chain has paid for a while it proposes less often
+(probes), so a drafter that costs time but never pays costs almost nothing. docs/speed.md has the measurements.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+PROFILE_KS = tuple(range(1, 33))      # pass lengths `train.py models --profile` measures
+QUICK_KS = tuple(range(1, 17)) + (20, 24, 32)   # what decoding measures on first use (a few seconds)
+CONTEXT = 256                          # tokens in the cache while a pass is timed
+MAX_CHAIN = 32                         # longest draft chain the planner considers
+
+
+# -- the cost curve ----------------------------------------------------------------------------------------
+@dataclass
+class CostProfile:
+    """cost[n] = time of one pass feeding n tokens (n logits rows) / time of a one-token pass, for n in `ks`."""
+    key: dict
+    step_ms: float
+    ks: list[int]
+    cost: list[float]
+    measured: str = ""                 # when, and the load average then
+
+    def __post_init__(self):
+        self._table = dict(zip(self.ks, self.cost))
+
+    def of(self, n: int) -> float:
+        """Cost of a pass feeding n >= 1 tokens, in steps: measured, interpolated, or extrapolated linearly."""
+        if n in self._table:
+            return self._table[n]
+        ks = self.ks
+        if n > ks[-1]:
+            per = (self.cost[-1] - self.cost[-2]) / (ks[-1] - ks[-2]) if len(ks) > 1 else 1.0
+            return self.cost[-1] + per * (n - ks[-1])
+        lo = max(k for k in ks if k < n)
+        hi = min(k for k in ks if k > n)
+        t = (n - lo) / (hi - lo)
+        return self._table[lo] * (1 - t) + self._table[hi] * t
+
+    def ceiling(self, n: int) -> float:
+        """Speed-up of a drafter that is always right with passes of n tokens: n tokens for cost[n] steps."""
+        return n / self.of(n)
+
+    def to_dict(self) -> dict:
+        return dict(key=self.key, step_ms=self.step_ms, ks=self.ks, cost=self.cost, measured=self.measured)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostProfile":
+        return cls(d["key"], d["step_ms"], list(d["ks"]), list(d["cost"]), d.get("measured", ""))
+
+    def table(self) -> str:
+        lines = [f"one-token step {self.step_ms:.2f} ms; n = tokens in one pass (the last token + n-1 drafts)",
+                 "   n   cost(n) in steps   ceiling n/cost(n)"]
+        lines += [f"{k:4d}   {c:16.2f}   {k / c:17.2f}" for k, c in zip(self.ks, self.cost)]
+        best = max(self.ks, key=self.ceiling)
+        lines.append(f"best ceiling {self.ceiling(best):.2f}x at n = {best} (a drafter that is always right)")
+        return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def profile_key(backend, hidden: bool = False) -> dict:
+    """What the cost curve depends on: the model file, the runtime and its settings, the threads, the CPU."""
+    path = getattr(backend, "path", None)
+    file = {}
+    if path is not None and Path(path).is_file():
+        st = Path(path).stat()
+        file = dict(file=str(Path(path).resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    else:
+        file = dict(file=backend.name)
+    return dict(**file, backend=type(backend).__name__, threads=backend_threads(backend),
+                dtype=str(getattr(backend, "dtype", "")), hidden=hidden, cpu=cpu_name(), cores=os.cpu_count(),
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""))
+
+
+def backend_threads(backend) -> int:
+    n = getattr(backend, "n_threads", None)
+    if n:
+        return int(n)
+    import torch
+    return torch.get_num_threads()
+
+
+def cache_file(key: dict) -> Path:
+    from corpus_tools.models import cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "profiles" / f"{digest}.json"
+
+
+def measure(backend, ks: Sequence[int] = PROFILE_KS, reps: int = 7, context: int = CONTEXT,
+            progress: Callable[[int], None] | None = None) -> tuple[float, list[float]]:
+    """(step ms, cost[k] for k in ks): the median time of a pass feeding k tokens after `context` cached ones,
+    over `reps` passes, relative to a one-token pass. The backend's cache is reset afterwards."""
+    import torch
+
+    vocab = backend.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    room = getattr(backend, "n_ctx", None)
+    context = min(context, room - max(ks) - 1) if room else context
+    prefix = torch.randint(0, vocab, (context,), generator=gen).tolist()
+    backend.reset()
+    backend.forward(prefix, keep=1)
+    times = {}
+    for k in [1, *ks]:                          # the first k = 1 round warms up
+        toks = torch.randint(0, vocab, (k,), generator=gen).tolist()
+        t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            backend.forward(toks, keep=k)
+            t.append(time.perf_counter() - t0)
+            backend.crop(context)
+        times[k] = statistics.median(t)
+        if progress:
+            progress(k)
+    backend.reset()
+    step = times[1]
+    return step * 1000, [round(times[k] / step, 3) for k in ks]
+
+
+def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS, reps: int = 5,
+                    refresh: bool = False, log: Callable[[str], None] | None = None) -> CostProfile:
+    """The cached cost curve of this backend's model file, runtime, threads and CPU, measured now if there is
+    none (or `refresh`). The backend's hidden-state setting is set to `hidden` while measuring."""
+    key = profile_key(backend, hidden)
+    prof = None if refresh else cached(key, ks)
+    if prof is not None:
+        return prof
+    if log:
+        log(f"measuring the cost of a verify pass for {backend.name} ({key['threads']} threads; once, cached "
+            f"in {cache_file(key).parent})")
+    saved = backend.hidden_layer
+    backend.hidden_layer = getattr(backend, "n_layers", None) if hidden else None
+    try:
+        step, cost = measure(backend, ks, reps)
+    finally:
+        backend.hidden_layer = saved
+    prof = CostProfile(key, round(step, 3), list(ks), cost,
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {os.getloadavg()[0]:.2f}")
+    from corpus_tools.files import write_json
+    write_json(cache_file(key), prof.to_dict())
+    return prof
+
+
+# -- the chance that a draft is accepted ---------------------------------------------------------------------
+def copy_prior(n: float) -> float:
+    """Prior P(accepted) of a copy-rule draft with match length n (measured on greedy continuations of novels and
+    manuals, bench/results/copy_lengths.md, shrunk towards caution); the online counts take over quickly."""
+    table = {0: 0.0, 1: 0.3, 2: 0.45, 3: 0.6, 4: 0.75, 5: 0.8, 6: 0.85, 7: 0.88, 8: 0.9, 9: 0.92, 10: 0.93,
+             11: 0.94}
+    return table.get(int(n), 0.96)
+
+
+def probability_prior(score: float) -> float:
+    """A score that estimates P(accepted) itself (a calibrated gate, a small model's max-probability)."""
+    return min(max(float(score), 0.0), 1.0)
+
+
+@dataclass
+class Acceptance:
+    """P(draft accepted | every earlier draft of its pass was accepted), per (source, score bin): a Beta
+    posterior whose prior is the policy's own estimate (`prior(score)`, with `strength` pseudo-counts), updated
+    with every verified draft. It lives as long as its policy, so a batch learns over all its prompts."""
+    prior: Callable[[float], float] = probability_prior
+    bin: Callable[[float], int] = lambda s: min(int(s * 20), 19) if s >= 0 else -1
+    strength: float = 4.0
+    counts: dict = field(default_factory=dict)   # bin -> [accepted, verified]
+
+    def p(self, score: float) -> float:
+        a, n = self.counts.get(self.bin(score), (0, 0))
+        return (a + self.strength * self.prior(score)) / (n + self.strength)
+
+    def update(self, score: float, accepted: float) -> None:
+        """One verified draft: accepted is 0/1, or the chance it had (a sampled check, a shadow label)."""
+        c = self.counts.setdefault(self.bin(score), [0, 0])
+        c[0] += float(accepted)
+        c[1] += 1
+
+
+def copy_acceptance() -> Acceptance:
+    return Acceptance(prior=copy_prior, bin=lambda n: int(n))
+
+
+# -- the planner -----------------------------------------------------------------------------------------------
+@dataclass
+class Planner:
+    """Decides, draft by draft, whether to propose more and where to cut a chain (see the module docstring).
+
+    The loop calls `extend(probs)` after each proposal with the acceptance chances of the chain so far (the new
+    draft last): True = propose another. Before the verify pass it calls `cut(probs)`: how many drafts to keep;
+    after it, `observe_cycle` with what the pass yielded. `start_chain()` says whether to propose at all at a
+    chain's start (a costly drafter that has not paid is asked every 2nd, 4th, ... 16th time only).
+
+    A chain of k drafts is worth value(k) = (1 + S_k) - lam (cost[k + 1] + D m): the tokens it yields minus its
+    cost at lam tokens per step, lam being the rate the run achieves (>= 1; Dinkelbach's ratio maximisation:
+    maximising each pass's value at the achieved rate maximises the rate). A chain is kept only when it beats no
+    draft, value(0) = 1 - lam (1 + D m), by `margin` tokens."""
+    profile: CostProfile
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    draft_ms: float = 0.0              # the drafter's cost per proposal (running mean), in ms
+    max_chain: int = MAX_CHAIN
+    margin: float = 0.1                # tokens a chain must gain over no draft to be kept
+    idle: int = 0                      # chains in a row cut to nothing
+    skip_left: int = 0                 # starts to skip before the next probe
+    tokens: float = 20.0               # tokens and cost (steps) of the passes so far, from a prior of 20 steps
+    cost: float = 20.0                 # at rate 1: the achieved rate lam = tokens / cost
+    stats: dict = field(default_factory=lambda: dict(chains=0, kept=0, cut_to_zero=0, skipped_starts=0))
+
+    @property
+    def d(self) -> float:
+        """Drafter cost per proposal in steps."""
+        return self.draft_ms / self.profile.step_ms
+
+    @property
+    def lam(self) -> float:
+        return min(max(self.tokens / self.cost, 1.0), 4.0)
+
+    def observe_draft_time(self, seconds: float) -> None:
+        ms = seconds * 1000
+        self.draft_ms = ms if self.draft_ms == 0 else 0.9 * self.draft_ms + 0.1 * ms
+
+    def observe_cycle(self, tokens: int, fed: int, proposals: int) -> None:
+        """A pass fed `fed` tokens after `proposals` proposals and the text grew by `tokens`."""
+        self.tokens += tokens
+        self.cost += self.profile.of(max(fed, 1)) + self.d * proposals
+
+    def value(self, expected: float, k: int, proposals: int) -> float:
+        return 1 + expected - self.lam * (self.profile.of(k + 1) + self.d * proposals)
+
+    def best(self, probs: Sequence[float], proposals: int) -> tuple[int, float]:
+        """(k, value) of the best cut of a chain whose conditional acceptance chances are probs."""
+        best_k, best_v = 0, self.value(0.0, 0, proposals) + self.margin
+        chain, expected = 1.0, 0.0
+        for k, q in enumerate(probs, 1):
+            chain *= q
+            expected += chain
+            v = self.value(expected, k, proposals)
+            if v > best_v:
+                best_k, best_v = k, v
+        return best_k, best_v
+
+    def extend(self, probs: Sequence[float]) -> bool:
+        """Propose another draft after these? Yes while a longer chain, with future drafts as likely as the
+        last, could beat the best cut of this one (counting the proposals it needs)."""
+        k = len(probs)
+        if k >= self.max_chain or not probs or probs[-1] <= 0:
+            return False
+        _, now = self.best(probs, k)
+        chain, expected = 1.0, 0.0
+        for q in probs:
+            chain *= q
+            expected += chain
+        q = probs[-1]
+        for j in range(1, self.max_chain - k + 1):
+            chain *= q
+            expected += chain
+            if self.value(expected, k + j, k + j) > now:
+                return True
+            if chain < 1e-3:
+                break
+        return False
+
+    def cut(self, probs: Sequence[float]) -> int:
+        if not probs:                          # nothing was proposed: no chain
+            return 0
+        k, _ = self.best(probs, len(probs))
+        self.stats["chains"] += 1
+        self.stats["kept"] += k
+        if k == 0:
+            self.stats["cut_to_zero"] += 1
+            self.idle += 1
+            if self.idle >= 8 and self.d > 0.01:   # a costly drafter that has not paid for a while: probe every
+                self.skip_left = min(2 ** (self.idle // 8), 16) - 1   # 2, 4, ... 16 chain starts
+        else:
+            self.idle = 0
+        return k
+
+    def start_chain(self) -> bool:
+        if self.skip_left > 0:
+            self.skip_left -= 1
+            self.stats["skipped_starts"] += 1
+            return False
+        return True
+
+
+__all__ = ["CostProfile", "Acceptance", "Planner", "load_or_measure", "measure", "profile_key", "copy_acceptance",
+           "copy_prior", "probability_prior", "PROFILE_KS", "QUICK_KS", "cache_file"]
+
+
+# -- `train.py profile` ------------------------------------------------------------------------------------------
+QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "F16")
+
+
+def requantized(gguf: Path, qtype: str) -> Path:
+    """A copy of `gguf` requantized to qtype by llama.cpp (llama_model_quantize), cached beside the profiles.
+    A requantized model is a different model: it is only profiled here, never swapped in silently."""
+    import ctypes
+
+    from corpus_tools.llamacpp import import_binding
+    from corpus_tools.models import cache_dir
+
+    st = gguf.stat()
+    dst = cache_dir() / "requantized" / f"{gguf.stem}.{st.st_size}.{st.st_mtime_ns}.{qtype}.gguf"
+    if dst.is_file():
+        return dst
+    lib = import_binding()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.allow_requantize = True
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    rc = lib.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama_model_quantize could not make a {qtype} copy of {gguf} (code {rc})")
+    os.replace(tmp, dst)
+    return dst
+
+
+def main(argv=None) -> int:
+    """`python train.py profile MODEL`: the cost of one pass feeding n tokens (a verify pass of n - 1 drafts),
+    in one-token steps, for n = 1..32, on this machine; cached for decoding (`infer.py --verify` reads it)."""
+    import argparse
+    import sys
+
+    from tqdm import tqdm
+
+    from gate.decode.runtime import UsageError
+
+    ap = argparse.ArgumentParser(prog="train.py profile", description=main.__doc__)
+    ap.add_argument("model", help="packaged alias or .gguf file (llama.cpp), or any model (--backend hf)")
+    ap.add_argument("--backend", default="llama.cpp", choices=("llama.cpp", "hf"))
+    ap.add_argument("--threads", type=int, help="threads (default: one per core)")
+    ap.add_argument("--hidden", action="store_true", help="with the last layer's hidden state on (what a gate "
+                    "that reads it decodes with)")
+    ap.add_argument("--reps", type=int, default=9, help="passes per length; the median counts (default 9)")
+    ap.add_argument("--requant", nargs="*", default=[], metavar="TYPE", choices=QUANT_TYPES,
+                    help=f"also profile copies requantized to these types ({', '.join(QUANT_TYPES)}): is this "
+                    "file's format slow on this CPU? (the copies are cached, never used for decoding)")
+    ap.add_argument("--refresh", action="store_true", help="measure again even if cached")
+    ap.add_argument("--json", metavar="PATH", help="also write the profiles as JSON")
+    args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be >= 1")
+    if args.reps < 1:
+        raise UsageError("--reps must be >= 1")
+    if args.requant and args.backend != "llama.cpp":
+        raise UsageError("--requant needs --backend llama.cpp")
+    print(f"load average {os.getloadavg()[0]:.2f} (measure on an idle machine: other jobs inflate the costs)",
+          file=sys.stderr)
+    out = {}
+    for label, backend in profiled_backends(args):
+        key = profile_key(backend, args.hidden)
+        with tqdm(total=len(PROFILE_KS) + 1, desc=label, unit="n", file=sys.stderr, leave=False) as bar:
+            prof = None if args.refresh else cached(key)
+            if prof is None:
+                backend.hidden_layer = getattr(backend, "n_layers", None) if args.hidden else None
+                step, cost = measure(backend, PROFILE_KS, args.reps, progress=lambda k: bar.update())
+                prof = CostProfile(key, round(step, 3), list(PROFILE_KS), cost,
+                                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {os.getloadavg()[0]:.2f}")
+                from corpus_tools.files import write_json
+                write_json(cache_file(key), prof.to_dict())
+        print(f"\n{label} ({backend.name}, {key['backend']}, {key['threads']} threads, measured {prof.measured})")
+        print(prof.table())
+        out[label] = prof.to_dict()
+        close = getattr(backend, "close", None)
+        if close:
+            close()
+    if args.json:
+        from corpus_tools.files import write_json
+        write_json(args.json, out)
+    return 0
+
+
+def cached(key: dict, ks: Sequence[int] = PROFILE_KS) -> CostProfile | None:
+    """The cached profile of `key` if it covers the lengths ks (a damaged file counts as none)."""
+    try:
+        prof = CostProfile.from_dict(json.loads(cache_file(key).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return prof if prof.key == key and set(ks) <= set(prof.ks) else None
+
+
+def profiled_backends(args):
+    """(label, backend) for the model and each requantized copy."""
+    from gate.decode.runtime import open_models
+
+    if args.backend == "hf":
+        import torch
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        yield args.model, open_models(args.model, [], "float32", "hf").big
+        return
+    from corpus_tools.llamacpp import LlamaCppBackend, gguf_path
+
+    path = gguf_path(args.model)
+    yield f"{args.model} (as shipped)", LlamaCppBackend(path, name=str(path.name), n_threads=args.threads)
+    for q in args.requant:
+        copy = requantized(path, q)
+        yield f"{args.model} requantized {q}", LlamaCppBackend(copy, name=copy.name, n_threads=args.threads)

@@ -1,0 +1,186 @@
+"""The draft planner: cost curves, the acceptance model, chain lengths by expected gain, the profile cache, and
+planned --verify decoding token-identical to greedy big."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gate.decode.backend import HFBackend
+from gate.decode.drafters import DrafterBase
+from gate.decode.cost import (Acceptance, CostProfile, Planner, cache_file, copy_acceptance, load_or_measure,
+                              profile_key)
+from gate.decode.loop import Decoder
+from gate.decode.policies import BigOnly, Copy, Gate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def profile(cost_of, ks=range(1, 33), step_ms=10.0) -> CostProfile:
+    return CostProfile({}, step_ms, list(ks), [float(cost_of(k)) for k in ks])
+
+
+LINEAR = profile(lambda n: n)                    # a pass of n tokens costs n steps: drafting never pays
+CHEAP = profile(lambda n: 1 + 0.1 * (n - 1))     # a GPU-like curve: extra tokens almost free
+LLAMA = profile(lambda n: {1: 1, 2: 1.56, 3: 2.0, 4: 2.39}.get(n, 2.39 + 0.45 * (n - 4)))   # measured shape
+
+
+def test_profile_interpolates_and_extrapolates():
+    p = profile(lambda n: n, ks=[1, 2, 4, 8])
+    assert p.of(3) == pytest.approx(3) and p.of(16) == pytest.approx(16)
+    assert p.ceiling(8) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 1.0])
+def test_no_draft_when_a_pass_costs_k_steps(q):
+    plan = Planner(LINEAR)
+    assert plan.cut([q] * 10) == 0
+    assert not plan.extend([q]) or q == 1.0     # a sure draft may look ahead, but is never kept
+    plan.draft_ms = 1.0                          # and with a drafter that costs time, not even that
+    assert not plan.extend([1.0])
+
+
+def test_cheap_passes_keep_long_sure_chains():
+    plan = Planner(CHEAP)
+    assert plan.extend([0.95] * 5)
+    probs = [0.95] * 20
+
+    def value(k):   # brute force at rate 1: 1 + expected accepted of k drafts - cost of a pass of k + 1 tokens
+        return 1 + sum(0.95 ** i for i in range(1, k + 1)) - CHEAP.of(k + 1)
+    assert plan.cut(probs) == max(range(21), key=value) >= 15
+    assert plan.cut([0.95, 0.95, 0.01, 0.9]) == 2    # a chain is cut before an unlikely draft
+
+
+def test_measured_curve_needs_confidence():
+    plan = Planner(LLAMA)
+    assert plan.cut([0.3]) == 0 and not plan.extend([0.3])
+    assert plan.cut([0.99] * 4) == 4
+    # expected gain by hand at rate 1: 3 drafts at 0.9 yield 1 + .9 + .81 + .729 tokens for cost(4) = 2.39 steps
+    assert Planner(LLAMA).value(0.9 + 0.81 + 0.729, 3, 0) == pytest.approx(3.439 - 2.39)
+
+
+def test_a_faster_run_asks_more_of_a_chain():
+    """At an achieved rate of 2 tokens per step a chain must yield more per step than at rate 1 (Dinkelbach)."""
+    slow, fast = Planner(LLAMA), Planner(LLAMA)
+    fast.observe_cycle(tokens=4000, fed=1, proposals=0)
+    assert fast.lam == pytest.approx(4.0) and slow.lam == 1.0
+    probs = [0.8] * 3
+    assert slow.cut(probs) == 3 and fast.cut(probs) == 0
+
+
+def test_drafter_cost_counts():
+    plan = Planner(LLAMA)
+    assert plan.extend([0.8, 0.8])
+    plan.draft_ms = LLAMA.step_ms           # a drafter as slow as the big model is not asked for more
+    assert not plan.extend([0.8, 0.8])
+    assert plan.cut([0.8, 0.8]) > 0         # but drafts already paid for are still worth verifying
+
+
+def test_planner_backs_off_when_nothing_pays():
+    """A drafter that costs time (here 10% of a step) and never pays is asked less and less often."""
+    plan = Planner(LINEAR, draft_ms=1.0)
+    starts = []
+    for _ in range(40):
+        go = plan.start_chain()
+        starts.append(go)
+        if go:
+            plan.cut([0.2])
+    assert starts[:8] == [True] * 8 and starts.count(False) > 10
+    assert plan.stats["skipped_starts"] == starts.count(False)
+    cheap = Planner(LINEAR, draft_ms=0.01)    # one that costs next to nothing is always asked
+    for _ in range(40):
+        assert cheap.start_chain()
+        cheap.cut([0.2])
+
+
+def test_acceptance_learns_from_outcomes():
+    acc = Acceptance()
+    assert acc.p(0.9) == pytest.approx(0.9)
+    for _ in range(50):
+        acc.update(0.9, False)
+    assert acc.p(0.9) < 0.1 and acc.p(0.5) == pytest.approx(0.5)   # other bins keep their prior
+    cp = copy_acceptance()
+    assert cp.p(1) < cp.p(4) < cp.p(12)
+
+
+def test_profile_key_changes_with_threads_and_file(tmp_path, tiny_llama):
+    b = HFBackend(tiny_llama, name="tiny")
+    f1, f2 = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    f1.write_bytes(b"x")
+    f2.write_bytes(b"y")
+    keys = []
+    for path, threads in ((f1, 1), (f1, 2), (f2, 1)):
+        b.path, b.n_threads = path, threads
+        keys.append(cache_file(profile_key(b)))
+    assert len(set(keys)) == 3
+    assert profile_key(b)["file"] == str(f2.resolve()) and profile_key(b)["threads"] == 1
+
+
+def test_load_or_measure_caches(tmp_path, monkeypatch, tiny_llama, one_thread):
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    b = HFBackend(tiny_llama, name="tiny")
+    p = load_or_measure(b, ks=(1, 2, 4), reps=2)
+    assert p.ks == [1, 2, 4] and p.cost[0] == 1.0 and all(c > 0 for c in p.cost)
+    assert cache_file(p.key).is_file() and b.n_cached == 0
+    again = load_or_measure(b, ks=(1, 2), reps=2)
+    assert again.measured == p.measured          # read from the cache, not measured again
+
+
+# -- planned decoding is lossless ---------------------------------------------------------------------------
+def greedy(big: HFBackend, ids, n):
+    return Decoder(big, BigOnly()).generate(ids, n).ids
+
+
+@pytest.mark.parametrize("curve", [CHEAP, LLAMA, LINEAR])
+def test_planned_copy_verify_is_greedy_big(tiny_llama, curve, one_thread):
+    big = HFBackend(tiny_llama, name="tiny")
+    pol = Copy(min_match=1, max_skip=33)
+    plan = Planner(curve, pol.acceptance())
+    for ids in ([5, 6, 7, 5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9, 9, 9, 9]):
+        ref = greedy(big, ids, 40)
+        res = Decoder(big, pol, verify=True, planner=plan).generate(ids, 40)
+        assert res.ids == ref
+        assert res.ledger["plan"]["chains"] >= 0
+    if curve is LINEAR:
+        assert plan.stats["kept"] == 0
+
+
+def test_planned_gate_verify_is_greedy_big(tiny_llama, one_thread):
+    """A drafter right at random half of the time, scores uninformative: planned output equals greedy big."""
+    import random
+
+    big = HFBackend(tiny_llama, name="tiny")
+    rng = random.Random(0)
+
+    class Drafter(DrafterBase):
+        threshold, max_skip, hidden_layer = -1.0, 16, None
+
+        def propose(self, ids, hidden, s):
+            with torch.no_grad():
+                tok = int(tiny_llama(torch.tensor([list(ids)])).logits[0, -1].argmax())
+            return (tok if rng.random() < 0.7 else (tok + 1) % 300), rng.random()
+
+    pol = Gate(Drafter())
+    plan = Planner(CHEAP, pol.acceptance())
+    for ids in ([5, 6, 7], [11, 12, 13, 14, 15]):
+        assert Decoder(big, pol, verify=True, planner=plan).generate(ids, 30).ids == greedy(big, ids, 30)
+    assert plan.stats["kept"] > 0
+
+
+def test_no_entry_point_changes_openmp_settings():
+    """infer.py, train.py and the bench scripts leave OMP_WAIT_POLICY as the user set it, and set none."""
+    code = ("import os, runpy, sys; sys.argv=['x']; runpy.run_path(sys.argv_path, run_name='imported'); "
+            "print(os.environ.get('OMP_WAIT_POLICY', '<unset>'))")
+    for script in ("infer.py", "train.py", "bench/decode.py", "bench/llamacpp.py"):
+        for user in ("ACTIVE", None):
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if user:
+                env["OMP_WAIT_POLICY"] = user
+            c = code.replace("sys.argv_path", repr(str(ROOT / script)))
+            out = subprocess.run([sys.executable, "-c", c], cwd=ROOT, env=env, capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.strip().splitlines()[-1] == (user or "<unset>"), script
