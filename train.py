@@ -64,16 +64,13 @@ def run(cmd: str, args: list[str]) -> int:
     """Run one command; the project's errors become one `error:` line and exit 2 (see corpus_tools/errors.py)."""
     from contextlib import nullcontext
 
-    from corpus_tools.errors import one_line, project_errors
+    from corpus_tools.errors import ProjectError, fail
     try:
         lock = _output_folder(cmd, args)
         with lock or nullcontext():
             return importlib.import_module(COMMANDS[cmd]).main(args) or 0
-    except Exception as e:
-        if not isinstance(e, project_errors()):
-            raise
-        print(f"train.py {cmd}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except ProjectError as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback
+        return fail(f"train.py {cmd}", e)
 
 
 def main(argv: list[str]) -> int:

@@ -38,15 +38,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from corpus_tools.epub import EpubError, extract_text
-from corpus_tools.errors import one_line
-from corpus_tools.files import FolderLock, LockedError, OutputPathError, check_output_dir, write_text
+from corpus_tools.errors import ProjectError, one_line
+from corpus_tools.files import FolderLock, check_output_dir, write_text
 from corpus_tools.records import sha256_file
 
 SPLITS = ("train", "val", "test")
 EXTRACTOR_VERSION = 1  # bump when extraction changes: books converted by an older version are converted again
 
 
-class CorpusError(ValueError):
+class CorpusError(ValueError, ProjectError):
     """A corpus folder that cannot be read, or a corpus run that would lose or change nothing useful; the message
     names the folder or file."""
 
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_corpus(args.epubs, args.out, val=args.val, test=args.test, seed=args.seed, pins=pins,
                               progress=not args.quiet, prune=args.prune)
-    except (CorpusError, OutputPathError, LockedError) as e:
+    except ProjectError as e:
         print(f"train.py corpus: error: {one_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -42,8 +42,10 @@ from urllib.parse import unquote
 import lxml.html
 from lxml import etree
 
+from corpus_tools.errors import ProjectError
 
-class EpubError(ValueError):
+
+class EpubError(ValueError, ProjectError):
     """A book that cannot be turned into text; the message names the file and the problem."""
 
     def __init__(self, path: str | Path, reason: str):

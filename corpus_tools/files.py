@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from corpus_tools.errors import ProjectError
+
 
 def _umask_mode() -> int:
     mask = os.umask(0)
@@ -122,7 +124,7 @@ def save_tensors(tensors: dict, path: str | Path) -> None:
         save_file(tensors, str(tmp))
 
 
-class OutputPathError(ValueError):
+class OutputPathError(ValueError, ProjectError):
     """An output path that cannot be written (a file where a folder belongs, a read-only place, ...)."""
 
 
@@ -208,7 +210,7 @@ def check_output_file(path: str | Path, flag: str = "--out", *, parents: bool = 
     return _check_output(path, flag, want_dir=False, hint=", or '-' for stdout" if stdout else "")
 
 
-class LockedError(RuntimeError):
+class LockedError(RuntimeError, ProjectError):
     """Another live process holds the lock of an output folder; the message names it."""
 
 

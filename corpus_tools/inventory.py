@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from corpus_tools.corpus import CorpusError, load_manifest, read_book
-from corpus_tools.errors import one_line
-from corpus_tools.files import OutputPathError, check_output_dir, write_text
+from corpus_tools.errors import ProjectError, one_line
+from corpus_tools.files import check_output_dir, write_text
 from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
 
 KINDS = ("punct", "suffix", "word", "space", "other")
@@ -229,14 +229,13 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=40, help="tokens listed per kind in inventory.md")
     args = ap.parse_args(argv)
     t0 = time.time()
-    from corpus_tools.models import ModelSourceError
     corpus = Path(args.corpus)
     out = Path(args.out) if args.out else corpus.resolve().parent / "inventory"
     try:
         check_output_dir(out, "--out")
         books = read_corpus(corpus, args.split)
         tok = load_tokenizer(args.model)
-    except (CorpusError, OutputPathError, ModelSourceError) as e:
+    except ProjectError as e:
         print(f"train.py inventory: error: {one_line(e)}", file=sys.stderr)
         return 2
     inv, md = build_inventory(tok, books, args.top)

@@ -66,6 +66,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from corpus_tools.errors import ProjectError
+
 if TYPE_CHECKING:
     from corpus_tools.models import ModelInfo
 
@@ -114,7 +116,7 @@ def gguf_path(model: str | os.PathLike) -> Path:
     return path
 
 
-class LayerUnavailable(ValueError):
+class LayerUnavailable(ValueError, ProjectError):
     """A hidden layer other than the last: llama.cpp gives no other (a project error: one CLI error line)."""
 
 

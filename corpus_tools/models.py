@@ -42,20 +42,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus_tools.errors import one_line
+from corpus_tools.errors import ProjectError, one_line
 
 CACHE_ENV = "SKIPGATE_CACHE"
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(RuntimeError, ProjectError):
     """A model name that cannot be resolved or loaded; the message says which and why."""
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(ValueError, ProjectError):
     """Two models (or a model and an artifact) do not share a tokenizer."""
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(ValueError, ProjectError):
     """More tokens than a model reads at once; the message gives both numbers."""
 
 
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         lm = load(args.name, args.dtype)
-    except ModelSourceError as e:
+    except ProjectError as e:
         print(f"train.py models: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(json.dumps({**lm.info.to_dict(), "load_seconds": round(time.time() - t0, 2)}, indent=2))

@@ -50,11 +50,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, load_manifest, read_book
-from corpus_tools.errors import one_line
-from corpus_tools.files import FolderLock, LockedError, OutputPathError, atomic_dir, check_output_dir, write_json
-from corpus_tools.models import (DTYPES, ContextLengthError, LoadedModel, ModelSourceError, TokenizerMismatch,
-                                 check_context, check_same_tokenizer, load)
+from corpus_tools.corpus import SPLITS, books_of_split, load_manifest, read_book
+from corpus_tools.errors import ProjectError, one_line
+from corpus_tools.files import FolderLock, atomic_dir, check_output_dir, write_json
+from corpus_tools.models import DTYPES, LoadedModel, check_context, check_same_tokenizer, load
 from corpus_tools.tokens import encode_text
 from corpus_tools.records import FORMAT, RecordsError, field_file, sha256_file
 
@@ -363,8 +362,7 @@ def main(argv=None) -> int:
                    max_tokens_per_book=args.max_tokens_per_book, shard_tokens=args.shard_tokens,
                    hidden_dtype=args.hidden_dtype, dtype=args.dtype, progress=not args.no_progress,
                    backend=args.backend)
-    except (RecordsError, TokenizerMismatch, ModelSourceError, ContextLengthError, CorpusError, OutputPathError,
-            LockedError, ValueError) as e:
+    except (ProjectError, ValueError) as e:
         print(f"train.py record: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"recorded {sum(m['positions'].values())} positions "

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from corpus_tools.errors import ProjectError
+
 FORMAT = 1
 SHARED_FIELDS = {"token": np.int32, "target": np.int32, "pos": np.int32, "book": np.int16}
 MODEL_FIELDS = {"argmax": np.int32, "p_target": np.float32, "p_max": np.float32, "entropy": np.float32,
                 "entropy_norm": np.float32, "topk_ids": np.int32, "topk_p": np.float32}
 
 
-class RecordsError(RuntimeError):
+class RecordsError(RuntimeError, ProjectError):
     """A records folder that cannot be read; the message names the file and the problem."""
 
 

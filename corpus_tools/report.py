@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus_tools.errors import one_line
-from corpus_tools.files import OutputPathError, check_output_dir
-from corpus_tools.models import ModelSourceError, TokenizerMismatch, load
+from corpus_tools.errors import ProjectError, one_line
+from corpus_tools.files import check_output_dir
+from corpus_tools.models import TokenizerMismatch, load
 from corpus_tools.records import RecordsError, open_records
 from corpus_tools.tokens import CLASSES, token_class_from_tokenizer
 
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
         r = report(args.records, args.out, args.model, args.splits, tuple(sorted(args.thresholds)),
                    args.short_context, args.short_sample, args.seed,
                    command="python train.py report " + " ".join(argv if argv is not None else sys.argv[1:]))
-    except (RecordsError, TokenizerMismatch, ModelSourceError, OutputPathError, KeyError) as e:
+    except (ProjectError, KeyError) as e:
         print(f"train.py report: error: {one_line(e)}", file=sys.stderr)
         return 2
     print("\n".join(r["answers"]))

@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, read_book, write_manifest
-from corpus_tools.errors import one_line
-from corpus_tools.files import FolderLock, LockedError, OutputPathError, check_output_dir, write_text
+from corpus_tools.errors import ProjectError, one_line
+from corpus_tools.files import FolderLock, check_output_dir, write_text
 from corpus_tools.tokens import chat_ids, encode_text
 
 
@@ -198,12 +198,11 @@ def main(argv=None) -> int:
               "--corpus (book openings to continue) it does not apply: drop --chat, or use --prompts",
               file=sys.stderr)
         return 2
-    from corpus_tools.models import ModelSourceError
     try:
         entries = selfgen(args.model, args.corpus, args.out, args.splits, args.per_book, args.prompt_tokens,
                           args.new_tokens, args.batch, args.dtype, not args.no_progress, args.prompts, args.chat,
                           args.backend)
-    except (CorpusError, OutputPathError, LockedError, ModelSourceError, ValueError) as e:  # and ContextLengthError
+    except (ProjectError, ValueError) as e:
         print(f"train.py selfgen: error: {one_line(e)}", file=sys.stderr)
         return 2
     counts = {s: sum(e["split"] == s for e in entries) for s in SPLITS}

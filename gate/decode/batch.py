@@ -49,6 +49,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from corpus_tools.errors import ProjectError, one_line
 from gate.decode.runtime import UsageError
 
 OPTIONS = ("max_new_tokens", "temperature", "seed")   # per line; defaults: -m, -t, --seed
@@ -272,14 +273,13 @@ def append_row(fd: int, row: dict, sync: bool = True) -> None:
 # -- the run ---------------------------------------------------------------------------------------------------
 def run_line(rt, policy, line: Line, args, run: dict) -> dict:
     """The output row of one line: its result (with its input hash and run identity), or its error."""
-    from corpus_tools.errors import one_line, project_errors
     from gate.decode.cli import run_one
     from gate.decode.registry import namespace
 
     if line.error is None:
         try:
             ids = prompt_ids_of(rt, line, args)
-        except (UsageError, *project_errors()) as e:
+        except ProjectError as e:
             line.error = one_line(e)
     if line.error is not None:
         return dict(id=line.id, line=line.number, error=line.error)
@@ -293,8 +293,6 @@ def run_line(rt, policy, line: Line, args, run: dict) -> dict:
 def safe_row(rt, policy, line: Line, args, run: dict) -> dict:
     """run_line, with any exception while decoding the line turned into its error row (the traceback goes to
     stderr): one line that fails never stops the batch, nor every re-run."""
-    from corpus_tools.errors import one_line
-
     try:
         return run_line(rt, policy, line, args, run)
     except Exception as e:   # a bug or a numerical failure on this line alone; KeyboardInterrupt passes

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from corpus_tools.errors import ProjectError, fail
 from corpus_tools.files import check_output_file
 from gate.decode.cost import Planner, load_or_measure
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
@@ -423,8 +424,6 @@ def binding_speed(rt: Runtime, prompts, n: int) -> float | None:
 def main(argv=None, policies=None) -> int:
     """infer.py; `policies` replaces the registry (a test's own policy)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from corpus_tools.errors import one_line, project_errors
-
     policies = registered() if policies is None else policies
     args = build_parser(policies).parse_args(argv)
     try:
@@ -435,11 +434,8 @@ def main(argv=None, policies=None) -> int:
             from gate.decode.batch import run_batch
             return run_batch(args, policies)
         return run_demo(args, policies) if args.demo else run_prompt(args, policies)
-    except Exception as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback
-        if not isinstance(e, (UsageError, *project_errors())):
-            raise
-        print(f"infer.py: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except ProjectError as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback
+        return fail("infer.py", e)
 
 
 if __name__ == "__main__":

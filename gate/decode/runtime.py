@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from corpus_tools.errors import ProjectError
 from gate.decode.backend import Backend, HFBackend, early_exit_view
 
 
-class UsageError(ValueError):
+class UsageError(ValueError, ProjectError):
     """A user error (bad option value, missing file): the CLI prints it as one line and exits 2."""
 
 

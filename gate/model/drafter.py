@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from corpus_tools.errors import ProjectError
 from corpus_tools.files import atomic_path, write_json
 from corpus_tools.models import ModelInfo, TokenizerMismatch
 from corpus_tools.records import sha256_file
@@ -42,7 +43,7 @@ FORMAT = "skipgate-drafter/1"
 META_FILE, TENSOR_FILE = "drafter.json", "drafter.safetensors"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(RuntimeError, ProjectError):
     """A drafter folder that is missing, incomplete or inconsistent; the message names the path."""
 
 

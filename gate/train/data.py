@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from corpus_tools.errors import ProjectError
 from gate.model.copyrule import MAX_N, copy_rule, trust_copy
 from gate.model.drafter import Predictor
 from gate.model.heads import context_ids, run_starts
@@ -21,7 +22,7 @@ from gate.train.distill import HeadData
 VAL_NAMES = ("validation", "val", "valid", "dev")
 
 
-class FitError(RuntimeError):
+class FitError(RuntimeError, ProjectError):
     """Bad input to fit/evaluate (records, splits, options); the message names the path and the problem."""
 
 

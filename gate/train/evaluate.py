@@ -53,6 +53,7 @@ import numpy as np
 from corpus_tools.files import write_json, write_text
 from corpus_tools.inventory import CLASSES
 from corpus_tools.models import TokenizerMismatch
+from corpus_tools.records import RecordsError
 from gate.model.copyrule import is_copy_position
 from gate.model.drafter import ArtifactError, load_drafter, read_meta
 from gate.model.features import SOURCES
@@ -686,12 +687,7 @@ def main(argv=None) -> int:
     try:
         evaluate(args.records, args.gate, args.out, args.split, args.max_pairs, not args.no_probes, args.probe_k,
                  log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd, part=args.part)
-    except (FitError, ArtifactError, TokenizerMismatch) as e:
+    except (FitError, ArtifactError, TokenizerMismatch, RecordsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if type(e).__name__ == "RecordsError":
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
     return 0

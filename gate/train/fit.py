@@ -61,6 +61,7 @@ import torch
 
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
 from corpus_tools.models import TokenizerMismatch
+from corpus_tools.records import RecordsError
 from gate.model.copyrule import trusted_table
 from gate.model.drafter import FORMAT, META_FILE, ArtifactError, Drafter, Predictor, kind_of, read_meta
 from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, torch_threads
@@ -651,12 +652,7 @@ def main(argv=None) -> int:
     try:
         fit(args.records, args.out, model=args.model, force=args.force,
             log=lambda m: print(m, file=sys.stderr, flush=True), **options_from_args(args))
-    except (FitError, ArtifactError, TokenizerMismatch) as e:
+    except (FitError, ArtifactError, TokenizerMismatch, RecordsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # records errors come from another module; keep their message
-        if type(e).__name__ == "RecordsError":
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
     return 0
