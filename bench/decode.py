@@ -35,10 +35,10 @@ from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from corpus_tools.errors import ProjectError, fail  # noqa: E402
 from gate.decode.ledger import Ledger  # noqa: E402
 from gate.decode.loop import BIG_SOURCES  # noqa: E402
 from gate.decode.registry import add_policy_args, registered  # noqa: E402
@@ -523,14 +523,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         results = run_all(args)
-    except Exception as e:   # a user's mistake (a prompt past the context, a bad model name) is one line
-        from corpus_tools.errors import one_line, project_errors
-        from gate.decode.runtime import UsageError
-
-        if not isinstance(e, (UsageError, *project_errors())):
-            raise
-        print(f"bench/decode.py: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except ProjectError as e:   # a user's mistake (a prompt past the context, a bad model name) is one line
+        return fail("bench/decode.py", e)
     out = Path(args.out)
     write_json(out.with_suffix(".json"), dict(results=results))
     md = markdown(results, argv)

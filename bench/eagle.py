@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from corpus_tools.files import write_json, write_text  # noqa: E402
+from corpus_tools.errors import ProjectError, one_line
+from corpus_tools.files import write_json, write_text
 
 LEVEL = 0.99
 
@@ -196,11 +194,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return run(args, data, argv)
-    except Exception as e:   # a bad artifact or records folder is one line; anything else is a bug
-        from corpus_tools.errors import one_line, project_errors
-
-        if not isinstance(e, project_errors()):
-            raise
+    except ProjectError as e:   # a bad artifact or records folder is one line; anything else is a bug
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -69,8 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/llamacpp_features")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from eagle import eagle_pairs, heads_pairs   # bench/eagle.py
+    from bench.eagle import eagle_pairs, heads_pairs
     from gate.model.drafter import load_drafter
     from gate.train.config import FitConfig
     from gate.train.evaluate import open_inputs

@@ -31,11 +31,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+
+from corpus_tools.errors import ProjectError, fail  # noqa: E402
 
 RULES = ("router", "max_prob", "entropy", "copy_rule", "big_informed", "oracle")
 
@@ -117,8 +116,7 @@ def floats(s: str) -> list[float]:
 
 def lossy_methods(rt, args, drafter) -> dict:
     """name -> (Method, family): the curve's points (lossy) on the --small model and the router."""
-    from decode import loop_method
-
+    from bench.decode import loop_method
     from gate.decode.policies import Copy, Entropy, Gate, Ratio
 
     small, tok = rt.predictor(args.small), rt.tokenizer
@@ -139,8 +137,7 @@ def lossy_methods(rt, args, drafter) -> dict:
 
 
 def lossless_methods(rt, args, drafter) -> dict:
-    from decode import loop_method
-
+    from bench.decode import loop_method
     from gate.decode.policies import BigOnly, Copy, Gate
 
     small = rt.predictor(args.small)
@@ -154,8 +151,7 @@ def lossless_methods(rt, args, drafter) -> dict:
 
 def hf_methods(rt, args) -> dict:
     """transformers only: HF greedy, HF assisted generation with the small model, the three-level cascade."""
-    from decode import BigCallCounter, hf_method, loop_method
-
+    from bench.decode import BigCallCounter, hf_method, loop_method
     from gate.decode.policies import Cascade
 
     model = rt.hf_model()
@@ -192,7 +188,7 @@ def curve_png(summary: list[dict], families: dict, path: Path, title: str) -> No
 
 
 def decode_md(res: dict, argv) -> str:
-    from decode import markdown_row
+    from bench.decode import markdown_row
 
     cfg = res["config"]
     lines = [f"# Pair decoding: {cfg['model']} with {cfg['small']} ({cfg['backend']} backend)", "",
@@ -212,8 +208,7 @@ def decode_md(res: dict, argv) -> str:
 
 
 def cmd_decode(args, argv) -> int:
-    from decode import machine_info, run_prompts, run_record, summarize
-
+    from bench.decode import machine_info, run_prompts, run_record, summarize
     from corpus_tools.files import write_json, write_text
     from gate.decode.runtime import held_out_prompts, open_models
 
@@ -296,14 +291,8 @@ def main(argv=None) -> int:
         ap.error("--hf needs --backend hf")
     try:
         return cmd_coverage(args, argv) if args.cmd == "coverage" else cmd_decode(args, argv)
-    except Exception as e:   # a user's mistake (a missing folder, another pair's records) is one line
-        from corpus_tools.errors import one_line, project_errors
-        from gate.decode.runtime import UsageError
-
-        if not isinstance(e, (UsageError, ValueError, *project_errors())):
-            raise
-        print(f"bench/pair.py: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except (ProjectError, ValueError) as e:   # a user's mistake (a missing folder, another pair's records) is one line
+        return fail("bench/pair.py", e)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from corpus_tools.files import write_json, write_text
 
-from corpus_tools.files import write_json, write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LEVEL = "0.99"
 PY = sys.executable
