@@ -31,6 +31,7 @@ PROFILE_KS = tuple(range(1, 33))      # pass lengths `train.py models --profile`
 QUICK_KS = tuple(range(1, 17)) + (20, 24, 32)   # what decoding measures on first use (a few seconds)
 CONTEXT = 256                          # tokens in the cache while a pass is timed
 MAX_CHAIN = 32                         # longest draft chain the planner considers
+PROBE = 8                              # a drafter that does not pay is still asked at every PROBE-th chain start, or rarer
 
 
 # -- the cost curve ----------------------------------------------------------------------------------------
@@ -188,21 +189,24 @@ def probability_prior(score: float) -> float:
 
 @dataclass
 class Acceptance:
-    """P(draft accepted | every earlier draft of its pass was accepted), per (source, score bin): a Beta
-    posterior whose prior is the policy's own estimate (`prior(score)`, with `strength` pseudo-counts), updated
-    with every verified draft. It lives as long as its policy, so a batch learns over all its prompts."""
+    """P(draft accepted | every earlier draft of its pass was accepted), per score bin and decoding mode (greedy or
+    sampled): a Beta posterior whose prior is the policy's own estimate (`prior(score)`, with `strength` pseudo-
+    counts; halved when sampled), updated with every verified draft. It lives as long as its policy, so a batch
+    learns over all its prompts."""
     prior: Callable[[float], float] = probability_prior
     bin: Callable[[float], int] = lambda s: min(int(s * 20), 19) if s >= 0 else -1
     strength: float = 4.0
-    counts: dict = field(default_factory=dict)   # bin -> [accepted, verified]
+    sampled_prior: float = 0.5                   # sampled decoding: a draft is kept with chance q(x) <= 1, less
+    counts: dict = field(default_factory=dict)   # (sampled, bin) -> [accepted, verified]
 
-    def p(self, score: float) -> float:
-        a, n = self.counts.get(self.bin(score), (0, 0))
-        return (a + self.strength * self.prior(score)) / (n + self.strength)
+    def p(self, score: float, sampled: bool = False) -> float:
+        a, n = self.counts.get((sampled, self.bin(score)), (0, 0))
+        prior = self.prior(score) * (self.sampled_prior if sampled else 1.0)
+        return (a + self.strength * prior) / (n + self.strength)
 
-    def update(self, score: float, accepted: float) -> None:
+    def update(self, score: float, accepted: float, sampled: bool = False) -> None:
         """One verified draft: accepted is 0/1, or the chance it had (a sampled check, a shadow label)."""
-        c = self.counts.setdefault(self.bin(score), [0, 0])
+        c = self.counts.setdefault((sampled, self.bin(score)), [0, 0])
         c[0] += float(accepted)
         c[1] += 1
 
@@ -219,7 +223,7 @@ class Planner:
     The loop calls `extend(probs)` after each proposal with the acceptance chances of the chain so far (the new
     draft last): True = propose another. Before the verify pass it calls `cut(probs)`: how many drafts to keep;
     after it, `observe_cycle` with what the pass yielded. `start_chain()` says whether to propose at all at a
-    chain's start (a costly drafter that has not paid is asked every 2nd, 4th, ... 16th time only).
+    chain's start (a drafter whose proposals have not paid for their cost is asked every PROBE-th time only).
 
     A chain of k drafts is worth value(k) = (1 + S_k) - lam (cost[k + 1] + D m): the tokens it yields minus its
     cost at lam tokens per step, lam being the rate the run achieves (>= 1; Dinkelbach's ratio maximisation:
@@ -227,11 +231,14 @@ class Planner:
     draft, value(0) = 1 - lam (1 + D m), by `margin` tokens."""
     profile: CostProfile
     acceptance: Acceptance = field(default_factory=Acceptance)
-    draft_ms: float = 0.0              # the drafter's cost per proposal (running mean), in ms
+    draft_ms: float = 0.0              # the drafter's cost per proposal (mean), in ms
+    proposals: int = 0
     max_chain: int = MAX_CHAIN
     margin: float = 0.1                # tokens a chain must gain over no draft to be kept
-    idle: int = 0                      # chains in a row cut to nothing
-    skip_left: int = 0                 # starts to skip before the next probe
+    start_gain: float = 0.0            # running mean of what proposing at a chain's start gained (tokens)
+    starts: int = 0                    # chain starts observed, and skipped since the last probe
+    skipped: int = 0
+    interval: int = PROBE              # starts between probes while proposing does not pay
     tokens: float = 20.0               # tokens and cost (steps) of the passes so far, from a prior of 20 steps
     cost: float = 20.0                 # at rate 1: the achieved rate lam = tokens / cost
     stats: dict = field(default_factory=lambda: dict(chains=0, kept=0, cut_to_zero=0, skipped_starts=0))
@@ -246,13 +253,20 @@ class Planner:
         return min(max(self.tokens / self.cost, 1.0), 4.0)
 
     def observe_draft_time(self, seconds: float) -> None:
-        ms = seconds * 1000
-        self.draft_ms = ms if self.draft_ms == 0 else 0.9 * self.draft_ms + 0.1 * ms
+        """One proposal's wall time: draft_ms is the mean over all (a first call that indexes the prompt is
+        diluted, not remembered)."""
+        self.proposals += 1
+        self.draft_ms += (seconds * 1000 - self.draft_ms) / self.proposals
 
     def observe_cycle(self, tokens: int, fed: int, proposals: int) -> None:
         """A pass fed `fed` tokens after `proposals` proposals and the text grew by `tokens`."""
+        cost = self.profile.of(max(fed, 1)) + self.d * proposals
         self.tokens += tokens
-        self.cost += self.profile.of(max(fed, 1)) + self.d * proposals
+        self.cost += cost
+        if proposals:                          # what proposing gained over one plain step, at the achieved rate
+            gain = tokens - self.lam * cost - (1 - self.lam)
+            self.starts += 1
+            self.start_gain += (gain - self.start_gain) / min(self.starts, 32)
 
     def value(self, expected: float, k: int, proposals: int) -> float:
         return 1 + expected - self.lam * (self.profile.of(k + 1) + self.d * proposals)
@@ -296,20 +310,22 @@ class Planner:
         k, _ = self.best(probs, len(probs))
         self.stats["chains"] += 1
         self.stats["kept"] += k
-        if k == 0:
-            self.stats["cut_to_zero"] += 1
-            self.idle += 1
-            if self.idle >= 8 and self.d > 0.01:   # a costly drafter that has not paid for a while: probe every
-                self.skip_left = min(2 ** (self.idle // 8), 16) - 1   # 2, 4, ... 16 chain starts
-        else:
-            self.idle = 0
+        self.stats["cut_to_zero"] += k == 0
         return k
 
     def start_chain(self) -> bool:
-        if self.skip_left > 0:
-            self.skip_left -= 1
-            self.stats["skipped_starts"] += 1
-            return False
+        """Propose at this chain start? Not while a drafter that costs over 1% of a step has lost time on average
+        (after 8 starts), except at probes (every PROBE-th start, then every 2nd, 4th, 8th time rarer while they
+        keep failing), which keep the estimate current."""
+        if self.d > 0.01 and self.starts >= 8 and self.start_gain < 0:
+            if self.skipped < self.interval - 1:
+                self.skipped += 1
+                self.stats["skipped_starts"] += 1
+                return False
+            self.interval = min(2 * self.interval, 8 * PROBE)   # probes that keep failing come rarer
+        else:
+            self.interval = PROBE
+        self.skipped = 0
         return True
 
 

