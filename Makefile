@@ -18,7 +18,7 @@ help:
 	@echo "              decoding greedy and sampled), written to bench/results/"
 	@echo "make bench-pair - the Qwen2.5-Coder 0.5B -> 1.5B pair: record, fit the router, coverage table, the"
 	@echo "              policies in decoding on llama.cpp and transformers (about 2 hours on 2 cores; resumes)"
-	@echo "make test-fast - the test suite without the slow real-model tests"
+	@echo "make test-fast - the test suite without the tests that load real weights (under 2 minutes)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -68,8 +68,9 @@ demo: venv books model
 test: venv books model
 	$(PY) -m pytest
 
-test-fast: venv books model
-	$(PY) -m pytest -m "not slow"
+# No real weights: the tests marked real_model (tests/conftest.py) or slow are left out.
+test-fast: venv books
+	$(PY) -m pytest -m "not slow and not real_model"
 
 # The decode benchmarks: greedy on the test book (every method), greedy on the held-out genres, and the sampled
 # workload (temperature 0.7) on both (the genre corpora runs/genres/*/corpus are made by bench/yardstick.py).

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random LLaMA models (honest for loop/cache logic) and the real SmolLM2."""
+"""Shared fixtures: tiny random LLaMA models (honest for loop/cache logic) and the real SmolLM2; the `real_model`
+mark (pytest.ini) on every test that loads real weights. The helpers behind the fixtures are in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -9,41 +10,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY_TEXT = [
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-    "must be in want of a wife.",
-    "However little known the feelings or views of such a man may be on his first entering a "
-    "neighbourhood, this truth is so well fixed in the minds of the surrounding families.",
-    "\u201cMy dear Mr. Bennet,\u201d said his lady to him one day, \u201chave you heard that "
-    "Netherfield Park is let at last?\u201d",
-    "Mr. Bennet replied that he had not. \u201cBut it is,\u201d returned she; \u201cfor Mrs. Long "
-    "has just been here, and she told me all about it.\u201d",
-]
+from helpers import make_tiny_llama, make_tiny_tokenizer, save_model  # noqa: E402
+
+# Modules whose every test loads real weights (the packaged SmolLM2 GGUF, its conversion, or a real pair).
+REAL_MODEL_MODULES = {"test_backend_llamacpp.py", "test_models.py"}
 
 
-def make_tiny_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE trained on a few sentences: a real tokenizer, different from SmolLM2's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TINY_TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-
-
-def make_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64):
-    """A randomly initialised LLaMA small enough to run hundreds of decode steps in a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+def pytest_collection_modifyitems(config, items):
+    """Mark `real_model` every test that uses the `smollm2` fixture or lives in REAL_MODEL_MODULES; tests that
+    load real weights another way (load("smollm2-135m"), a subprocess on the real model) carry the mark
+    themselves. `make test-fast` deselects them."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()) or item.path.name in REAL_MODEL_MODULES:
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.fixture
@@ -78,3 +57,9 @@ def smollm2():
     from corpus_tools.models import load
 
     return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_llama, tiny_tokenizer) -> str:
+    """The tiny random LLaMA (context length 2,048) and its tokenizer, saved once as a local HF folder."""
+    return save_model(tmp_path_factory.mktemp("tiny"), tiny_llama, tiny_tokenizer)

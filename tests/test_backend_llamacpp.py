@@ -221,7 +221,7 @@ def test_record_on_llamacpp_matches_transformers_records(tmp_path):
     weights, transformers their float32 copy); other layers are refused."""
     from corpus_tools import record as rec_mod
     from corpus_tools.records import open_records
-    from test_record import SPLIT_REC, book_text, write_corpus
+    from helpers import SPLIT_REC, book_text, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("b", "test", book_text(1, 2))])
     opts = dict(SPLIT_REC, layers=("last",), max_tokens_per_book=60)
@@ -243,7 +243,7 @@ def test_selfgen_on_llamacpp_is_the_backends_greedy_text(backend, tmp_path):
     from corpus_tools.models import load_tokenizer
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly
-    from test_record import book_text, write_corpus
+    from helpers import book_text, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 3))])
     entries = sg.selfgen("smollm2-135m", corpus, tmp_path / "out", splits=["train"], per_book=2, prompt_tokens=12,

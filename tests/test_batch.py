@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
 from corpus_tools.files import FolderLock
 from gate.decode.cli import main
 
 PROMPTS = ["It is a truth universally", "My dear Mr. Bennet", "Netherfield Park is let", "Mr. Bennet replied"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def write_lines(path: Path, lines: list) -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
 from corpus_tools.files import FolderLock
+from helpers import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,7 @@ def ws(tmp_path_factory):
     (t / "corpus" / "text" / "b.txt").write_text("Some text. " * 20)
     (t / "corpus" / "manifest.jsonl").write_text(json.dumps(
         {"book_id": "b", "title": "B", "split": "train", "chars": 220, "words": 40, "paragraphs": 1}) + "\n")
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(len(tok)).save_pretrained(t / "tiny")  # max_position_embeddings 2048
-    tok.save_pretrained(t / "tiny")
+    save_tiny_model(t / "tiny")  # max_position_embeddings 2048
     (t / "fake.gguf").write_bytes(os.urandom(100))
     (t / "garbled").mkdir()
     (t / "garbled" / "drafter.json").write_bytes(b'{"format": \xff\xfe garbage')

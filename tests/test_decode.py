@@ -5,7 +5,6 @@ context); a few use the real SmolLM2 on short prompts.
 """
 from __future__ import annotations
 
-import copy
 import json
 import random
 
@@ -14,14 +13,10 @@ import torch
 
 from gate.decode.backend import HFBackend, early_exit_view
 from gate.decode.loop import Decoder, Draft, accept_draft, check_output
-from gate.decode.drafters import DrafterBase
 from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio, SmallOnly
-
-PROMPTS = ["It is a truth", "My dear Mr. Bennet", "However little known", "Netherfield Park is let",
-           "she told me all about it", "a single man in possession"]
+from helpers import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively, paragraph_corpus, save_model
 
 
-# -- helpers (test_policies imports these) ------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
     """Tiny models: a second intra-op thread is pure overhead (8x slower on a busy 2-core machine)."""
@@ -29,34 +24,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def lively(model, seed: int):
-    """A copy of a tiny random model whose blocks write strongly into the residual stream, so its greedy
-    output depends on the context (default-initialised tiny models repeat one token)."""
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in m.model.layers:
-            for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
-                w.normal_(0, 1, generator=g)
-            for w in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight):
-                w.normal_(0, 0.5, generator=g)
-        # logits with std ~3: normalised entropies spread over ~0.1..0.7 (default init: all ~0.97)
-        m.lm_head.weight.normal_(0, 3 / m.lm_head.weight.shape[1] ** 0.5, generator=g)
-    return m
-
-
-class FnDrafter(DrafterBase):
-    """A Drafter (docs/interfaces.md) from a function (ids, hidden, since_big) -> (token, score)."""
-
-    def __init__(self, fn, threshold=0.5, max_skip=8, hidden_layer=None):
-        self.fn, self.threshold, self.max_skip, self.hidden_layer = fn, threshold, max_skip, hidden_layer
-        self.seen = []
-
-    def propose(self, ids, hidden, since_big):
-        self.seen.append((list(ids), None if hidden is None else hidden.clone(), since_big))
-        return self.fn(list(ids), hidden, since_big)
 
 
 def oracle_fn(big_model, p_right=1.0, score=lambda rng: rng.random()):
@@ -101,31 +68,10 @@ def plain(model, ids):
     return b
 
 
-def ledger_adds_up(res, big: HFBackend):
-    led = res.ledger
-    n = len(res.ids)
-    assert led["new_tokens"] == n == len(res.sources)
-    assert sum(led["by_source"].values()) == n
-    assert led["big_emitted"] + led["skipped"] == n
-    assert led["drafted"] == led["skipped"] + led["rolled_back_tokens"]
-    assert led["big_tokens_fed"] == big.n_cached + led["big_tokens_cropped"]
-    assert big.n_cached <= led["prompt_tokens"] + n
-    # one big pass per big token, plus at most one final pass that only checks the tail
-    assert led["big_calls"] <= led["big_emitted"] + (1 if led["verify"] else 0)
-    for m in led["models"].values():
-        assert m["tokens_fed"] == m["n_cached"] + m["tokens_cropped"]
-    if not led["verify"]:
-        assert led["rollbacks"] == led["verified"] == 0
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_tokenizer, tiny_llama_pair):
     big, small = tiny_llama_pair
     return tiny_tokenizer, lively(big, 1), lively(small, 2)
-
-
-def greedy(big_model, ids, n, eos=()):
-    return Decoder(HFBackend(big_model, "big"), BigOnly(), eos_ids=eos).generate(ids, n).ids
 
 
 # -- backend ------------------------------------------------------------------------------------------------
@@ -453,13 +399,13 @@ def test_cli_json_and_ledger(smollm2, tmp_path, capsys):
 def test_cli_refuses_other_tokenizer(smollm2, tiny, tmp_path, capsys):
     from gate.decode.cli import main
     tok, _, small = tiny
-    small.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    save_model(tmp_path / "tiny", small, tok)
     rc = main(["Hello", "-m", "2", "--policy", "entropy", "--small", str(tmp_path / "tiny"), "--dtype", "float32"])
     assert rc == 2
     assert "do not share a tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.real_model   # the policy is checked after the model is opened
 def test_cli_user_errors(capsys):
     from gate.decode.cli import main
     assert main(["x", "--policy", "entropy"]) == 2
@@ -469,16 +415,8 @@ def test_cli_user_errors(capsys):
 
 
 def fake_corpus(path):
-    (path / "text").mkdir(parents=True)
     para = "She was a fine woman, and she knew it well; the neighbourhood knew it better. " * 6
-    rows = []
-    for i, split in enumerate(["train", "test", "test"]):
-        (path / "text" / f"b{i}.txt").write_text("\n\n".join([f"Title {i}"] + [para] * 30))
-        text = (path / "text" / f"b{i}.txt").read_text()
-        rows.append(json.dumps(dict(book_id=f"b{i}", title=f"T{i}", source="test", sha256="0" * 64,
-                                    chars=len(text), words=len(text.split()), paragraphs=31, split=split)))
-    (path / "manifest.jsonl").write_text("\n".join(rows) + "\n")
-    return path
+    return paragraph_corpus(path, ["train", "test", "test"], lambda i: [para] * 30)
 
 
 def test_held_out_prompts(tmp_path, smollm2):

@@ -90,8 +90,8 @@ def test_eval_windows_stay_inside_runs_and_rows():
 
 
 # ------------------------------------------------------------------------------------------------ fit + decode
-from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-from test_record import book_text, save_model, split_records, write_corpus  # noqa: E402
+from helpers import (book_text, make_tiny_llama, make_tiny_tokenizer, save_model, split_records,  # noqa: E402
+                     write_corpus)
 
 EAGLE_FIT = dict(drafter="eagle", eagle_vocab=64, eagle_window=16, eagle_batch=8, eagle_depth=3, eagle_epochs=4.0,
                  eagle_lr=3e-3, dtype="float32", threads=1)

@@ -3,34 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from corpus_tools.files import FolderLock, LockedError, OutputPathError, check_output_dir, check_output_file
+from helpers import hold_lock, kill
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time; from corpus_tools.files import FolderLock; "
-        "FolderLock(sys.argv[1], sys.argv[2]).acquire(); print('held', flush=True); time.sleep(120)")
-
-
-def hold_lock(folder: Path, what: str = "train.py record") -> subprocess.Popen:
-    """Another process that takes the folder's lock and keeps it until killed."""
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), what], cwd=ROOT, stdout=subprocess.PIPE,
-                         text=True)
-    assert p.stdout.readline().strip() == "held"
-    return p
-
-
-def kill(p: subprocess.Popen) -> None:
-    p.send_signal(signal.SIGKILL)  # no clean-up: the lock file stays behind, naming a dead pid
-    p.wait()
-    p.stdout.close()
-
-
 def test_output_folder_checks(tmp_path):
     (tmp_path / "file").write_text("x")
     assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
-from test_record import SPLIT_REC, book_text, save_model, split_records, write_corpus
+from helpers import (SPLIT_REC, book_text, make_tiny_llama, make_tiny_tokenizer, save_model, split_records,
+                     write_corpus)
 from corpus_tools import record as rec_mod
 from corpus_tools.models import TokenizerMismatch, load
 from corpus_tools.records import open_records

@@ -98,7 +98,8 @@ def assert_one_error_line(r: subprocess.CompletedProcess, expected: str) -> None
     assert errors[0].startswith("infer.py: error: ") and expected in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("args,expected", NO_MODEL + WITH_MODEL,
+@pytest.mark.parametrize("args,expected", NO_MODEL + [pytest.param(*c, marks=pytest.mark.real_model)
+                                                   for c in WITH_MODEL],
                          ids=[f"{i}-" + c[0].split(" {t}")[0] for i, c in enumerate(NO_MODEL + WITH_MODEL)])
 def test_bad_input_is_one_error_line(ws, args, expected):
     fill = {"t": ws, "pid": os.getpid()}

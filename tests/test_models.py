@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from corpus_tools import models
-from conftest import make_tiny_tokenizer
+from helpers import make_tiny_tokenizer
 
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good"
 

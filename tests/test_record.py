@@ -1,7 +1,6 @@
 """Recording per-token outputs (corpus_tools/record.py) and reading them back (corpus_tools/records.py)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -13,31 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TEXT, make_tiny_llama, make_tiny_tokenizer
 from corpus_tools import record as rec_mod
 from corpus_tools.files import OutputPathError
 from corpus_tools.models import ContextLengthError, TokenizerMismatch, load
 from corpus_tools.records import RecordsError, open_records
+from helpers import (TINY, TINY_TEXT, book_text, hold_lock, kill, make_tiny_llama, make_tiny_tokenizer, save_model,
+                     write_corpus)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(context=64, stride=48, batch_size=2, shard_tokens=200, dtype="float32", progress=False)
-
-
-def write_corpus(path: Path, books: list[tuple[str, str, str]]) -> Path:
-    """A corpus folder in the documented format (docs/interfaces.md): (book_id, split, text) per book."""
-    (path / "text").mkdir(parents=True)
-    rows = []
-    for book_id, split, text in books:
-        (path / "text" / f"{book_id}.txt").write_text(text, encoding="utf-8")
-        rows.append({"book_id": book_id, "title": book_id, "source": f"{book_id}.epub",
-                     "sha256": hashlib.sha256(text.encode()).hexdigest(), "chars": len(text),
-                     "words": len(text.split()), "paragraphs": text.count("\n\n") + 1, "split": split})
-    (path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def book_text(i: int, repeat: int) -> str:
-    return "\n\n".join((TINY_TEXT[i % 4:] + TINY_TEXT[:i % 4]) * repeat)
 
 
 @pytest.fixture(scope="module")
@@ -45,29 +27,6 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"), [
         ("book-a", "train", book_text(0, 4)), ("book-b", "train", book_text(1, 2)),
         ("book-c", "val", book_text(2, 1)), ("tiny-d", "test", "Yes.")])
-
-
-SPLIT_REC = dict(context=64, stride=48, batch_size=2, shard_tokens=400, dtype="float32", progress=False)
-
-
-def split_records(root: Path, model, tokenizer, layers: tuple[str, ...]) -> tuple[str, Path, Path]:
-    """(model dir, corpus, records) of a tiny model over four small books in train / train / val / test."""
-    model_dir = save_model(root / "tiny", model, tokenizer)
-    corpus = write_corpus(root / "corpus", [("a", "train", book_text(0, 6)), ("b", "train", book_text(1, 6)),
-                                            ("c", "val", book_text(2, 5)), ("d", "test", book_text(3, 4))])
-    rec_mod.record([model_dir], corpus, root / "records", layers=layers, **SPLIT_REC)
-    return model_dir, corpus, root / "records"
-
-
-def save_model(path: Path, model, tokenizer) -> str:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_llama, tiny_tokenizer):
-    return save_model(tmp_path_factory.mktemp("tiny"), tiny_llama, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +82,7 @@ def test_records_match_a_direct_forward_pass(tiny_records, tiny_dir, corpus):
             np.testing.assert_allclose(a[f"{name}/hidden/2"][rows].astype(np.float32), h, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.real_model
 def test_smollm2_records_match_a_direct_forward_pass(tmp_path):
     """float32: on AVX2-only CPUs bf16 matmuls are several times slower (see the record module docstring)."""
     smollm2 = load("smollm2-135m", "float32")
@@ -285,7 +245,6 @@ def test_a_second_writer_refuses_at_once_and_a_dead_ones_lock_does_not_block(tin
                                                                              tmp_path):
     """Issue 13 case 12 as real runs: while another process holds the records folder, `train.py record` into it
     exits 2 at once naming that process; once it is dead (SIGKILL: its lock file stays), the run goes through."""
-    from test_files import hold_lock, kill
 
     out = tmp_path / "rec"
     args = [sys.executable, "train.py", "record", "--model", tiny_dir, "--corpus", str(corpus), "--out", str(out),

@@ -14,7 +14,7 @@ from gate.decode.cli import build_parser, main, make_policy
 from gate.decode.loop import Draft, Policy
 from gate.decode.registry import arg, at_least, registered
 from gate.decode.runtime import Runtime, UsageError, make_backend
-from test_decode import PROMPTS, lively
+from helpers import PROMPTS, lively
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

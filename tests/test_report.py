@@ -11,7 +11,7 @@ import torch
 from corpus_tools import record as rec_mod
 from corpus_tools import report
 from corpus_tools.tokens import token_class_from_tokenizer
-from test_record import TINY, book_text, save_model, write_corpus
+from helpers import TINY, book_text, save_model, write_corpus
 
 
 def classes_of(tok, text):

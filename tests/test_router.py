@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from corpus_tools import record as rec_mod
 from gate.decode.backend import HFBackend
 from gate.decode.loop import Decoder
@@ -22,8 +21,7 @@ from gate.model.drafter import read_meta
 from gate.model.router import small_stats
 from gate.train.fit import fit
 from gate.train.fit_router import features_of, load_pair, pair_entries
-from test_decode import PROMPTS, greedy, lively
-from test_record import SPLIT_REC, book_text, save_model, write_corpus
+from helpers import PROMPTS, SPLIT_REC, book_text, greedy, lively, make_tiny_llama, save_model, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +164,7 @@ def test_fit_router_refuses_records_of_one_model(tmp_path, tiny_tokenizer, tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_real_qwen_pair_end_to_end_on_llamacpp(tmp_path):
     """The real pair, Qwen2.5-Coder 0.5B -> 1.5B (installed on first use), on llama.cpp: records of a real
     manual's text (a few hundred positions each split), a router fitted on them, and lossless decoding with it:

@@ -7,29 +7,19 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_TEXT, make_tiny_llama, make_tiny_tokenizer
 from corpus_tools import selfgen as sg
+from helpers import TINY_TEXT, paragraph_corpus, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(len(tok), seed=3).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """This module's own tiny model (seed 3), not conftest's."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
 
 
 def write_corpus(path):
-    (path / "text").mkdir(parents=True)
-    rows = []
-    for i, split in enumerate(["train", "train", "val"]):
-        paras = [f"Title {i}"] + [TINY_TEXT[(i + k) % len(TINY_TEXT)] for k in range(12)]
-        (path / "text" / f"b{i}.txt").write_text("\n\n".join(paras))
-        rows.append(json.dumps(dict(book_id=f"b{i}", title=f"T{i}", source="test", sha256="0" * 64, chars=1,
-                                    words=1, paragraphs=len(paras), split=split)))
-    (path / "manifest.jsonl").write_text("\n".join(rows) + "\n")
-    return path
+    return paragraph_corpus(path, ["train", "train", "val"],
+                            lambda i: [TINY_TEXT[(i + k) % len(TINY_TEXT)] for k in range(12)])
 
 
 def greedy_one_by_one(model, ids, n):
