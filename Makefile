@@ -18,7 +18,7 @@ help:
 	@echo "              decoding greedy and sampled), written to bench/results/"
 	@echo "make bench-pair - the Qwen2.5-Coder 0.5B -> 1.5B pair: record, fit the router, coverage table, the"
 	@echo "              policies in decoding on llama.cpp and transformers (about 2 hours on 2 cores; resumes)"
-	@echo "make test-fast - the test suite without the tests that load real weights (under 2 minutes)"
+	@echo "make test-fast - the test suite without the tests that load real weights"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
