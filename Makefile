@@ -8,7 +8,7 @@ MODEL  := smollm2-135m
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv model books genres demo test test-fast bench bench-pair clean help
+.PHONY: all venv model books genres demo test test-fast bench bench-speed bench-pair clean help
 
 help:
 	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit -> evaluate -> side-by-side decode"
@@ -18,6 +18,8 @@ help:
 	@echo "              decoding greedy and sampled), written to bench/results/"
 	@echo "make bench-pair - the Qwen2.5-Coder 0.5B -> 1.5B pair: record, fit the router, coverage table, the"
 	@echo "              policies in decoding on llama.cpp and transformers (about 2 hours on 2 cores; resumes)"
+	@echo "make bench-speed - after make demo: decode speed on llama.cpp against the binding's own generate and"
+	@echo "              prompt lookup, on a quiet machine (bench/results/speed_*.md, docs/speed.md)"
 	@echo "make test-fast - the test suite without the tests that load real weights"
 
 venv: $(VENV)/.installed
@@ -126,6 +128,21 @@ bench: venv books genres model
 	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
 	    --n-prompts $(BENCH_PROMPTS) --temperature 0.7 --methods big,hf_greedy,hf_pld,copy_verify,gate_verify \
 	    --out bench/results/decode_sampled
+
+# Speed against llama-cpp-python's own generate and prompt lookup (docs/speed.md), after make demo: each run refuses
+# to start above load average 0.5, so run nothing else meanwhile; about 20 minutes (Qwen's packages on first use).
+SPEED_GENRES := runs/genres/debian-policy-manual/corpus runs/genres/the-jargon-file/corpus
+bench-speed: venv books genres
+	for g in $(GENRES); do test -f runs/genres/$$g/corpus/manifest.jsonl || $(PY) train.py corpus \
+	    --epubs data/genres/$$g.epub --out runs/genres/$$g/corpus --pin test=- --quiet || exit 1; done
+	$(PY) train.py profile $(MODEL) --requant Q4_0 Q8_0 --json bench/results/profile_smollm2.json
+	$(PY) bench/speed.py --corpus $(SPEED_GENRES) --gate $(RUN)/gate --out bench/results/speed_smollm2_genres
+	$(PY) bench/speed.py --corpus $(RUN)/corpus --gate $(RUN)/gate --pld 2,4 \
+	    --methods binding_generate,binding_pld,big,copy,gate --out bench/results/speed_smollm2_testbook
+	$(PY) bench/speed.py --corpus $(RUN)/corpus $(SPEED_GENRES) --gate $(RUN)/gate --n-prompts 9 --temperature 0.7 \
+	    --methods binding_generate,big,copy,gate --out bench/results/speed_smollm2_sampled
+	$(PY) bench/speed.py --model qwen2.5-coder-1.5b --corpus $(SPEED_GENRES) --pld 2,4 \
+	    --methods binding_generate,binding_pld,big,copy --out bench/results/speed_qwen15b_genres
 
 # The big/small pair (issue: a real pair end to end). Both models record the first PAIR_TOKENS positions of every
 # novel (teacher-forced), the big model's own continuations of novel openings and its answers to the everyday

@@ -128,6 +128,7 @@ def test_profile_key_changes_with_threads_and_file(tmp_path, tiny_llama):
 
 def test_load_or_measure_caches(tmp_path, monkeypatch, tiny_llama, one_thread):
     monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    monkeypatch.setattr("gate.decode.cost.BUSY", float("inf"))   # cached even while the suite loads the machine
     b = HFBackend(tiny_llama, name="tiny")
     p = load_or_measure(b, ks=(1, 2, 4), reps=2)
     assert p.ks == [1, 2, 4] and p.cost[0] == 1.0 and all(c > 0 for c in p.cost)
@@ -190,3 +191,11 @@ def test_no_entry_point_changes_openmp_settings():
             out = subprocess.run([sys.executable, "-c", c], cwd=ROOT, env=env, capture_output=True, text=True)
             assert out.returncode == 0, out.stderr
             assert out.stdout.strip().splitlines()[-1] == (user or "<unset>"), script
+
+
+def test_a_curve_measured_under_load_is_not_cached(tmp_path, monkeypatch, tiny_llama, one_thread):
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    monkeypatch.setattr("gate.decode.cost.BUSY", -1.0)     # any load counts as busy
+    said = []
+    p = load_or_measure(HFBackend(tiny_llama, name="tiny"), ks=(1, 2), reps=1, log=said.append)
+    assert p.cost[0] == 1.0 and not cache_file(p.key).exists() and "not cached" in said[-1]

@@ -31,6 +31,7 @@ PROFILE_KS = tuple(range(1, 33))      # pass lengths `train.py models --profile`
 QUICK_KS = tuple(range(1, 17)) + (20, 24, 32)   # what decoding measures on first use (a few seconds)
 CONTEXT = 256                          # tokens in the cache while a pass is timed
 MAX_CHAIN = 32                         # longest draft chain the planner considers
+BUSY = 1.0                             # load average above which a measured cost curve is not cached
 PROBE = 8                              # a drafter that does not pay is still asked at every PROBE-th chain start, or rarer
 
 
@@ -160,14 +161,18 @@ def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS,
     if log:
         log(f"measuring the cost of a verify pass for {backend.name} ({key['threads']} threads; once, cached "
             f"in {cache_file(key).parent})")
+    load = os.getloadavg()[0]
     saved = backend.hidden_layer
     backend.hidden_layer = getattr(backend, "n_layers", None) if hidden else None
     try:
         step, cost = measure(backend, ks, reps)
     finally:
         backend.hidden_layer = saved
-    prof = CostProfile(key, round(step, 3), list(ks), cost,
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {os.getloadavg()[0]:.2f}")
+    prof = CostProfile(key, round(step, 3), list(ks), cost, f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {load:.2f}")
+    if load > BUSY:        # other jobs inflate long passes unevenly: use it for this run, measure again next time
+        if log:
+            log(f"load average {load:.2f}: this cost curve is used for this run but not cached")
+        return prof
     from corpus_tools.files import write_json
     write_json(cache_file(key), prof.to_dict())
     return prof
