@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OpenMP is left as the user set it: its default spin-wait is the fastest on an idle machine (docs/speed.md).
 # --shared-cpu asks for passive waiting, which must be set before torch loads libgomp (a user's setting wins).
 if "--shared-cpu" in sys.argv[1:]:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")   # only when asked
 
 if __name__ == "__main__":
     from gate.decode.cli import main

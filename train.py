@@ -24,7 +24,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a model hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "--shared-cpu" in sys.argv[1:]:   # passive OpenMP waiting, before torch loads libgomp (docs/speed.md)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")   # only when asked
 
 COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (torch is slow to import)
     "corpus": "corpus_tools.corpus",
