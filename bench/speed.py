@@ -31,7 +31,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from bench.decode import tie_gap  # noqa: E402
 from bench.quiet import Quiet, load  # noqa: E402
+from corpus_tools.errors import ProjectError, fail  # noqa: E402
 
 
 def parse(argv):
@@ -115,13 +117,10 @@ def hf_runner(model, eos, temperature: float, seed: int, **kw):
 
 
 def decoder_runner(rt, policy, temperature: float, seed: int, planned: bool):
-    from gate.decode.cost import Planner, load_or_measure
+    from gate.decode.cli import planner_for
     from gate.decode.loop import Decoder
 
-    planner = None
-    if planned:
-        hidden = bool(policy.needs_big_hidden and policy.hidden_layer is not None)
-        planner = Planner(load_or_measure(rt.big, hidden=hidden, log=print), policy.acceptance())
+    planner = planner_for(policy, rt, argparse.Namespace(planned=planned))   # infer.py's, as --verify makes it
 
     def run(ids, n, i):
         first = []
@@ -221,20 +220,16 @@ def bench(args) -> dict:
     return res
 
 
-@torch.inference_mode()
 def parting(big, prompts, outs, refs) -> list[dict]:
     """Where a lossless method's output first differs from big's: the position and the big model's logit gap
-    between the two tokens there (a fresh pass over the prefix, not timed); a gap near 0 is a numerical near-tie
+    between the two tokens there (bench/decode.py's tie_gap, not timed); a gap near 0 is a numerical near-tie
     (batched and one-token passes round differently on some weight formats)."""
     out = []
     for i, (ids, a, b) in enumerate(zip(prompts, outs, refs)):
         d = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if d is None:
-            continue
-        big.reset()
-        logits, _ = big.forward(list(ids) + list(b[:d]), keep=1)
-        big.reset()
-        out.append(dict(prompt=i, position=d, logit_gap=round(abs(float(logits[-1, b[d]] - logits[-1, a[d]])), 4)))
+        if d is not None:
+            gap = tie_gap(big, list(ids) + list(b[:d]), b[d], a[d])
+            out.append(dict(prompt=i, position=d, logit_gap=round(gap, 4)))
     return out
 
 
@@ -319,7 +314,10 @@ def main(argv=None) -> int:
     from corpus_tools.files import write_json, write_text
 
     args = parse(argv)
-    res = bench(args)
+    try:
+        res = bench(args)
+    except ProjectError as e:   # a user's mistake (no corpus there, a bad model name) is one line
+        return fail("bench/speed.py", e)
     out = Path(args.out)
     write_json(out.with_suffix(".json"), res)
     md = markdown(res)

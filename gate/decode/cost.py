@@ -151,7 +151,8 @@ def measure(backend, ks: Sequence[int] = PROFILE_KS, reps: int = 7, context: int
 
 
 def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS, reps: int = 5,
-                    refresh: bool = False, log: Callable[[str], None] | None = None) -> CostProfile:
+                    refresh: bool = False, log: Callable[[str], None] | None = None,
+                    progress: Callable[[int], None] | None = None) -> CostProfile:
     """The cached cost curve of this backend's model file, runtime, threads and CPU, measured now if there is
     none (or `refresh`). The backend's hidden-state setting is set to `hidden` while measuring."""
     key = profile_key(backend, hidden)
@@ -165,7 +166,7 @@ def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS,
     saved = backend.hidden_layer
     backend.hidden_layer = getattr(backend, "n_layers", None) if hidden else None
     try:
-        step, cost = measure(backend, ks, reps)
+        step, cost = measure(backend, ks, reps, progress=progress)
     finally:
         backend.hidden_layer = saved
     prof = CostProfile(key, round(step, 3), list(ks), cost, f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {load:.2f}")
@@ -403,14 +404,8 @@ def main(argv=None) -> int:
     for label, backend in profiled_backends(args):
         key = profile_key(backend, args.hidden)
         with tqdm(total=len(PROFILE_KS) + 1, desc=label, unit="n", file=sys.stderr, leave=False) as bar:
-            prof = None if args.refresh else cached(key)
-            if prof is None:
-                backend.hidden_layer = getattr(backend, "n_layers", None) if args.hidden else None
-                step, cost = measure(backend, PROFILE_KS, args.reps, progress=lambda k: bar.update())
-                prof = CostProfile(key, round(step, 3), list(PROFILE_KS), cost,
-                                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {os.getloadavg()[0]:.2f}")
-                from corpus_tools.files import write_json
-                write_json(cache_file(key), prof.to_dict())
+            prof = load_or_measure(backend, args.hidden, PROFILE_KS, args.reps, args.refresh,
+                                   log=lambda m: print(m, file=sys.stderr), progress=lambda k: bar.update())
         print(f"\n{label} ({backend.name}, {key['backend']}, {key['threads']} threads, measured {prof.measured})")
         print(prof.table())
         out[label] = prof.to_dict()

@@ -76,6 +76,13 @@ def draft_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor | None
     return torch.softmax(logits / temperature, dim=-1) if temperature > 0 else None
 
 
+def keep_chance(q: torch.Tensor, draft: Draft) -> float:
+    """The chance the speculative-sampling rule keeps `draft` when the big model samples from q: min(1, q(x)/p(x)),
+    p the draft's own distribution (a point mass when it has none)."""
+    p_x = 1.0 if draft.probs is None else float(draft.probs[draft.token])
+    return min(1.0, float(q[draft.token]) / p_x) if p_x > 0 else 0.0
+
+
 def accept_draft(logits: torch.Tensor, draft: Draft, temperature: float,
                  gen: torch.Generator | None) -> tuple[bool, int]:
     """(accepted, token): the big model's verdict on a draft, given its logits at the previous position."""
@@ -83,8 +90,7 @@ def accept_draft(logits: torch.Tensor, draft: Draft, temperature: float,
         best = int(logits.argmax())
         return best == draft.token, best
     q = torch.softmax(logits / temperature, dim=-1)
-    p_x = 1.0 if draft.probs is None else float(draft.probs[draft.token])
-    if float(torch.rand((), generator=gen)) * p_x < float(q[draft.token]):
+    if float(torch.rand((), generator=gen)) < keep_chance(q, draft):
         return True, draft.token
     if draft.probs is None:   # a point mass at x: max(q - p, 0) is q without x
         residual = q.clone()
@@ -360,9 +366,7 @@ class Decoder:
         min(1, q(x)/p(x)) when sampled."""
         if self.temperature <= 0:
             return float(int(logits.argmax()) == draft.token)
-        q = float(torch.softmax(logits / self.temperature, -1)[draft.token])
-        p = 1.0 if draft.probs is None else float(draft.probs[draft.token])
-        return min(1.0, q / p) if p > 0 else 0.0
+        return keep_chance(torch.softmax(logits / self.temperature, -1), draft)
 
     def drop_from(self, q: int) -> None:
         """Drop drafts ids[q:] that the planner cut before any pass saw them."""
