@@ -35,7 +35,7 @@ COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (
     "fit": "gate.train.fit",
     "evaluate": "gate.train.evaluate",
     "calibrate": "gate.train.recalibrate",
-    "models": "corpus_tools.models",
+    "models": "runtimes.loading",
     "profile": "gate.decode.cost",
 }
 # Commands whose module does not check (and lock) its output folder itself: checked here before the module runs.
@@ -55,16 +55,16 @@ def _output_folder(cmd: str, args: list[str]):
     out = getattr(known, flag.lstrip("-").replace("-", "_"))
     if out is None:
         return None  # missing (the command's own parser says so) or defaulted by the command
-    from corpus_tools.files import FolderLock, check_output_dir
+    from common.files import FolderLock, check_output_dir
     check_output_dir(out, flag)
     return FolderLock(out, f"train.py {cmd}") if lock else None
 
 
 def run(cmd: str, args: list[str]) -> int:
-    """Run one command; the project's errors become one `error:` line and exit 2 (see corpus_tools/errors.py)."""
+    """Run one command; the project's errors become one `error:` line and exit 2 (see common/errors.py)."""
     from contextlib import nullcontext
 
-    from corpus_tools.errors import ProjectError, fail
+    from common.errors import ProjectError, fail
     try:
         lock = _output_folder(cmd, args)
         with lock or nullcontext():

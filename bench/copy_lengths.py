@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.files import write_json, write_text
+from common.files import write_json, write_text
 from corpus_tools.records import open_records
 from gate.model.copyrule import copy_rule
 from gate.model.heads import run_starts

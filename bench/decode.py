@@ -38,10 +38,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from corpus_tools.errors import ProjectError, fail  # noqa: E402
+from common.errors import ProjectError, fail  # noqa: E402
 from gate.decode.ledger import Ledger  # noqa: E402
-from gate.decode.loop import BIG_SOURCES  # noqa: E402
-from gate.decode.registry import add_policy_args, registered  # noqa: E402
+from gate.decode.contract import BIG_SOURCES
+from gate.decode.registry import add_policy_args, registered
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
 GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_verify", "gate_dial", "eagle", "eagle_verify",
@@ -57,7 +57,7 @@ def method_names(policies) -> list[str]:
 
 
 def parse(argv, policies=None):
-    from gate.decode.runtime import add_runtime_args
+    from gate.decode.session import add_runtime_args
 
     policies = registered() if policies is None else policies
     names = method_names(policies)
@@ -223,7 +223,7 @@ def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
     if not Path(args.gate).exists():
         notes.append(f"gate*: skipped, no trained drafter at {args.gate} (python train.py fit).")
         return out
-    drafter = rt.load_gate(args.gate)
+    drafter = load_gate(rt, args.gate)
     for t in [float(x) for x in args.sweep.split(",") if x]:
         out[f"gate@{t:g}"] = loop_method(rt, Gate(drafter, t), **samp)
     for t in [float(x) for x in args.verify_sweep.split(",") if x]:
@@ -240,7 +240,7 @@ def eagle_variants(args, rt, notes, samp) -> dict[str, Method]:
     """The feature-head drafter (--eagle): lossy at its calibrated threshold, lossless at --verify-sweep."""
     from gate.decode.policies import Gate
 
-    drafter = rt.load_gate(args.eagle)
+    drafter = load_gate(rt, args.eagle)
     out = {"eagle": loop_method(rt, Gate(drafter), **samp)}
     for t in [float(x) for x in args.verify_sweep.split(",") if x]:
         out[f"eagle_verify@{t:g}"] = loop_method(rt, Gate(drafter, t), verify=True, **samp)
@@ -413,7 +413,8 @@ def models_to_open(args, policies) -> list[str]:
 
 
 def run_dtype(args, dtype, policies=None) -> dict:
-    from gate.decode.runtime import held_out_prompts, open_models
+    from gate.decode.session import held_out_prompts
+    from runtimes.open import open_models
 
     policies = registered() if policies is None else policies
     load_before = os.getloadavg()
@@ -512,7 +513,7 @@ def run_all(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from corpus_tools.files import write_json, write_text
+    from common.files import write_json, write_text
     from transformers.utils import logging as hf_logging
 
     argv = sys.argv[1:] if argv is None else argv

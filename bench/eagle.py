@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.errors import ProjectError, one_line
-from corpus_tools.files import write_json, write_text
+from common.errors import ProjectError, one_line
+from common.files import write_json, write_text
 
 LEVEL = 0.99
 
@@ -108,8 +108,8 @@ def step_costs(dr, reps: int = 60) -> dict:
     step (transformers, float32, KV cache), on a 64-token context."""
     import torch
 
-    from corpus_tools.models import load
-    from gate.decode.backend import HFBackend
+    from runtimes.loading import load
+    from runtimes.hf import HFBackend
 
     big = HFBackend(load(dr.meta["big_model"]["name"], dtype="float32").model, "big")
     big.hidden_layer, big.hidden_all = dr.hidden_layer, True

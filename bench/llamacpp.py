@@ -109,14 +109,15 @@ def make_runners(args, gguf: str):
 def runtime_runners(args, kind: str, prefix: str) -> dict:
     """big, copy --verify and (with --gate) gate --verify through the project's runtime on one backend."""
     from gate.decode.policies import Copy, Gate
-    from gate.decode.runtime import open_models, router_meta
+    from runtimes.open import open_models
+    from gate.decode.drafters import router_meta
 
     small = args.small or (router_meta(args.gate) or {}).get("small_model", {}).get("name") if args.gate else None
     rt = open_models(args.model, [small] if small else [], "float32", kind)
     out = {f"{prefix}_big": decoder_runner(rt.big),
            f"{prefix}_copy_verify": decoder_runner(rt.big, Copy(), verify=True)}
     if args.gate:
-        drafter = rt.load_gate(args.gate)
+        drafter = load_gate(rt, args.gate)
         out[f"{prefix}_gate_verify"] = decoder_runner(
             rt.big, Gate(drafter, args.gate_threshold), verify=True)
     return out
@@ -124,7 +125,7 @@ def runtime_runners(args, kind: str, prefix: str) -> dict:
 
 # -- the run ------------------------------------------------------------------------------------------------
 def bench(args) -> dict:
-    from corpus_tools.llamacpp import gguf_path
+    from runtimes.sources import gguf_path
 
     torch.set_num_threads(args.threads)
     gguf = str(gguf_path(args.model))

@@ -26,13 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from corpus_tools.files import write_json, write_text  # noqa: E402
+from common.files import write_json, write_text  # noqa: E402
 
 
 def llamacpp_hidden(te, rows: np.ndarray, model: str, threads: int) -> np.ndarray:
     """The llama.cpp backend's last-layer state at every row of `rows` (whole runs), run by run."""
-    from corpus_tools.models import packaged_gguf
-    from corpus_tools.llamacpp import LlamaCppBackend
+    from runtimes.sources import packaged_gguf
+    from runtimes.llamacpp import LlamaCppBackend
 
     big = LlamaCppBackend(str(packaged_gguf(model)[0]), name=model, n_ctx=4096, n_threads=threads)
     big.hidden_layer, big.hidden_all = big.n_layers, True

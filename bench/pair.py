@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from corpus_tools.errors import ProjectError, fail  # noqa: E402
+from common.errors import ProjectError, fail  # noqa: E402
 
 RULES = ("router", "max_prob", "entropy", "copy_rule", "big_informed", "oracle")
 
@@ -91,7 +91,7 @@ def coverage_md(res: dict, argv) -> str:
 
 
 def cmd_coverage(args, argv) -> int:
-    from corpus_tools.files import write_json, write_text
+    from common.files import write_json, write_text
     from gate.model.drafter import read_meta
 
     meta = read_meta(args.router)
@@ -209,15 +209,16 @@ def decode_md(res: dict, argv) -> str:
 
 def cmd_decode(args, argv) -> int:
     from bench.decode import machine_info, run_prompts, run_record, summarize
-    from corpus_tools.files import write_json, write_text
-    from gate.decode.runtime import held_out_prompts, open_models
+    from common.files import write_json, write_text
+    from gate.decode.session import held_out_prompts
+    from runtimes.open import open_models
 
     load_before = os.getloadavg()
     smalls = [args.small] + ([args.early_exit] if args.hf else [])
     rt = open_models(args.model, smalls, "float32", args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)
-    drafter = rt.load_gate(args.router)
+    drafter = load_gate(rt, args.router)
     share = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus))
              for i in range(len(args.corpus))]
     prompts = [p for c, n in zip(args.corpus, share) if n

@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from corpus_tools.corpus import books_of_split, read_book  # noqa: E402
-from corpus_tools.models import DTYPES, load  # noqa: E402
+from runtimes.loading import DTYPES, load
 from corpus_tools.record import batches, describe_models, record_windows, windows, write_shard  # noqa: E402
 
 OVERHEAD_TARGET, BYTES_TARGET = 0.15, 2048

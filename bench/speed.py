@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from bench.decode import tie_gap  # noqa: E402
 from bench.quiet import Quiet, load  # noqa: E402
-from corpus_tools.errors import ProjectError, fail  # noqa: E402
+from common.errors import ProjectError, fail  # noqa: E402
 
 
 def parse(argv):
@@ -117,7 +117,7 @@ def hf_runner(model, eos, temperature: float, seed: int, **kw):
 
 
 def decoder_runner(rt, policy, temperature: float, seed: int, planned: bool):
-    from gate.decode.cli import planner_for
+    from gate.decode.session import planner_for
     from gate.decode.loop import Decoder
 
     planner = planner_for(policy, rt, argparse.Namespace(planned=planned))   # infer.py's, as --verify makes it
@@ -166,12 +166,12 @@ def make_methods(args, rt, gguf: str) -> dict:
     if "copy_fixed" in wanted:
         out["copy_fixed"] = decoder_runner(rt, Copy(), t, s, planned=False)
     if "gate" in wanted and args.gate:
-        out["gate"] = decoder_runner(rt, Gate(rt.load_gate(args.gate), threshold=-float("inf")), t, s, planned=True)
+        out["gate"] = decoder_runner(rt, Gate(load_gate(rt, args.gate), threshold=-float("inf")), t, s, planned=True)
     return out
 
 
 def prompts_of(args, rt) -> list[list[int]]:
-    from gate.decode.runtime import held_out_prompts
+    from gate.decode.session import held_out_prompts
 
     per = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus))
            for i in range(len(args.corpus))]
@@ -183,8 +183,8 @@ def prompts_of(args, rt) -> list[list[int]]:
 
 
 def bench(args) -> dict:
-    from corpus_tools.llamacpp import gguf_path
-    from gate.decode.runtime import open_models
+    from runtimes.sources import gguf_path
+    from runtimes.open import open_models
 
     torch.set_num_threads(args.threads)
     quiet = Quiet.check(args.force, "bench/speed.py")
@@ -311,7 +311,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from corpus_tools.files import write_json, write_text
+    from common.files import write_json, write_text
 
     args = parse(argv)
     try:

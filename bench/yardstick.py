@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from corpus_tools.files import write_json, write_text
+from common.files import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ already converted (same sha256, same extractor version, text file present with t
 Adding, never losing: a re-run into an existing corpus adds the books it reads and keeps the books it was not
 given (a typo in --epubs must not empty a corpus); only --prune removes the books not among the inputs, and
 --prune refuses when an input path is missing or holds no EPUB. A run that reads no book at all changes nothing
-and fails (CorpusError). The folder is locked while a run writes it (corpus_tools.files.FolderLock).
+and fails (CorpusError). The folder is locked while a run writes it (common.files.FolderLock).
 
 Split rule (by book, never by paragraph): with n books, test gets test*n books and val val*n, rounded half up; when
 n >= 3 each of val and test with a non-zero fraction gets at least one, and train always keeps at least one.
@@ -38,8 +38,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from corpus_tools.epub import EpubError, extract_text
-from corpus_tools.errors import ProjectError, one_line
-from corpus_tools.files import FolderLock, check_output_dir, write_text
+from common.errors import ProjectError, one_line
+from common.files import FolderLock, check_output_dir, write_text
 from corpus_tools.records import sha256_file
 
 SPLITS = ("train", "val", "test")
@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, pattern in args.pin:
         pins.setdefault(split, []).append(pattern)
     if args.tokens_of:  # a bad model name fails now, not after the books are converted
-        from corpus_tools.models import ModelSourceError, resolve
+        from runtimes.info import ModelSourceError
+        from runtimes.sources import resolve
         try:
             resolve(args.tokens_of)
         except ModelSourceError as e:
@@ -313,7 +314,7 @@ def count_tokens(corpus: Path, model: str) -> dict[str, int]:
     """Tokens per split under a model's tokenizer (the tokenizer only; no weights are loaded)."""
     from transformers import AutoTokenizer
 
-    from corpus_tools.models import resolve
+    from runtimes.sources import resolve
     tok = AutoTokenizer.from_pretrained(resolve(model))
     counts = dict.fromkeys(SPLITS, 0)
     for e in load_manifest(corpus):

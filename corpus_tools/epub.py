@@ -42,7 +42,7 @@ from urllib.parse import unquote
 import lxml.html
 from lxml import etree
 
-from corpus_tools.errors import ProjectError
+from common.errors import ProjectError
 
 
 class EpubError(ValueError, ProjectError):

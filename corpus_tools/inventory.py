@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from corpus_tools.corpus import CorpusError, load_manifest, read_book
-from corpus_tools.errors import ProjectError, one_line
-from corpus_tools.files import check_output_dir, write_text
+from common.errors import ProjectError, one_line
+from common.files import check_output_dir, write_text
 from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
 
 KINDS = ("punct", "suffix", "word", "space", "other")
@@ -171,7 +171,7 @@ def build_inventory(tokenizer, books, top: int = 40) -> tuple[dict, str]:
     kind, texts = tab["kind"], tab["texts"]
     counts, cls_counts, cont_counts = count_tokens(tokenizer, books, tab["cls"], tab["ends_alnum"])
     total = int(counts.sum())
-    from corpus_tools.models import tokenizer_fingerprint
+    from runtimes.info import tokenizer_fingerprint
     inv = {
         "fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": int(len(tokenizer)),
@@ -211,7 +211,8 @@ def load_tokenizer(model: str):
     """A model's tokenizer only (no weights), by any name corpus_tools.models resolves."""
     from transformers import AutoTokenizer
 
-    from corpus_tools.models import ModelSourceError, resolve
+    from runtimes.info import ModelSourceError
+    from runtimes.sources import resolve
     src = resolve(model)
     try:
         return AutoTokenizer.from_pretrained(src)

@@ -14,7 +14,7 @@ the start of a book). Logits are computed for the recorded positions only (logit
 probabilities, entropy and top-k per batch and dropped: memory is bounded by one batch plus one shard (and a
 book's token ids, 8 bytes per token).
 
-Runtimes: transformers by default; `--backend llama.cpp` runs GGUF models in llama.cpp (corpus_tools/llamacpp.py),
+Runtimes: transformers by default; `--backend llama.cpp` runs GGUF models in llama.cpp (runtimes/llamacpp.py),
 which gives the last layer's hidden state only and computes the quantised model as decoding on llama.cpp will.
 
 dtype: record with the dtype you will decode with (greedy outputs differ between dtypes). On CPUs without
@@ -25,7 +25,7 @@ written, the manifest comes last. Batches depend only on the settings, never on 
 deterministic algorithms are on, so a resumed run writes the same bytes as an uninterrupted one (same machine,
 torch build and thread count). settings.json pins the settings on the first run; other settings are refused.
 
-Before any work: --out is checked (corpus_tools.files.check_output_dir), --context against each model's context
+Before any work: --out is checked (common.files.check_output_dir), --context against each model's context
 length (corpus_tools.models.check_context), and the folder is locked (FolderLock): a second run into the same
 --out refuses at once, naming the first; a lock left by a killed run does not block its resume.
 
@@ -51,9 +51,11 @@ import torch
 from tqdm import tqdm
 
 from corpus_tools.corpus import SPLITS, books_of_split, load_manifest, read_book
-from corpus_tools.errors import ProjectError, one_line
-from corpus_tools.files import FolderLock, atomic_dir, check_output_dir, write_json
-from corpus_tools.models import DTYPES, LoadedModel, check_context, check_same_tokenizer, load
+from common.errors import ProjectError, one_line
+from common.files import FolderLock, atomic_dir, check_output_dir, write_json
+from runtimes.info import check_context, check_same_tokenizer
+from runtimes.loading import DTYPES
+from runtimes.open import BACKENDS, Opened, open_backend
 from corpus_tools.tokens import encode_text
 from corpus_tools.records import FORMAT, RecordsError, field_file, sha256_file
 
@@ -102,7 +104,7 @@ def resolve_layers(spec: list[str], n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def describe_models(lms: list[LoadedModel], layers) -> list[dict]:
+def describe_models(lms: list[Opened], layers) -> list[dict]:
     """meta["models"]: ModelInfo (without the cache path) + the shard folder and the recorded layers."""
     # without the cache path, and without context_length: settings.json stays as before it existed (resumable)
     return [{**{k: v for k, v in lm.info.to_dict().items() if k not in ("path", "context_length")}, "dir": f"m{i}",
@@ -126,7 +128,7 @@ def logit_stats(logits: torch.Tensor, targets: torch.Tensor, topk: int) -> dict[
 
 
 @torch.inference_mode()
-def record_windows(lms: list[LoadedModel], meta_models: list[dict], ids: torch.Tensor, wins: list[Window],
+def record_windows(lms: list[Opened], meta_models: list[dict], ids: torch.Tensor, wins: list[Window],
                    topk: int, batch_size: int, hidden_dtype: str) -> dict[str, np.ndarray]:
     """All fields for the positions recorded by `wins`, keyed by their file inside a shard."""
     cols: dict[str, list[torch.Tensor]] = {}
@@ -141,14 +143,14 @@ def record_windows(lms: list[LoadedModel], meta_models: list[dict], ids: torch.T
         for key, value in (("token", ids[pos]), ("target", ids[pos + 1]), ("pos", pos)):
             put(field_file(key), value.to(torch.int32))
         for lm, m in zip(lms, meta_models):
-            out = lm.model(x.to(lm.model.device), logits_to_keep=keep, output_hidden_states=bool(m["layers"]))
+            out_logits, out_hidden = lm.backend.score_windows(x, keep, m["layers"])
             for i, w in enumerate(batch):  # views of each window's rows, in chunks: no copy of the whole logits
-                rows, targets = out.logits[i, keep - (w.end - w.first):], ids[w.first + 1:w.end + 1]
+                rows, targets = out_logits[i, keep - (w.end - w.first):], ids[w.first + 1:w.end + 1]
                 for lg, tg in zip(rows.split(STATS_ROWS), targets.to(rows.device).split(STATS_ROWS)):
                     for field, value in logit_stats(lg, tg, topk).items():
                         put(field_file(field, m["dir"]), value)
             for layer in m["layers"]:
-                h = torch.cat([out.hidden_states[layer][i, w.first - w.start:] for i, w in enumerate(batch)])
+                h = torch.cat([out_hidden[layer][i, w.first - w.start:] for i, w in enumerate(batch)])
                 if hidden_dtype == "int8":  # symmetric per-row scale: ~3% relative error, half the bytes
                     scale = h.float().abs().amax(-1).clamp_min(1e-12) / 127
                     put(field_file(f"hidden/{layer}", m["dir"]), (h.float() / scale[:, None]).round().to(torch.int8))
@@ -160,19 +162,6 @@ def record_windows(lms: list[LoadedModel], meta_models: list[dict], ids: torch.T
                                            "record with --hidden-dtype int8")
                     put(field_file(f"hidden/{layer}", m["dir"]), h16)
     return {k: torch.cat(v).numpy() for k, v in cols.items()}
-
-
-def open_model(name: str, dtype: str, device: str, backend: str = "hf") -> LoadedModel:
-    """A model to record: transformers (any layer), or llama.cpp (corpus_tools/llamacpp.GGUFModel: the
-    model as llama.cpp computes it, e.g. to fit a drafter on the features it will read when decoding there)."""
-    if backend == "hf":
-        return load(name, dtype, device=device)
-    if backend != "llama.cpp":
-        raise ValueError(f"--backend {backend!r}: choose hf or llama.cpp")
-    from corpus_tools.llamacpp import GGUFModel, open_gguf
-
-    runner, tok, info = open_gguf(name)
-    return LoadedModel(GGUFModel(runner), tok, info)
 
 
 def write_shard(final: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -276,7 +265,7 @@ def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layer
     with contextlib.ExitStack() as held:
         if state.is_main_process:  # one lock per run: the other processes of the run write under it
             held.enter_context(FolderLock(out, "train.py record"))
-        lms = [open_model(n, dtype, str(state.device), backend) for n in model_names]
+        lms = [open_backend(n, backend, dtype, str(state.device)) for n in model_names]
         fingerprint = check_same_tokenizer({lm.info.name: lm.info.fingerprint for lm in lms})  # before any work
         for lm in lms:
             check_context(context, lm.info, f"--context {context}")
@@ -351,7 +340,7 @@ def main(argv=None) -> int:
                     help="int8 (per-row scale) halves the hidden-state bytes; read back as float16")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                     help="model weights dtype: the one you will decode with (see above for speed)")
-    ap.add_argument("--backend", choices=("hf", "llama.cpp"), default="hf",
+    ap.add_argument("--backend", choices=tuple(BACKENDS), default="hf",
                     help="model runtime: transformers (any layer), or llama.cpp for GGUF models (the last layer's "
                          "hidden state only: --layers last; --dtype does not apply)")
     ap.add_argument("--no-progress", action="store_true")

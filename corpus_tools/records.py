@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.errors import ProjectError
+from common.errors import ProjectError
 
 FORMAT = 1
 SHARED_FIELDS = {"token": np.int32, "target": np.int32, "pos": np.int32, "book": np.int16}

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus_tools.errors import ProjectError, one_line
-from corpus_tools.files import check_output_dir
-from corpus_tools.models import TokenizerMismatch, load
+from common.errors import ProjectError, one_line
+from common.files import check_output_dir
+from runtimes.info import TokenizerMismatch
+from runtimes.loading import load
 from corpus_tools.records import RecordsError, open_records
 from corpus_tools.tokens import CLASSES, token_class_from_tokenizer
 

@@ -19,7 +19,7 @@ drafter text beyond one corpus's genre (data/prompts/general.txt: everyday subje
 
 Resumable: each sample's text is written atomically when its batch is done and skipped on a re-run; the
 manifest is written last. Before any generation --out is checked and locked (a second run into it refuses at
-once) and prompt + new tokens are checked against the model's context length (corpus_tools.models.check_context).
+once) and prompt + new tokens are checked against the model's context length (runtimes.info.check_context).
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, read_book, write_manifest
-from corpus_tools.errors import ProjectError, one_line
-from corpus_tools.files import FolderLock, check_output_dir, write_text
+from common.errors import ProjectError, one_line
+from common.files import FolderLock, check_output_dir, write_text
 from corpus_tools.tokens import chat_ids, encode_text
+from runtimes.info import check_context
+from runtimes.open import BACKENDS, open_backend
 
 
 def prompts_of_book(text: str, tokenizer, n: int, n_tokens: int) -> list[list[int]]:
@@ -57,25 +58,6 @@ def split_prompts(corpus: str | Path, tokenizer, n: int, n_tokens: int, split: s
     by_book = [prompts_of_book(read_book(corpus, b["book_id"]), tokenizer, per_book, n_tokens) for b in books]
     out = [p for j in range(per_book) for ps in by_book if j < len(ps) for p in ps[j:j + 1]]
     return out[:n]
-
-
-@torch.inference_mode()
-def continue_greedy(model, prompts: list[list[int]], new_tokens: int, eos_ids) -> list[list[int]]:
-    """Greedy continuations of prompts in one batch (shorter ones left-padded and masked), cut at the first
-    EOS."""
-    if hasattr(model, "greedy"):   # a llama.cpp model (corpus_tools.llamacpp.GGUFModel): one prompt at a time
-        return [model.greedy(list(p), new_tokens, eos_ids) for p in prompts]
-    n = max(map(len, prompts))
-    pad = eos_ids[0] if eos_ids else 0
-    x = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=pad if eos_ids else None)[:, n:]
-    conts = []
-    for row in out.tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-        conts.append(row[:cut])
-    return conts
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -121,10 +103,7 @@ def selfgen(model_name: str, corpus: str | Path | None, out: str | Path, splits=
         corpus = Path(corpus)
         books_of_split(corpus, splits[0])  # a missing or broken corpus fails here, before the model loads
     with FolderLock(out, "train.py selfgen"):
-        from corpus_tools.models import check_context
-        from corpus_tools.record import open_model
-
-        lm = open_model(model_name, dtype, "cpu", backend)
+        lm = open_backend(model_name, backend, dtype)
         if lines is not None:
             jobs = prompt_jobs(lines, lm.tokenizer, chat, model_name, lm.info.fingerprint, new_tokens)
             longest = max(len(ids) for _, ids, _ in jobs)
@@ -158,7 +137,7 @@ def _selfgen(lm, jobs, out, new_tokens, batch, progress):
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="selfgen", unit="sample", disable=not progress)
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
-        conts = continue_greedy(lm.model, [ids for _, ids, _ in chunk], new_tokens, eos)
+        conts = lm.backend.greedy([ids for _, ids, _ in chunk], new_tokens, eos)
         for (entry, ids, head), cont in zip(chunk, conts):
             text = lm.tokenizer.decode(ids + cont) if head is None else head + lm.tokenizer.decode(cont)
             write_text(out / "text" / f"{entry['book_id']}.txt", text)
@@ -188,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
     ap.add_argument("--dtype", default="float32", help="decode with the dtype you record and decode with")
-    ap.add_argument("--backend", choices=("hf", "llama.cpp"), default="hf",
+    ap.add_argument("--backend", choices=tuple(BACKENDS), default="hf",
                     help="model runtime: transformers, or llama.cpp for GGUF models (one prompt at a time; "
                          "--batch and --dtype do not apply)")
     ap.add_argument("--no-progress", action="store_true")

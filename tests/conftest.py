@@ -54,7 +54,7 @@ def tiny_llama_pair(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real packaged SmolLM2-135M (float32, the default dtype), converted once into the cache."""
-    from corpus_tools.models import load
+    from runtimes.loading import load
 
     return load("smollm2-135m")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from corpus_tools import record as rec_mod
-from gate.decode.backend import HFBackend
+from runtimes.hf import HFBackend
 from gate.decode.drafters import DrafterBase
 from gate.decode.loop import Decoder
 from gate.decode.policies import BigOnly
@@ -169,7 +169,7 @@ def greedy(big_model, ids, n, eos=()):
 
 
 # -- locks ---------------------------------------------------------------------------------------------------
-HOLD = ("import sys, time; from corpus_tools.files import FolderLock; "
+HOLD = ("import sys, time; from common.files import FolderLock; "
         "FolderLock(sys.argv[1], sys.argv[2]).acquire(); print('held', flush=True); time.sleep(120)")
 
 

@@ -11,8 +11,9 @@ import torch
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it from source)")
 
-from corpus_tools.models import ContextLengthError, packaged_gguf  # noqa: E402
-from corpus_tools.llamacpp import LayerUnavailable, LlamaCppBackend  # noqa: E402
+from runtimes.info import ContextLengthError
+from runtimes.sources import packaged_gguf
+from runtimes.llamacpp import LayerUnavailable, LlamaCppBackend
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.")
@@ -178,10 +179,11 @@ def test_copy_verify_lossless(backend, ids):
 
 
 def test_factory_refuses_early_exit():
-    from gate.decode.runtime import UsageError, make_backend
+    from common.errors import UsageError
+    from runtimes.open import open_backend
 
     with pytest.raises(UsageError, match="'hf' backend"):
-        make_backend(None, "llama.cpp", name="self:15")
+        open_backend("self:15", "llama.cpp")
 
 
 def test_infer_cli_on_llamacpp(backend, ids, tmp_path):
@@ -204,10 +206,9 @@ def test_gguf_runtime_loads_no_transformers_weights_and_matches_hf_identity(smol
     """open_models on llama.cpp reads the tokenizer from the GGUF and the ModelInfo from llama.cpp: the same
     tokenizer fingerprint, layers, width and vocabulary as the transformers model (so artifacts fitted on
     transformers records are checked alike), and transformers' model loader is never called."""
-    import corpus_tools.models as models
-    from gate.decode.runtime import eos_ids_of, open_models
+    from runtimes.open import eos_ids_of, open_models
 
-    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded transformers weights"))
+    monkeypatch.setattr("runtimes.open.load", lambda *a, **k: pytest.fail("loaded transformers weights"))
     rt = open_models("smollm2-135m", [], "float32", "llama.cpp")
     for key in ("fingerprint", "n_layers", "hidden_size", "vocab_size"):
         assert getattr(rt.big_info, key) == getattr(smollm2.info, key), key
@@ -240,7 +241,7 @@ def test_record_on_llamacpp_matches_transformers_records(tmp_path):
 def test_selfgen_on_llamacpp_is_the_backends_greedy_text(backend, tmp_path):
     """train.py selfgen --backend llama.cpp: each sample is the prompt + llama.cpp's greedy continuation."""
     from corpus_tools import selfgen as sg
-    from corpus_tools.models import load_tokenizer
+    from runtimes.loading import load_tokenizer
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly
     from helpers import book_text, write_corpus

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_tools.files import FolderLock
+from common.files import FolderLock
 from gate.decode.cli import main
 
 PROMPTS = ["It is a truth universally", "My dear Mr. Bennet", "Netherfield Park is let", "Mr. Bennet replied"]
@@ -139,8 +139,8 @@ def test_smollm2_end_to_end(smollm2, tmp_path, capsys):
 
 def test_runtime_checks_prompt_and_new_tokens_against_the_context(tiny_dir):
     """The one check behind infer.py (prompt, demo, batch lines) and bench/decode.py."""
-    from corpus_tools.models import ContextLengthError
-    from gate.decode.runtime import open_models
+    from runtimes.info import ContextLengthError
+    from runtimes.open import open_models
 
     rt = open_models(str(tiny_dir), ["self:1"], "float32")
     rt.check_fits(2040, 8)
@@ -153,16 +153,16 @@ def test_runtime_checks_prompt_and_new_tokens_against_the_context(tiny_dir):
 def test_a_line_that_fails_while_decoding_is_an_error_row(tiny_dir, tmp_path, one_thread, capsys, monkeypatch):
     """Case 4: any exception while decoding one line is that line's error row (traceback on stderr, not in the
     file); the rest goes on, and a re-run tries the line again. A temperature below the floor is a bad line."""
-    from gate.decode import cli
+    from gate.decode import batch
 
-    real = cli.run_one
+    real = batch.run_one
 
     def flaky(rt, policy, ids, args, **kw):
         if len(ids) == 3:   # the prompt_ids line below
             raise FloatingPointError("overflow in the softmax")
         return real(rt, policy, ids, args, **kw)
 
-    monkeypatch.setattr(cli, "run_one", flaky)
+    monkeypatch.setattr(batch, "run_one", flaky)
     inp = write_lines(tmp_path / "in.jsonl", [{"prompt": PROMPTS[0]}, {"prompt_ids": [5, 6, 7]},
                                               {"prompt": PROMPTS[1], "temperature": 1e-300}, {"prompt": PROMPTS[2]}])
     out = tmp_path / "out.jsonl"
@@ -174,7 +174,7 @@ def test_a_line_that_fails_while_decoding_is_an_error_row(tiny_dir, tmp_path, on
     got = {r["line"]: r for r in rows(out)}
     assert sorted(got) == [1, 2, 3, 4] and "error" in got[2] and "error" in got[3]
     assert "Traceback" not in out.read_text() and len(got[4]["output_ids"]) == 6
-    monkeypatch.setattr(cli, "run_one", real)
+    monkeypatch.setattr(batch, "run_one", real)
     assert run(tiny_dir, inp, out) == 2                          # line 2 now decodes; line 3 is still bad
     assert sorted((r["line"], "error" in r) for r in rows(out)) == [(1, False), (2, False), (3, True), (4, False)]
 

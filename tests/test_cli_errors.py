@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_tools.files import FolderLock
+from common.files import FolderLock
 from helpers import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,6 @@ def test_bugs_keep_their_traceback(monkeypatch, capsys):
     """Only the project's error types become an `error:` line: anything else is a bug and propagates."""
     import train
 
-    monkeypatch.setattr("corpus_tools.models.main", lambda argv: 1 / 0)
+    monkeypatch.setattr("runtimes.loading.main", lambda argv: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         train.main(["models"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gate.decode.backend import HFBackend
+from runtimes.hf import HFBackend
 from gate.decode.drafters import DrafterBase
 from gate.decode.cost import (Acceptance, CostProfile, Planner, cache_file, copy_acceptance, load_or_measure,
                               profile_key)

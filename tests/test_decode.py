@@ -11,8 +11,9 @@ import random
 import pytest
 import torch
 
-from gate.decode.backend import HFBackend, early_exit_view
-from gate.decode.loop import Decoder, Draft, accept_draft, check_output
+from runtimes.hf import HFBackend, early_exit_view
+from gate.decode.loop import Decoder, accept_draft, check_output
+from gate.decode.contract import Draft
 from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio, SmallOnly
 from helpers import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively, paragraph_corpus, save_model
 
@@ -320,7 +321,7 @@ def test_empty_prompt_refused(tiny):
 # -- real SmolLM2 ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol_bf16():
-    from corpus_tools.models import load
+    from runtimes.loading import load
     return load("smollm2-135m", dtype="bfloat16")
 
 
@@ -420,7 +421,7 @@ def fake_corpus(path):
 
 
 def test_held_out_prompts(tmp_path, smollm2):
-    from gate.decode.runtime import held_out_prompts
+    from gate.decode.session import held_out_prompts
     ps = held_out_prompts(str(fake_corpus(tmp_path)), smollm2.tokenizer, 3, 20)
     assert len(ps) == 3 and all(len(p) == 20 for p in ps)
 

@@ -124,7 +124,8 @@ def test_training_lowers_the_loss_and_resumes(tiny_eagle, tmp_path):
 
 
 def test_artifact_refuses_another_tokenizer_or_hidden_size(tiny_eagle, tmp_path):
-    from corpus_tools.models import TokenizerMismatch, load
+    from runtimes.info import TokenizerMismatch
+    from runtimes.loading import load
     from gate.model.drafter import ArtifactError, load_drafter
 
     model_dir, _, out, _ = tiny_eagle
@@ -139,7 +140,7 @@ def test_artifact_refuses_another_tokenizer_or_hidden_size(tiny_eagle, tmp_path)
 
 
 def lossless_against_greedy(model, drafter, prompts, n_new=24):
-    from gate.decode.backend import HFBackend
+    from runtimes.hf import HFBackend
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly, Gate
 
@@ -167,7 +168,7 @@ def test_sampled_decode_with_the_feature_head_keeps_the_big_models_distribution(
     head drafts token 1 from its own distribution, verification accepts it with min(1, q/p). Token 1 of each run
     must be distributed as the big model's softmax(logits / T) after that run's token 0: the counts of each
     token over the runs match the sum of those conditional probabilities (within 4 standard deviations)."""
-    from gate.decode.backend import HFBackend
+    from runtimes.hf import HFBackend
     from gate.decode.loop import Decoder
     from gate.decode.policies import Gate
     from gate.model.drafter import load_drafter
@@ -232,8 +233,8 @@ def test_smollm2_eagle_decode_is_lossless(smollm2, smollm2_eagle):
 def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
     """The same drafter on the llama.cpp backend (its last-layer hidden rows) with --verify == big there."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it)")
-    from corpus_tools.models import packaged_gguf
-    from corpus_tools.llamacpp import LlamaCppBackend
+    from runtimes.sources import packaged_gguf
+    from runtimes.llamacpp import LlamaCppBackend
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly, Gate
     from gate.model.drafter import load_drafter

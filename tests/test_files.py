@@ -1,4 +1,4 @@
-"""Output paths checked before any work, and one writer per output folder (corpus_tools/files.py)."""
+"""Output paths checked before any work, and one writer per output folder (common/files.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_tools.files import FolderLock, LockedError, OutputPathError, check_output_dir, check_output_file
+from common.files import FolderLock, LockedError, OutputPathError, check_output_dir, check_output_file
 from helpers import hold_lock, kill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_lock_is_reentrant_after_release_and_leaves_no_empty_folder(tmp_path):
 # ------------------------------------------------------------------------------------------------ issue 22
 def test_a_write_through_a_link_updates_the_real_file(tmp_path):
     """Case 3: a symlinked output stays a link; the file it names gets the new content (not a detached copy)."""
-    from corpus_tools.files import atomic_dir, write_text
+    from common.files import atomic_dir, write_text
 
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "r.jsonl").write_text("old\n")

@@ -15,12 +15,13 @@ import torch
 from helpers import (SPLIT_REC, book_text, make_tiny_llama, make_tiny_tokenizer, save_model, split_records,
                      write_corpus)
 from corpus_tools import record as rec_mod
-from corpus_tools.models import TokenizerMismatch, load
+from runtimes.info import TokenizerMismatch
+from runtimes.loading import load
 from corpus_tools.records import open_records
 from gate.model import drafter as D
 from gate.model.copyrule import CopyIndex, trust_copy
 from gate.train.evaluate import evaluate
-from gate.decode.backend import HFBackend
+from runtimes.hf import HFBackend
 from gate.decode.loop import Decoder
 from gate.train.fit import FitError, fit, main as fit_main
 from gate.decode.policies import BigOnly, Gate

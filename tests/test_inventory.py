@@ -70,7 +70,7 @@ def test_inventory_on_real_tokenizer(smollm2, tmp_path, capsys):
             (corpus / "text" / f"{b}.txt").write_text(text)
             f.write(json.dumps({"book_id": b, "split": "train" if b == "a" else "test"}) + "\n")
     out = tmp_path / "inv"
-    from corpus_tools.models import resolve
+    from runtimes.sources import resolve
     assert inv.main(["--model", str(resolve("smollm2-135m")), "--corpus", str(corpus), "--out", str(out)]) == 0
     data = json.loads((out / "inventory.json").read_text())
     assert data["corpus_tokens"] == sum(len(tok(t, add_special_tokens=False).input_ids) for t in books.values())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from corpus_tools import models
+from runtimes import info, loading, sources
 from helpers import make_tiny_tokenizer
 
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good"
@@ -35,7 +35,7 @@ def test_real_weights_predict_real_text(smollm2):
 
 
 def test_cached_reload_gives_same_logits(smollm2):
-    again = models.load("smollm2-135m")
+    again = loading.load("smollm2-135m")
     assert again.info.path == smollm2.info.path  # the same cached conversion, not a new one
     ids = smollm2.tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -45,8 +45,8 @@ def test_cached_reload_gives_same_logits(smollm2):
 
 def test_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
     """A crash mid-conversion leaves no cache entry; the next call converts and the one after reuses."""
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
-    paths = models.packaged_gguf("smollm2-135m")
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path))
+    paths = sources.packaged_gguf("smollm2-135m")
     import transformers
     real_save = transformers.PreTrainedModel.save_pretrained
 
@@ -56,78 +56,78 @@ def test_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
-        models.convert_gguf(paths, "smollm2-135m")
+        sources.convert_gguf(paths, "smollm2-135m")
     assert list((tmp_path / "models").iterdir()) == []  # no half-written entry, temp dir removed
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", real_save)
-    dst = models.convert_gguf(paths, "smollm2-135m")
+    dst = sources.convert_gguf(paths, "smollm2-135m")
     assert (dst / "model.safetensors").exists()
     mtime = (dst / "model.safetensors").stat().st_mtime_ns
-    assert models.convert_gguf(paths, "smollm2-135m") == dst
+    assert sources.convert_gguf(paths, "smollm2-135m") == dst
     assert (dst / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_fingerprint_distinguishes_tokenizers(smollm2):
     tiny = make_tiny_tokenizer()
     fp_smol = smollm2.info.fingerprint
-    assert fp_smol == models.tokenizer_fingerprint(smollm2.tokenizer)
-    assert fp_smol != models.tokenizer_fingerprint(tiny)
-    with pytest.raises(models.TokenizerMismatch, match="do not share a tokenizer"):
-        models.check_same_tokenizer({"smollm2": fp_smol, "tiny": models.tokenizer_fingerprint(tiny)})
-    assert models.check_same_tokenizer({"a": fp_smol, "b": fp_smol}) == fp_smol
+    assert fp_smol == info.tokenizer_fingerprint(smollm2.tokenizer)
+    assert fp_smol != info.tokenizer_fingerprint(tiny)
+    with pytest.raises(info.TokenizerMismatch, match="do not share a tokenizer"):
+        info.check_same_tokenizer({"smollm2": fp_smol, "tiny": info.tokenizer_fingerprint(tiny)})
+    assert info.check_same_tokenizer({"a": fp_smol, "b": fp_smol}) == fp_smol
 
 
 def test_bad_model_names_are_explained(tmp_path):
-    with pytest.raises(models.ModelSourceError, match="does not exist"):
-        models.resolve(str(tmp_path / "missing.gguf"))
-    with pytest.raises(models.ModelSourceError, match="no config.json"):
-        models.resolve(str(tmp_path))
-    with pytest.raises(models.ModelSourceError, match="unknown model"):
-        models.resolve("no-such-alias")
+    with pytest.raises(info.ModelSourceError, match="does not exist"):
+        sources.resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(info.ModelSourceError, match="no config.json"):
+        sources.resolve(str(tmp_path))
+    with pytest.raises(info.ModelSourceError, match="unknown model"):
+        sources.resolve("no-such-alias")
 
 
 def test_a_file_that_is_not_gguf_is_named(tmp_path, monkeypatch):
     """Issue 13 case 8: 100 random bytes named .gguf gave a ValueError traceback about magic bytes."""
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(bytes(range(100)))
-    with pytest.raises(models.ModelSourceError, match=f"{fake}: not a GGUF file"):
-        models.load(str(fake))
+    with pytest.raises(info.ModelSourceError, match=f"{fake}: not a GGUF file"):
+        loading.load(str(fake))
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + bytes(96))  # right magic, nothing readable after it
-    with pytest.raises(models.ModelSourceError, match=f"{truncated}: cannot read this GGUF file"):
-        models.load(str(truncated))
+    with pytest.raises(info.ModelSourceError, match=f"{truncated}: cannot read this GGUF file"):
+        loading.load(str(truncated))
     assert not list((tmp_path / "cache" / "models").iterdir())  # no cache entry, no temp folder left
 
 
 def test_context_length_is_known_and_checked(smollm2):
     """Issue 13 case 2's mechanism: one check, with the numbers, for every path that feeds a model."""
     info = smollm2.info
-    assert info.context_length == 8192 == models.context_length_of(smollm2.model.config)
+    assert info.context_length == 8192 == info.context_length_of(smollm2.model.config)
     for same in (info, info.to_dict(), smollm2, smollm2.model, smollm2.model.config):
-        assert models.context_length_of(same) == 8192
-        models.check_context(8192, same, "prompt")
-    with pytest.raises(models.ContextLengthError,
+        assert info.context_length_of(same) == 8192
+        info.check_context(8192, same, "prompt")
+    with pytest.raises(info.ContextLengthError,
                        match=r"^prompt \(8,555 tokens\) \+ -m 64: 8,619 tokens, more than the 8,192 tokens "
                              r"'smollm2-135m' reads at once"):
-        models.check_context(8619, info, "prompt (8,555 tokens) + -m 64")
-    models.check_context(10**6, {"name": "x"}, "prompt")  # a model that does not say: not checked
-    assert isinstance(models.ContextLengthError("x"), ValueError)
+        info.check_context(8619, info, "prompt (8,555 tokens) + -m 64")
+    info.check_context(10**6, {"name": "x"}, "prompt")  # a model that does not say: not checked
+    assert isinstance(info.ContextLengthError("x"), ValueError)
 
 
 def test_gguf_parts_are_joined_once_into_the_cache(tmp_path, monkeypatch):
     """A model shipped as GGUF parts (the Qwen packages) is one file for llama.cpp and transformers: the parts
     concatenated in order, once (a second call reuses the cached file)."""
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    src = models.packaged_gguf("smollm2-135m")[0].read_bytes()[:3_000_000]
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    src = sources.packaged_gguf("smollm2-135m")[0].read_bytes()[:3_000_000]
     parts = []
     for i, k in enumerate(range(0, len(src), 1_000_000)):
         parts.append(tmp_path / f"part{i}")
         parts[-1].write_bytes(src[k:k + 1_000_000])
-    joined = models.joined_gguf(parts, "demo-model")
+    joined = sources.joined_gguf(parts, "demo-model")
     assert joined.read_bytes() == src and joined.parent == tmp_path / "cache" / "gguf"
     mtime = joined.stat().st_mtime_ns
-    assert models.joined_gguf(parts, "demo-model") == joined and joined.stat().st_mtime_ns == mtime
-    assert models.joined_gguf(parts[:1], "demo-model") == parts[0]      # one file is used as it is
+    assert sources.joined_gguf(parts, "demo-model") == joined and joined.stat().st_mtime_ns == mtime
+    assert sources.joined_gguf(parts[:1], "demo-model") == parts[0]      # one file is used as it is
     assert not list((tmp_path / "cache" / "gguf").glob("*.tmp*"))
 
 
@@ -141,7 +141,7 @@ def test_a_truncated_gguf_is_one_error_line(tmp_path):
     from pathlib import Path
 
     try:
-        src = models.ALIASES["smollm2-135m"].gguf_paths()[0]
+        src = sources.ALIASES["smollm2-135m"].gguf_paths()[0]
     except (ModuleNotFoundError, ImportError):
         pytest.skip("the packaged SmolLM2 is not installed")
     data = src.read_bytes()

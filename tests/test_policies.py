@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gate.decode.backend import HFBackend, early_exit_view
+from runtimes.hf import HFBackend, early_exit_view
 from gate.decode.loop import Decoder
 from gate.decode.drafters import SmallLMDrafter
 from gate.decode.policies import Cascade, Copy, Entropy, Gate, Ratio, SmallOnly, entropy

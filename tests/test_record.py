@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from corpus_tools import record as rec_mod
-from corpus_tools.files import OutputPathError
-from corpus_tools.models import ContextLengthError, TokenizerMismatch, load
+from common.files import OutputPathError
+from runtimes.info import ContextLengthError, TokenizerMismatch
+from runtimes.loading import load
 from corpus_tools.records import RecordsError, open_records
 from helpers import (TINY, TINY_TEXT, book_text, hold_lock, kill, make_tiny_llama, make_tiny_tokenizer, save_model,
                      write_corpus)

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from gate.decode.backend import HFBackend
-from gate.decode.cli import build_parser, main, make_policy
-from gate.decode.loop import Draft, Policy
-from gate.decode.registry import arg, at_least, registered
-from gate.decode.runtime import Runtime, UsageError, make_backend
+from runtimes.hf import HFBackend
+from gate.decode.cli import build_parser, main
+from gate.decode.session import make_policy
+from gate.decode.contract import Draft, Policy
+from gate.decode.contract import arg, at_least
+from gate.decode.registry import registered
+from runtimes.open import Runtime
+from common.errors import UsageError
+from runtimes.open import BACKENDS, open_backend
 from helpers import PROMPTS, lively
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,8 +61,8 @@ def load_bench():
 @pytest.fixture(scope="module")
 def tiny_rt(tiny_tokenizer, tiny_llama_pair):
     big, small = tiny_llama_pair
-    return Runtime(tiny_tokenizer, make_backend(lively(big, 1), name="big"), big_info=None,
-                   predictors={"self:15": make_backend(lively(small, 2), name="self:15")},
+    return Runtime(tiny_tokenizer, HFBackend(lively(big, 1), name="big"), big_info=None,
+                   predictors={"self:15": HFBackend(lively(small, 2), name="self:15")},
                    eos_ids=(tiny_tokenizer.eos_token_id,))
 
 
@@ -178,11 +182,13 @@ def test_bad_option_through_main_is_one_line(smollm2, capsys):
                       "(unterminated character set at position 0)" and len(err) <= 2
 
 
-def test_make_backend_registry(tiny_llama):
-    b = make_backend(tiny_llama, "hf", name="t")
-    assert isinstance(b, HFBackend) and b.name == "t"
-    with pytest.raises(UsageError, match="unknown backend 'onnx'; choose from hf"):
-        make_backend(tiny_llama, "onnx")
+def test_backend_table_and_unknown_kind(tiny_dir):
+    opened = open_backend(str(tiny_dir), "hf", hidden_layer=1)
+    assert isinstance(opened.backend, HFBackend) and opened.backend.name == str(tiny_dir)
+    assert opened.backend.hidden_layer == 1 and opened.info.n_layers == opened.backend.n_layers
+    assert list(BACKENDS) == ["hf", "llama.cpp"]
+    with pytest.raises(UsageError, match="unknown backend 'onnx'; choose from hf, llama.cpp"):
+        open_backend(str(tiny_dir), "onnx")
 
 
 def test_copy_policy_from_the_cli_verify_is_greedy_big(tiny_rt):

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from corpus_tools import record as rec_mod
-from gate.decode.backend import HFBackend
+from runtimes.hf import HFBackend
 from gate.decode.loop import Decoder
 from gate.decode.policies import Gate
-from gate.decode.runtime import UsageError, open_models
+from common.errors import UsageError
+from runtimes.open import open_models
 from gate.model.drafter import read_meta
 from gate.model.router import small_stats
 from gate.train.fit import fit
@@ -79,7 +80,7 @@ def test_decode_features_equal_training_features(pair):
     big, small = pair_entries(rec, records)
     d = load_pair(rec, records, "test", big, small)
     rt = open_pair(big_dir, small_dir)
-    drafter = rt.load_gate(str(router))
+    drafter = load_gate(rt, str(router))
     tokens = [int(t) for t in d.big.tokens[:40]]   # the first run of the test book starts at row 0
     assert d.big.run_start[39] == 0
     drafter.lm.reset()
@@ -98,7 +99,7 @@ def test_decode_features_equal_training_features(pair):
 def test_router_verify_is_lossless(pair, tiny_tokenizer, threshold):
     big_dir, small_dir, _, router = pair
     rt = open_pair(big_dir, small_dir)
-    drafter = rt.load_gate(str(router))
+    drafter = load_gate(rt, str(router))
     drafted = 0
     for prompt in PROMPTS[:3]:
         ids = tiny_tokenizer(prompt).input_ids
@@ -113,7 +114,7 @@ def test_router_verify_is_lossless(pair, tiny_tokenizer, threshold):
 def test_router_lossy_skips_are_the_small_models_tokens(pair, tiny_tokenizer):
     big_dir, small_dir, _, router = pair
     rt = open_pair(big_dir, small_dir)
-    drafter = rt.load_gate(str(router))
+    drafter = load_gate(rt, str(router))
     ids = tiny_tokenizer(PROMPTS[4]).input_ids
     res = Decoder(rt.big, Gate(drafter, threshold=0.0)).generate(ids, 20)
     small = HFBackend(rt.predictor(small_dir).model, "s")
@@ -133,10 +134,10 @@ def test_router_refuses_another_small_or_big_model(pair, tiny_tokenizer, tmp_pat
                        tiny_tokenizer)
     rt = open_pair(big_dir, other)                     # same tokenizer, another small model (1 layer, not 2)
     with pytest.raises(UsageError, match="small model"):
-        rt.load_gate(str(router))
+        load_gate(rt, str(router))
     rt = open_pair(other, small_dir)                   # another big model
     with pytest.raises(UsageError, match="n_layers"):
-        rt.load_gate(str(router))
+        load_gate(rt, str(router))
 
 
 def test_infer_cli_uses_the_routers_small_model(pair, tmp_path):
@@ -185,7 +186,7 @@ def test_real_qwen_pair_end_to_end_on_llamacpp(tmp_path):
     fit(tmp_path / "records", tmp_path / "router", drafter="router", router_pca=8, router_emb_pca=4, threads=1,
         target_precision=0.9, log=lambda m: None)
     rt = open_models(big, [small], "float32", "llama.cpp")
-    drafter = rt.load_gate(str(tmp_path / "router"))
+    drafter = load_gate(rt, str(tmp_path / "router"))
     assert drafter.features.small.mean.shape[0] == 896 and drafter.lm.hidden_layer == 24
     ids = rt.tokenizer(paragraphs[31][:200]).input_ids
     want = Decoder(rt.big, BigOnly()).generate(ids, 12).ids
@@ -198,7 +199,7 @@ def test_real_qwen_pair_end_to_end_on_llamacpp(tmp_path):
         assert abs(float(logits[want[d]] - logits[res.ids[d]])) < 0.25, "a verified draft lost to a clear winner"
     swapped = open_models(small, [big], "float32", "llama.cpp")
     with pytest.raises(UsageError):
-        swapped.load_gate(str(tmp_path / "router"))
+        load_gate(swapped, str(tmp_path / "router"))
 
 
 def test_confidence_gate_ignores_the_vector_features():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from corpus_tools import selfgen as sg
+from runtimes.hf import HFBackend
 from helpers import TINY_TEXT, paragraph_corpus, save_tiny_model
 
 
@@ -32,7 +33,7 @@ def greedy_one_by_one(model, ids, n):
 
 
 def test_samples_are_the_models_greedy_text_and_resume(tiny_dir, tmp_path, monkeypatch):
-    from corpus_tools.models import load
+    from runtimes.loading import load
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "sg"
     entries = sg.selfgen(str(tiny_dir), corpus, out, per_book=3, prompt_tokens=8, new_tokens=12, batch=2,
@@ -54,15 +55,15 @@ def test_samples_are_the_models_greedy_text_and_resume(tiny_dir, tmp_path, monke
     before = lost.read_text()
     lost.unlink()
     calls = []
-    real = sg.continue_greedy
-    monkeypatch.setattr(sg, "continue_greedy", lambda m, ps, n, e: calls.append(len(ps)) or real(m, ps, n, e))
+    real = HFBackend.greedy
+    monkeypatch.setattr(HFBackend, "greedy", lambda b, ps, n, e: calls.append(len(ps)) or real(b, ps, n, e))
     assert sg.selfgen(str(tiny_dir), corpus, out, per_book=3, prompt_tokens=8, new_tokens=12, batch=2,
                       progress=False) == entries
     assert calls == [1] and lost.read_text() == before
 
 
 def test_split_prompts_interleave_books(tiny_dir, tmp_path):
-    from corpus_tools.models import load
+    from runtimes.loading import load
     corpus = write_corpus(tmp_path / "corpus")
     tok = load(str(tiny_dir)).tokenizer
     ps = sg.split_prompts(corpus, tok, 4, 8, split="train")
@@ -75,8 +76,8 @@ def test_split_prompts_interleave_books(tiny_dir, tmp_path):
 def test_settings_and_folder_are_checked_before_generating(tiny_dir, tmp_path):
     """Prompt + new tokens beyond the model's context, an --out that is a file, and an --out another run holds
     are refused before any generation (and write nothing)."""
-    from corpus_tools.files import FolderLock, LockedError, OutputPathError
-    from corpus_tools.models import ContextLengthError
+    from common.files import FolderLock, LockedError, OutputPathError
+    from runtimes.info import ContextLengthError
 
     corpus = write_corpus(tmp_path / "corpus")
     with pytest.raises(ContextLengthError, match=r"--prompt-tokens 48 \+ --new-tokens 2048: 2,096 tokens, more "
@@ -96,7 +97,7 @@ def test_settings_and_folder_are_checked_before_generating(tiny_dir, tmp_path):
 def test_prompts_file_answers_each_instruction_with_the_models_greedy_text(tiny_dir, tmp_path):
     """--prompts: prompts of different lengths in one batch (left-padded) get the same greedy answers as one by
     one; the sample text is the instruction, a blank line and the answer; splits come from a hash of the line."""
-    from corpus_tools.models import load
+    from runtimes.loading import load
 
     lines = ["Explain how volcanoes form.", "Write a poem about the sea and the long summer evenings.", "Why?"]
     (tmp_path / "p.txt").write_text("# a comment\n\n" + "\n".join(lines) + "\n")

@@ -26,13 +26,13 @@ differs, before the model loads (only its tokenizer is read): one file never mix
 re-run removes them and tries those lines again (the input may have been fixed). Each row is appended with one
 write and fsynced, so a run killed at any moment leaves whole rows plus at most a partial last line (no newline
 at its end), which the re-run drops.
-Repairs rewrite the output atomically, through a symlink to the real file (corpus_tools.files.write_text). A
+Repairs rewrite the output atomically, through a symlink to the real file (common.files.write_text). A
 complete line that is not a result row means the file is not ours: refused, nothing is touched.
 
 `--input -` reads the prompts from stdin; `--output -` streams the rows to stdout (nothing to resume, no lock).
 An --output that is not a regular file (a device, a FIFO, /dev/stdout on a pipe) is refused: use '-'.
 
-Lock: a lock file beside the output (`.NAME.lock`, corpus_tools.files.FolderLock.of_file, named after the real
+Lock: a lock file beside the output (`.NAME.lock`, common.files.FolderLock.of_file, named after the real
 path: two names of one file are one lock), not the folder's `.lock`: the output is one file, often in a shared
 folder (the current directory), and two runs writing different outputs there must not block each other; two
 runs into the same output are refused at once, naming the first. The flock dies with its process, so a killed
@@ -49,12 +49,18 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus_tools.errors import ProjectError, one_line
-from gate.decode.runtime import UsageError
+from tqdm import tqdm
+
+from common.errors import ProjectError, UsageError, one_line
+from common.files import FolderLock, write_text
+from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
+from gate.decode.registry import namespace
+from gate.decode.session import MIN_TEMPERATURE, encode, make_policy, open_runtime, run_one, user_text
+from runtimes.info import tokenizer_fingerprint
+from runtimes.loading import load_tokenizer
 
 OPTIONS = ("max_new_tokens", "temperature", "seed")   # per line; defaults: -m, -t, --seed
 KEYS = ("id", "prompt", "prompt_ids", *OPTIONS)
-MIN_TEMPERATURE = 1e-4   # below it (but above 0) a temperature is refused; see gate.decode.cli.check_temperature
 RUN_ARGS = ("model", "dtype", "backend", "policy", "verify", "verify_below", "chat", "parse_special", "check")
 
 
@@ -148,7 +154,6 @@ def check_fields(obj: dict) -> str | None:
 def prompt_ids_of(rt, line: Line, args) -> list[int]:
     """The line's prompt ids (text encoded as user text, ids checked against the vocabulary), checked to fit the
     context with its max_new_tokens; UsageError / ContextLengthError say what is wrong."""
-    from gate.decode.cli import encode, user_text
 
     obj = line.obj
     if "prompt" in obj:
@@ -184,7 +189,6 @@ def line_identity(run: dict, line: Line, args, tokenizer: str | None) -> dict:
 
 def big_tokenizer(args, policies) -> str:
     """The fingerprint of the run's big model's tokenizer, read without its weights."""
-    from corpus_tools.models import load_tokenizer, tokenizer_fingerprint
 
     try:
         big, _ = policies[args.policy].model_names(args)
@@ -210,7 +214,6 @@ def repair_output(path: Path, lines: list[Line], want, rerun: bool) -> set[str]:
     """The ids (keys) with a result row of their own line and this run (want(line): its identity) in the output.
     A partial last line and error rows are removed; a row of another line or run is refused (UsageError naming
     what differs) or, with `rerun`, removed."""
-    from corpus_tools.files import write_text
 
     if not path.exists():
         return set()
@@ -273,8 +276,6 @@ def append_row(fd: int, row: dict, sync: bool = True) -> None:
 # -- the run ---------------------------------------------------------------------------------------------------
 def run_line(rt, policy, line: Line, args, run: dict) -> dict:
     """The output row of one line: its result (with its input hash and run identity), or its error."""
-    from gate.decode.cli import run_one
-    from gate.decode.registry import namespace
 
     if line.error is None:
         try:
@@ -309,9 +310,7 @@ def input_name(args) -> str:
 def run_lines(rt, policy, todo: list[Line], args, run: dict) -> tuple[list, int]:
     """Every line in `todo`, each row appended to --output (or streamed to stdout: '-') as it finishes;
     (ledgers, bad lines)."""
-    from tqdm import tqdm
 
-    from gate.decode.ledger import Ledger
 
     ledgers, bad = [], 0
     stream = args.output == "-"
@@ -352,8 +351,6 @@ def run_batch(args, policies) -> int:
     """infer.py --input/--output: see the module docstring. Exit status 2 when some line was bad."""
     import contextlib
 
-    from corpus_tools.files import FolderLock
-    from gate.decode.cli import make_policy, open_runtime
 
     lines = read_input(args.input)
     run = run_identity(args, policies)
@@ -377,7 +374,6 @@ def run_batch(args, policies) -> int:
 
 def print_summary(ledgers: list, bad: int, n: int, args) -> None:
     """Totals over the prompts of this run (tokens, big calls per token, skipped, wall time, tokens/s)."""
-    from gate.decode.ledger import format_ledgers, policy_label, sum_ledgers
 
     if ledgers:
         total = sum_ledgers(ledgers)

@@ -1,8 +1,9 @@
 """`python infer.py`: generate text, skipping big-model passes where a policy allows; print the cost ledger.
 
 The CLI knows no policy by name: its --policy choices, the policy options and the 'policies:' part of --help
-come from the registry (gate/decode/registry.py), models come from the runtime (gate/decode/runtime.py) and
-the ledger table from gate/decode/ledger.py. What is left here is prompt handling, streaming and the demo.
+come from the registry (gate/decode/registry.py); opening models, building the policy and running one prompt
+are gate/decode/session.py's; the ledger table is gate/decode/ledger.py's. What is left here is the parser,
+prompt handling, streaming and the demo; --input/--output hands over to gate/decode/batch.py.
 """
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
-from corpus_tools.errors import ProjectError, fail
-from corpus_tools.files import check_output_file
-from gate.decode.cost import Planner, load_or_measure
+from common.errors import ProjectError, UsageError, fail
+from common.files import check_output_file, write_json
+from gate.decode.batch import run_batch
+from gate.decode.contract import number
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
-from gate.decode.policies import BigOnly
-from gate.decode.registry import (add_policy_args, number, policies_help, policy_examples, registered,
-                                  unread_options)
-from gate.decode.runtime import Runtime, UsageError, add_runtime_args, held_out_prompts, open_models
+from gate.decode.registry import add_policy_args, policies_help, policy_examples, registered, unread_options
+from gate.decode.session import (MIN_TEMPERATURE, add_runtime_args, configure_torch, encode, held_out_prompts,
+                                 make_policy, open_runtime, run_one, user_text)
+from runtimes.llamacpp import import_binding
+from runtimes.open import Runtime
 
 NOTES = """\
 A small model is a model name with the big model's tokenizer, or self:K = the big model's first K layers +
@@ -125,7 +129,6 @@ def settle_args(args) -> None:
     """Check the options that are not a policy's and fill in the implied ones (--verify-below, --demo)."""
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature:g}")
-    from gate.decode.batch import MIN_TEMPERATURE
     if 0 < args.temperature < MIN_TEMPERATURE:   # 1e-300 overflowed float32 in the softmax (issue 22)
         raise UsageError(f"--temperature {args.temperature:g}: below {MIN_TEMPERATURE:g}, sampling is greedy in all "
                          "but name and overflows float32; use -t 0 for greedy")
@@ -172,35 +175,6 @@ def settle_batch(args) -> None:
         raise UsageError(f"--output {args.output}: the same file as --input")
 
 
-def open_runtime(args, policies) -> Runtime:
-    try:
-        big, smalls = policies[args.policy].model_names(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return open_models(big, smalls, args.dtype, args.backend, gate=getattr(args, "gate", None),
-                       log=lambda m: print(m, file=sys.stderr))
-
-
-def make_policy(args, rt: Runtime, policies=None):
-    """The chosen policy, built by its class from the options; its ValueErrors become user errors."""
-    policies = registered() if policies is None else policies
-    try:
-        return policies[args.policy].from_args(args, rt)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def configure_torch(args) -> None:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
 # -- streaming -----------------------------------------------------------------------------------------------
 class Streamer:
     """Prints tokens as they become final, colored by source; holds back incomplete UTF-8 sequences."""
@@ -225,53 +199,6 @@ class Streamer:
 
 
 # -- running -------------------------------------------------------------------------------------------------
-def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verify=None) -> dict:
-    from gate.decode.loop import Decoder, check_output
-
-    verify = args.verify if verify is None else verify
-    dec = Decoder(rt.big, policy, verify=verify, verify_below=args.verify_below if verify else math.inf,
-                  temperature=args.temperature, seed=args.seed, eos_ids=rt.eos_ids, on_final=stream,
-                  planner=planner_for(policy, rt, args) if verify else None)
-    res = dec.generate(prompt_ids, args.max_new_tokens)
-    ledger = res.ledger
-    ledger["models"] = {"big": rt.big_info.name, **ledger["models"]}
-    if args.check:
-        ledger["check"] = check_output(rt.big, prompt_ids, res.ids)
-    tok = rt.tokenizer
-    return dict(prompt=tok.decode(prompt_ids), prompt_ids=list(prompt_ids), output_ids=res.ids,
-                text=tok.decode(res.ids, skip_special_tokens=True), sources=res.sources,
-                config={k: (None if isinstance(v, float) and math.isinf(v) else v)
-                        for k, v in vars(args).items() if k != "prompt"}, ledger=ledger)
-
-
-def planner_for(policy, rt: Runtime, args):
-    """The policy's draft planner (made once per policy, so a batch or the demo keeps learning), or None
-    without --plan cost and a lossless --verify."""
-
-    if not getattr(args, "planned", False) or isinstance(policy, BigOnly):
-        return None
-    if getattr(policy, "planner", None) is None:
-        hidden = bool(policy.needs_big_hidden and policy.hidden_layer is not None)
-        profile = load_or_measure(rt.big, hidden=hidden, log=lambda m: print(m, file=sys.stderr))
-        policy.planner = Planner(profile, policy.acceptance())
-    return policy.planner
-
-
-def user_text(text: str, what: str, from_bytes: bool = True) -> str:
-    """`text` unless it holds something that is not UTF-8 text: bytes of another encoding in an argument (Python
-    passes each as a lone surrogate, U+DC80..U+DCFF, which the tokenizer refuses with an obscure TypeError) or a
-    lone surrogate from a JSON escape (from_bytes=False). `what` names where the text came from."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        c = text[e.start]
-        byte = from_bytes and 0xDC80 <= ord(c) <= 0xDCFF
-        bad = f"byte 0x{ord(c) - 0xDC00:02x}" if byte else f"lone surrogate {ascii(c)}"
-        raise UsageError(f"{what}: not UTF-8 text ({bad} at character {e.start + 1}); give UTF-8 text "
-                         "(convert it with iconv, or use --prompt-file with a UTF-8 file)") from None
-    return text
-
-
 def read_prompt(args) -> str:
     """The prompt text from the argument, stdin ('-') or --prompt-file, checked to be UTF-8 text."""
     if args.prompt_file:
@@ -301,33 +228,7 @@ def nonempty(text: str, what: str) -> str:
     return text
 
 
-def chat_ids(tok, text: str, parse_special: bool) -> list[int]:
-    """corpus_tools.tokens.chat_ids, its ValueError as a usage error."""
-    from corpus_tools.tokens import chat_ids as template_ids
-
-    try:
-        return template_ids(tok, text, parse_special)
-    except ValueError as e:
-        raise UsageError(f"--chat: {e}") from None
-
-
-def encode(rt: Runtime, text: str, chat: bool, parse_special: bool = False) -> list[int]:
-    """Prompt ids of user text: special-token strings stay literal text unless `parse_special` (--parse-special)."""
-    from corpus_tools.tokens import encode_text
-
-    tok = rt.tokenizer
-    if chat:
-        ids = chat_ids(tok, text, parse_special)
-    else:
-        ids = list(tok(text).input_ids) if parse_special else encode_text(tok, text)
-    if not ids:
-        raise UsageError("the prompt is empty after tokenization")
-    return ids
-
-
 def save_json(path: str, obj) -> None:
-    from corpus_tools.files import write_json
-
     try:
         write_json(path, obj)
     except OSError as e:
@@ -363,8 +264,6 @@ def run_prompt(args, policies) -> int:
 def run_demo(args, policies) -> int:
     """Prompts from held-out books, each generated with big, the policy, and the policy with --verify (its chains
     sized by the planner); on llama.cpp the binding's own generate speed on the same GGUF is named beside them."""
-    import argparse
-
     rt = open_runtime(args, policies)
     prompts = held_out_prompts(args.corpus, rt.tokenizer, args.n_prompts, args.prompt_tokens)
     for ids in prompts:
@@ -406,9 +305,7 @@ def binding_speed(rt: Runtime, prompts, n: int) -> float | None:
     path = getattr(rt.big, "path", None)
     if path is None or not hasattr(rt.big, "n_threads"):
         return None
-    import llama_cpp
-    import time
-
+    llama_cpp = import_binding()
     llm = llama_cpp.Llama(str(path), n_ctx=rt.big.n_ctx, n_threads=rt.big.n_threads,
                           n_threads_batch=rt.big.n_threads, verbose=False)
     tokens, t0 = 0, time.perf_counter()
@@ -431,7 +328,6 @@ def main(argv=None, policies=None) -> int:
         unread_options(args, policies)
         configure_torch(args)
         if args.input:
-            from gate.decode.batch import run_batch
             return run_batch(args, policies)
         return run_demo(args, policies) if args.demo else run_prompt(args, policies)
     except ProjectError as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback

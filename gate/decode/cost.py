@@ -16,16 +16,28 @@ never meaningfully slower than the big model alone. Where no chain has paid for 
 """
 from __future__ import annotations
 
+import argparse
+import ctypes
 import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from common.errors import UsageError
+from common.files import write_json
+from runtimes.llamacpp import LlamaCppBackend, import_binding
+from runtimes.open import BACKENDS, open_models
+from runtimes.sources import cache_dir, gguf_path
 
 PROFILE_KS = tuple(range(1, 33))      # pass lengths `train.py models --profile` measures
 QUICK_KS = tuple(range(1, 17)) + (20, 24, 32)   # what decoding measures on first use (a few seconds)
@@ -109,13 +121,10 @@ def backend_threads(backend) -> int:
     n = getattr(backend, "n_threads", None)
     if n:
         return int(n)
-    import torch
     return torch.get_num_threads()
 
 
 def cache_file(key: dict) -> Path:
-    from corpus_tools.models import cache_dir
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir() / "profiles" / f"{digest}.json"
 
@@ -124,8 +133,6 @@ def measure(backend, ks: Sequence[int] = PROFILE_KS, reps: int = 7, context: int
             progress: Callable[[int], None] | None = None) -> tuple[float, list[float]]:
     """(step ms, cost[k] for k in ks): the median time of a pass feeding k tokens after `context` cached ones,
     over `reps` passes, relative to a one-token pass. The backend's cache is reset afterwards."""
-    import torch
-
     vocab = backend.vocab_size
     gen = torch.Generator().manual_seed(0)
     room = getattr(backend, "n_ctx", None)
@@ -174,7 +181,6 @@ def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS,
         if log:
             log(f"load average {load:.2f}: this cost curve is used for this run but not cached")
         return prof
-    from corpus_tools.files import write_json
     write_json(cache_file(key), prof.to_dict())
     return prof
 
@@ -346,11 +352,6 @@ QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "F16")
 def requantized(gguf: Path, qtype: str) -> Path:
     """A copy of `gguf` requantized to qtype by llama.cpp (llama_model_quantize), cached beside the profiles.
     A requantized model is a different model: it is only profiled here, never swapped in silently."""
-    import ctypes
-
-    from corpus_tools.llamacpp import import_binding
-    from corpus_tools.models import cache_dir
-
     st = gguf.stat()
     dst = cache_dir() / "requantized" / f"{gguf.stem}.{st.st_size}.{st.st_mtime_ns}.{qtype}.gguf"
     if dst.is_file():
@@ -372,16 +373,9 @@ def requantized(gguf: Path, qtype: str) -> Path:
 def main(argv=None) -> int:
     """`python train.py profile MODEL`: the cost of one pass feeding n tokens (a verify pass of n - 1 drafts),
     in one-token steps, for n = 1..32, on this machine; cached for decoding (`infer.py --verify` reads it)."""
-    import argparse
-    import sys
-
-    from tqdm import tqdm
-
-    from gate.decode.runtime import UsageError
-
     ap = argparse.ArgumentParser(prog="train.py profile", description=main.__doc__)
     ap.add_argument("model", help="packaged alias or .gguf file (llama.cpp), or any model (--backend hf)")
-    ap.add_argument("--backend", default="llama.cpp", choices=("llama.cpp", "hf"))
+    ap.add_argument("--backend", default="llama.cpp", choices=tuple(BACKENDS))
     ap.add_argument("--threads", type=int, help="threads (default: one per core)")
     ap.add_argument("--hidden", action="store_true", help="with the last layer's hidden state on (what a gate "
                     "that reads it decodes with)")
@@ -413,7 +407,6 @@ def main(argv=None) -> int:
         if close:
             close()
     if args.json:
-        from corpus_tools.files import write_json
         write_json(args.json, out)
     return 0
 
@@ -429,16 +422,11 @@ def cached(key: dict, ks: Sequence[int] = PROFILE_KS) -> CostProfile | None:
 
 def profiled_backends(args):
     """(label, backend) for the model and each requantized copy."""
-    from gate.decode.runtime import open_models
-
     if args.backend == "hf":
-        import torch
         if args.threads:
             torch.set_num_threads(args.threads)
         yield args.model, open_models(args.model, [], "float32", "hf").big
         return
-    from corpus_tools.llamacpp import LlamaCppBackend, gguf_path
-
     path = gguf_path(args.model)
     yield f"{args.model} (as shipped)", LlamaCppBackend(path, name=str(path.name), n_threads=args.threads)
     for q in args.requant:

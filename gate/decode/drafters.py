@@ -1,7 +1,8 @@
-"""Drafters: what the `gate` policy asks for a token and a score (the Drafter contract of docs/interfaces.md).
+"""Drafters as the `gate` policy gets them: loaded over a runtime (`load_gate`), or a small LM (`SmallLMDrafter`).
 
 `Drafter` is the protocol; the trained artifact (gate/model/drafter.py, `load_drafter`) is one implementation
 and `SmallLMDrafter` and `RouterDrafter` others. `DrafterBase` gives the optional part of the protocol (`start`) a no-op default.
+`load_gate(rt, path)` is the one place a decode run loads a gate artifact (heads, feature head or router).
 
 SmallLMDrafter is a small pre-trained LM with the big model's tokenizer serving as the gate's predictor: the
 candidate is its argmax at the next position and the score its max-probability (BiLD's fallback rule). It reads
@@ -17,14 +18,17 @@ hidden state). Its artifact is loaded here, not in gate/model, because it runs a
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
 
-from gate.decode.backend import Backend
-from gate.decode.loop import LM
+from common.errors import UsageError
 from gate.model.copyrule import MAX_N, CopyIndex
-from gate.model.router import RouterFeatures, load_router_parts, small_stats
+from gate.model.drafter import ArtifactError, check_big_model, check_files, load_drafter, read_meta
+from gate.model.router import ROUTER_FORMAT, RouterFeatures, load_router_parts, small_stats
+from runtimes.backend import LM, Backend
+from runtimes.open import Runtime
 
 
 class Drafter(Protocol):
@@ -104,3 +108,59 @@ class RouterDrafter(DrafterBase):
         big_layer = meta["hidden_layer"] if meta["features"]["big_hidden"] else None
         return cls(feats, gate, meta["threshold"], meta["max_skip"], small, meta["small_model"]["n_layers"],
                    big_layer, meta.get("copy_max_n", MAX_N), meta)
+
+
+def load_gate(rt: Runtime, path: str):
+    """The drafter at `path` over the runtime's models, loaded once (kept in rt.loaded); a router artifact runs
+    over its small model, which the runtime opened by name."""
+    key = ("gate", path)
+    if key not in rt.loaded:
+        if not Path(path).exists():
+            raise UsageError(f"--gate {path}: no such folder (train a gate with `python train.py fit`)")
+        meta = router_meta(path)
+        try:   # TokenizerMismatch passes through: the CLI reports it
+            rt.loaded[key] = load_drafter(path, rt.big_info) if meta is None else load_router(path, meta, rt)
+        except ArtifactError as e:
+            raise UsageError(str(e)) from e
+    return rt.loaded[key]
+
+
+def router_meta(path: str) -> dict | None:
+    """drafter.json of a router artifact (a big/small pair), or None for any other drafter (or no folder:
+    load_gate reports that)."""
+    if not Path(path, "drafter.json").is_file():
+        return None
+    try:
+        meta = read_meta(path)
+    except ArtifactError as e:
+        raise UsageError(str(e)) from e
+    return meta if meta["format"] == ROUTER_FORMAT else None
+
+
+def load_router(path: str, meta: dict, rt: Runtime):
+    """A router artifact over the small model the runtime opened for it (the policy's model_names asks for the
+    artifact's small model unless --small names another, which the identity check then refuses)."""
+    wanted = meta["small_model"]["name"]
+    small = wanted if wanted in rt.infos else next((n for n in rt.infos if n != rt.big_info.name), None)
+    if small is None:
+        raise UsageError(f"--gate {path}: a router needs its small model ({meta['small_model']['name']}): "
+                         "pass --small NAME")
+    try:
+        check_big_model(meta, rt.big_info, path)
+        check_files(Path(path), meta)
+        return RouterDrafter.load(path, meta, rt.predictor(small), rt.infos[small])
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def gate_layer(path: str):
+    """'last', None (reads no big hidden state) or the layer number a gate artifact reads, from drafter.json."""
+    try:
+        meta = read_meta(path)
+    except (ArtifactError, OSError):
+        return None                     # load_gate reports it
+    layer, feats = meta.get("hidden_layer"), meta.get("features")
+    if layer is None or (isinstance(feats, dict) and not feats.get("big_hidden", True)):
+        return None
+    n = meta.get("big_model", {}).get("n_layers")
+    return "last" if layer == n else layer

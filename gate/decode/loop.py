@@ -30,50 +30,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from gate.decode.backend import Backend, catch_up
+from gate.decode.contract import BIG_SOURCES, DecodeState, Draft, Policy, sample_from, sample_token
 from gate.decode.cost import Acceptance, Planner
 from gate.decode.ledger import Ledger
-
-if TYPE_CHECKING:   # annotations only: the registry and the runtime import this module
-    from gate.decode.registry import Arg
-    from gate.decode.runtime import Runtime
-
-BIG_SOURCES = ("big", "scaffold")   # tokens the big model generated; every other source is a skip
-
-
-@dataclass
-class Draft:
-    token: int
-    source: str                         # "small", "skip", "mid1", ...: how the streamer colors it
-    score: float = 1.0                  # the predictor's confidence; verify_below compares it
-    probs: torch.Tensor | None = None   # draft distribution when sampled; None = a deterministic proposal
-
-
-def sample_token(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
-    """The next token from logits: argmax at temperature 0, else a sample from softmax(logits / T)."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    return sample_from(torch.softmax(logits / temperature, dim=-1), gen)
-
-
-def sample_from(weights: torch.Tensor, gen: torch.Generator | None) -> int:
-    """A sample of a 1-d distribution (weights >= 0, any positive sum) by inverting its cumulative sum: one random
-    number; 0.2 ms with the softmax over 49k tokens, where torch.multinomial took 1.5 ms (a sixth of a step)."""
-    cdf = torch.cumsum(weights.float(), 0)
-    u = float(torch.rand((), generator=gen)) * float(cdf[-1])
-    i = int(torch.searchsorted(cdf, torch.tensor([u]), right=True))
-    i = min(i, len(weights) - 1)
-    while weights[i] <= 0:                 # u at a boundary of zero-weight tokens: the last one with weight
-        i -= 1
-    return i
-
-
-def draft_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor | None:
-    return torch.softmax(logits / temperature, dim=-1) if temperature > 0 else None
+from runtimes.backend import Backend, catch_up
 
 
 def keep_chance(q: torch.Tensor, draft: Draft) -> float:
@@ -100,132 +64,6 @@ def accept_draft(logits: torch.Tensor, draft: Draft, temperature: float,
     if float(residual.sum()) <= 0.0:   # only when q == p up to rounding; q is then the right distribution
         residual = q
     return False, sample_from(residual, gen)
-
-
-class LM:
-    """A predictor backend as a policy sees it: `lm(ids)` -> logits [V] for position len(ids).
-
-    The view remembers which tokens its backend's cache holds. A call keeps the longest common prefix of
-    those and `ids` and feeds the rest in one pass (catch-up), so it is correct for any ids (a lookahead, a
-    text after a rollback). The decode loop calls `keep` after every step, so the cache never holds text
-    the run dropped, and `reset` when a run starts.
-    """
-
-    def __init__(self, backend: Backend, hidden_layer: int | None = None):
-        self.backend = backend
-        self.hidden_layer = hidden_layer   # the layer this view asks its backend for (set on every reset)
-        self.hidden: torch.Tensor | None = None   # hidden state [d] behind the last call's logits
-        self.tokens: list[int] = []     # what the cache holds
-
-    @property
-    def name(self) -> str:
-        return self.backend.name
-
-    def __call__(self, ids: Sequence[int]) -> torch.Tensor:
-        self.keep(ids)
-        logits, hidden = catch_up(self.backend, ids)
-        self.hidden = None if hidden is None else hidden[-1]
-        self.tokens = list(ids)
-        return logits[-1]
-
-    def keep(self, text: Sequence[int]) -> None:
-        """Crop the cache to its longest common prefix with `text`."""
-        if len(self.tokens) != self.backend.n_cached:   # used behind this view's back: content unknown
-            self.backend.crop(0)
-            self.tokens = []
-        n = min(len(self.tokens), len(text))
-        if self.tokens[:n] != list(text[:n]):
-            n = next(i for i, (a, b) in enumerate(zip(self.tokens, text)) if a != b)
-        self.crop(n)
-
-    def crop(self, n: int) -> None:
-        if n < len(self.tokens):
-            self.backend.crop(n)
-            del self.tokens[n:]
-
-    def reset(self) -> None:
-        """A run starts: empty cache; the backend computes this view's hidden layer (views of one backend in
-        different policies may want different layers: the last reset wins, and one run uses one policy)."""
-        self.backend.hidden_layer = self.hidden_layer
-        self.backend.reset()
-        self.tokens = []
-        self.hidden = None
-
-
-@dataclass(frozen=True)
-class DecodeState:
-    """What a policy may read at one step: a snapshot, so a policy cannot change the run through it."""
-    ids: tuple[int, ...]                # prompt + generated text so far
-    n_new: int                          # generated tokens so far
-    big_cached: int                     # positions the big model has computed (its cache length)
-    big_hidden: torch.Tensor | None     # its hidden state at position big_cached - 1 (policy.hidden_layer)
-    big_hiddens: torch.Tensor | None    # [big_cached, d]: every position's, when the policy needs_all_hidden
-    temperature: float
-    sample: Callable[[torch.Tensor], int]   # sample_token at the run's temperature and generator
-    eos: frozenset[int]
-    max_new: int
-
-    @property
-    def since_big(self) -> int:
-        """Tokens in ids after the last position the big model has computed (the gate's distance)."""
-        return len(self.ids) - self.big_cached
-
-
-class Policy:
-    """Decides, position by position, whether a predictor or the big model produces the next token.
-
-    A policy class is registered by name (gate/decode/registry.py) and declares what the CLI and the
-    benchmark need to offer it: `summary` (its --help line), `args` (the options it reads), `model_names`
-    (which models to load), `from_args` (how it is built from parsed options and the runtime) and
-    `needs_big_hidden` (the loop then asks the big backend for hidden states at `hidden_layer`).
-    An instance lists its predictor views in `lms`; it never feeds or crops a cache itself.
-    """
-    name: ClassVar[str] = "policy"
-    summary: ClassVar[str] = ""
-    args: ClassVar[tuple["Arg", ...]] = ()
-    examples: ClassVar[tuple[str, ...]] = ()    # infer.py arguments, shown in --help
-    needs_big_hidden: ClassVar[bool] = False
-    needs_all_hidden = False                    # also every earlier position's (DecodeState.big_hiddens)
-    source = "small"                            # the source of its drafts
-    hidden_layer: int | None = None             # read when needs_big_hidden
-
-    def __init__(self, lms: Sequence[LM] = ()) -> None:
-        self.lms = tuple(lms)   # predictor views: reset, cropped and counted by the loop
-        self.calls = 0          # predictor invocations (forward calls or drafter proposals)
-
-    @property
-    def draft_steps(self) -> int:
-        """Steps of a drafter's own network (the feature head's entries), for the ledger; 0 if none."""
-        return 0
-
-    def start(self) -> None:
-        """A new text begins: reset per-text state."""
-
-    def propose(self, state: DecodeState) -> list[Draft]:
-        """Drafts for positions len(state.ids), ...; [] hands the next position to the big model."""
-        return []
-
-    def big_source(self, state: DecodeState) -> str:
-        return "big"
-
-    def acceptance(self) -> Acceptance:
-        """How the draft planner reads this policy's draft scores: by default each estimates P(accepted)."""
-        return Acceptance()
-
-    @classmethod
-    def model_names(cls, args) -> tuple[str, list[str]]:
-        """(big model, predictor models) to load for this policy: --small, if the policy reads it and no
-        --gate replaces it."""
-        reads = {a.dest for a in cls.args}
-        small = vars(args).get("small") if "small" in reads else None
-        if "gate" in reads and vars(args).get("gate"):
-            small = None
-        return args.model, [small] if small else []
-
-    @classmethod
-    def from_args(cls, args, rt: "Runtime") -> "Policy":
-        """The policy for parsed options; a ValueError is a user error (printed as one line)."""
-        return cls()
 
 
 @dataclass
@@ -526,5 +364,4 @@ def check_output(big: Backend, prompt_ids: Sequence[int], new_ids: Sequence[int]
                 nll=round(float(nll.mean()), 6), ppl=round(float(nll.mean().exp()), 4), checked=n)
 
 
-__all__ = ["Draft", "DecodeState", "LM", "Policy", "Decoder", "Result", "sample_token", "sample_from",
-           "accept_draft", "draft_probs", "check_output", "catch_up", "BIG_SOURCES"]
+__all__ = ["Decoder", "Result", "accept_draft", "keep_chance", "check_output"]

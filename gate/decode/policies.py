@@ -25,11 +25,12 @@ import re
 
 import torch
 
-from gate.decode.backend import Backend
+from gate.decode.contract import (DecodeState, Draft, Policy, arg, at_least, draft_probs, number, register,
+                                  unit_interval)
 from gate.decode.cost import MAX_CHAIN, copy_acceptance
-from gate.decode.drafters import Drafter, SmallLMDrafter
-from gate.decode.loop import LM, DecodeState, Draft, Policy, draft_probs
-from gate.decode.registry import arg, at_least, number, register, unit_interval
+from gate.decode.drafters import Drafter, SmallLMDrafter, load_gate, router_meta
+from gate.model.copyrule import MAX_N, CopyIndex
+from runtimes.backend import LM, Backend
 
 # -- options shared by several policies (one Arg each: the parser adds it once) ----------------------------
 SMALL = arg("--small", help="small model: a name with the big model's tokenizer, or self:K (the big model's "
@@ -107,7 +108,7 @@ class SmallOnly(Policy):
     @classmethod
     def from_args(cls, args, rt):
         if args.gate:
-            return Gate(rt.load_gate(args.gate), threshold=-math.inf,
+            return Gate(load_gate(rt, args.gate), threshold=-math.inf,
                         max_skip=at_least("--max-skip", args.max_skip, 1), name="small")
         if not args.small:
             raise ValueError("--policy small needs --small M or --gate PATH")
@@ -392,8 +393,6 @@ class Gate(Policy):
         """A router artifact (--gate) runs over its small model: --small, or the one it was trained with."""
         big, small = super().model_names(args)
         if args.gate:
-            from gate.decode.runtime import router_meta
-
             meta = router_meta(args.gate)
             if meta is not None:
                 small = [args.small or meta["small_model"]["name"]]
@@ -412,7 +411,7 @@ class Gate(Policy):
         kw = dict(threshold=threshold, max_skip=at_least("--max-skip", args.max_skip, 1),
                   chain_cut=unit_interval("--chain-cut", args.chain_cut))
         if args.gate:
-            return cls(rt.load_gate(args.gate), **kw)
+            return cls(load_gate(rt, args.gate), **kw)
         if args.small:
             return cls.small_lm(rt.predictor(args.small), **kw)
         raise ValueError("--policy gate needs --gate PATH (a trained gate) or --small M (a small LM as gate)")
@@ -437,8 +436,6 @@ class Copy(Policy):
     DEFAULT_MAX_SKIP = 11   # up to 10 drafts per big pass, as transformers' prompt_lookup_num_tokens=10
 
     def __init__(self, min_match: int = 4, max_skip: int = DEFAULT_MAX_SKIP):
-        from gate.model.copyrule import MAX_N, CopyIndex
-
         if not 1 <= min_match <= MAX_N:
             raise ValueError(f"--min-match must be in 1..{MAX_N}, got {min_match}")
         super().__init__()

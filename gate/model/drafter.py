@@ -31,9 +31,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from corpus_tools.errors import ProjectError
-from corpus_tools.files import atomic_path, write_json
-from corpus_tools.models import ModelInfo, TokenizerMismatch
+from common.errors import ProjectError
+from common.files import atomic_path, write_json
+from runtimes.info import ModelInfo, TokenizerMismatch
 from corpus_tools.records import sha256_file
 from gate.model.copyrule import CopyIndex, trust_copy
 from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, pick_candidate

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from corpus_tools.inventory import KINDS
-from corpus_tools.models import ModelInfo, TokenizerMismatch
+from runtimes.info import ModelInfo, TokenizerMismatch
 from corpus_tools.record import logit_stats
 from gate.model.features import GATES
 

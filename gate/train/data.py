@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus_tools.errors import ProjectError
+from common.errors import ProjectError
 from gate.model.copyrule import MAX_N, copy_rule, trust_copy
 from gate.model.drafter import Predictor
 from gate.model.heads import context_ids, run_starts

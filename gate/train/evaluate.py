@@ -50,9 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.files import write_json, write_text
+from common.files import write_json, write_text
 from corpus_tools.inventory import CLASSES
-from corpus_tools.models import TokenizerMismatch
+from runtimes.info import TokenizerMismatch
 from corpus_tools.records import RecordsError
 from gate.model.copyrule import is_copy_position
 from gate.model.drafter import ArtifactError, load_drafter, read_meta

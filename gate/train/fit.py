@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
-from corpus_tools.models import TokenizerMismatch
+from runtimes.info import TokenizerMismatch
 from corpus_tools.records import RecordsError
 from gate.model.copyrule import trusted_table
 from gate.model.drafter import FORMAT, META_FILE, ArtifactError, Drafter, Predictor, kind_of, read_meta
@@ -135,7 +135,7 @@ def open_source(records, model: str | None, cfg: FitConfig) -> Source:
 
 def _refuse_unrecorded_model(rec, path: Path, model: str):
     """--model names a model without records: a TokenizerMismatch if its tokenizer differs, else FitError."""
-    from corpus_tools.models import load as load_model
+    from runtimes.loading import load as load_model
     info = load_model(model).info
     if info.fingerprint != rec.fingerprint:
         raise TokenizerMismatch(f"{path}: records were made with tokenizer {rec.fingerprint} "
@@ -146,7 +146,7 @@ def _refuse_unrecorded_model(rec, path: Path, model: str):
 
 def load_big_model(src: Source, cfg: FitConfig, log) -> BigModel:
     """The big model's frozen embedding, output rows, token kinds; and the tokenizer check."""
-    from corpus_tools.models import load as load_model
+    from runtimes.loading import load as load_model
     t0 = time.time()
     rec = src.rec
     lm = load_model(src.name, dtype=cfg.dtype)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus_tools.models import TokenizerMismatch
+from runtimes.info import TokenizerMismatch
 from gate.model.copyrule import COPY_SPAN, MAX_N, trust_copy, trusted_table
 from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab
 from gate.model.features import LogisticGate, pick_candidate
@@ -48,7 +48,7 @@ class Checkpoint:
         return state if state.get("key") == self.key else None
 
     def save(self, state: dict) -> None:
-        from corpus_tools.files import atomic_path
+        from common.files import atomic_path
 
         with atomic_path(self.path) as tmp:
             torch.save({**state, "key": self.key}, tmp)

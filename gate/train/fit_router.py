@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from corpus_tools.inventory import OTHER_KIND, token_table
-from corpus_tools.models import input_embedding, load_tokenizer
+from runtimes.loading import input_embedding, load_tokenizer
 from gate.model.copyrule import MAX_N, is_copy_position
 from gate.model.features import NEVER, LogisticGate, MLPGate
 from gate.model.router import Projection, RouterFeatures, model_identity, save_router

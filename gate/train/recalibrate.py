@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.files import FolderLock, check_output_dir, write_json
+from common.files import FolderLock, check_output_dir, write_json
 from gate.model.drafter import FORMAT, META_FILE, TENSOR_FILE, ArtifactError, kind_of, read_meta
 from gate.model.heads import context_copy_stats, pair_index
 from gate.train.calibration import format_threshold, ltt_calibrate

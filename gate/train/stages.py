@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from corpus_tools.files import save_tensors, write_json
+from common.files import save_tensors, write_json
 
 
 def stage_key(*parts) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.errors import ProjectError
+from common.errors import ProjectError
 
 
 def _umask_mode() -> int:

@@ -1,57 +1,12 @@
-"""LlamaCppBackend: the llama.cpp runtime for GGUF models on CPU, with the members of the decoder's Backend
-protocol (gate/decode/backend.py); `train.py record --backend llama.cpp` runs it too (GGUFModel), so a
-drafter can be fitted on the very features it reads when decoding on llama.cpp. It lives here, beside the
-transformers loader (corpus_tools/models.py), because recording comes before decoding in the pipeline.
+"""LlamaCppBackend: a GGUF model in llama.cpp behind the Backend protocol (runtimes/backend.py), on CPU.
 
-Why: users decode GGUF models with llama.cpp, which runs SmolLM2-135M several times faster than transformers
-on these CPUs. A gate speed-up measured over the slower transformers loop means little to them.
+It drives llama.cpp's C API (llama_decode on a llama_batch) through llama-cpp-python's ctypes layer, not the
+binding's `Llama` object, to get the protocol's semantics: explicit positions (sequence 0), logits only for
+the kept rows, crop = llama_memory_seq_rm, zero-copy numpy views of the output buffers. Flash attention on and
+n_ubatch = 32 make a batched pass give the same logits as one-token steps (the lossless --verify needs it).
+Only the last layer's (post-norm) hidden state is reachable; another layer raises LayerUnavailable. Feeding
+past n_ctx raises ContextLengthError. Design notes and measurements: docs/runtimes.md.
 
-Design. The backend drives llama.cpp's C API directly (llama_decode on a llama_batch), not the binding's
-high-level `Llama` object, because the decode loop needs exactly the protocol's semantics:
-  - positions are explicit: forward(tokens) puts token i at position n_cached + i of sequence 0, batch 1;
-  - logits only for the rows asked for: the batch's per-token `logits` flags are set on the last `keep` rows,
-    so a lossy catch-up pays the output layer once (llama.cpp stores flagged rows contiguously, in batch order).
-    With hidden states on, llama.cpp computes every row's output (embeddings mode overrides the flags), so the
-    backend flags them all and returns the last `keep`;
-  - crop(n) is llama_memory_seq_rm(memory, 0, n, -1); reset() is llama_memory_clear;
-  - hidden states: a context with embeddings on and pooling NONE returns, per flagged row, the last layer's
-    state after the final norm, i.e. HF's last `hidden_states` entry (hidden_layer == n_layers). No other layer
-    is reachable without an eval callback, so any other hidden_layer raises LayerUnavailable (a ValueError). With hidden_layer None
-    the embeddings output is switched off (llama_set_embeddings), so a plain `big` run pays nothing for it;
-  - logits and hidden rows are read as numpy views of llama.cpp's output buffers and copied once into torch,
-    or not at all with forward(copy=False) (the decode loop's big passes: it clones the one row it keeps). A
-    per-row Python list costs 2-4 ms per 49k-vocabulary row (measured below), a large share of a 135M step;
-  - the batch's token/pos/logits arrays are numpy views too, filled with slice assignments; seq ids are set
-    once when the batch is allocated;
-  - batch invariance: the lossless --verify checks drafts with rows of a catch-up pass, where a big-only run
-    computes the same rows one token at a time; both must give the same logits. Two settings make them
-    bit-identical here (SmolLM2 Q4_1, any pass length): flash attention on (not llama.cpp's "auto"; without
-    it batched and one-token logits differed by up to 0.6, and the binding's own Llama() defaults to off), and
-    n_ubatch = 32: llama.cpp switches to another matmul kernel for chunks of 64 tokens or more (passes of up
-    to 63 tokens matched exactly, 64 and 100 differed by up to 1.3 in a logit), so passes are computed in
-    chunks of 32. Cost: a 256-token prompt pass took 2.16 s instead of 1.85 s (1 thread, busy machine);
-  - n_ctx is checked before every forward: feeding past it raises ContextLengthError (corpus_tools.models);
-  - threads: n_threads (default torch's thread count), set_threads(n). llama.cpp's CPU code here uses OpenMP
-    and shares torch's libgomp.so.1 (same soname, loaded with torch), whose wait policy is read once, when
-    torch loads: so OMP_WAIT_POLICY=PASSIVE is set by the entry points (infer.py, bench/*.py) before torch is
-    imported, not here. With the default spin-wait, `big` with 2 threads on 2 busy cores ran at 14.7 tok/s,
-    passive 33.2 (infer.py, 32 tokens, load 7).
-
-Binding: llama-cpp-python 0.3.36 (pinned in requirements.txt, built from source by `make venv`), chosen by
-measurement on this machine (2 shared cores under load 5-7, SmolLM2-135M Q4_1, 2 threads, 64 one-token decodes,
-two back-to-back rounds per binding; each bundles its own llama.cpp version):
-    reading one 49,152-wide logits row into numpy/torch: llama-cpp-python 0.18-0.19 ms (a zero-copy ctypes
-    view, one copy), cyllama 0.2.18 2.1-4.2 ms (it returns a Python list); decode steps 18-32 ms for both.
-The list read is paid per kept row, so a verify pass of 10 rows would pay 20-40 ms in it, more than the pass.
-cyllama also needs a workaround to run at all here: its wheels for Python >= 3.12 do not install on 3.11, and
-its last 3.11 wheel (0.2.18) raises in get_logits* unless `LlamaModel` is subclassed with an `n_vocab` property.
-llama-cpp-python's cost is the source build: 24.8 min measured here (nice'd, load 6-7 on 2 cores; ~10 min on
-2 idle cores), after which pip serves the cached wheel (a fresh venv installs it in 10 s). End to end,
-bench/results/llamacpp*.md (3 passes over 4 prompts x 64 tokens, load 5-6): `big` on this backend reaches
-0.88x (2 threads) and 0.94x (1 thread) of the binding's own greedy generate's tokens/s in the same run, and
-2.5x / 3.4x the transformers backend's `big` on this busy machine (the issue's idle-machine numbers were ~6x).
-
-    from corpus_tools.llamacpp import LlamaCppBackend
     big = LlamaCppBackend("model.gguf", hidden_layer=None, n_threads=2)
     logits, hidden = big.forward([1, 2, 3], keep=1)
 """
@@ -61,15 +16,15 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from corpus_tools.errors import ProjectError
-
-if TYPE_CHECKING:
-    from corpus_tools.models import ModelInfo
+from common.errors import ProjectError
+from runtimes.info import ModelInfo, ModelSourceError, check_context, tokenizer_fingerprint
+from runtimes.loading import load_tokenizer
+from runtimes.sources import gguf_path
 
 DEFAULT_MAX_CTX = 8192   # default n_ctx = min(the model's training context, this): bounds the KV cache memory
 UBATCH = 32              # llama.cpp computes a pass in chunks of this many tokens: see the module docstring
@@ -99,21 +54,6 @@ def _log_errors_only(level: int, text: bytes, user_data) -> None:
     # type this backend sets on purpose) on every context; llama.cpp's errors still reach stderr.
     if level == GGML_LOG_LEVEL_ERROR:
         sys.stderr.write(text.decode("utf-8", "replace"))
-
-
-def gguf_path(model: str | os.PathLike) -> Path:
-    """A .gguf path, or a packaged alias (corpus_tools.models.ALIASES) resolved to its one GGUF file."""
-    from corpus_tools.models import ALIASES, ModelSourceError, check_gguf, joined_gguf, packaged_gguf
-
-    if str(model) in ALIASES:
-        path = joined_gguf(packaged_gguf(str(model)), str(model))   # parts are joined once into the cache
-    else:
-        path = Path(model)
-        if not path.is_file():
-            raise ModelSourceError(f"{model}: the llama.cpp backend needs a GGUF model, a packaged alias "
-                                   f"({', '.join(ALIASES)}) or a .gguf file")
-    check_gguf(path)
-    return path
 
 
 class LayerUnavailable(ValueError, ProjectError):
@@ -146,7 +86,6 @@ class LlamaCppBackend:
         params = self.lib.llama_model_default_params()
         self._model = self.lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
-            from corpus_tools.models import ModelSourceError
             raise ModelSourceError(f"llama.cpp could not load {self.path}")
 
     def _make_context(self, n_ctx: int, n_ubatch: int) -> None:
@@ -195,6 +134,7 @@ class LlamaCppBackend:
             self.lib.llama_vocab_is_eog(self.lib.llama_model_get_vocab(self._model), token))
 
     hidden_all = False     # True: hidden rows for every fed token, not only the last `keep` (see Backend)
+    device = torch.device("cpu")
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n
@@ -240,10 +180,45 @@ class LlamaCppBackend:
             self.tokens_cropped += self.n_cached - n
             self.n_cached = n
 
+    def score_windows(self, x: torch.Tensor, keep: int, layers: Sequence[int]):
+        """Recording: one fresh pass (cache reset) over each row of x [B, L]; logits [B, keep, V] and
+        {n_layers: hidden [B, L, d]} when layers is [n_layers] (the only layer llama.cpp gives)."""
+        if any(layer != self.n_layers for layer in layers):
+            raise LayerUnavailable(f"layers {list(layers)}: the llama.cpp backend records the last layer only "
+                                   f"({self.n_layers} for {self.name})")
+        self.hidden_layer = self.n_layers if layers else None
+        hidden_all, self.hidden_all = self.hidden_all, True
+        logits, hidden = [], []
+        try:
+            for row in x.tolist():
+                self.reset()
+                lg, h = self.forward(row, keep=keep)
+                logits.append(lg)
+                hidden.append(h)
+        finally:
+            self.hidden_all = hidden_all
+        return torch.stack(logits), ({self.n_layers: torch.stack(hidden)} if layers else {})
+
+    def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int, eos_ids) -> list[list[int]]:
+        """Greedy continuations, one prompt at a time, cut before the first EOS."""
+        self.hidden_layer = None
+        outs = []
+        for prompt in prompts:
+            self.reset()
+            logits, _ = self.forward(list(prompt), keep=1)
+            out: list[int] = []
+            while len(out) < new_tokens:
+                tok = int(logits[-1].argmax())
+                if tok in eos_ids:
+                    break
+                out.append(tok)
+                if len(out) < new_tokens:
+                    logits, _ = self.forward([tok], keep=1)
+            outs.append(out)
+        return outs
+
     # -- helpers -----------------------------------------------------------------------------------------------
     def _check_room(self, n: int) -> None:
-        from corpus_tools.models import check_context
-
         check_context(self.n_cached + n, {"context_length": self.n_ctx, "name": self.name},
                       f"llama.cpp context: {self.n_cached:,} cached + {n:,} fed")
 
@@ -284,13 +259,11 @@ class LlamaCppBackend:
             pass
 
 
-def open_gguf(name: str, **kw) -> tuple[LlamaCppBackend, object, "ModelInfo"]:
+def open_gguf(name: str, **kw) -> tuple[LlamaCppBackend, object, ModelInfo]:
     """(backend, tokenizer, ModelInfo) of a GGUF model (packaged alias or .gguf file) without transformers
-    weights: the tokenizer from the GGUF (cached, corpus_tools.models.load_tokenizer), the sizes from llama.cpp.
+    weights: the tokenizer from the GGUF (cached, runtimes.loading.load_tokenizer), the sizes from llama.cpp.
     Layers, width, vocabulary and tokenizer fingerprint equal the transformers model's, so artifacts fitted on
     either runtime's records are checked alike."""
-    from corpus_tools.models import ModelInfo, load_tokenizer, tokenizer_fingerprint
-
     backend = LlamaCppBackend(name, name=name, **kw)
     tok = load_tokenizer(name)
     info = ModelInfo(name=name, path=str(backend.path), dtype="gguf", n_params=backend.n_params,
@@ -306,45 +279,3 @@ def eos_ids(backend: LlamaCppBackend, tokenizer) -> tuple:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return tuple(sorted(ids))
-
-
-class GGUFModel:
-    """A llama.cpp model as corpus_tools uses a transformers causal LM. Recording calls it:
-    model(x [B, L], logits_to_keep=k, output_hidden_states=bool) -> .logits [B, k, V] and .hidden_states, where
-    only the last layer (index n_layers, post-norm) exists; each window is one fresh pass over its tokens.
-    selfgen calls `greedy`."""
-    device = torch.device("cpu")
-
-    def __init__(self, backend: LlamaCppBackend):
-        self.backend = backend
-
-    def __call__(self, x: torch.Tensor, logits_to_keep: int, output_hidden_states: bool = False):
-        from types import SimpleNamespace
-
-        b = self.backend
-        b.hidden_layer = b.n_layers if output_hidden_states else None
-        b.hidden_all = True
-        logits, hidden = [], []
-        for row in x.tolist():
-            b.reset()
-            lg, h = b.forward(row, keep=logits_to_keep)
-            logits.append(lg)
-            hidden.append(h)
-        states = {b.n_layers: torch.stack(hidden)} if output_hidden_states else None
-        return SimpleNamespace(logits=torch.stack(logits), hidden_states=states)
-
-    def greedy(self, prompt: list[int], new_tokens: int, eos_ids) -> list[int]:
-        """The greedy continuation of one prompt, cut before the first EOS."""
-        b = self.backend
-        b.hidden_layer = None
-        b.reset()
-        logits, _ = b.forward(prompt, keep=1)
-        out: list[int] = []
-        while len(out) < new_tokens:
-            tok = int(logits[-1].argmax())
-            if tok in eos_ids:
-                break
-            out.append(tok)
-            if len(out) < new_tokens:
-                logits, _ = b.forward([tok], keep=1)
-        return out

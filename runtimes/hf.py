@@ -1,49 +1,16 @@
-"""Backends: one small interface over model runtimes, so the decode loop never touches a KV cache itself.
+"""HFBackend: a transformers causal LM with a DynamicCache, behind the Backend protocol (runtimes/backend.py).
 
-A backend holds one model and the KV cache of one sequence (batch 1). Positions are explicit: the tokens
-fed by `forward` occupy positions n_cached .. n_cached+n-1, and the cache always holds a prefix of the text.
-
-    logits, hidden = backend.forward(tokens, keep=None)   # append to the cache; outputs for the last `keep`
-    backend.forward(tokens, keep, copy=False)             # outputs may be views valid until the next forward
-    backend.crop(n)                                       # keep positions 0..n-1 (rollback)
-    backend.reset()                                       # empty cache, zero counters
-    backend.n_cached, backend.vocab_size, backend.hidden_layer, backend.name
-    backend.calls, backend.tokens_fed, backend.tokens_cropped          # the cost ledger reads these
-
-`logits` is float32 [keep, V]; `hidden` is float32 [keep, d] at `hidden_layer` (HF numbering: 0 = embeddings,
-L = output of block L, n_layers = the last entry), or None when hidden_layer is None. With `hidden_all` set,
-`hidden` has a row for every fed token ([n, d]): a drafter that reads every position (the feature head) needs
-them, and both runtimes compute them anyway.
-
-HFBackend wraps a transformers causal LM with a DynamicCache. Backends are made by
-gate/decode/runtime.py::make_backend from its BACKENDS table (kind -> class): a new backend is one class with
-these members plus one entry there. LlamaCppBackend (corpus_tools/llamacpp.py, kind "llama.cpp") is the other one:
-llama_decode with logits for the kept rows, llama_memory_seq_rm for crop, the last layer's hidden state only.
+Tuned for batch 1 on CPU: weights made contiguous, `logits_to_keep` so a catch-up pays the output layer only
+for the rows kept. Any hidden layer is available. `early_exit_view` gives the first k blocks of a model as a
+"small model" sharing its weights (transformers' `assistant_early_exit`). Recording calls `score_windows`
+(batched, any layers), selfgen `greedy` (batched, left-padded).
 """
 from __future__ import annotations
 
 import copy
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
-
-
-class Backend(Protocol):
-    name: str
-    vocab_size: int
-    hidden_layer: int | None
-    hidden_all: bool
-    n_cached: int
-    calls: int
-    tokens_fed: int
-    tokens_cropped: int
-
-    def forward(self, tokens: Sequence[int], keep: int | None = None, copy: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-    def crop(self, n: int) -> None: ...
-
-    def reset(self) -> None: ...
 
 
 def text_config(model):
@@ -90,6 +57,7 @@ class HFBackend:
 
     def __init__(self, model, name: str = "", hidden_layer: int | None = None):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         make_contiguous(self.model)
         cfg = text_config(self.model)
         self.n_layers = cfg.num_hidden_layers
@@ -110,7 +78,7 @@ class HFBackend:
         self._hidden_layer = layer
 
     def reset(self) -> None:
-        from transformers import DynamicCache
+        from transformers import DynamicCache   # here: importing transformers takes seconds
 
         self.cache = DynamicCache(config=self.model.config)
         self.n_cached = 0
@@ -146,15 +114,24 @@ class HFBackend:
             self.tokens_cropped += self.n_cached - n
             self.n_cached = n
 
+    @torch.inference_mode()
+    def score_windows(self, x: torch.Tensor, keep: int, layers: Sequence[int]):
+        """One fresh pass (no cache) over each row of x [B, L]: logits [B, keep, V] of the last `keep` positions
+        and {layer: hidden [B, L, d]} for `layers` (in the model's dtype, on its device)."""
+        out = self.model(x.to(self.device), logits_to_keep=keep, output_hidden_states=bool(layers))
+        self.calls += 1
+        self.tokens_fed += x.numel()
+        return out.logits, {layer: out.hidden_states[layer] for layer in layers}
 
-def catch_up(backend: Backend, ids: Sequence[int], keep: int = 1):
-    """Feed backend every token of `ids` it has not seen; return (logits, hidden) of the last `keep` rows.
+    @torch.inference_mode()
+    def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int, eos_ids) -> list[list[int]]:
+        """Greedy continuations of prompts in one batch (shorter ones left-padded and masked), cut before the
+        first EOS. The cache is not used."""
+        n = max(map(len, prompts))
+        pad = eos_ids[0] if eos_ids else 0
+        x = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        out = self.model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=pad if eos_ids else None)[:, n:]
+        return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in out.tolist()]
 
-    When the cache already holds all of ids, the last token is fed again (crop + forward) so there is a row
-    for the next position; the loop avoids that case, this only keeps the helper total.
-    """
-    if backend.n_cached > len(ids):
-        raise ValueError(f"{backend.name}: cache ({backend.n_cached}) is longer than the text ({len(ids)})")
-    if backend.n_cached == len(ids):
-        backend.crop(len(ids) - 1)
-    return backend.forward(ids[backend.n_cached:], keep=keep)

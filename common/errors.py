@@ -25,3 +25,7 @@ def fail(prog: str, e: BaseException) -> int:
     """Print `PROG: error: <one line>` to stderr; the exit status of a user's mistake, 2."""
     print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
     return 2
+
+
+class UsageError(ValueError, ProjectError):
+    """A bad option value or a missing input named on the command line."""
