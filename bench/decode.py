@@ -39,9 +39,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from common.errors import ProjectError, fail  # noqa: E402
-from gate.decode.ledger import Ledger  # noqa: E402
+from common.files import write_json, write_text  # noqa: E402
 from gate.decode.contract import BIG_SOURCES
+from gate.decode.drafters import load_gate
+from gate.decode.ledger import Ledger  # noqa: E402
+from gate.decode.loop import Decoder, check_output  # noqa: E402
+from gate.decode.policies import BigOnly, Copy, Gate  # noqa: E402
 from gate.decode.registry import add_policy_args, registered
+from gate.decode.session import add_runtime_args, held_out_prompts  # noqa: E402
+from gate.model.copyrule import copy_rule, is_copy_position  # noqa: E402
+from runtimes.open import open_models  # noqa: E402
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
 GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_verify", "gate_dial", "eagle", "eagle_verify",
@@ -57,8 +64,6 @@ def method_names(policies) -> list[str]:
 
 
 def parse(argv, policies=None):
-    from gate.decode.session import add_runtime_args
-
     policies = registered() if policies is None else policies
     names = method_names(policies)
     ap = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.split("\n\n")[0],
@@ -152,8 +157,6 @@ def hf_method(name, model, eos, counter, temperature: float = 0.0, seed: int = 0
 
 
 def loop_method(rt, policy, lossless: bool = False, temperature: float = 0.0, seed: int = 0, **kw) -> Method:
-    from gate.decode.loop import Decoder
-
     def run(ids, n, prompt_index: int = 0):
         dec = Decoder(rt.big, policy, eos_ids=rt.eos_ids, temperature=temperature, seed=seed + prompt_index, **kw)
         res = dec.generate(ids, n)
@@ -189,8 +192,6 @@ def hf_methods(args, rt, notes) -> dict[str, Method]:
 
 def policy_methods(args, rt, policies, wanted, notes) -> dict[str, Method]:
     """One method per wanted registered policy, built by its from_args (lossy; `big` is the reference)."""
-    from gate.decode.policies import BigOnly
-
     out = {}
     for name in wanted:
         try:
@@ -211,9 +212,6 @@ def policy_methods(args, rt, policies, wanted, notes) -> dict[str, Method]:
 
 def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
     """spec_small, and the trained gate at other thresholds / with verification (when --gate exists)."""
-    from gate.decode.policies import Gate
-
-    from gate.decode.policies import Copy
 
     samp = sampling(args)
     out = {"copy_verify": loop_method(rt, Copy.from_args(args, rt), verify=True, **samp)}
@@ -238,8 +236,6 @@ def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
 
 def eagle_variants(args, rt, notes, samp) -> dict[str, Method]:
     """The feature-head drafter (--eagle): lossy at its calibrated threshold, lossless at --verify-sweep."""
-    from gate.decode.policies import Gate
-
     drafter = load_gate(rt, args.eagle)
     out = {"eagle": loop_method(rt, Gate(drafter), **samp)}
     for t in [float(x) for x in args.verify_sweep.split(",") if x]:
@@ -314,7 +310,6 @@ def copy_marks(prompt: list[int], new: list[int]) -> list[bool]:
     """Per generated token: was it at a copy position (the 4 tokens before it occurred earlier in the text)?"""
     import numpy as np
 
-    from gate.model.copyrule import copy_rule, is_copy_position
 
     if not new:
         return []
@@ -327,8 +322,6 @@ def run_prompts(rt, methods: dict[str, Method], prompts, new_tokens: int, tie_ep
                 greedy: bool = True) -> dict:
     """Every method on every prompt (rotating order), each output checked; method -> list of rows. Lossless
     methods are compared with `big` token by token only when greedy (sampled outputs differ by design)."""
-    from gate.decode.loop import check_output
-
     names = list(methods)
     for name in names:   # warm-up: first calls allocate and pick kernels
         methods[name].run(prompts[0][:16], 4)
@@ -413,9 +406,6 @@ def models_to_open(args, policies) -> list[str]:
 
 
 def run_dtype(args, dtype, policies=None) -> dict:
-    from gate.decode.session import held_out_prompts
-    from runtimes.open import open_models
-
     policies = registered() if policies is None else policies
     load_before = os.getloadavg()
     rt = open_models(args.model, models_to_open(args, policies), dtype, args.backend)
@@ -513,7 +503,6 @@ def run_all(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from common.files import write_json, write_text
     from transformers.utils import logging as hf_logging
 
     argv = sys.argv[1:] if argv is None else argv

@@ -26,15 +26,23 @@ import numpy as np
 
 from common.errors import ProjectError, one_line
 from common.files import write_json, write_text
+from gate.model.copyrule import COPY_SPAN
+from gate.model.drafter import load_drafter
+from gate.model.features import torch_threads
+from gate.model.heads import context_copy_stats
+from gate.train.calibration import coverage_at_precision
+from gate.train.config import FitConfig
+from gate.train.data import apply_copy_trust, predict_pairs
+from gate.train.evaluate import open_inputs
+from gate.train.fit_eagle import drafts_on, score_pairs
+from runtimes.hf import HFBackend
+from runtimes.loading import load
 
 LEVEL = 0.99
 
 
 def heads_pairs(inp, t, s) -> dict:
     """The heads drafter on pairs (t, s): its pick (score, correct) and its head's top-1 token."""
-    from gate.model.heads import context_copy_stats
-    from gate.train.data import apply_copy_trust, predict_pairs
-
     dr = inp.dr
     o = predict_pairs(dr.predictor, inp.te, t, s, gates={dr.primary: dr.gates[dr.primary]}, desc="heads",
                       copy=context_copy_stats(inp.te.tokens, inp.te.run_start))
@@ -45,8 +53,6 @@ def heads_pairs(inp, t, s) -> dict:
 
 
 def eagle_pairs(dr, te, cfg) -> dict:
-    from gate.train.fit_eagle import drafts_on, score_pairs
-
     o = drafts_on(dr.head, [te], None, cfg, dr.tables, "feature head")
     sel = score_pairs(dr.gate, o, dr.copy_trust)
     return {"t": o["t"], "s": o["s"], "head_token": o["head_token"], "token": sel["token"], "score": sel["score"],
@@ -55,8 +61,6 @@ def eagle_pairs(dr, te, cfg) -> dict:
 
 
 def cover(score, ok) -> float:
-    from gate.train.calibration import coverage_at_precision
-
     return coverage_at_precision(score, ok, (LEVEL,))[LEVEL] if len(score) else 0.0
 
 
@@ -81,9 +85,6 @@ def table(d: dict, am: np.ndarray, s: np.ndarray, copy: np.ndarray, copy_ok: np.
 
 
 def one_dataset(label: str, records: str, args, eagle_dr, cfg) -> dict:
-    from gate.model.copyrule import COPY_SPAN
-    from gate.train.evaluate import open_inputs
-
     inp = open_inputs(records, args.heads, "test")
     t0 = time.time()
     e = eagle_pairs(eagle_dr, inp.te, cfg)
@@ -107,9 +108,6 @@ def step_costs(dr, reps: int = 60) -> dict:
     and its logits), of a whole EagleDrafter.propose (step + gate + copy rule), and of one big-model decode
     step (transformers, float32, KV cache), on a 64-token context."""
     import torch
-
-    from runtimes.loading import load
-    from runtimes.hf import HFBackend
 
     big = HFBackend(load(dr.meta["big_model"]["name"], dtype="float32").model, "big")
     big.hidden_layer, big.hidden_all = dr.hidden_layer, True
@@ -200,10 +198,6 @@ def main(argv=None) -> int:
 
 
 def run(args, data: list[tuple[str, str]], argv) -> int:
-    from gate.model.drafter import load_drafter
-    from gate.model.features import torch_threads
-    from gate.train.config import FitConfig
-
     eagle_dr = load_drafter(args.eagle, None)
     if not getattr(eagle_dr, "reads_all_hidden", False):
         print(f"error: --eagle {args.eagle}: not a feature-head drafter (train.py fit --drafter eagle)",

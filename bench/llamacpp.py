@@ -34,6 +34,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from gate.decode.drafters import load_gate, router_meta  # noqa: E402
+from gate.decode.loop import Decoder  # noqa: E402
+from gate.decode.policies import BigOnly, Copy, Gate  # noqa: E402
+from runtimes.open import open_models  # noqa: E402
+from runtimes.sources import gguf_path  # noqa: E402
+
 PROMPTS = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
     "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
@@ -65,9 +71,6 @@ def parse(argv):
 
 # -- runners: each maps (prompt ids, n new tokens) -> (new ids, wall seconds) ------------------------------------
 def decoder_runner(backend, policy=None, **kw):
-    from gate.decode.loop import Decoder
-    from gate.decode.policies import BigOnly
-
     policy = policy or BigOnly()
 
     def run(ids, n):
@@ -108,10 +111,6 @@ def make_runners(args, gguf: str):
 
 def runtime_runners(args, kind: str, prefix: str) -> dict:
     """big, copy --verify and (with --gate) gate --verify through the project's runtime on one backend."""
-    from gate.decode.policies import Copy, Gate
-    from runtimes.open import open_models
-    from gate.decode.drafters import router_meta
-
     small = args.small or (router_meta(args.gate) or {}).get("small_model", {}).get("name") if args.gate else None
     rt = open_models(args.model, [small] if small else [], "float32", kind)
     out = {f"{prefix}_big": decoder_runner(rt.big),
@@ -125,8 +124,6 @@ def runtime_runners(args, kind: str, prefix: str) -> dict:
 
 # -- the run ------------------------------------------------------------------------------------------------
 def bench(args) -> dict:
-    from runtimes.sources import gguf_path
-
     torch.set_num_threads(args.threads)
     gguf = str(gguf_path(args.model))
     runners, llm = make_runners(args, gguf)

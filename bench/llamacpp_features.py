@@ -24,16 +24,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
+from bench.eagle import eagle_pairs, heads_pairs  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
+from gate.model.drafter import load_drafter  # noqa: E402
+from gate.train.config import FitConfig  # noqa: E402
+from gate.train.evaluate import open_inputs  # noqa: E402
+from runtimes.llamacpp import LlamaCppBackend  # noqa: E402
+from runtimes.sources import packaged_gguf  # noqa: E402
 
 
 def llamacpp_hidden(te, rows: np.ndarray, model: str, threads: int) -> np.ndarray:
     """The llama.cpp backend's last-layer state at every row of `rows` (whole runs), run by run."""
-    from runtimes.sources import packaged_gguf
-    from runtimes.llamacpp import LlamaCppBackend
-
     big = LlamaCppBackend(str(packaged_gguf(model)[0]), name=model, n_ctx=4096, n_threads=threads)
     big.hidden_layer, big.hidden_all = big.n_layers, True
     out = np.zeros((len(rows), te.hidden.shape[1]), dtype=np.float32)
@@ -68,10 +70,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/llamacpp_features")
     args = ap.parse_args(argv)
-    from bench.eagle import eagle_pairs, heads_pairs
-    from gate.model.drafter import load_drafter
-    from gate.train.config import FitConfig
-    from gate.train.evaluate import open_inputs
 
     inp = open_inputs(args.records, args.heads, "test")
     full = inp.te

@@ -34,7 +34,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from bench.decode import (  # noqa: E402
+    BigCallCounter,
+    hf_method,
+    loop_method,
+    machine_info,
+    markdown_row,
+    run_prompts,
+    run_record,
+    summarize,
+)
 from common.errors import ProjectError, fail  # noqa: E402
+from common.files import write_json, write_text  # noqa: E402
+from corpus_tools.records import open_records  # noqa: E402
+from gate.decode.drafters import load_gate  # noqa: E402
+from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio  # noqa: E402
+from gate.decode.session import held_out_prompts  # noqa: E402
+from gate.model.drafter import read_meta  # noqa: E402
+from gate.model.router import check_identity, load_router_parts  # noqa: E402
+from gate.train.fit_router import load_pair, pair_entries, routed, since_big, split_metrics  # noqa: E402
+from runtimes.open import open_models  # noqa: E402
 
 RULES = ("router", "max_prob", "entropy", "copy_rule", "big_informed", "oracle")
 
@@ -42,11 +61,6 @@ RULES = ("router", "max_prob", "entropy", "copy_rule", "big_informed", "oracle")
 # -- coverage --------------------------------------------------------------------------------------------------
 def coverage_of(router: str, name: str, spec: str, target: float) -> dict:
     """split_metrics of the router and the rules on one records folder (spec: DIR or DIR:SPLIT)."""
-    from corpus_tools.records import open_records
-    from gate.model.drafter import read_meta
-    from gate.model.router import check_identity, load_router_parts
-    from gate.train.fit_router import load_pair, pair_entries, routed, since_big, split_metrics
-
     path, _, split = spec.partition(":")
     rec = open_records(path)
     meta = read_meta(router)
@@ -91,9 +105,6 @@ def coverage_md(res: dict, argv) -> str:
 
 
 def cmd_coverage(args, argv) -> int:
-    from common.files import write_json, write_text
-    from gate.model.drafter import read_meta
-
     meta = read_meta(args.router)
     sets = []
     for item in args.records:
@@ -116,9 +127,6 @@ def floats(s: str) -> list[float]:
 
 def lossy_methods(rt, args, drafter) -> dict:
     """name -> (Method, family): the curve's points (lossy) on the --small model and the router."""
-    from bench.decode import loop_method
-    from gate.decode.policies import Copy, Entropy, Gate, Ratio
-
     small, tok = rt.predictor(args.small), rt.tokenizer
     out = {f"ratio@{r:g}": (Ratio(small, r, args.min_tokens), "ratio") for r in floats(args.ratios)}
     out.update({f"entropy@{t:g}": (Entropy(small, t), "entropy") for t in floats(args.taus)})
@@ -137,9 +145,6 @@ def lossy_methods(rt, args, drafter) -> dict:
 
 
 def lossless_methods(rt, args, drafter) -> dict:
-    from bench.decode import loop_method
-    from gate.decode.policies import BigOnly, Copy, Gate
-
     small = rt.predictor(args.small)
     out = {"big": loop_method(rt, BigOnly(), lossless=True),
            "copy_verify": loop_method(rt, Copy(), verify=True),
@@ -151,9 +156,6 @@ def lossless_methods(rt, args, drafter) -> dict:
 
 def hf_methods(rt, args) -> dict:
     """transformers only: HF greedy, HF assisted generation with the small model, the three-level cascade."""
-    from bench.decode import BigCallCounter, hf_method, loop_method
-    from gate.decode.policies import Cascade
-
     model = rt.hf_model()
     counter = BigCallCounter(model)
     out = {"hf_greedy": (hf_method("hf_greedy", model, rt.eos_ids, counter), None),
@@ -188,8 +190,6 @@ def curve_png(summary: list[dict], families: dict, path: Path, title: str) -> No
 
 
 def decode_md(res: dict, argv) -> str:
-    from bench.decode import markdown_row
-
     cfg = res["config"]
     lines = [f"# Pair decoding: {cfg['model']} with {cfg['small']} ({cfg['backend']} backend)", "",
              "Command: `python bench/pair.py " + " ".join(argv) + "`", "",
@@ -208,11 +208,6 @@ def decode_md(res: dict, argv) -> str:
 
 
 def cmd_decode(args, argv) -> int:
-    from bench.decode import machine_info, run_prompts, run_record, summarize
-    from common.files import write_json, write_text
-    from gate.decode.session import held_out_prompts
-    from runtimes.open import open_models
-
     load_before = os.getloadavg()
     smalls = [args.small] + ([args.early_exit] if args.hf else [])
     rt = open_models(args.model, smalls, "float32", args.backend)

@@ -33,8 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from corpus_tools.corpus import books_of_split, read_book  # noqa: E402
-from runtimes.loading import DTYPES, load
 from corpus_tools.record import batches, describe_models, record_windows, windows, write_shard  # noqa: E402
+from runtimes.loading import DTYPES, load
 
 OVERHEAD_TARGET, BYTES_TARGET = 0.15, 2048
 KINDS = ("bare", "bare_keep", "record", "record_int8")

@@ -34,6 +34,14 @@ import torch  # noqa: E402
 from bench.decode import tie_gap  # noqa: E402
 from bench.quiet import Quiet, load  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
+from common.files import write_json, write_text  # noqa: E402
+from gate.decode.cost import cpu_name  # noqa: E402
+from gate.decode.drafters import load_gate  # noqa: E402
+from gate.decode.loop import Decoder  # noqa: E402
+from gate.decode.policies import BigOnly, Copy, Gate  # noqa: E402
+from gate.decode.session import held_out_prompts, planner_for  # noqa: E402
+from runtimes.open import open_models  # noqa: E402
+from runtimes.sources import gguf_path  # noqa: E402
 
 
 def parse(argv):
@@ -117,9 +125,6 @@ def hf_runner(model, eos, temperature: float, seed: int, **kw):
 
 
 def decoder_runner(rt, policy, temperature: float, seed: int, planned: bool):
-    from gate.decode.session import planner_for
-    from gate.decode.loop import Decoder
-
     planner = planner_for(policy, rt, argparse.Namespace(planned=planned))   # infer.py's, as --verify makes it
 
     def run(ids, n, i):
@@ -137,7 +142,6 @@ def decoder_runner(rt, policy, temperature: float, seed: int, planned: bool):
 def make_methods(args, rt, gguf: str) -> dict:
     import llama_cpp
 
-    from gate.decode.policies import BigOnly, Copy, Gate
 
     wanted = args.methods.split(",")
     out = {}
@@ -171,8 +175,6 @@ def make_methods(args, rt, gguf: str) -> dict:
 
 
 def prompts_of(args, rt) -> list[list[int]]:
-    from gate.decode.session import held_out_prompts
-
     per = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus))
            for i in range(len(args.corpus))]
     out = []
@@ -183,9 +185,6 @@ def prompts_of(args, rt) -> list[list[int]]:
 
 
 def bench(args) -> dict:
-    from runtimes.sources import gguf_path
-    from runtimes.open import open_models
-
     torch.set_num_threads(args.threads)
     quiet = Quiet.check(args.force, "bench/speed.py")
     rt = open_models(args.model, [], "float32", args.backend)
@@ -234,8 +233,6 @@ def parting(big, prompts, outs, refs) -> list[dict]:
 
 
 def summarise(args, rows, prompts, quiet, gguf) -> dict:
-    from gate.decode.cost import cpu_name
-
     tps = {m: r["decode_tokens"] / r["decode_s"] for m, r in rows.items() if r["decode_s"] > 0}
     big = rows.get("big", {}).get("outputs")
     own = "binding_generate" if "binding_generate" in tps else "hf_generate"
@@ -311,8 +308,6 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from common.files import write_json, write_text
-
     args = parse(argv)
     try:
         res = bench(args)

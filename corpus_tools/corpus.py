@@ -37,10 +37,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from corpus_tools.epub import EpubError, extract_text
 from common.errors import ProjectError, one_line
 from common.files import FolderLock, check_output_dir, write_text
+from corpus_tools.epub import EpubError, extract_text
 from corpus_tools.records import sha256_file
+from runtimes.info import ModelSourceError
+from runtimes.sources import resolve
 
 SPLITS = ("train", "val", "test")
 EXTRACTOR_VERSION = 1  # bump when extraction changes: books converted by an older version are converted again
@@ -287,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     for split, pattern in args.pin:
         pins.setdefault(split, []).append(pattern)
     if args.tokens_of:  # a bad model name fails now, not after the books are converted
-        from runtimes.info import ModelSourceError
-        from runtimes.sources import resolve
         try:
             resolve(args.tokens_of)
         except ModelSourceError as e:
@@ -314,7 +314,6 @@ def count_tokens(corpus: Path, model: str) -> dict[str, int]:
     """Tokens per split under a model's tokenizer (the tokenizer only; no weights are loaded)."""
     from transformers import AutoTokenizer
 
-    from runtimes.sources import resolve
     tok = AutoTokenizer.from_pretrained(resolve(model))
     counts = dict.fromkeys(SPLITS, 0)
     for e in load_manifest(corpus):

@@ -31,10 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus_tools.corpus import CorpusError, load_manifest, read_book
 from common.errors import ProjectError, one_line
 from common.files import check_output_dir, write_text
+from corpus_tools import tokens
+from corpus_tools.corpus import CorpusError, load_manifest, read_book
 from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
+from runtimes.info import ModelSourceError, tokenizer_fingerprint
+from runtimes.sources import resolve
 
 KINDS = ("punct", "suffix", "word", "space", "other")
 PUNCT, SUFFIX, WORD, SPACE, OTHER_KIND = range(5)
@@ -75,7 +78,6 @@ def token_table(tokenizer) -> dict[str, np.ndarray]:
 
 def class_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(context-free class per id, ends-with-letter-or-digit per id), exactly as corpus_tools.tokens uses them."""
-    from corpus_tools import tokens
     ids = np.arange(len(tokenizer))
     names = tokens.token_class_from_tokenizer(tokenizer, ids)
     cls = np.array([CLASSES.index(c) for c in names], dtype=np.int8)
@@ -171,7 +173,6 @@ def build_inventory(tokenizer, books, top: int = 40) -> tuple[dict, str]:
     kind, texts = tab["kind"], tab["texts"]
     counts, cls_counts, cont_counts = count_tokens(tokenizer, books, tab["cls"], tab["ends_alnum"])
     total = int(counts.sum())
-    from runtimes.info import tokenizer_fingerprint
     inv = {
         "fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": int(len(tokenizer)),
@@ -211,8 +212,6 @@ def load_tokenizer(model: str):
     """A model's tokenizer only (no weights), by any name corpus_tools.models resolves."""
     from transformers import AutoTokenizer
 
-    from runtimes.info import ModelSourceError
-    from runtimes.sources import resolve
     src = resolve(model)
     try:
         return AutoTokenizer.from_pretrained(src)

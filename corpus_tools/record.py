@@ -50,14 +50,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus_tools.corpus import SPLITS, books_of_split, load_manifest, read_book
 from common.errors import ProjectError, one_line
 from common.files import FolderLock, atomic_dir, check_output_dir, write_json
+from corpus_tools.corpus import SPLITS, books_of_split, load_manifest, read_book
+from corpus_tools.records import FORMAT, RecordsError, field_file, sha256_file
+from corpus_tools.tokens import encode_text
 from runtimes.info import check_context, check_same_tokenizer
 from runtimes.loading import DTYPES
 from runtimes.open import BACKENDS, Opened, open_backend
-from corpus_tools.tokens import encode_text
-from corpus_tools.records import FORMAT, RecordsError, field_file, sha256_file
 
 HIDDEN_DTYPES = ("float16", "int8")
 STATS_ROWS = 256  # rows of logits turned into float32 statistics at once: bounds the float32 copies

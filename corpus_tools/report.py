@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from common.errors import ProjectError, one_line
 from common.files import check_output_dir
-from runtimes.info import TokenizerMismatch
-from runtimes.loading import load
 from corpus_tools.records import RecordsError, open_records
 from corpus_tools.tokens import CLASSES, token_class_from_tokenizer
+from runtimes.info import TokenizerMismatch
+from runtimes.loading import load
 
 THRESHOLDS = (0.95, 0.99, 0.999)
 

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, read_book, write_manifest
 from common.errors import ProjectError, one_line
 from common.files import FolderLock, check_output_dir, write_text
+from corpus_tools.corpus import SPLITS, CorpusError, books_of_split, read_book, write_manifest
 from corpus_tools.tokens import chat_ids, encode_text
 from runtimes.info import check_context
 from runtimes.open import BACKENDS, open_backend

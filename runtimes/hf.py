@@ -78,7 +78,7 @@ class HFBackend:
         self._hidden_layer = layer
 
     def reset(self) -> None:
-        from transformers import DynamicCache   # here: importing transformers takes seconds
+        from transformers import DynamicCache  # here: importing transformers takes seconds
 
         self.cache = DynamicCache(config=self.model.config)
         self.n_cached = 0

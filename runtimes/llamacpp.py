@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -18,8 +18,19 @@ import torch
 
 from common.errors import ProjectError, one_line
 from runtimes.info import LoadedModel, ModelSourceError, describe
-from runtimes.sources import (ALIASES, CACHE_ENV, DEFAULT_MODEL, GGUF_ERRORS, cache_dir, check_gguf, gguf_reason,
-                              joined_gguf, packaged_gguf, resolve, source_key)
+from runtimes.sources import (
+    ALIASES,
+    CACHE_ENV,
+    DEFAULT_MODEL,
+    GGUF_ERRORS,
+    cache_dir,
+    check_gguf,
+    gguf_reason,
+    joined_gguf,
+    packaged_gguf,
+    resolve,
+    source_key,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}

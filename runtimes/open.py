@@ -17,6 +17,7 @@ from common.errors import UsageError
 from runtimes.backend import Backend
 from runtimes.hf import HFBackend, early_exit_view
 from runtimes.info import ModelInfo, check_context, check_same_tokenizer
+from runtimes.llamacpp import eos_ids, open_gguf
 from runtimes.loading import load
 from runtimes.sources import ALIASES
 
@@ -39,8 +40,6 @@ def hf_backend(name: str, dtype: str = "float32", device: str = "cpu", hidden_la
 def llamacpp_backend(name: str, dtype: str = "float32", device: str = "cpu", hidden_layer: int | None = None
                      ) -> Opened:
     """A GGUF (packaged alias or .gguf file) in llama.cpp."""
-    from runtimes.llamacpp import eos_ids, open_gguf   # here: needs llama-cpp-python, an optional build
-
     refuse_early_exit(name)
     if dtype != "float32":
         raise UsageError(f"--dtype {dtype}: llama.cpp runs the GGUF's own quantisation (use --backend hf)")

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.hf import HFBackend
-from gate.decode.cli import build_parser, main
-from gate.decode.session import make_policy
-from gate.decode.contract import Draft, Policy
-from gate.decode.contract import arg, at_least
-from gate.decode.registry import registered
-from runtimes.open import Runtime
 from common.errors import UsageError
-from runtimes.open import BACKENDS, open_backend
+from gate.decode.cli import build_parser, main
+from gate.decode.contract import Draft, Policy, arg, at_least
+from gate.decode.registry import registered
+from gate.decode.session import make_policy
+from runtimes.hf import HFBackend
+from runtimes.open import BACKENDS, Runtime, open_backend
+
 from helpers import PROMPTS, lively
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UsageError
 from corpus_tools import record as rec_mod
-from runtimes.hf import HFBackend
+from gate.decode.drafters import load_gate
 from gate.decode.loop import Decoder
 from gate.decode.policies import Gate
-from common.errors import UsageError
-from runtimes.open import open_models
 from gate.model.drafter import read_meta
 from gate.model.router import small_stats
 from gate.train.fit import fit
 from gate.train.fit_router import features_of, load_pair, pair_entries
+from runtimes.hf import HFBackend
+from runtimes.open import open_models
+
 from helpers import PROMPTS, SPLIT_REC, book_text, greedy, lively, make_tiny_llama, save_model, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,9 +19,20 @@ from common.files import check_output_file, write_json
 from gate.decode.batch import run_batch
 from gate.decode.contract import number
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
+from gate.decode.policies import BigOnly
 from gate.decode.registry import add_policy_args, policies_help, policy_examples, registered, unread_options
-from gate.decode.session import (MIN_TEMPERATURE, add_runtime_args, configure_torch, encode, held_out_prompts,
-                                 make_policy, open_runtime, run_one, user_text)
+from gate.decode.session import (
+    MIN_TEMPERATURE,
+    add_runtime_args,
+    configure_torch,
+    encode,
+    held_out_prompts,
+    make_policy,
+    open_runtime,
+    planner_for,
+    run_one,
+    user_text,
+)
 from runtimes.llamacpp import import_binding
 from runtimes.open import Runtime
 

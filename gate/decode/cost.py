@@ -20,7 +20,6 @@ import argparse
 import ctypes
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics

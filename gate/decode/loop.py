@@ -35,9 +35,9 @@ from typing import Callable, Sequence
 import torch
 
 from gate.decode.contract import BIG_SOURCES, DecodeState, Draft, Policy, sample_from, sample_token
-from gate.decode.cost import Acceptance, Planner
+from gate.decode.cost import Planner
 from gate.decode.ledger import Ledger
-from runtimes.backend import Backend, catch_up
+from runtimes.backend import Backend
 
 
 def keep_chance(q: torch.Tensor, draft: Draft) -> float:

@@ -25,8 +25,7 @@ import re
 
 import torch
 
-from gate.decode.contract import (DecodeState, Draft, Policy, arg, at_least, draft_probs, number, register,
-                                  unit_interval)
+from gate.decode.contract import DecodeState, Draft, Policy, arg, at_least, draft_probs, number, register, unit_interval
 from gate.decode.cost import MAX_CHAIN, copy_acceptance
 from gate.decode.drafters import Drafter, SmallLMDrafter, load_gate, router_meta
 from gate.model.copyrule import MAX_N, CopyIndex

@@ -72,7 +72,7 @@ def make_policy(args, rt: Runtime, policies=None):
 
 
 def configure_torch(args) -> None:
-    from transformers.utils import logging as hf_logging   # here: importing transformers takes seconds
+    from transformers.utils import logging as hf_logging  # here: importing transformers takes seconds
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
