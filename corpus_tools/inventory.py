@@ -36,8 +36,8 @@ from common.files import check_output_dir, write_text
 from corpus_tools import tokens
 from corpus_tools.corpus import CorpusError, load_manifest, read_book
 from corpus_tools.tokens import CLASSES, CONTINUATION, OTHER, WORD_START
-from runtimes.info import ModelSourceError, tokenizer_fingerprint
-from runtimes.sources import resolve
+from runtimes.info import tokenizer_fingerprint
+from runtimes.loading import load_tokenizer
 
 KINDS = ("punct", "suffix", "word", "space", "other")
 PUNCT, SUFFIX, WORD, SPACE, OTHER_KIND = range(5)
@@ -206,17 +206,6 @@ def build_inventory(tokenizer, books, top: int = 40) -> tuple[dict, str]:
                   "|---|---|---|---|"]
         lines += [f"| {j} | `{_md_token(texts[j])}` | {cnt[j]:,} | {cnt[j] / max(total, 1):.2%} |" for j in ids]
     return inv, "\n".join(lines) + "\n"
-
-
-def load_tokenizer(model: str):
-    """A model's tokenizer only (no weights), by any name corpus_tools.models resolves."""
-    from transformers import AutoTokenizer
-
-    src = resolve(model)
-    try:
-        return AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise ModelSourceError(f"cannot load the tokenizer of {model!r} from {src}: {one_line(e)}") from e
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ deterministic algorithms are on, so a resumed run writes the same bytes as an un
 torch build and thread count). settings.json pins the settings on the first run; other settings are refused.
 
 Before any work: --out is checked (common.files.check_output_dir), --context against each model's context
-length (corpus_tools.models.check_context), and the folder is locked (FolderLock): a second run into the same
+length (runtimes.info.check_context), and the folder is locked (FolderLock): a second run into the same
 --out refuses at once, naming the first; a lock left by a killed run does not block its resume.
 
 Scale-out: under `accelerate launch` (or torchrun) each process records a share of the books (balanced by length),

@@ -66,8 +66,8 @@ def load_tokenizer(name: str):
     src = resolve(name)
     try:
         return AutoTokenizer.from_pretrained(src)
-    except OSError as e:
-        raise ModelSourceError(f"cannot load the tokenizer of {name!r} from {src}: {e}") from e
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"cannot load the tokenizer of {name!r} from {src}: {one_line(e)}") from e
 
 
 def gguf_tokenizer(gguf: Path):
