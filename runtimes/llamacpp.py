@@ -92,7 +92,8 @@ class LlamaCppBackend:
         p.n_ctx = n_ctx
         p.n_batch = n_ctx                  # one forward may hold the whole context; n_ubatch splits it
         p.n_ubatch = min(n_ubatch, n_ctx)  # batch invariance: see the module docstring
-        p.n_seq_max = 1
+        p.n_seq_max = self.n_seq         # runtimes/batched.py: one KV stream per sequence (kv_unified off)
+        p.kv_unified = self.kv_unified
         p.n_threads = p.n_threads_batch = self.n_threads
         p.embeddings = False               # switched on by the hidden_layer setter
         p.pooling_type = self.lib.LLAMA_POOLING_TYPE_NONE
@@ -133,6 +134,8 @@ class LlamaCppBackend:
             self.lib.llama_vocab_is_eog(self.lib.llama_model_get_vocab(self._model), token))
 
     hidden_all = False     # True: hidden rows for every fed token, not only the last `keep` (see Backend)
+    n_seq = 1              # sequences in the context (LlamaCppSlots: more)
+    kv_unified = False
     device = torch.device("cpu")
 
     def set_threads(self, n: int) -> None:

@@ -40,23 +40,30 @@ run never blocks the resume.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from common.errors import ProjectError, UsageError, one_line
-from common.files import FolderLock, write_text
+from common.files import FolderLock, write_json, write_text
+from gate.decode.cost import batch_curve
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
+from gate.decode.parallel import choose_parallel, run_parallel, slot_context
 from gate.decode.registry import namespace
 from gate.decode.session import MIN_TEMPERATURE, encode, make_policy, open_runtime, run_one, user_text
 from runtimes.info import tokenizer_fingerprint
+from runtimes.llamacpp import LlamaCppBackend
 from runtimes.loading import load_tokenizer
 
 OPTIONS = ("max_new_tokens", "temperature", "seed")   # per line; defaults: -m, -t, --seed
@@ -73,6 +80,7 @@ class Line:
     error: str | None = None
     repeated: bool = False   # its id is an earlier line's: reported on every run, whatever the output holds
     digest: str = ""         # hash of the line's bytes: a kept row must have been made from this very line
+    need: int = 0            # tokens of context it needs: prompt + new tokens (parallel_slots)
 
     @property
     def key(self) -> str:
@@ -154,7 +162,6 @@ def check_fields(obj: dict) -> str | None:
 def prompt_ids_of(rt, line: Line, args) -> list[int]:
     """The line's prompt ids (text encoded as user text, ids checked against the vocabulary), checked to fit the
     context with its max_new_tokens; UsageError / ContextLengthError say what is wrong."""
-
     obj = line.obj
     if "prompt" in obj:
         ids = encode(rt, user_text(obj["prompt"], "'prompt'", from_bytes=False), args.chat, args.parse_special)
@@ -189,7 +196,6 @@ def line_identity(run: dict, line: Line, args, tokenizer: str | None) -> dict:
 
 def big_tokenizer(args, policies) -> str:
     """The fingerprint of the run's big model's tokenizer, read without its weights."""
-
     try:
         big, _ = policies[args.policy].model_names(args)
     except ValueError as e:
@@ -214,7 +220,6 @@ def repair_output(path: Path, lines: list[Line], want, rerun: bool) -> set[str]:
     """The ids (keys) with a result row of their own line and this run (want(line): its identity) in the output.
     A partial last line and error rows are removed; a row of another line or run is refused (UsageError naming
     what differs) or, with `rerun`, removed."""
-
     if not path.exists():
         return set()
     raw = path.read_bytes()
@@ -276,7 +281,6 @@ def append_row(fd: int, row: dict, sync: bool = True) -> None:
 # -- the run ---------------------------------------------------------------------------------------------------
 def run_line(rt, policy, line: Line, args, run: dict) -> dict:
     """The output row of one line: its result (with its input hash and run identity), or its error."""
-
     if line.error is None:
         try:
             ids = prompt_ids_of(rt, line, args)
@@ -307,28 +311,68 @@ def input_name(args) -> str:
     return "stdin" if args.input == "-" else args.input
 
 
-def run_lines(rt, policy, todo: list[Line], args, run: dict) -> tuple[list, int]:
-    """Every line in `todo`, each row appended to --output (or streamed to stdout: '-') as it finishes;
-    (ledgers, bad lines)."""
-
-
-    ledgers, bad = [], 0
+def run_lines(rt, policy, todo: list[Line], args, run: dict, policies) -> tuple[list, int, dict]:
+    """Every line in `todo`, each row appended to --output (or streamed to stdout: '-') as it finishes, one prompt
+    at a time or --parallel N side by side; (ledgers, bad lines, what the parallel run reports)."""
+    ledgers, bad, info = [], 0, {"parallel": 1}
     stream = args.output == "-"
     fd = sys.stdout.fileno() if stream else os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    tokens, t0 = 0, time.perf_counter()
     try:
-        with tqdm(todo, unit="prompt", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
-            for line in bar:
-                row = safe_row(rt, policy, line, args, run)
+        with tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+            def emit(line: Line, row: dict) -> None:
+                nonlocal bad, tokens
                 append_row(fd, row, sync=not stream)
                 if "error" in row:
                     bad += 1
                     tqdm.write(f"infer.py: {input_name(args)}:{line.number}: {row['error']}", file=sys.stderr)
                 else:
                     ledgers.append(Ledger.from_dict(row["ledger"]))
+                    tokens += len(row["output_ids"])
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False)
+                bar.update(1)
+
+            n = parallel_slots(rt, todo, args)
+            if n > 1:
+                info = run_parallel(rt, [line for line in todo if line.error is None], n, slot_context(
+                    [line.need for line in todo if line.error is None], rt), args, policies,
+                    partial(safe_row, args=args, run=run), emit, log=tqdm.write)
+                for line in todo:
+                    if line.error is not None:
+                        emit(line, safe_row(rt, policy, line, args, run))
+            else:
+                for line in todo:
+                    emit(line, safe_row(rt, policy, line, args, run))
     finally:
         if not stream:
             os.close(fd)
-    return ledgers, bad
+    info["wall_s"] = round(time.perf_counter() - t0, 3)
+    return ledgers, bad, info
+
+
+def parallel_slots(rt, todo: list[Line], args) -> int:
+    """How many prompts to decode side by side: --parallel, or with 'auto' the measured choice; 1 when fewer
+    than two good lines remain or the runtime is not llama.cpp (auto only). Encodes every good line once: a
+    line that cannot run becomes its error row here, and the others' lengths size the slots."""
+    want = getattr(args, "parallel", 1) or 1
+    good = []
+    for line in todo:
+        if line.error is None and rt is not None:
+            try:
+                ids = prompt_ids_of(rt, line, args)
+                line.need = len(ids) + line.obj.get("max_new_tokens", args.max_new_tokens)
+                good.append(line)
+            except ProjectError as e:
+                line.error = one_line(e)
+    if want == "auto":
+        if len(good) < 2 or not all(isinstance(b, LlamaCppBackend) for b in (rt.big, *rt.predictors.values())):
+            return 1
+        curve, _, _ = batch_curve(rt.big, log=lambda m: print(m, file=sys.stderr))
+        n = choose_parallel(curve, len(good))
+        print(f"infer.py: --parallel auto: {n} prompts side by side (the measured gain of a pass over n "
+              f"sequences: {', '.join(f'{k}: {k / c:.1f}x' for k, c in sorted(curve.items()))})", file=sys.stderr)
+        return n
+    return max(1, min(int(want), len(good)))
 
 
 def plan(lines: list[Line], args, policies, run: dict) -> list[Line]:
@@ -349,31 +393,108 @@ def plan(lines: list[Line], args, policies, run: dict) -> list[Line]:
 
 def run_batch(args, policies) -> int:
     """infer.py --input/--output: see the module docstring. Exit status 2 when some line was bad."""
-    import contextlib
-
-
+    rank, processes = world()
     lines = read_input(args.input)
     run = run_identity(args, policies)
+    if processes > 1:
+        return run_sharded(args, policies, lines, run, rank, processes)
     stream = args.output == "-"
     where = "stdout" if stream else args.output
     lock = contextlib.nullcontext() if stream else FolderLock.of_file(args.output, f"infer.py --output {where}")
     with lock:
-        todo = plan(lines, args, policies, run)
-        print(f"infer.py: {len(lines)} prompts in {input_name(args)}: {len(lines) - len(todo)} already in {where}, "
-              f"{len(todo)} to run", file=sys.stderr)
-        if not todo:
-            return 0
-        rt = policy = None
-        if any(line.error is None for line in todo):   # only bad lines left: no model needed
-            rt = open_runtime(args, policies)
-            policy = make_policy(args, rt, policies)
-        ledgers, bad = run_lines(rt, policy, todo, args, run)
-    print_summary(ledgers, bad, len(todo), args)
+        return run_file(args, policies, lines, run)
+
+
+def run_file(args, policies, lines: list[Line], run: dict) -> int:
+    """The lines without a result in args.output (resumed), decoded and appended there; the summary."""
+    where = "stdout" if args.output == "-" else args.output
+    todo = plan(lines, args, policies, run)
+    print(f"infer.py: {len(lines)} prompts in {input_name(args)}: {len(lines) - len(todo)} already in {where}, "
+          f"{len(todo)} to run", file=sys.stderr)
+    if not todo:
+        return 0
+    rt = policy = None
+    if any(line.error is None for line in todo):   # only bad lines left: no model needed
+        rt = open_runtime(args, policies)
+        policy = make_policy(args, rt, policies)
+    ledgers, bad, info = run_lines(rt, policy, todo, args, run, policies)
+    print_summary(ledgers, bad, len(todo), args, info)
     return 2 if bad else 0
 
 
-def print_summary(ledgers: list, bad: int, n: int, args) -> None:
-    """Totals over the prompts of this run (tokens, big calls per token, skipped, wall time, tokens/s)."""
+def world() -> tuple[int, int]:
+    """(this process's rank, processes) under `accelerate launch` (or torchrun), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_sharded(args, policies, lines: list[Line], run: dict, rank: int, processes: int) -> int:
+    """Several processes over one input: process r decodes lines r, r+P, ... into OUTPUT.part-r-of-P (resumable
+    like any output); when all are done, process 0 merges the parts into OUTPUT and removes them. A re-run
+    skips what OUTPUT already holds."""
+    if args.output == "-":
+        raise UsageError("--output -: a run over several processes writes a file (name one)")
+    from accelerate import PartialState   # here: importing accelerate takes seconds
+
+    state = PartialState(cpu=True, timeout=timedelta(days=7))   # the others may wait hours at a barrier
+    final = Path(args.output)
+    part = Path(f"{args.output}.part-{rank}-of-{processes}")
+    with contextlib.ExitStack() as held:
+        if rank == 0:
+            held.enter_context(FolderLock.of_file(final, f"infer.py --output {final}"))
+            if final.exists():
+                plan(lines, args, policies, run)     # repairs OUTPUT: drops error rows and a partial last line
+        state.wait_for_everyone()
+        done = {id_key(r["id"]) for r in read_rows(final)} if final.exists() else set()
+        mine = [line for i, line in enumerate(lines) if i % processes == rank and (line.repeated or line.key not in done)]
+        with FolderLock.of_file(part, f"infer.py --output {part}"):
+            status = run_file(namespace(args, output=str(part)), policies, mine, run)
+        state.wait_for_everyone()
+        if rank == 0:
+            parts = [Path(f"{args.output}.part-{r}-of-{processes}") for r in range(processes)]
+            merged = [*read_rows(final, raw=True)] if final.exists() else []
+            for p in parts:
+                merged += read_rows(p, raw=True) if p.exists() else []
+            write_text(final, "".join(merged))
+            summaries = [json.loads(Path(f"{p}.summary.json").read_text()) for p in parts
+                         if Path(f"{p}.summary.json").exists()]
+            for p in parts:
+                p.unlink(missing_ok=True)
+                Path(f"{p}.summary.json").unlink(missing_ok=True)
+            if summaries:
+                write_json(f"{final}.summary.json", merge_summaries(summaries))
+            print(f"infer.py: {len(merged)} rows from {processes} processes in {final}", file=sys.stderr)
+    return status
+
+
+def read_rows(path: Path, raw: bool = False) -> list:
+    """The whole rows of a results file (a partial last line is left out): dicts, or their lines with raw."""
+    *whole, _ = path.read_bytes().split(b"\n")
+    rows = [data.decode("utf-8") + "\n" for data in whole if data.strip()]
+    return rows if raw else [json.loads(r) for r in rows]
+
+
+def merge_summaries(parts: list[dict]) -> dict:
+    """One summary over the processes' summaries: counts add up, the wall time is the slowest process's."""
+    total = {k: sum(p[k] for p in parts) for k in ("prompts", "results", "errors", "tokens")}
+    wall = max(p["wall_s"] for p in parts)
+    calls = sum(p["big_calls_per_token"] * p["tokens"] for p in parts)
+    return dict(total, processes=len(parts), wall_s=wall, tokens_per_s=round(total["tokens"] / wall, 3) if wall else 0.0,
+                big_calls_per_token=round(calls / total["tokens"], 4) if total["tokens"] else 0.0,
+                parallel=[p.get("parallel") for p in parts])
+
+
+def print_summary(ledgers: list, bad: int, n: int, args, info: dict) -> None:
+    """Totals over the prompts of this run (tokens, big calls per token, skipped, wall time, tokens/s) on stderr,
+    and the same in OUTPUT.summary.json beside the output (not with --output -)."""
+    tokens = sum(led.new_tokens for led in ledgers)
+    summary = dict(prompts=n, results=len(ledgers), errors=bad, tokens=tokens,
+                   tokens_per_s=round(tokens / info["wall_s"], 3) if info["wall_s"] > 0 else 0.0,
+                   big_calls_per_token=round(sum(led.big_calls for led in ledgers) / tokens, 4) if tokens else 0.0,
+                   **info)
+    print(f"infer.py: {tokens} tokens in {info['wall_s']:.1f} s ({summary['tokens_per_s']:.1f} tok/s) over "
+          f"{len(ledgers)} prompts, {info['parallel']} side by side", file=sys.stderr)
+    if args.output != "-":
+        write_json(f"{args.output}.summary.json", summary)
 
     if ledgers:
         total = sum_ledgers(ledgers)

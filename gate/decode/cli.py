@@ -121,6 +121,9 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--input", metavar="PROMPTS.jsonl", help="prompts, one JSON object a line (see above)")
     g.add_argument("--output", metavar="RESULTS.jsonl", help="results, one JSON object a line; an existing file "
                    "is resumed (its prompts are skipped); '-': stream to stdout")
+    g.add_argument("--parallel", default="auto", metavar="N", help="decode up to N prompts side by side in one "
+                   "llama.cpp context (each output the same as one at a time); default auto: the N the measured cost "
+                   "of a pass over n sequences favours (docs/parallel.md); 1: one prompt at a time")
     g.add_argument("--rerun-mismatched", action="store_true", help="resuming: run again the lines whose row in "
                    "--output was made from another line or with another model, tokenizer, policy or setting "
                    "(default: refuse)")
@@ -181,6 +184,13 @@ def settle_batch(args) -> None:
                              ("--json", args.json)) if v]
     if others:
         raise UsageError(f"--input takes its prompts from the file: drop {others[0]} (the results go to --output)")
+    if args.parallel != "auto":
+        try:
+            args.parallel = int(args.parallel)
+        except ValueError:
+            args.parallel = 0
+        if args.parallel < 1:
+            raise UsageError("--parallel must be a whole number >= 1 or auto")
     check_output_file(args.output, "--output", parents=False, stdout=True)   # '-': stdout
     if "-" not in (args.input, args.output) and Path(args.input).resolve() == Path(args.output).resolve():
         raise UsageError(f"--output {args.output}: the same file as --input")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from common.errors import UsageError
 from common.files import write_json
+from runtimes.batched import LlamaCppSlots
 from runtimes.llamacpp import LlamaCppBackend, import_binding
 from runtimes.open import BACKENDS, open_models
 from runtimes.sources import cache_dir, gguf_path
@@ -182,6 +183,53 @@ def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS,
         return prof
     write_json(cache_file(key), prof.to_dict())
     return prof
+
+
+SLOT_NS = (1, 2, 4, 8, 16, 24, 32, 48, 64)   # sequences per pass the batch curve measures
+SLOT_CONTEXT = 64                           # tokens cached per sequence while a batched pass is timed
+
+
+def batch_curve(backend, ns: Sequence[int] = SLOT_NS, reps: int = 5, refresh: bool = False,
+                log: Callable[[str], None] | None = None) -> tuple[dict[int, float], float, dict]:
+    """({n: cost of one pass feeding one token to each of n sequences, in one-token steps}, step ms, key) for
+    the llama.cpp model under `backend`: measured once in a LlamaCppSlots context and cached like a profile."""
+    key = dict(profile_key(backend), curve="slots", ns=list(ns))
+    prof = None if refresh else cached(key, list(ns))
+    if prof is None:
+        if log:
+            log(f"measuring the cost of a pass over 1..{max(ns)} sequences for {backend.name} (once, cached)")
+        load = os.getloadavg()[0]
+        step, cost = measure_slots(backend.path, ns, reps, backend_threads(backend))
+        prof = CostProfile(key, round(step, 3), list(ns), cost,
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {load:.2f}")
+        if load <= BUSY:
+            write_json(cache_file(key), prof.to_dict())
+    return dict(zip(prof.ks, prof.cost)), prof.step_ms, key
+
+
+def measure_slots(path, ns: Sequence[int], reps: int, threads: int) -> tuple[float, list[float]]:
+    """(one-sequence step ms, [cost of a pass over n sequences / that step for n in ns])."""
+    gen = torch.Generator().manual_seed(0)
+    ctx = LlamaCppSlots(path, max(ns), SLOT_CONTEXT + 2, n_threads=threads)
+    try:
+        vocab = ctx.vocab_size
+        prefix = [(i, torch.randint(0, vocab, (SLOT_CONTEXT,), generator=gen).tolist(), 1) for i in range(max(ns))]
+        for i in range(0, len(prefix), 8):          # 8 prompts of 64 tokens a pass
+            ctx.decode(prefix[i:i + 8])
+        times = {}
+        for n in [1, *ns]:                          # the first n = 1 round warms up
+            t = []
+            for _ in range(reps):
+                toks = torch.randint(0, vocab, (n,), generator=gen).tolist()
+                t0 = time.perf_counter()
+                ctx.decode([(i, [toks[i]], 1) for i in range(n)])
+                t.append(time.perf_counter() - t0)
+                for i in range(n):
+                    ctx.remove(i, SLOT_CONTEXT)
+            times[n] = statistics.median(t)
+    finally:
+        ctx.close()
+    return times[1] * 1000, [round(times[n] / times[1], 3) for n in ns]
 
 
 # -- the chance that a draft is accepted ---------------------------------------------------------------------

@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Offline throughput: many prompts decoded side by side in one llama.cpp context against one at a time.
+
+    python bench/parallel.py --corpus runs/genres/*/corpus [--model smollm2-135m] [--n-prompts 64]
+                             [--new-tokens 128] [--parallel auto 4 8 16 32] [--policies big copy] [--force]
+
+One process, one GGUF, the same prompt ids (from the held-out genres) for every method. Methods, each over all
+prompts, run in rotating order over --rounds rounds (the first round's order is the listed one):
+  binding_generate   llama-cpp-python's own greedy generate, one prompt at a time (the yardstick)
+  one_big            the project's decoder, one prompt at a time, big model only (infer.py --parallel 1)
+  par{N}_{policy}    N prompts side by side (infer.py --parallel N), policy big, or copy with --verify and the
+                     planner sized by the slot's share of a pass (auto: the N infer.py picks)
+Throughput is total new tokens / wall time of the whole set (prompt passes included). Every output is compared
+with one_big token for token; peak memory is the process's resident set after each method (llama.cpp's KV
+cache of N slots is most of the difference). Refused when the load average is above 0.5 before the run.
+Writes --out .json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bench.quiet import Quiet, load  # noqa: E402
+from common.errors import ProjectError, fail  # noqa: E402
+from common.files import write_json, write_text  # noqa: E402
+from gate.decode.cost import batch_curve  # noqa: E402
+from gate.decode.loop import Decoder  # noqa: E402
+from gate.decode.parallel import choose_parallel, run_parallel, slot_context  # noqa: E402
+from gate.decode.policies import BigOnly  # noqa: E402
+from gate.decode.registry import registered  # noqa: E402
+from gate.decode.session import held_out_prompts, run_one  # noqa: E402
+from runtimes.llamacpp import import_binding  # noqa: E402
+from runtimes.open import open_models  # noqa: E402
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--corpus", nargs="+", required=True, help="corpus folders whose held-out books give prompts")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--n-prompts", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--parallel", nargs="+", default=["auto", "4", "8", "16", "32"])
+    ap.add_argument("--policies", nargs="+", default=["big", "copy"], choices=("big", "copy"))
+    ap.add_argument("--rounds", type=int, default=1, help="rounds over the methods (order rotated)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="default: one per core")
+    ap.add_argument("--force", action="store_true", help="run even on a busy machine (marked in the result)")
+    ap.add_argument("--out", default="bench/results/parallel")
+    return ap.parse_args(argv)
+
+
+def rss_mb() -> float:
+    """Peak resident set of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def decode_args(args, policy: str) -> argparse.Namespace:
+    """The options infer.py would have for `policy` (copy: --verify with the cost planner)."""
+    verify = policy != "big"
+    return argparse.Namespace(model=args.model, policy=policy, verify=verify, verify_below=float("inf"),
+                              planned=verify, plan="cost", temperature=0.0, seed=0, max_new_tokens=args.new_tokens,
+                              check=False, min_match=None, max_skip=None, gate=None, small=None)
+
+
+def one_at_a_time(rt, prompts, n):
+    dec = Decoder(rt.big, BigOnly(), eos_ids=rt.eos_ids)
+    return [dec.generate(ids, n).ids for ids in prompts]
+
+
+def binding(rt, prompts, n):
+    llm = import_binding().Llama(str(rt.big.path), n_ctx=rt.big.n_ctx, n_threads=rt.big.n_threads,
+                                 n_threads_batch=rt.big.n_threads, verbose=False)
+    outs = []
+    for ids in prompts:
+        llm.reset()
+        out = []
+        for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            if tok in rt.eos_ids or len(out) == n:
+                break
+            out.append(tok)
+        outs.append(out)
+    del llm
+    return outs
+
+
+def side_by_side(rt, prompts, n_slots: int, args, policy: str):
+    dargs = decode_args(args, policy)
+    rows = {}
+    info = run_parallel(rt, list(range(len(prompts))), n_slots, slot_context([len(p) + args.new_tokens
+                                                                             for p in prompts], rt),
+                        dargs, registered(), lambda srt, pol, i: run_one(srt, pol, prompts[i], dargs),
+                        lambda i, row: rows.__setitem__(i, row), log=lambda m: print(m, file=sys.stderr))
+    calls = sum(r["ledger"]["big_calls"] for r in rows.values())
+    return [rows[i]["output_ids"] for i in range(len(prompts))], dict(info, big_calls=calls)
+
+
+def bench(args) -> dict:
+    torch.set_num_threads(args.threads)
+    quiet = Quiet.check(args.force, "bench/parallel.py")
+    rt = open_models(args.model, [], "float32", "llama.cpp")
+    rt.big.set_threads(args.threads)
+    per = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus)) for i in range(len(args.corpus))]
+    prompts = [p for c, k in zip(args.corpus, per) if k for p in held_out_prompts(c, rt.tokenizer, k, args.prompt_tokens,
+                                                                                    args.split)]
+    curve, step_ms, _ = batch_curve(rt.big, refresh=True, log=lambda m: print(m, file=sys.stderr))
+    auto = choose_parallel(curve, len(prompts))
+    methods = {"binding_generate": lambda: (binding(rt, prompts, args.new_tokens), {}),
+               "one_big": lambda: (one_at_a_time(rt, prompts, args.new_tokens), {})}
+    for p in args.parallel:
+        n = auto if p == "auto" else int(p)
+        for pol in args.policies:
+            name = f"par{n}_{pol}" + ("_auto" if p == "auto" else "")
+            methods[name] = (lambda n=n, pol=pol: side_by_side(rt, prompts, n, args, pol))
+    res = {m: dict(tokens=0, wall_s=0.0) for m in methods}
+    outs = {}
+    names = list(methods)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for m in order:
+            before = load()
+            t0 = time.perf_counter()
+            out, info = methods[m]()
+            wall = time.perf_counter() - t0
+            quiet.mark(m, before, load())
+            res[m]["tokens"] += sum(map(len, out))
+            res[m]["wall_s"] += wall
+            res[m].update(info, rss_mb_after=round(rss_mb(), 1))
+            outs[m] = out
+            print(f"{m}: {sum(map(len, out)) / wall:.1f} tok/s", file=sys.stderr)
+    base = res["one_big"]["tokens"] / res["one_big"]["wall_s"]
+    yard = res["binding_generate"]["tokens"] / res["binding_generate"]["wall_s"]
+    for m, d in res.items():
+        d["tokens_per_s"] = round(d["tokens"] / d["wall_s"], 2)
+        d["x_one_big"] = round(d["tokens_per_s"] / base, 3)
+        d["x_binding"] = round(d["tokens_per_s"] / yard, 3)
+        d["identical_to_one_big"] = sum(a == b for a, b in zip(outs[m], outs["one_big"]))
+    return dict(command="python " + " ".join(map(shlex.quote, sys.argv)), model=args.model, gguf=str(rt.big.path),
+                threads=args.threads, prompts=len(prompts), new_tokens=args.new_tokens, step_ms=step_ms,
+                batch_curve=curve, auto_parallel=auto, methods=res, load=quiet.to_dict(), note=quiet.note())
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Offline throughput: {r['model']} on llama.cpp, {r['prompts']} prompts x {r['new_tokens']} new tokens",
+             "", f"`{r['command']}`", "", r["note"] + f"; {r['threads']} threads; one-token step {r['step_ms']} ms.", "",
+             "Pass over n sequences (one token each), cost in one-token steps and gain n / cost: " +
+             ", ".join(f"{n}: {c:.2f} ({n / c:.1f}x)" for n, c in sorted(r["batch_curve"].items(), key=lambda kv: int(kv[0]))) +
+             f". `--parallel auto` picks {r['auto_parallel']}.", "",
+             "| method | tokens/s | x one at a time | x binding generate | identical to one_big | big calls | "
+             "peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    for m, d in r["methods"].items():
+        lines.append(f"| {m} | {d['tokens_per_s']} | {d['x_one_big']} | {d['x_binding']} | "
+                     f"{d['identical_to_one_big']}/{r['prompts']} | {d.get('big_calls', '-')} | {d['rss_mb_after']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        res = bench(args)
+    except ProjectError as e:
+        return fail("bench/parallel.py", e)
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), res)
+    write_text(out.with_suffix(".md"), markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""`infer.py --input ... --parallel N`: up to N prompts decoded side by side in one llama.cpp context.
+
+Each prompt runs the one-at-a-time Decoder with its own policy object over its own slot of a LlamaCppSlots
+context (runtimes/batched.py); the Scheduler gathers every slot's pass into one llama_decode per round, so each
+output is the one-at-a-time output, token for token. A slot takes the next prompt as soon as its prompt ends
+(continuous batching); rows are handed to `emit` as they finish. Every slot gets the context the longest
+prompt of the run needs. `choose_parallel` picks N from the measured cost of a pass over n sequences, and
+`slot_profile` gives a policy's draft planner the cost of its own tokens inside such a pass. docs/parallel.md
+has the measurements.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Callable
+
+from common.errors import UsageError
+from gate.decode.cost import MAX_CHAIN, Acceptance, CostProfile, Planner, batch_curve
+from gate.decode.session import make_policy
+from runtimes.batched import LlamaCppSlots, Scheduler
+from runtimes.llamacpp import LlamaCppBackend
+from runtimes.open import Runtime
+
+GAIN_SHARE = 0.95   # --parallel auto: the fewest sequences that reach this share of the best measured gain
+CTX_STEP = 256      # slot contexts are rounded up to this many tokens
+
+
+def choose_parallel(curve: dict[int, float], n_lines: int) -> int:
+    """The fewest sequences per pass whose throughput gain n / cost(n) reaches GAIN_SHARE of the best measured
+    one (more slots cost memory and latency for little), and no more than there are prompts."""
+    gain = {n: n / c for n, c in curve.items()}
+    best = max(gain.values())
+    n = min(k for k, g in gain.items() if g >= GAIN_SHARE * best)
+    return max(1, min(n, n_lines))
+
+
+def slot_profile(curve: dict[int, float], n: int, step_ms: float, key: dict) -> CostProfile:
+    """The cost, to one of n sequences sharing each pass, of feeding k tokens, in units of its one-token share:
+    a pass over T tokens costs about a + b*T steps (fitted around T = n), so the sequence pays a/n + b*k."""
+    ks = sorted(curve)
+    hi = min((k for k in ks if k > n), default=None)
+    lo = n if hi is not None else max(k for k in ks if k < n)
+    hi = hi if hi is not None else n
+    b = (curve[hi] - curve[lo]) / (hi - lo)
+    a = max(curve[n] - b * n, 0.0)
+    one = a / n + b
+    costs = [round((a / n + b * k) / one, 4) for k in range(1, MAX_CHAIN + 2)]
+    return CostProfile(dict(key, slots=n), round(step_ms * curve[n] / n, 3), list(range(1, MAX_CHAIN + 2)), costs,
+                       f"from the pass-cost curve over 1..{ks[-1]} sequences")
+
+
+def open_slots(rt: Runtime, n: int, slot_ctx: int) -> dict[str | None, LlamaCppSlots]:
+    """One LlamaCppSlots context per model of the runtime (None: the big model), each with n slots."""
+    models = {None: rt.big, **rt.predictors}
+    other = next((b.name for b in models.values() if not isinstance(b, LlamaCppBackend)), None)
+    if other is not None:
+        raise UsageError(f"--parallel: {other} does not run on llama.cpp; several prompts share a pass only there "
+                         "(use --backend llama.cpp with GGUF models, or --parallel 1)")
+    return {name: LlamaCppSlots(b.path, n, slot_ctx, name=b.name, n_threads=b.n_threads)
+            for name, b in models.items()}
+
+
+def slot_runtime(rt: Runtime, slots: dict, i: int) -> Runtime:
+    """Slot i's runtime: every model a SlotBackend, contexts as long as the slot's."""
+    ctx = slots[None].slot_ctx
+    return Runtime(rt.tokenizer, slots[None].slot(i), dataclasses.replace(rt.big_info, context_length=ctx),
+                   predictors={name: s.slot(i) for name, s in slots.items() if name is not None},
+                   eos_ids=rt.eos_ids,
+                   infos={name: dataclasses.replace(info, context_length=ctx) for name, info in rt.infos.items()})
+
+
+def slot_context(needs: list[int], rt: Runtime) -> int:
+    """Tokens of context per slot: the longest prompt + its new tokens, rounded up, within every model's context."""
+    limit = min(info.context_length or 1 << 30 for info in (rt.big_info, *rt.infos.values()))
+    want = -(-max(needs, default=1) // CTX_STEP) * CTX_STEP
+    return max(1, min(want, limit))
+
+
+def run_parallel(rt: Runtime, lines: list, n: int, slot_ctx: int, args, policies,
+                 row_of: Callable, emit: Callable, log: Callable[[str], None]) -> dict:
+    """Decode `lines` with n slots; row_of(slot_rt, policy, line) makes a line's row, emit(line, row) takes it.
+    Returns what the summary reports (slots, slot context, rounds, the planner's profile if any)."""
+    slots = open_slots(rt, n, slot_ctx)
+    runtimes = [slot_runtime(rt, slots, i) for i in range(n)]
+    policy_objs = [make_policy(args, r, policies) for r in runtimes]
+    plan = None
+    if getattr(args, "planned", False) and policy_objs[0].name != "big":
+        curve, step_ms, key = batch_curve(rt.big)
+        profile = slot_profile(curve, n, step_ms, key)
+        shared = policy_objs[0].acceptance()   # every slot's verified drafts teach one acceptance model
+        for p in policy_objs:
+            p.planner = Planner(profile, shared if isinstance(shared, Acceptance) else p.acceptance())
+        plan = dict(step_ms=profile.step_ms, cost_of_8_tokens=profile.of(8))
+        log(f"parallel: one draft token costs a slot {profile.of(2) - 1:.2f} of its one-token share of a pass")
+    queue = list(lines)
+
+    def job(i: int) -> None:
+        while queue:
+            line = queue.pop(0)
+            emit(line, row_of(runtimes[i], policy_objs[i], line))
+
+    sched = Scheduler()
+    sched.run([partial(job, i) for i in range(n)])
+    for s in slots.values():
+        s.close()
+    return dict(parallel=n, slot_context=slot_ctx, rounds=sched.rounds, plan=plan)
