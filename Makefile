@@ -8,7 +8,7 @@ MODEL  := smollm2-135m
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv model books genres demo test test-fast bench bench-speed bench-pair clean help
+.PHONY: all venv model books genres demo test test-fast bench bench-speed bench-parallel bench-pair clean help
 
 help:
 	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit -> evaluate -> side-by-side decode"
@@ -20,6 +20,8 @@ help:
 	@echo "              policies in decoding on llama.cpp and transformers (about 2 hours on 2 cores; resumes)"
 	@echo "make bench-speed - after make demo: decode speed on llama.cpp against the binding's own generate and"
 	@echo "              prompt lookup, on a quiet machine (bench/results/speed_*.md, docs/speed.md)"
+	@echo "make bench-parallel - after make demo: offline throughput of infer.py --parallel against one prompt at a"
+	@echo "              time (bench/results/parallel_*.md), on a quiet machine"
 	@echo "make test-fast - the test suite without the tests that load real weights"
 
 venv: $(VENV)/.installed
@@ -144,6 +146,15 @@ bench-speed: venv books genres
 	    --methods binding_generate,big,copy,gate --out bench/results/speed_smollm2_sampled
 	$(PY) bench/speed.py --model qwen2.5-coder-1.5b --corpus $(SPEED_GENRES) --pld 2,4 \
 	    --methods binding_generate,binding_pld,big,copy --out bench/results/speed_qwen15b_genres
+
+# Offline throughput with --parallel (docs/batch.md): 64 prompts x 128 tokens from the held-out genres, one at a time
+# against side by side; quiet machine only, about 25 minutes (most of it Qwen2.5-Coder-1.5B one at a time).
+bench-parallel: venv books genres
+	for g in $(GENRES); do test -f runs/genres/$$g/corpus/manifest.jsonl || $(PY) train.py corpus \
+	    --epubs data/genres/$$g.epub --out runs/genres/$$g/corpus --pin test=- --quiet || exit 1; done
+	$(PY) bench/parallel.py --corpus $(SPEED_GENRES) --out bench/results/parallel_smollm2
+	$(PY) bench/parallel.py --model qwen2.5-coder-1.5b --corpus $(SPEED_GENRES) --parallel auto 8 16 \
+	    --policies big --out bench/results/parallel_qwen15b
 
 # The big/small pair (issue: a real pair end to end). Both models record the first PAIR_TOKENS positions of every
 # novel (teacher-forced), the big model's own continuations of novel openings and its answers to the everyday

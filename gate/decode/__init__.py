@@ -9,6 +9,7 @@
     session.py   options -> runtime -> policy -> one decoded prompt (shared by cli, batch and bench/)
     ledger.py    the cost ledger and the side-by-side table
     cli.py       infer.py: prompt handling, streaming, the demo;  batch.py: --input/--output, resumable
+    parallel.py  --parallel N: prompts side by side in one llama.cpp context (runtimes/batched.py)
 
 Models and backends live in runtimes/. Where to add: a policy = one @register class in policies.py; a backend =
 one class + one entry in runtimes/open.py::BACKENDS; a drafter = one subclass of the Drafter base.

@@ -1,42 +1,14 @@
 """`infer.py --input prompts.jsonl --output results.jsonl`: many prompts, one model load, resumable.
 
-Offline inference means many prompts; one `infer.py` call per prompt loads the model every time. Here the models
-and the policy object are built once and the Decoder starts afresh on every prompt (it resets every cache).
-
-Input, one JSON object a line (blank lines are ignored; line numbers count every line):
-    {"prompt": "text"}  or  {"prompt_ids": [1, 2, 3]}          exactly one of the two
-    optional: "id" (a string or an integer; default: the line number), "max_new_tokens", "temperature",
-    "seed" (defaults: -m, -t, --seed)
-`prompt` is user text (encoded as literal text, like a prompt argument: --chat and --parse-special apply);
-`prompt_ids` are checked against the tokenizer's vocabulary. Unknown keys are refused (a typo such as
-"max_tokens" would otherwise be silently ignored), and so are repeated ids (resuming goes by id).
-
-Output, one JSON object a line, in the order prompts finish: id, line, prompt_ids, output_ids, text, sources,
-ledger, input (a hash of the input line) and run (what else decides the output: model, tokenizer, policy and
-its options, the decoding settings of that line). A bad line (not JSON, neither prompt nor prompt_ids, a bad
-type, too long for the context, ...) and a line whose decoding fails (any exception: its traceback goes to
-stderr, not to the file) become an error row {id, line, error}, reported on stderr as PATH:LINE: message, while
-the rest goes on. The exit status is 2 when some line was bad, else 0.
-
-Resuming: a re-run skips the ids that have a result row made from the same input line (its hash) by the same
-run (model, tokenizer, policy, settings). A kept row of another line (prompts inserted above it, with ids by
-line number) or of another run (another --model, --policy, -t, ...) is refused with one line naming what
-differs, before the model loads (only its tokenizer is read): one file never mixes two runs.
---rerun-mismatched runs those lines again instead (their old rows are removed). Error rows are not results: a
-re-run removes them and tries those lines again (the input may have been fixed). Each row is appended with one
-write and fsynced, so a run killed at any moment leaves whole rows plus at most a partial last line (no newline
-at its end), which the re-run drops.
-Repairs rewrite the output atomically, through a symlink to the real file (common.files.write_text). A
-complete line that is not a result row means the file is not ours: refused, nothing is touched.
-
-`--input -` reads the prompts from stdin; `--output -` streams the rows to stdout (nothing to resume, no lock).
-An --output that is not a regular file (a device, a FIFO, /dev/stdout on a pipe) is refused: use '-'.
-
-Lock: a lock file beside the output (`.NAME.lock`, common.files.FolderLock.of_file, named after the real
-path: two names of one file are one lock), not the folder's `.lock`: the output is one file, often in a shared
-folder (the current directory), and two runs writing different outputs there must not block each other; two
-runs into the same output are refused at once, naming the first. The flock dies with its process, so a killed
-run never blocks the resume.
+A line is {"prompt": text} or {"prompt_ids": [...]} with optional id, max_new_tokens, temperature, seed; unknown
+keys and repeated ids are refused. Each result row (id, line, prompt_ids, output_ids, text, sources, ledger, input
+hash, run identity) is appended with one fsynced write as its prompt ends; a bad line or one whose decoding fails
+is an error row and the rest goes on (exit status 2). A re-run skips ids with a row of the same line and run,
+refuses rows of another (or reruns them: --rerun-mismatched), retries error rows and drops a partial last line.
+A lock file beside the output refuses a second writer. --parallel N decodes N prompts side by side on llama.cpp
+(gate/decode/parallel.py); under `accelerate launch` each process takes every P-th line into its own part file,
+merged into the output at the end. A summary (tokens/s, big calls per token, errors) goes to OUTPUT.summary.json.
+Details and the reasons: docs/batch.md.
 """
 from __future__ import annotations
 
