@@ -1,6 +1,5 @@
 #!/usr/bin/env python
 """skipgate training-side CLI: corpus -> records -> report -> fit -> evaluate (-> calibrate on your own text).
-
     python train.py corpus    --epubs data/books --out runs/demo/corpus
     python train.py inventory --model smollm2-135m --corpus runs/demo/corpus
     python train.py record    --model smollm2-135m --corpus runs/demo/corpus --out runs/demo/records
@@ -11,10 +10,7 @@
     python train.py calibrate --records runs/mine/records --gate runs/demo/gate --out runs/mine/gate
     python train.py models    [NAME]      list model aliases, or load one and print its info
     python train.py profile   smollm2-135m [--requant Q4_0 Q8_0]   what a verify pass of n tokens costs here
-
-`python train.py COMMAND --help` shows each command's options. A mistake in the input (a missing folder, a bad
-model name, an output path that cannot be written, an output folder in use by another run) ends with one line
-`train.py COMMAND: error: ...` and exit status 2; a traceback means a bug.
+`train.py COMMAND --help`: its options. A mistake in the input: one line `train.py COMMAND: error: ...`, exit 2.
 """
 import argparse
 import importlib

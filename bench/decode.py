@@ -4,23 +4,12 @@
     python bench/decode.py [--model smollm2-135m] [--corpus runs/demo/corpus] [--gate runs/demo/gate]
                            [--small self:15] [--n-prompts 20] [--prompt-tokens 64] [--new-tokens 96] [--quick]
 
-One process, one model load, prompts = openings of paragraphs of the held-out (test) books. Methods, run side
-by side on every prompt (their order rotates from prompt to prompt, so the machine's drift hits all alike):
-  transformers baselines: hf_greedy (generate(), greedy: the same output as `big` from HF's loop),
-    hf_assisted (generate(assistant_model=--assistant) or, for a self:K small model,
-    generate(assistant_early_exit=K)), hf_pld (generate(prompt_lookup_num_tokens=...): prompt-lookup decoding);
-  every registered decode policy, built from the options below exactly as infer.py builds it (`big` is the
-    reference; the others run lossy; a policy whose options are incomplete, e.g. cascade without --models,
-    is skipped with a note); the list is in --help;
-  variants of the gate: spec_small (the small LM as drafter, max-prob >= --small-threshold, --verify:
-    lossless), gate_sweep (gate@T at the thresholds of --sweep, lossy), gate_verify (gate_verify@T at the
-    thresholds of --verify-sweep, --verify: lossless), gate_dial (skip at score >= a, verify only skips scored
-    below b, --dial a:b).
-Every output gets one teacher-forced big-model pass (not timed): on-policy error = share of tokens that differ
-from the big model's argmax on the same prefix. Lossless methods are compared with `big` token by token; where
-one differs, the first difference is classified as a numerical near-tie when the big model's two candidate
-logits are within --tie-eps of each other on that prefix (bf16 logits near 25 are 0.125 apart).
-Writes bench/results/decode.json and decode.md (--out to change).
+One process, one model load, prompts = openings of paragraphs of the held-out (test) books. Methods (--help
+lists them), run side by side on every prompt in rotating order: transformers baselines (hf_greedy, hf_assisted,
+hf_pld), every registered decode policy built as infer.py builds it (`big` is the reference) and variants of the
+gate (spec_small, gate_sweep, gate_verify, gate_dial). Every output gets one teacher-forced big-model pass
+(on-policy error); lossless methods are compared with `big` token by token (near-ties: --tie-eps).
+Writes bench/results/decode.json and decode.md (--out to change). Each method and measure: docs/bench.md.
 """
 from __future__ import annotations
 

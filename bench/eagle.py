@@ -6,13 +6,10 @@ rule and the oracle, on the same (t, s) pairs of the test book and of the held-o
         --data "test book, own text=runs/demo/selfgen_records" "manual, own text=runs/genres/.../selfgen_records" ...
         [--out bench/results/eagle]
 
-For each records folder (its test split) and each drafter: first-token agreement (the drafter's top candidate
-== the big model's greedy token at since_big = 1) overall and on non-copy positions, agreement by depth
-(since_big), and coverage at 99% precision (the best threshold on these pairs: a ranking comparison) of its
-gate, of the copy rule and of the oracle (some proposal right), overall and on non-copy positions; plus the
-deployed (calibrated) threshold's coverage and precision. Pairs are those both drafters score: since_big
-1 .. the feature head's depth, positions with at least one earlier position in their run.
-Writes OUT.json and OUT.md.
+For each records folder (its test split) and each drafter: first-token agreement, agreement by depth
+(since_big), coverage at 99% precision of its gate, of the copy rule and of the oracle (overall and on non-copy
+positions), and the calibrated threshold's coverage and precision. Writes OUT.json and OUT.md.
+Each measure, and which pairs: docs/bench.md.
 """
 from __future__ import annotations
 

@@ -4,19 +4,11 @@
     python bench/llamacpp.py [--model smollm2-135m] [--threads 2] [--n-prompts 4] [--new-tokens 64] [--no-hf]
                              [--gate PATH [--small M]]
 
-One process, one load of each model, the same GGUF, the same threads, the same prompt token ids (tokenised by
-the GGUF's own tokenizer). Methods, their order rotating from prompt to prompt so the machine's drift hits all
-alike (the machine here is shared: compare the ratios of one run, not absolute numbers across runs):
-  llama_big          the project's Decoder, policy big, on LlamaCppBackend (hidden states off)
-  llama_generate     llama-cpp-python's high-level Llama.generate, greedy (temp 0, top_k 1, no repeat penalty)
-  llama_pld          the same with the binding's prompt-lookup draft model (LlamaPromptLookupDecoding, 10 tokens)
-  llama_copy_verify  the Decoder, the copy rule (prompt lookup as a gate) with --verify: lossless
-  llama_gate_verify  the Decoder, `--policy gate --gate PATH --verify` (a heads drafter, or a router over --small)
-  hf_big, hf_copy_verify, hf_gate_verify   the same three on HFBackend (transformers float32)
-Each timing covers the whole generation: the prompt pass and --new-tokens decode steps.
-Targets (issue 11): llama_big within 15% of llama_generate, and >= 4x hf_big; lossless gate decoding ahead of
-llama_big and of prompt lookup.
-Writes bench/results/llamacpp.json and .md (--out to change).
+One process, one load of each model, the same GGUF, threads and prompt token ids; methods in rotating order:
+llama_big, llama_generate, llama_pld, llama_copy_verify and llama_gate_verify (with --gate) on llama.cpp, and
+hf_big, hf_copy_verify and hf_gate_verify on the transformers backend. Each timing covers the whole generation
+(the prompt pass and --new-tokens decode steps). Writes bench/results/llamacpp.json and .md (--out to change).
+Each method and the targets: docs/bench.md.
 """
 from __future__ import annotations
 

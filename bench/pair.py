@@ -5,21 +5,12 @@
     python bench/pair.py decode   --router runs/pair/router --model qwen2.5-coder-1.5b --small qwen2.5-coder-0.5b \
                                   --backend llama.cpp --corpus runs/demo/corpus ... [--hf]
 
-coverage: on each records folder of the pair (held-out book, held-out genres, the big model's own text), the
-share of positions each rule serves at the target precision (the largest share whose served tokens equal the big
-model's argmax that often): the router (train.py fit --drafter router), the small model's max-probability and
-entropy (BiLD's and the entropy-gated policy's rules, untrained), the copy rule (prompt lookup, its match
-length), and the oracle (every position where the small argmax is right), overall and on non-copy positions;
-plus the router at its calibrated threshold (coverage, precision). Writes OUT.json / OUT.md.
-
-decode: the seed policies with the real small model on the same held-out prompts, in one run on one backend:
-`big`; ratio (fixed-ratio alternation, --min-tokens scaffold) at several ratios; entropy-gated switching at
-several tau and its variants (span, lookahead, adaptive, pattern); the small model's max-probability as gate;
-the router at several thresholds (lossy) and with --verify (lossless); the copy rule (lossy and verified);
-speculative decoding with the small model (max-prob drafts, verified). With --hf (transformers backend only):
-HF greedy, HF assisted generation with the small model as assistant, and the cascade self:K -> small -> big.
-Every output gets a teacher-forced big-model check (on-policy error, NLL). Writes OUT.json / OUT.md and
-OUT_curve.png: on-policy error against big-model calls per token, one point per lossy setting.
+coverage: per records folder of the pair, the share of positions each rule (the router, the small model's
+max-probability and entropy, the copy rule, the oracle) serves at the target precision, overall and on non-copy
+positions, plus the router at its calibrated threshold. Writes OUT.json / OUT.md.
+decode: the baseline policies, the router (lossy and --verify), the copy rule and speculative decoding with the
+small model, on the same held-out prompts, one backend per run; every output gets a teacher-forced big-model
+check. Writes OUT.json / OUT.md and OUT_curve.png. Each method and measure: docs/bench.md.
 """
 from __future__ import annotations
 

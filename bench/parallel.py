@@ -4,16 +4,12 @@
     python bench/parallel.py --corpus runs/genres/*/corpus [--model smollm2-135m] [--n-prompts 64]
                              [--new-tokens 128] [--parallel auto 4 8 16 32] [--policies big copy] [--force]
 
-One process, one GGUF, the same prompt ids (from the held-out genres) for every method. Methods, each over all
-prompts, run in rotating order over --rounds rounds (the first round's order is the listed one):
+Methods, each over all prompts (the same prompt ids), in rotating order over --rounds rounds:
   binding_generate   llama-cpp-python's own greedy generate, one prompt at a time (the yardstick)
   one_big            the project's decoder, one prompt at a time, big model only (infer.py --parallel 1)
-  par{N}_{policy}    N prompts side by side (infer.py --parallel N), policy big, or copy with --verify and the
-                     planner sized by the slot's share of a pass (auto: the N infer.py picks)
-Throughput is total new tokens / wall time of the whole set (prompt passes included). Every output is compared
-with one_big token for token; peak memory is the process's resident set after each method (llama.cpp's KV
-cache of N slots is most of the difference). Refused when the load average is above 0.5 before the run.
-Writes --out .json and .md.
+  par{N}_{policy}    N prompts side by side (infer.py --parallel N), policy big, or copy with --verify
+Throughput = total new tokens / wall time; every output is compared with one_big; peak memory per method.
+Refused when the load average is above 0.5 before the run. Writes --out .json and .md. Notes: docs/bench.md.
 """
 from __future__ import annotations
 

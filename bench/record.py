@@ -9,10 +9,8 @@ One process, one model load. Every batch of windows (the recorder's own windows 
   record       what `train.py record` does per batch: forward with hidden states, statistics, writing the shard
                and hashing it (fp16 hidden states);
   record_int8  the same with --hidden-dtype int8.
-The machine is shared and its wall-clock speed swings several-fold within seconds. So the four runs of a batch
-follow each other directly (in rotating order), overheads are medians over batches of time(record) / time(bare) - 1,
-and they are reported in CPU time of this process as well as wall time: with one thread (--threads 1, the default)
-CPU time counts the work done and hardly depends on what else runs. Targets: overhead <= 15%, <= 2 KB/token.
+Overheads: medians over batches of time(record) / time(bare) - 1, in CPU time and wall time. Targets: overhead
+<= 15%, <= 2 KB/token. Why CPU time: docs/bench.md.
 """
 from __future__ import annotations
 

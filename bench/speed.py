@@ -4,18 +4,12 @@
     python bench/speed.py --corpus runs/genres/*/corpus [--model smollm2-135m] [--gate runs/demo/gate]
                           [--n-prompts 8] [--new-tokens 128] [--temperature 0] [--threads 2] [--force]
 
-One process, one GGUF, the same threads and the same prompt ids for every method; on each prompt the methods
-run in an order that rotates from prompt to prompt. Speed is decode tokens/s with the prompt pass excluded
-(from the first generated token to the last), the same for every method. Methods:
-  binding_generate   llama-cpp-python's Llama(gguf).generate (greedy, or the same temperature without top-k/p)
-  binding_pld_N      the same with its prompt-lookup draft model LlamaPromptLookupDecoding(num_pred_tokens=N)
-  big                the project's decoder, big model only (LlamaCppBackend)
-  copy               the copy rule --verify, chains sized by the planner (the default lossless method)
-  copy_fixed         the copy rule --verify --plan fixed (min match 4, up to 10 drafts: the earlier default)
-  gate               --policy gate --gate PATH --verify, planned (with --gate)
-Each lossless method is compared with `big` token for token (greedy). Policies keep their planner over all
-prompts of the run (what a batch of prompts gets). Refused when the load average is above 0.5 before the run
-(--force: the files then say "measured under load"). Writes --out .json and .md.
+Methods, on the same GGUF, threads and prompt ids, in an order rotating per prompt: binding_generate and
+binding_pld_N (llama-cpp-python's generate, plain and with N-token prompt lookup), big, copy (--verify, planned),
+copy_fixed (--plan fixed) and gate (with --gate, --verify). Speed is decode tokens/s without the prompt pass;
+lossless methods are compared with `big` token for token (greedy). Refused when the load average is above 0.5
+before the run (--force: the files then say "measured under load"). Writes --out .json and .md.
+Each method: docs/bench.md; how it measures, and the results: docs/speed.md.
 """
 from __future__ import annotations
 

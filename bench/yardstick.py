@@ -5,17 +5,10 @@ the test book and on held-out genres that nothing was tuned on.
     python bench/yardstick.py [--gate runs/demo/gate] [--demo-run runs/demo] [--genres data/genres]
                               [--run runs/genres] [--per-book 40] [--out bench/results/yardstick]
 
-Steps (each a real `train.py` command, printed and written into the report; every one resumes or is skipped when
-its output is there, so a re-run after a kill goes on where it stopped):
-  1. per genre (one EPUB each in --genres, from data/make_genre_books.py): corpus (the book in the test split),
-     selfgen (the big model's greedy continuations of --per-book prompts: the text a gate decodes on) and
-     record; plus teacher-forced records of the book's first --book-tokens positions;
-  2. evaluate the gate on the demo's test book (its selfgen records) and on each genre (selfgen records, and
-     teacher-forced records);
-  3. per genre, `train.py calibrate` on half of the genre's continuations (--part 1/2), then evaluate the
-     recalibrated gate on the other half (--part 2/2): does the Learn-then-Test promise hold after
-     recalibration on a few of the user's own texts?
-Writes OUT.json (every metrics.json it read) and OUT.md (the tables and the commands).
+Steps, each a real `train.py` command (printed and written into the report; resumed, or skipped when its output
+is there): 1. per genre, corpus, selfgen and record; 2. evaluate the gate on the demo's test book and on each
+genre; 3. per genre, `train.py calibrate` on half of its continuations, evaluated on the other half.
+Writes OUT.json (every metrics.json it read) and OUT.md (the tables and the commands). Each step: docs/bench.md.
 """
 from __future__ import annotations
 

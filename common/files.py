@@ -1,11 +1,5 @@
 """Writing outputs safely: no reader ever sees half a file, and one writer per output folder.
 
-Every long job here (corpus, record, selfgen, fit, batch inference) may be killed at any moment and re-run to
-resume, so each file is written to a temporary name in its own folder and renamed into place (os.replace is
-atomic on POSIX): a reader sees the old file or the new one, never a mix. One rule for file modes: a new
-file gets the mode `open()` would give it (0o666 less the umask), also when a library writes the temporary
-file (tempfile.mkstemp alone would leave it 0600).
-
     write_text(path, text) / write_bytes(path, data) / write_json(path, obj)
     with atomic_path(path) as tmp: save_file(tensors, tmp)     # for libraries that write to a path
     with atomic_dir(path) as tmp: ...fill tmp...                # a whole folder, renamed into place
@@ -13,15 +7,9 @@ file (tempfile.mkstemp alone would leave it 0600).
     with FolderLock.of_file(path, "infer.py --output"): ...     # one output file of a shared folder
     check_output_dir(out, "--out") / check_output_file(path, "--json")    # before any work: a typo fails at once
 
-A lock left by a process that died does not block a resume (the kernel drops a dead process's flock). Output
-paths are checked where they enter, before the work whose result they would receive: a path that is a file where
-a folder belongs, lies inside a file, or is not writable is refused with OutputPathError naming the flag.
-
-One output rule for every writer: symlinks are resolved first (real_path), so a write through a link updates
-the real file (the link stays a link, never becomes a detached copy) and a lock is named after the real path
-(two names of one file are one lock). An existing path that is neither a regular file nor a folder (a device
-such as /dev/null, a FIFO, a socket, /dev/stdout on a pipe) is refused: renaming a file onto it would replace
-it. Where streaming makes sense a caller accepts '-' for stdout (check_output_file(..., stdout=True)).
+A file is written to a temporary name in its folder and renamed into place, with the mode open() would give it; a
+dead process's lock does not block a resume; symlinks are resolved first (real_path); a path that is neither a
+regular file nor a folder, or not writable, is refused with OutputPathError naming the flag. Why: docs/files.md.
 """
 from __future__ import annotations
 

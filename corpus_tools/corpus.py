@@ -5,22 +5,10 @@
     DIR/text/<book_id>.txt  the book's clean UTF-8 text, paragraphs separated by one blank line
     DIR/report.json         counts per split, failed books (file + reason), duplicates, timing
 
-book_id = slug of the title + "-" + first 8 hex digits of the EPUB's sha256: stable across runs and machines.
-Every file is written to a temporary file in the same folder and renamed into place (os.replace), so a crash never
-leaves half a file; the manifest is rewritten after each converted book, so a re-run after a crash skips the books
-already converted (same sha256, same extractor version, text file present with the recorded length).
-
-Adding, never losing: a re-run into an existing corpus adds the books it reads and keeps the books it was not
-given (a typo in --epubs must not empty a corpus); only --prune removes the books not among the inputs, and
---prune refuses when an input path is missing or holds no EPUB. A run that reads no book at all changes nothing
-and fails (CorpusError). The folder is locked while a run writes it (common.files.FolderLock).
-
-Split rule (by book, never by paragraph): with n books, test gets test*n books and val val*n, rounded half up; when
-n >= 3 each of val and test with a non-zero fraction gets at least one, and train always keeps at least one.
-Pinned books (--pin SPLIT=PATTERN, PATTERN a case-insensitive substring of the book id or title) go to their split
-first and count towards its share. The other books are ranked by sha256(seed, normalised title) (ties: by content
-hash) and fill test, then val, then train. Ranking on the title keeps a book in its split when its EPUB is
-re-made, and is independent of input order and paths; adding books can move books near a share's boundary.
+book_id = slug of the title + "-" + first 8 hex digits of the EPUB's sha256. Writes are atomic and a re-run
+resumes; a re-run adds the books it reads and keeps those it was not given (only --prune removes them); a run that
+reads no book fails (CorpusError); the folder is locked. Splits go by book, ranked by a hash of the title (--pin
+SPLIT=PATTERN puts books in a split first). Resume, pruning and the split rule in full: docs/corpus.md.
 """
 from __future__ import annotations
 
@@ -136,7 +124,7 @@ def _build(files: list[Path], failed: list[dict], out: Path, val: float, test: f
 
 def assign_splits(books: list[dict], val: float, test: float, seed: int = 0,
                   pins: dict[str, list[str]] | None = None) -> list[str]:
-    """One split name per book (dicts with book_id, title, sha256); the rule is in the module docstring."""
+    """One split name per book (dicts with book_id, title, sha256); the rule is in docs/corpus.md."""
     n = len(books)
     want = {"test": math.floor(test * n + 0.5), "val": math.floor(val * n + 0.5)}
     if n >= 3:

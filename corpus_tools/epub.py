@@ -1,33 +1,11 @@
 """EPUB -> clean text: `extract_text(path) -> Book(title, paragraphs)`; every bad input raises `EpubError`.
 
-Written by hand with zipfile + lxml, following container.xml -> OPF -> spine. epub2txt 0.1.6 is not called (the
-tests use it as a cross-check that no text is lost), because it, and the ebooklib reader under it, get each of
-these wrong (see shared/DATA.md):
-  - reading order: epub2txt walks the manifest, not the spine; here the spine decides, `linear="no"` items are
-    left out, and a file the spine lists several times (hrefs with fragments, `about-manual.xhtml#o8`) is read
-    once. ebooklib raises KeyError on such hrefs, and AttributeError when the spine's toc id is not in the
-    manifest; here hrefs lose their fragment and are URL-decoded when the archive has no member by the raw name.
-  - paragraphs: epub2txt's clean=True drops every paragraph break and glues words across `<p>`/`<br/>`; here
-    every block element ends a paragraph, `<br/>` is a line break inside one, and whitespace inside a text node
-    (hard wraps in the source) collapses to one space, so a paragraph is one line. `<pre>` keeps its lines.
-  - junk: `<head>`/`<title>`, `<style>`, `<script>`, `<nav>`, the EPUB3 nav document (properties="nav") and the
-    NCX are never read, nor elements marked as navigation, page breaks or note markers (role="navigation",
-    epub:type="pagebreak"/"noteref", ...). A spine page whose text is mostly internal links (>= 3 links, >= 70%
-    of its characters: an EPUB2 HTML table of contents or index) is skipped.
-  - errors: epub2txt raises KeyError/TypeError/AssertionError/XMLSyntaxError, or returns binary garbage for
-    DRM-encrypted books and C1 control characters / U+FFFD for mis-declared encodings. Here each of these is an
-    EpubError naming the file and the problem. Decoding: a BOM wins; else valid UTF-8 is taken as UTF-8 whatever
-    the declaration says (a cp1252 file is almost never valid UTF-8); else the declared encoding, with latin-1 and
-    ASCII labels read as cp1252 as browsers do; else cp1252; bytes undefined in all of them are an error.
-    C1 controls left after decoding (`&#147;` character references written by cp1252 tools) become the cp1252
-    characters they stand for; a U+FFFD already in the file is an error (the text was corrupted upstream).
-Chapters that are not well-formed XML (`&nbsp;` without a DTD, unclosed tags) are parsed with lxml's HTML parser.
-
-Kept: Unicode punctuation (curly quotes, dashes, ellipsis). Changed: non-breaking and other Unicode spaces become
-plain spaces; soft hyphens, zero-width characters and stray control characters are dropped.
-Missing vs empty chapters: a spine file missing from the archive is an error (the book would silently lose a
-chapter); a chapter that is empty or has no text is skipped; a book with no text at all is an error.
-Font obfuscation (encryption.xml listing only fonts) is fine; any other encrypted file means DRM: an error.
+Follows container.xml -> OPF -> spine (zipfile + lxml). A Book's paragraphs are in spine order, one line each
+(every block element ends one; `<br/>` is a line break inside one; `<pre>` keeps its lines); navigation, tables of
+contents, page breaks and note markers are left out; Unicode punctuation is kept, Unicode spaces become plain
+spaces, soft hyphens, zero-width and control characters are dropped. EpubError, naming the file and the problem:
+DRM, a spine file missing from the archive, bytes no encoding decodes, U+FFFD in the file, a book with no text.
+Why it is written by hand, and every rule: docs/corpus.md.
 """
 from __future__ import annotations
 

@@ -1,24 +1,14 @@
-"""Tokenizer inventory (seed 003): which tokens are punctuation, which continue a word, how often each occurs.
+"""Tokenizer inventory (the word-completion idea): which tokens are punctuation, which continue a word, how often.
 
 `python train.py inventory --model M --corpus DIR [--out DIR] [--split train]` tokenizes the corpus books with
 the model's tokenizer and writes `inventory.json` (per-token kind and corpus count) and `inventory.md` (the
 findings: the punctuation and word-continuation tokens, how often they occur, what share of the text they are).
 
-Static token kinds (a property of the vocabulary, one per token id), from the token's decoded text:
-    punct   every non-space character is Unicode punctuation or a symbol (",", ".", ",\u201d", " \u201c", "--");
-    suffix  starts with a letter and has no leading space ("et" in " Benn|et"), or is an apostrophe clitic
-            ("'s", "\u2019ll"): a piece that continues a word when it follows a letter (seed 003's suffix tokens);
-    word    a space followed by a letter (" dear"): starts a new word;
-    space   only whitespace (newlines);
-    other   digits, special tokens, partial UTF-8 byte pieces, mixed symbols.
-
-Positional token classes (what a token is *at a position*; it depends on the token before it) are the project's
-shared definition in corpus_tools.tokens (CLASSES = punct / continuation / word_start / other: a marker-less
-alphanumeric piece glued to a letter or digit continues a word, after anything else it starts one). This module
-only adds an array form (`class_tables` once per tokenizer, then `token_class_from_tables` on plain arrays) so the gate can
-classify at decode time without the tokenizer.
-
+Static token kinds, one per token id (`kind_of_text`): punct / suffix / word / space / other. Positional classes
+are corpus_tools.tokens' CLASSES; this module adds their array form (`class_tables` once per tokenizer, then
+`token_class_from_tables` on plain arrays) so the gate can classify at decode time without the tokenizer.
 `restricted_vocab()` is what the word-completion head uses to pick its output vocabulary (see gate/model/heads.py).
+The kinds and classes defined: docs/corpus.md.
 """
 from __future__ import annotations
 
@@ -49,7 +39,7 @@ def _is_punct_char(ch: str) -> bool:
 
 
 def kind_of_text(text: str, special: bool = False) -> int:
-    """Static kind of a token from its decoded text (see the module docstring)."""
+    """Static kind of a token from its decoded text (the kinds: docs/corpus.md)."""
     if special or not text or "\ufffd" in text:
         return OTHER_KIND
     core = text.strip()

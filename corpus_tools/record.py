@@ -3,35 +3,11 @@
     python train.py record --model smollm2-135m --corpus runs/demo/corpus --out runs/demo/records
     accelerate launch --multi_gpu --num_processes 2 train.py record ...    # books shared between processes
 
-Tokenization: each book's whole text is tokenized once (corpus_tools.tokens.encode_text: special-token strings
-in a book stay text), with the first model's tokenizer and its default special tokens (SmolLM2 adds none; a
-LLaMA-style tokenizer puts one BOS at the start of the book), and every model reads the same ids.
-Windows are slices of that stream: no BOS is inserted mid-book, as in decoding with a KV cache.
-
-Windows: window k reads tokens[k*stride : k*stride + context]. Window 0 records all its positions, window k >= 1
-its last `stride`, so every position is recorded once and sees >= context - stride tokens before it (fewer only at
-the start of a book). Logits are computed for the recorded positions only (logits_to_keep), reduced to argmax,
-probabilities, entropy and top-k per batch and dropped: memory is bounded by one batch plus one shard (and a
-book's token ids, 8 bytes per token).
-
-Runtimes: transformers by default; `--backend llama.cpp` runs GGUF models in llama.cpp (runtimes/llamacpp.py),
-which gives the last layer's hidden state only and computes the quantised model as decoding on llama.cpp will.
-
-dtype: record with the dtype you will decode with (greedy outputs differ between dtypes). On CPUs without
-AVX512-BF16 (e.g. the AMD EPYC/AVX2 machines here) bfloat16 matmuls are ~5x slower than float32.
-
-Resume: a shard is written into a temporary folder and renamed into place, a book is done when its book.json is
-written, the manifest comes last. Batches depend only on the settings, never on what is already done, and
-deterministic algorithms are on, so a resumed run writes the same bytes as an uninterrupted one (same machine,
-torch build and thread count). settings.json pins the settings on the first run; other settings are refused.
-
-Before any work: --out is checked (common.files.check_output_dir), --context against each model's context
-length (runtimes.info.check_context), and the folder is locked (FolderLock): a second run into the same
---out refuses at once, naming the first; a lock left by a killed run does not block its resume.
-
-Scale-out: under `accelerate launch` (or torchrun) each process records a share of the books (balanced by length),
-and the main process writes the manifest after a barrier. On a CPU-only machine accelerate needs `--multi_gpu` to
-start several processes; they talk over gloo.
+Each book is tokenized once, with the first model's tokenizer, and every model reads the same ids; windows of
+--context tokens, --stride apart, record every position once. Output: a records folder (corpus_tools/records.py).
+`--backend llama.cpp` gives the last layer's hidden state only. Resumable (a resumed run writes the same bytes);
+settings.json pins the settings; --out and --context are checked and the folder locked before any work.
+Tokenization, windows, runtimes, dtype, resume and scale-out in full: docs/corpus.md.
 """
 from __future__ import annotations
 
@@ -71,7 +47,7 @@ class Window:
 
 
 def windows(n_pos: int, context: int, stride: int) -> list[Window]:
-    """Windows that record each of positions [0, n_pos) exactly once (see the module docstring)."""
+    """Windows that record each of positions [0, n_pos) exactly once (docs/corpus.md, "Recording")."""
     out = [Window(0, min(context, n_pos), 0)] if n_pos > 0 else []
     k = 1
     while (first := context + (k - 1) * stride) < n_pos:

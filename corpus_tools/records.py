@@ -9,10 +9,7 @@ Layout of a records folder:
         m<i>/<field>.npy                per model i (meta["models"][i]["dir"]); hidden/<L> is stored as
                                         hidden.<L>.npy (fp16, or int8 + hidden.<L>.scale.npy with --hidden-dtype int8)
         shard.json                      position count and sha256 of every file
-Arrays are memory-mapped; a split with several shards is concatenated (a copy), so ask only for the `fields`
-you need. "book" is not stored: it is the shard's index into books(split). int8 hidden states are dequantized to
-float16 on load. load(verify=True) checks the sha256 of each file it reads, once per process (until the file
-changes).
+Arrays are memory-mapped; load(verify=True) checks the sha256 of each file it reads. More: docs/corpus.md.
 """
 from __future__ import annotations
 

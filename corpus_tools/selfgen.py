@@ -1,25 +1,11 @@
 """`python train.py selfgen`: a corpus of the big model's own greedy continuations (on-policy training data).
 
-Why: a decoder that skips big-model passes works on the big model's own greedy text, not on book text. Greedy
-text is far more predictable from its context (small models repeat themselves), so a gate trained and calibrated
-only on teacher-forced book text neither learns to trust what is easy in decoding (in-context copies) nor is
-calibrated for it. Medusa-2 trains its heads on such self-distilled data for the same reason.
-
-What: for each book of the chosen splits, `--per-book` prompts of `--prompt-tokens` tokens (openings of long
-paragraphs spread over the book, `prompts_of_book`), each continued greedily by the big model for
-`--new-tokens` tokens. Each sample (prompt + continuation, as text) is written as one "book" of a normal corpus
-folder (manifest.jsonl + text/), with the split of its source book, so it goes through `train.py record` and
-`fit` like any corpus; a record of it starts at the sample's first token, as decoding does.
-
-Or from a prompts file (`--prompts FILE`, one instruction a line, `#` comments): each line, wrapped in the
-model's chat template with `--chat` (the user's text kept literal), is answered greedily; the sample's text is
-the instruction, a blank line and the answer (plain text, so `train.py record` reads it as it reads books).
-About 15% of the lines (by a hash of the line) go to the validation split, the rest to train: a way to give a
-drafter text beyond one corpus's genre (data/prompts/general.txt: everyday subjects).
-
-Resumable: each sample's text is written atomically when its batch is done and skipped on a re-run; the
-manifest is written last. Before any generation --out is checked and locked (a second run into it refuses at
-once) and prompt + new tokens are checked against the model's context length (runtimes.info.check_context).
+For each book of the chosen splits, `--per-book` prompts of `--prompt-tokens` tokens (`prompts_of_book`), each
+continued greedily by the big model for `--new-tokens` tokens; each sample (prompt + continuation, as text) is one
+"book" of a normal corpus folder (manifest.jsonl + text/) with its source book's split, ready for `train.py
+record` and `fit`. Or `--prompts FILE [--chat]`: one instruction a line, answered greedily; about 15% of the lines
+go to the validation split. Resumable; --out is checked and locked, and prompt + new tokens checked against the
+model's context, before any generation. Why on-policy data, and the details: docs/corpus.md.
 """
 from __future__ import annotations
 

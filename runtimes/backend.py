@@ -1,8 +1,5 @@
 """The Backend protocol: one model with the KV cache of one sequence, so no caller touches a cache itself.
 
-Positions are explicit: the tokens fed by `forward` occupy positions n_cached .. n_cached+n-1, and the cache
-always holds a prefix of the text.
-
     logits, hidden = backend.forward(tokens, keep=None)   # append to the cache; outputs for the last `keep`
     backend.forward(tokens, keep, copy=False)             # outputs may be views valid until the next forward
     backend.crop(n); backend.reset()                      # keep positions 0..n-1 (rollback); empty cache
@@ -10,10 +7,9 @@ always holds a prefix of the text.
     backend.greedy(prompts, new_tokens, eos_ids)          # greedy continuations, cut before the first EOS
     backend.n_cached, vocab_size, hidden_layer, hidden_all, name, calls, tokens_fed, tokens_cropped
 
-`logits` is float32 [keep, V]; `hidden` float32 [keep, d] at `hidden_layer` (HF numbering: 0 = embeddings,
-n_layers = the last, post-norm), or None; with `hidden_all`, a row for every fed token. `LM` is the view a
-decode policy gets of a predictor backend; `catch_up` feeds what the cache lacks. Implementations:
-runtimes/hf.py (transformers) and runtimes/llamacpp.py; the kind -> class table is runtimes/open.py::BACKENDS.
+Positions are explicit: fed tokens occupy n_cached .. n_cached+n-1; the cache always holds a prefix of the text.
+`logits`: float32 [keep, V]; `hidden`: float32 [keep, d] at `hidden_layer` (HF numbering) or None; `hidden_all`:
+a row per fed token. `LM`: a policy's view of a predictor; `catch_up` feeds what its cache lacks. docs/runtimes.md.
 """
 from __future__ import annotations
 

@@ -4,15 +4,9 @@
     acc = Acceptance()                       # P(draft accepted | the drafts before it were), learned while decoding
     plan = Planner(prof, acc)                # the decode loop asks it how long each draft chain should be
 
-A pass that feeds n tokens (the big model's last token + n - 1 drafts) yields 1 + a tokens, a = accepted drafts.
-With q_i the chance that draft i is accepted given the drafts before it were, S_k = sum_{i<=k} prod_{j<=i} q_j is
-the expected number accepted of k drafts, and the rate of a chain of k is (1 + S_k) / (cost[k + 1] + D m), where
-D is the drafter's measured cost per proposal in steps and m the proposals made (Planner: the value of a chain at
-the achieved rate). The planner keeps proposing while some longer chain could still beat the best so far (future
-drafts assumed as likely as the last one), then cuts the chain to its best length before the pass, down to no
-draft at all when none pays; so decoding with drafts is
-never meaningfully slower than the big model alone. Where no chain has paid for a while it proposes less often
-(probes), so a drafter that costs time but never pays costs almost nothing. docs/speed.md has the measurements.
+The planner cuts each draft chain to the length that pays best, down to no draft at all when none pays, so
+decoding with drafts is never meaningfully slower than the big model alone; a drafter that never pays is asked
+only at rare probes. The rate it maximises, the acceptance model and the measurements: docs/speed.md.
 """
 from __future__ import annotations
 
@@ -277,7 +271,7 @@ def copy_acceptance() -> Acceptance:
 # -- the planner -----------------------------------------------------------------------------------------------
 @dataclass
 class Planner:
-    """Decides, draft by draft, whether to propose more and where to cut a chain (see the module docstring).
+    """Decides, draft by draft, whether to propose more and where to cut a chain (docs/speed.md).
 
     The loop calls `extend(probs)` after each proposal with the acceptance chances of the chain so far (the new
     draft last): True = propose another. Before the verify pass it calls `cut(probs)`: how many drafts to keep;

@@ -1,28 +1,14 @@
 """The decode loop: a policy proposes tokens that skip the big model; the big model catches up in one pass.
 
-Each step the policy either returns drafts (tokens emitted without a big-model pass: the small model's,
-the gate's) or nothing, and then the big model produces the next token. A skipped position is not run
-through the big model when it is skipped: the next big pass feeds every token the big cache lacks at once
-(catch-up), so the big cache always holds exactly the emitted text, and the same holds for every predictor's
-cache. Nothing else keeps state about the text: positions are len(ids) and backend.n_cached.
+    result = Decoder(big, policy, verify=True, temperature=0.0).generate(prompt_ids, max_new_tokens)
 
-The loop owns every cache; a policy owns none. A policy sees a read-only `DecodeState` (the text as a tuple,
-how far the big model has read, its last hidden state, the sampling function) and the predictor models it
-uses as `LM` views: callables ids -> next-token logits that catch their cache up internally. The loop resets
-those views, crops them to the kept text after every step and on rollback, counts them in the ledger, and
-sets the big backend's `hidden_layer` from the policy's declared need (`needs_big_hidden`). This is the split
-of transformers' candidate generators (a draft source behind one interface; the loop accepts and crops).
-
-With verify, the catch-up rows also check the drafts: row i of a pass fed from position c holds the big
-model's prediction for position c+i+1. At the first draft that differs from the big model's choice, the rest
-is dropped, the big model's token is emitted and every cache is cropped back to the kept text. Greedy +
-verify gives exactly the big model's greedy output (in float32; in bf16 a batched pass and a one-token pass
-round differently and can break a near-tie between two logits the other way); with temperature > 0 the
-standard speculative-sampling rule is used (accept draft x with probability min(1, q(x)/p(x)), else sample
-from max(q - p, 0)), so each token is distributed exactly as the big model's sampling distribution
-(identically distributed, not the same sample as a big-only run with the same seed). `verify_below` is the
-dial between lossy and lossless: only drafts whose score is below it are checked (inf: all, lossless; the
-gate threshold: none, lossy).
+Each step the policy returns drafts (tokens emitted without a big-model pass) or nothing, then the big model
+produces the next token; a big pass feeds every token the big cache lacks at once (catch-up), so every cache
+holds exactly the emitted text. The loop owns every cache: a policy sees a read-only `DecodeState` and calls its
+predictors through `LM` views, which the loop resets, crops and counts. With verify, the catch-up rows check the
+drafts and the first mismatch rolls back: greedy + verify gives exactly the big model's greedy output (float32),
+sampled + verify the big model's distribution (speculative sampling). `verify_below` is the lossy/lossless dial
+(only drafts scored below it are checked). How and why: docs/decode.md.
 """
 from __future__ import annotations
 
