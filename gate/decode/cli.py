@@ -143,7 +143,7 @@ def settle_args(args) -> None:
     """Check the options that are not a policy's and fill in the implied ones (--verify-below, --demo)."""
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature:g}")
-    if 0 < args.temperature < MIN_TEMPERATURE:   # 1e-300 overflowed float32 in the softmax (issue 22)
+    if 0 < args.temperature < MIN_TEMPERATURE:   # 1e-300 overflowed float32 in the softmax
         raise UsageError(f"--temperature {args.temperature:g}: below {MIN_TEMPERATURE:g}, sampling is greedy in all "
                          "but name and overflows float32; use -t 0 for greedy")
     if args.max_new_tokens < 1:
