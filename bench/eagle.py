@@ -24,9 +24,9 @@ import numpy as np
 from common.errors import ProjectError, one_line
 from common.files import write_json, write_text
 from gate.model.copyrule import COPY_SPAN
-from gate.model.drafter import load_drafter
 from gate.model.features import torch_threads
 from gate.model.heads import context_copy_stats
+from gate.model.load import load_drafter
 from gate.train.calibration import coverage_at_precision
 from gate.train.config import FitConfig
 from gate.train.data import apply_copy_trust, predict_pairs

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from bench.eagle import eagle_pairs, heads_pairs  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
-from gate.model.drafter import load_drafter  # noqa: E402
+from gate.model.load import load_drafter  # noqa: E402
 from gate.train.config import FitConfig  # noqa: E402
 from gate.train.evaluate import open_inputs  # noqa: E402
 from runtimes.llamacpp import LlamaCppBackend  # noqa: E402

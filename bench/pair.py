@@ -41,7 +41,7 @@ from corpus_tools.records import open_records  # noqa: E402
 from gate.decode.drafters import load_gate  # noqa: E402
 from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio  # noqa: E402
 from gate.decode.session import held_out_prompts  # noqa: E402
-from gate.model.drafter import read_meta  # noqa: E402
+from gate.model.load import read_meta  # noqa: E402
 from gate.model.router import check_identity, load_router_parts  # noqa: E402
 from gate.train.fit_router import load_pair, pair_entries, routed, since_big, split_metrics  # noqa: E402
 from runtimes.open import open_models  # noqa: E402

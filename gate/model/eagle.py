@@ -1,31 +1,13 @@
-"""The feature head: an EAGLE-style drafter that predicts the big model's next hidden state, then its token.
+"""The feature head (EAGLE-style): one decoder layer predicts the big model's next hidden state from its last
+one and the next token's embedding, then the token through the big model's output rows.
 
-Why: the word-completion and future heads read one stale hidden state, so on text that does not repeat
-itself they are rarely right beyond the first position. EAGLE (Li et al. 2024) drafts *features*: one cheap
-decoder layer takes the big model's last-layer hidden state at position j and the embedding of the token at
-j+1, predicts the hidden state at j+1, and turns it into a token through the big model's own output rows.
-Drafting k tokens is k steps of that layer, each fed its own previous prediction and the token it chose.
+    logits = ChainCache(head).draft(ids, hiddens)                    # draft-vocabulary logits for len(ids)
+    tok, score = drafter.propose(ids, hiddens, since_big)            # EagleDrafter: every computed hidden row
 
-Entries and positions. The layer keeps its own KV cache with one entry per text position j (0 .. len(ids)-2):
-entry j reads (feature at j, embedding of ids[j+1]) and outputs a prediction of the hidden state at j+1, whose
-token is the draft for position j+2. For j < big_cached the feature is the big model's real hidden state (a
-"true" entry); beyond, it is the layer's own prediction from entry j-1 (a "chain" entry, depth = j -
-big_cached + 2). A chain entry attends to every true entry before its chain and to the chain's own entries,
-never to stale predictions: when the big model catches up, chain entries are replaced by true ones.
-
-Training matches that exactly (training-time test, as in EAGLE-3): level 1 is the ordinary causal pass over
-true features; level d feeds level d-1's prediction at position i-1 and lets the query at i attend true keys at
-positions <= i-d+1 plus the chain keys of levels 2..d at positions i-d+2 .. i (`level_mask`). Every level's
-output at entry i predicts the hidden state at i+1 and the big model's greedy token at i+2.
-
-Inputs are standardised hidden states (train-split mean / std, as the other heads); the output is a
-standardised prediction, un-standardised and multiplied by the big model's output rows restricted to a draft
-vocabulary (the most frequent greedy tokens of the training records; the coverage of the big model's argmax
-by it is reported by the fit). The big model's input embedding and output rows are frozen copies carried in
-the artifact, so the drafter needs nothing from the big model but its hidden state.
-
-Written by hand (one layer, ~60 lines): transformers' LlamaDecoderLayer needs its cache and mask machinery
-for the level masks above, which are simpler to state directly with scaled_dot_product_attention.
+FeatureHead.forward trains every chain depth at once (`level_mask`); ChainCache keeps one KV entry per text
+position, "true" over the big model's rows and "chain" over its own predictions. The gate scores the head's token
+and the copy rule's (candidate_features). Artifact format skipgate-eagle/1 (`EAGLE`, eagle.safetensors).
+docs/drafters.md explains entries, levels and why.
 """
 from __future__ import annotations
 
@@ -39,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from corpus_tools.inventory import CLASSES, token_class_from_tables
+from gate.model.artifact import Format, write_artifact
+from gate.model.base import Drafter
 from gate.model.copyrule import COPY_SPAN, CopyIndex, trust_copy
-from gate.model.drafter import write_artifact
 from gate.model.features import GATES
 
 
@@ -268,8 +251,8 @@ def candidate_features(head_tok, p1, p2, entropy, p_copy, copy_tok, copy_len, de
     return {"cands": cands, "valid": valid, "X": np.stack(X, 1), "cls": cls}
 
 
-class EagleDrafter:
-    """The Drafter contract (gate/decode/drafters.py) around the feature head, its KV cache, the copy rule and
+class EagleDrafter(Drafter):
+    """The Drafter contract (gate/model/base.py) around the feature head, its KV cache, the copy rule and
     a gate over both candidates; like the heads drafter, it takes the copy rule's token wherever the rule's
     lower-bounded precision at that match length beats the gate's score (gate.model.copyrule.trust_copy). It
     reads every hidden row the big model computed (reads_all_hidden), so the decode loop keeps them and the
@@ -326,7 +309,7 @@ class EagleDrafter:
             self.last_logits[self.head.draft_ids] = logits
         return int(tok[0]), float(score[0]) if since_big < self.max_skip else 0.0
 
-    # -- persistence (the same folder layout and checks as gate/model/drafter.py) ------------------------------
+    # -- persistence (the folder of gate/model/artifact.py) ---------------------------------------------------
     def save(self, path) -> Path:
         t = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         t["head.embed"] = t["head.embed"].half()        # frozen copy of the big model's input embedding
@@ -351,9 +334,18 @@ class EagleDrafter:
         return cls(head, gate, meta["threshold"], meta["max_skip"], meta["hidden_layer"], tables,
                    meta["copy_trust"], meta["depth"], meta)
 
+    @classmethod
+    def load(cls, path: Path, meta: dict, small=None) -> "EagleDrafter":
+        """The drafter of a folder whose drafter.json (`meta`) gate/model/load.py read and checked."""
+        from safetensors.torch import load_file
+
+        return cls.from_tensors(load_file(str(path / EAGLE_TENSORS)), meta)
+
 
 EAGLE_FORMAT = "skipgate-eagle/1"
 EAGLE_TENSORS = "eagle.safetensors"
+EAGLE = Format(EAGLE_FORMAT, "a feature-head drafter (train.py fit --drafter eagle)", ("head", "gate"),
+               EagleDrafter.load)
 
 
 def draft_index(head: FeatureHead) -> torch.Tensor:
@@ -371,5 +363,5 @@ def draft_vocab(argmax, n: int, must: Sequence[int] = ()) -> torch.Tensor:
     return torch.tensor(sorted(set(top) | set(int(m) for m in must)), dtype=torch.long)
 
 
-__all__ = ["FeatureHead", "ChainCache", "EagleDrafter", "level_mask", "draft_index", "draft_vocab", "candidate_features",
-           "gate_feature_names", "rotary", "apply_rotary"]
+__all__ = ["FeatureHead", "ChainCache", "EagleDrafter", "EAGLE", "level_mask", "draft_index", "draft_vocab",
+           "candidate_features", "gate_feature_names", "rotary", "apply_rotary"]

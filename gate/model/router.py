@@ -1,42 +1,30 @@
-"""The router for a big/small pair: may the small model's next token stand for the big model's?
+"""The router for a big/small pair: P(the small model's argmax == the big model's), from the small model's
+distribution, last-layer hidden state and candidate token, the copy rule, and optionally the big model's stale
+hidden state.
 
-Two models of one family share a tokenizer: a small one (Qwen2.5-Coder-0.5B) that writes most tokens and a big
-one (1.5B) that takes over where it is needed. Published routers (R2R 2025, CITER 2025, Co-LLM 2024) train a
-classifier on the small model's own features; the untrained rules of the ideas behind this project (the small
-model's entropy or max-probability under a threshold) are its baselines. At each position the router reads
+    X = features(topk_p, entropy_norm, small_h, cand, copy_tok, copy_len, s, big_h)   # RouterFeatures: [N, F]
+    drafter = RouterDrafter.load(path, meta, (small_backend, small_info))          # through gate/model/load.py
 
-    the small model's next-token distribution   top-k probabilities, log p1, p1 - p2, normalised entropy
-    the small model's last-layer hidden state   standardised and projected (PCA fitted on training positions)
-    the candidate token (the small argmax)      its input embedding (projected) and its kind (word, suffix, ...)
-    the copy rule                               a candidate exists, its match length, whether it agrees
-    the big model's stale hidden state          optional: the state at the big model's last computed position
-                                                p = t - since_big, projected, with since_big one-hot
-
-and scores P(small argmax == big argmax). The same function (`RouterFeatures.__call__`) builds the features in
-training (gate/train/fit_router.py, from records) and in decoding (gate/decode/drafters.py `RouterDrafter`,
-from the small model's logits and hidden state). The copy rule is a feature, not an override
-(gate/train/fit_router.py, `routed`, says why).
-
-Decoding (the `gate` policy with `--gate ROUTER`): the small model writes while the score clears the calibrated
-threshold; the big model then catches up over the small model's tokens in one pass, and with `--verify` checks
-them (lossless). The small model is read through an `LM` view that asks its backend for the last layer's hidden
-state (the llama.cpp backend gives exactly that layer).
-
-Artifact (a folder written by `python train.py fit --drafter router`): drafter.json (format skipgate-router/1,
-identities of both models, feature settings, threshold and its Learn-then-Test calibration, metrics) and
-router.safetensors (projections, the candidate-embedding table, token kinds, the gate). Both models are checked
-by identity on load: tokenizer fingerprint, layers, width and vocabulary (one tokenizer serves the whole family,
-so the fingerprint alone cannot tell the 0.5B from the 1.5B).
+RouterFeatures is the one feature function of training (gate/train/fit_router.py) and decoding (RouterDrafter,
+which reads the small model through an `LM` view). Artifact format skipgate-router/1 (`ROUTER`,
+router.safetensors); both models are checked by identity (check_identity). docs/drafters.md: features and why.
 """
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from corpus_tools.inventory import KINDS
-from runtimes.info import ModelInfo, TokenizerMismatch
 from corpus_tools.record import logit_stats
+from gate.model.artifact import ArtifactError, Format, write_artifact
+from gate.model.base import Drafter
+from gate.model.copyrule import MAX_N, CopyIndex
 from gate.model.features import GATES
+from runtimes.backend import LM, Backend
+from runtimes.info import ModelInfo, TokenizerMismatch
 
 ROUTER_FORMAT = "skipgate-router/1"
 ROUTER_TENSORS = "router.safetensors"
@@ -136,9 +124,7 @@ def small_stats(logits: torch.Tensor, topk: int) -> tuple[int, torch.Tensor, tor
 
 
 def save_router(path, features: RouterFeatures, gate, meta: dict) -> None:
-    """router.safetensors, then drafter.json naming it (gate.model.drafter.write_artifact)."""
-    from gate.model.drafter import write_artifact
-
+    """router.safetensors, then drafter.json naming it (gate.model.artifact.write_artifact)."""
     tensors = {f"feat.{k}": v for k, v in features.tensors().items()}
     tensors.update({f"gate.{k}": v for k, v in gate.state().items()})
     write_artifact(path, ROUTER_TENSORS, tensors, {**meta, "format": ROUTER_FORMAT, "features": features.config(),
@@ -149,8 +135,6 @@ def save_router(path, features: RouterFeatures, gate, meta: dict) -> None:
 def load_router_parts(path, meta: dict, small_info) -> tuple[RouterFeatures, object]:
     """(features, gate) of an artifact whose drafter.json (`meta`) was read and checked against the big model;
     `small_info` is checked against the small model it was trained with."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     check_identity(meta["small_model"], small_info, "small", str(path))
@@ -161,5 +145,54 @@ def load_router_parts(path, meta: dict, small_info) -> tuple[RouterFeatures, obj
     return feats, gate
 
 
-__all__ = ["RouterFeatures", "Projection", "model_identity", "check_identity", "save_router", "load_router_parts",
-           "ROUTER_FORMAT", "small_stats"]
+class RouterDrafter(Drafter):
+    """The Drafter contract over the small model and a trained router: candidate = the small model's argmax,
+    score = the router's estimate that the big model agrees (the module docstring)."""
+
+    def __init__(self, features: RouterFeatures, gate, threshold: float, max_skip: int, small: Backend,
+                 small_layer: int, big_layer: int | None, copy_max_n: int = MAX_N, meta: dict | None = None):
+        self.features, self.gate = features, gate
+        self.threshold, self.max_skip = float(threshold), int(max_skip)
+        self.hidden_layer = big_layer           # the big model's layer it reads (None: none)
+        self.lm = LM(small, hidden_layer=small_layer)
+        self.lms = (self.lm,)
+        self.meta = meta or {}
+        self.copies = CopyIndex(copy_max_n)     # the copy rule, one of the router's features
+        self.last_logits = None                 # the small model's logits: sampled drafts (gate policy)
+
+    def start(self) -> None:
+        self.copies.reset()
+
+    def propose(self, ids: Sequence[int], hidden: torch.Tensor | None, since_big: int) -> tuple[int, float]:
+        if self.hidden_layer is not None and hidden is None:
+            raise ValueError(f"the router needs the big model's hidden state at layer {self.hidden_layer}")
+        logits = self.last_logits = self.lm(ids)
+        tok, topk_p, entropy_norm = small_stats(logits, self.features.topk)
+        self.copies.sync(ids)
+        copy_tok, copy_len = self.copies.query()
+        big_h = None if hidden is None else torch.as_tensor(hidden).reshape(1, -1)
+        X = self.features(topk_p, entropy_norm, self.lm.hidden.reshape(1, -1), [tok], [copy_tok], [copy_len],
+                          [since_big], big_h)
+        score = float(self.gate.score(X).reshape(()))
+        return tok, (score if since_big < self.max_skip else 0.0)
+
+    @classmethod
+    def load(cls, path: Path, meta: dict, small: tuple[Backend, ModelInfo] | None = None) -> "RouterDrafter":
+        """The router of a folder whose drafter.json (`meta`) gate/model/load.py read and checked against the big
+        model, over its small model `small` = (backend, ModelInfo); refuses another small model (check_identity)."""
+        if small is None:   # it runs the small model: a decode runtime opens it (gate/decode/drafters.py)
+            raise ArtifactError(f"{path}: a router for a big/small pair needs its small model "
+                                f"({meta['small_model']['name']}); decode with it through infer.py or bench/decode.py "
+                                "(--policy gate --gate PATH), which open it")
+        backend, info = small
+        feats, gate = load_router_parts(path, meta, info)
+        big_layer = meta["hidden_layer"] if meta["features"]["big_hidden"] else None
+        return cls(feats, gate, meta["threshold"], meta["max_skip"], backend, meta["small_model"]["n_layers"],
+                   big_layer, meta.get("copy_max_n", MAX_N), meta)
+
+
+ROUTER = Format(ROUTER_FORMAT, "a router for a big/small pair (train.py fit --drafter router)",
+                ("small_model", "gate", "features", "threshold"), RouterDrafter.load)
+
+__all__ = ["RouterFeatures", "Projection", "RouterDrafter", "ROUTER", "model_identity", "check_identity",
+           "save_router", "load_router_parts", "ROUTER_FORMAT", "small_stats"]

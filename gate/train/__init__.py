@@ -1,15 +1,11 @@
-"""Training side: records -> heads + gates -> calibrated drafter artifact; evaluation and probes.
+"""Training side: records -> drafter artifacts; evaluation, recalibration, probes (docs/training.md).
 
-    config.py       FitConfig: every setting of `train.py fit`, once (the command's options are generated from it)
-    data.py         reading records (splits, the big model's entry and layer) and scoring record pairs
-    distill.py      the heads' training loops (distillation from the big model)
-    stages.py       resumable stages: a finished stage is loaded when its key matches
-    fit.py          `train.py fit`: the stages in order, from records to the Drafter folder
-    calibration.py  precision/coverage curves and the Learn-then-Test threshold
-    evaluate.py     `train.py evaluate`: the gate on held-out books beside the copy rule and the oracle, on all,
-                    copy and non-copy positions; report and figures
-    recalibrate.py  `train.py calibrate`: a new threshold for a trained gate, on records of your own text
-    probes.py       linear probes of the recorded hidden states
+    fit.py          `train.py fit`: the heads drafter; fit_eagle.py (--drafter eagle), fit_router.py (router)
+    config.py       FitConfig: every setting of `train.py fit`, once;  stages.py: resumable stages
+    data.py         records -> splits, the predictor on record pairs;  distill.py / eagle.py: training loops
+    pca.py          pca_fit, shared by the heads and router fits;  calibration.py: Learn-then-Test thresholds
+    evaluate.py     `train.py evaluate`: the gate on held-out books;  probes.py: linear probes of the layers
+    recalibrate.py  `train.py calibrate`: a new threshold on records of your own text
 
-Imports go one way: corpus_tools <- gate.model <- gate.train.
+Imports go one way: corpus_tools, runtimes <- gate.model <- gate.train.
 """

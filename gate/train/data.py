@@ -2,7 +2,7 @@
 
 Both `train.py fit` and `train.py evaluate` read the same records the same way (the big model's entry, its
 hidden layer, the train / validation / test splits) and score the same (t, s) pairs through Predictor.run -
-the code path of Drafter.propose - so they live here, once, and neither command imports the other.
+the code path of HeadsDrafter.propose - so they live here, once, and neither command imports the other.
 """
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import numpy as np
 import torch
 
 from common.errors import ProjectError
+from corpus_tools.inventory import token_class_from_tables
+from corpus_tools.records import open_records
 from gate.model.copyrule import MAX_N, copy_rule, trust_copy
-from gate.model.drafter import Predictor
+from gate.model.features import combine, pick_candidate
 from gate.model.heads import context_ids, run_starts
+from gate.model.heads_drafter import Predictor
 from gate.train.distill import HeadData
 
 VAL_NAMES = ("validation", "val", "valid", "dev")
@@ -65,10 +68,6 @@ class SplitData:
 
 
 def open_records_checked(path):
-    try:
-        from corpus_tools.records import open_records
-    except ImportError as e:  # pragma: no cover - the records module is another part of the project
-        raise FitError(f"corpus_tools.records is not available ({e}); cannot read {path}") from None
     p = Path(path)
     if not p.exists():
         raise FitError(f"{p}: no such records folder (make one with `python train.py record`)")
@@ -186,14 +185,13 @@ def predict_pairs(pred: Predictor, data: SplitData, t: np.ndarray, s: np.ndarray
                   desc: str | None = None, gates: dict | None = None, mode: str | None = None,
                   modes: tuple[str, ...] = (), copy: dict | None = None, keep_X: bool = False) -> dict:
     """Run the predictor (and gates) on record pairs (t, s), in batches, through Predictor.run - the code path
-    of Drafter.propose. `copy`: context_copy_stats(data) (the in-context index at every position).
+    of HeadsDrafter.propose. `copy`: context_copy_stats(data) (the in-context index at every position).
     Returns numpy arrays: cands/valid/correct/cls [P, K] per candidate slot, head_p / head_entropy /
     head1_correct [P] for the head's own top token, X [P, K, F] with keep_X, and per gate its scores [P, K] and
     the selected candidate ("sel": slot, token, score, correct, cls). `modes`: head1_correct_<mode> for other
     predictor modes from the same head outputs."""
     from tqdm.auto import tqdm
 
-    from gate.model.features import combine, pick_candidate
     keys = ("cands", "valid", "cls", "head_p", "head_entropy") + (("X",) if keep_X else ())
     outs = {k: [] for k in keys}
     scores = {n: [] for n in (gates or {})}
@@ -232,10 +230,8 @@ def predict_pairs(pred: Predictor, data: SplitData, t: np.ndarray, s: np.ndarray
 
 def apply_copy_trust(o: dict, data: SplitData, table: np.ndarray | None, tables: dict) -> dict:
     """Let each gate's pick fall back on the copy rule where the rule is trusted more (gate.model.copyrule
-    .trust_copy, the same function Drafter.propose calls); adds o["copy"] (the rule's own candidate, match length,
-    correctness and class per pair). A drafter without a trust table (table None) keeps its gates' picks."""
-    from corpus_tools.inventory import token_class_from_tables
-
+    .trust_copy, the same function HeadsDrafter.propose calls); adds o["copy"] (the rule's own candidate, match
+    length, correctness and class per pair). A drafter without a trust table (table None) keeps its gates' picks."""
     t = o["t"]
     cand, length = data.copy_rule(MAX_N if table is None else len(table) - 1)
     cand, length, am = cand[t], length[t].astype(np.int64), data.argmax[t]

@@ -1,43 +1,13 @@
 """`python train.py evaluate --records DIR --gate DIR [--out DIR]`: the gate on the held-out test books.
 
-Definitions (every number in the report uses these):
-    position    a record position t of a test book: the big model has read tokens[..t]; its greedy choice for
-                token t+1 is argmax[t]. With since_big = s (1 .. max_skip-1) the drafter sees the tokens up to t
-                and the big hidden state at t - s (gate/model/heads.py). A "pair" is (t, s).
-    candidate   the drafter predictor's token for t+1 (the top token of its restricted distribution).
-    coverage    share of positions (pairs) skipped: score >= threshold.
-    precision   share of skipped positions where the emitted token (the candidate) equals the big model's
-                argmax. "Coverage at 99% precision" is the largest coverage over thresholds whose precision on
-                the test pairs is >= 99% (an oracle choice of threshold for every method alike: it compares
-                rankings; the deployed threshold is the calibrated one, reported separately).
-    methods     learned gates (logreg, mlp) scored on the same candidates as:
-                entropy   the predictor's entropy normalised by log(|R| + 1) (entropy-gated switching: skip when
-                          low),
-                max_prob  the predictor's probability of its candidate (BiLD's fallback rule),
-                copy      the copy rule (prompt lookup used as a gate, no training; gate.model.copyrule): its
-                          candidate follows the longest earlier occurrence of the context's suffix, its score
-                          is the match length,
-                <model>:max_prob, <model>:entropy   when the records hold a smaller model with the big model's
-                          tokenizer: its own token, scored by its max-probability (BiLD) and by 1 - its
-                          normalised entropy (entropy-gated switching),
-                oracle    skips exactly the pairs where some proposal (a drafter candidate or the copy rule's)
-                          is right: the ceiling for any gate choosing among these proposals.
-    copy / non-copy   a copy position is one whose last 4 tokens occurred earlier in its context; every table
-                is also given on the non-copy positions (what a gate adds over copying shows there) and on
-                the copy positions (where the learned gate must do at least as well as the copy rule).
-    classes     the candidate's positional class (punct / continuation / word / other, corpus_tools.inventory);
-                per-class coverage uses a threshold chosen within the class.
-    policy      a teacher-forced simulation of the decode policy on each test stretch: after a big pass at p
-                the drafter is asked at s = 1, 2, ... and the position is skipped while score >= the calibrated
-                threshold and s < max_skip; otherwise the big model runs there (p = t). Coverage = skipped
-                positions / positions = the share of sequential big-model passes saved (skipped tokens are still
-                fed to the big model in the next catch-up pass, so this saves passes/latency, not FLOPs).
-    run length  for the future-token heads alone: from each p, the number of consecutive s = 1, 2, ... whose
-                head prediction from h[p] equals the big model's argmax (capped at max_skip - 1): how many
-                tokens could be skipped after one big pass with a perfect gate.
+The heads drafter beside the untrained rules (entropy, max-probability, the copy rule), a smaller recorded model
+and the oracle, on all, copy and non-copy positions and per token class; a teacher-forced simulation of the
+decode policy; linear probes of the recorded layers.
+
+    evaluate(records, gate, out=None, split="test", ...) -> metrics
 
 Outputs in --out (default GATE/eval): report.md, metrics.json, curves.png, curves_by_class.png, runlengths.png,
-probes.png.
+probes.png. docs/training.md defines every number (position, coverage, precision, methods, policy, run length).
 """
 from __future__ import annotations
 
@@ -54,13 +24,15 @@ from common.files import write_json, write_text
 from corpus_tools.inventory import CLASSES
 from runtimes.info import TokenizerMismatch
 from corpus_tools.records import RecordsError
+from gate.model.artifact import ArtifactError
 from gate.model.copyrule import is_copy_position
-from gate.model.drafter import ArtifactError, load_drafter, read_meta
 from gate.model.features import SOURCES
 from gate.model.heads import context_copy_stats, pair_index
+from gate.model.load import kind_of, load_drafter, read_meta
 from gate.train.calibration import coverage_at_precision, precision_curve
 from gate.train.data import (FitError, SplitData, apply_copy_trust, find_split, load_fields, load_split,
                              open_records_checked, predict_pairs, select_part)
+from gate.train.probes import plot_probes, run_probes
 
 TARGETS = (0.95, 0.98, 0.99, 0.995)
 
@@ -236,7 +208,6 @@ def open_inputs(records, gate, split: str, part: str | None = None) -> EvalInput
     gate = Path(gate)
     meta = read_meta(gate)
     if "predictor" not in meta:
-        from gate.model.drafter import kind_of
         where = "bench/pair.py coverage" if "small_model" in meta else "bench/eagle.py"
         raise FitError(f"{gate}: {kind_of(meta)}; this reads the heads drafter (its side-by-side evaluation with "
                        f"the copy rule and the oracle is {where})")
@@ -406,7 +377,6 @@ def policy_and_runs(inp: EvalInputs, methods: dict, o: dict, t, s, n: int) -> tu
 
 def probe_layers(inp: EvalInputs, probe_k: int, log, path: Path) -> dict:
     """Linear probes from every recorded layer (gate/train/probes.py), trained on train, read on the split."""
-    from gate.train.probes import plot_probes, run_probes
     rec, records, name = inp.rec, inp.records, inp.name
     tr_split = find_split(rec, records, "train")
     base = ("token", "target", "argmax", "book", "pos")

@@ -1,56 +1,18 @@
 """`python train.py fit --records DIR --out DIR`: train the heads and the gate from records, calibrate, save.
 
-Everything is learned from the records (corpus_tools/records.py); the big model is loaded once only to copy
-its frozen input embedding (for the word-completion head) and its output-embedding rows of the restricted
-vocabulary (to initialise the future heads' shared output layer), and to classify its tokens.
+    fit(records, out, model=None, force=False, log=print, **settings) -> out     # settings: FitConfig fields
 
-Data use (books never mix between splits; within the train split, chunks of 512 consecutive positions are
-dealt to folds by a seeded shuffle):
-    train split, 75% of chunks  -> the heads (word-completion head, future-token heads), hidden-state
-                                   standardisation and PCA, restricted vocabulary
-    train split, 25% of chunks  -> the gates (positions the heads never trained on, so the heads' confidence
-                                   looks as it will on new text); 20% of these chunks order the gates if none
-                                   can be certified
-    train books' full text      -> the n-gram table (gate/model/heads.NgramTable; the continuations of the gate-fold
-                                   positions left out), read from the corpus folder the records name
-    validation split            -> choice of the head mode (word / future / mix); Learn-then-Test threshold of
-                                   every gate (at delta / n_gates) and of the baselines; the drafter keeps the
-                                   gate with the largest certified coverage
-    test split                  -> untouched (gate/train/evaluate.py)
-
-Candidates: the drafter proposes the best-scoring of the head's top-1 / top-2, the training-text n-gram
-continuation and the in-context copy continuation (gate/model/features.py); the gates are trained on every candidate
-of the gate-fold pairs (label: it equals the big model's argmax).
-
-Training pairs mimic decode (gate/model/heads.py explains the indexing): for each position t and s = 1..max_skip-1
-(since_big), the inputs are the tokens up to t, the big hidden state at t - s and s; the label is the big
-model's argmax at t. The same code (gate.model.drafter.Predictor.run -> gate.model.features.compute_features) computes
-the features here and in Drafter.propose. The context tokens are the book's text, not the drafter's earlier
-proposals: where the gate was right those equal the big model's choices, which is what the text approximates;
-the evaluation's policy simulation and the decode benchmark measure the effect.
-
-Stages, in order (each a function below, sharing one FitConfig, gate/train/config.py):
-    open_source / load_big_model / prepare_data   records, big model, folds, n-gram table, restricted vocabulary
-    stage_heads       the word-completion head, the future heads, hidden-state PCA
-    stage_mode        the predictor mode (word / future / mix) on validation
-    stage_gates       the learned gates on the gate fold
-    calibrate         Learn-then-Test thresholds on validation, the primary gate
-    save_artifact     the Drafter folder
-Resumable: heads, mode and gates are saved under OUT/stages/ with a key hashing their settings and inputs
-(gate/train/stages.py); a re-run with the same settings loads finished stages instead of training again
-(--force retrains). All writes are atomic (temp file + rename). Deterministic for a seed on a given machine and
-thread count.
-
-Before any work: every numeric setting is checked against its range (gate/train/config.py LIMITS), and an
-artifact already in --out that this fit would not have made (another drafter kind, other records, or one
-recalibrated by `train.py calibrate`) is refused unless --force; a refit of the same kind on the same records
-(a resume, other settings) replaces it.
+The heads drafter (the default): records -> folds, n-gram table, restricted vocabulary -> heads -> predictor
+mode -> gates -> Learn-then-Test calibration -> the HeadsDrafter folder; heads, mode and gates are resumable
+stages under OUT/stages/ (gate/train/stages.py). --drafter eagle / router hand over to fit_eagle.py /
+fit_router.py. Before any work the settings are checked (FitError) and an artifact in --out that this fit would
+not have made is refused unless --force. Deterministic for a seed, machine and thread count.
+docs/training.md: data use, pairs, stages and why.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -60,18 +22,26 @@ import numpy as np
 import torch
 
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
-from runtimes.info import TokenizerMismatch
 from corpus_tools.records import RecordsError
+from gate.model.artifact import META_FILE, ArtifactError
 from gate.model.copyrule import trusted_table
-from gate.model.drafter import FORMAT, META_FILE, ArtifactError, Drafter, Predictor, kind_of, read_meta
+from gate.model.eagle import EAGLE_FORMAT
 from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, torch_threads
 from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, context_copy_stats, pair_index
+from gate.model.heads_drafter import FORMAT, HeadsDrafter, Predictor
+from gate.model.load import kind_of, read_meta
+from gate.model.router import ROUTER_FORMAT
 from gate.train.calibration import coverage_at_precision, ltt_calibrate
 from gate.train.config import FitConfig, add_arguments, options_from_args
 from gate.train.data import (FitError, SplitData, apply_copy_trust, chunk_folds, find_split, load_split,
                              model_entry, open_records_checked, predict_pairs, resolve_layer, subsample_pairs)
 from gate.train.distill import train_future_heads, train_word_head
+from gate.train.fit_eagle import fit_eagle
+from gate.train.fit_router import fit_router
+from gate.train.pca import pca_fit
 from gate.train.stages import StageCache, stage_key
+from runtimes.info import TokenizerMismatch
+from runtimes.loading import load as load_model
 
 GATE_VERSION = 3      # bump when the features change, so finished gate stages are not reused
 
@@ -135,7 +105,6 @@ def open_source(records, model: str | None, cfg: FitConfig) -> Source:
 
 def _refuse_unrecorded_model(rec, path: Path, model: str):
     """--model names a model without records: a TokenizerMismatch if its tokenizer differs, else FitError."""
-    from runtimes.loading import load as load_model
     info = load_model(model).info
     if info.fingerprint != rec.fingerprint:
         raise TokenizerMismatch(f"{path}: records were made with tokenizer {rec.fingerprint} "
@@ -146,7 +115,6 @@ def _refuse_unrecorded_model(rec, path: Path, model: str):
 
 def load_big_model(src: Source, cfg: FitConfig, log) -> BigModel:
     """The big model's frozen embedding, output rows, token kinds; and the tokenizer check."""
-    from runtimes.loading import load as load_model
     t0 = time.time()
     rec = src.rec
     lm = load_model(src.name, dtype=cfg.dtype)
@@ -348,19 +316,6 @@ def _heads_pca(tr: SplitData, head_rows: np.ndarray, norm: HiddenNorm, cfg: FitC
     return pca_fit(norm(torch.from_numpy(np.asarray(tr.hidden[sub], dtype=np.float32))).numpy(), cfg.n_pca)
 
 
-def pca_fit(hn: np.ndarray, n_pca: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and whitened projection [D, n_pca] of standardised hidden states."""
-    x = torch.from_numpy(np.asarray(hn, dtype=np.float32))
-    mean = x.mean(0)
-    u, s, v = torch.linalg.svd(x - mean, full_matrices=False)
-    n_pca = min(n_pca, v.shape[0])
-    scale = s[:n_pca] / math.sqrt(max(1, len(x) - 1))
-    proj = v[:n_pca].T / scale.clamp_min(1e-6)
-    # fix signs deterministically (largest-magnitude loading positive)
-    sign = torch.sign(proj.gather(0, proj.abs().argmax(0, keepdim=True)))[0]
-    return mean, proj * sign
-
-
 # ------------------------------------------------------------------------------------------------ stage: mode
 @dataclass
 class Pairs:
@@ -546,13 +501,9 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
     check_out_artifact(Path(out), cfg.drafter, paths, force)
     with torch_threads(cfg.threads or torch.get_num_threads()):
         if cfg.drafter == "router":
-            from gate.train.fit_router import fit_router
-
             _check_settings(cfg)
             return fit_router(paths, Path(out), cfg, model, log)
         if cfg.drafter == "eagle":
-            from gate.train.fit_eagle import fit_eagle
-
             _check_settings(cfg)
             sources = [open_source(p, model, cfg) for p in paths]
             return fit_eagle(sources, load_big_model(sources[0], cfg, log), Path(out), cfg, force, log)
@@ -569,9 +520,6 @@ def check_out_artifact(out: Path, drafter: str, records: list, force: bool) -> N
     """Refuse (unless force) to replace an artifact in `out` that this fit would not have made: another drafter
     kind, other records, a recalibrated one, or an unreadable drafter.json. A folder without drafter.json (new,
     or an interrupted fit: its stages resume) passes."""
-    from gate.model.eagle import EAGLE_FORMAT
-    from gate.model.router import ROUTER_FORMAT
-
     if force or not (out / META_FILE).exists():
         return
     try:
@@ -628,7 +576,7 @@ def _fit(records, out: Path, model, force, log, cfg: FitConfig) -> Path:
     cost = pred.cost(big.info["n_params"])
     meta = artifact_meta(src, big, data, cfg, pairs, mm, gm, cal, cost,
                          {**heads.timings, "fit_total_s": round(time.time() - t_start, 1)})
-    Drafter(pred, gates, cal.primary, cal.threshold, cfg.max_skip, src.layer, meta, table).save(out)
+    HeadsDrafter(pred, gates, cal.primary, cal.threshold, cfg.max_skip, src.layer, meta, table).save(out)
     log(f"[fit] drafter: {cost['word_head_params'] / 1e6:.2f}M + {cost['future_heads_params'] / 1e6:.2f}M params, "
         f"{cost['drafter_flops_per_token'] / 1e6:.1f} MFLOP/token = "
         f"{cost.get('drafter_flops_vs_big', float('nan')):.1%} of the big model's; saved {out} "

@@ -1,17 +1,11 @@
-"""`python train.py fit --drafter eagle`: the feature head (gate/model/eagle.py), its gate and calibration.
+"""`python train.py fit --drafter eagle`: the feature head (gate/model/eagle.py), its gate and calibration, from
+one or more records folders of one big model.
 
-Data use (books never mix between splits; several records folders of the same big model may be given, e.g.
-the teacher-forced novels and the big model's own continuations):
-    train splits, 85% of chunks  -> the feature head (and the hidden-state standardisation, draft vocabulary)
-    train splits, 15% of chunks  -> the gate over its drafts (positions the head never trained on)
-    validation splits            -> the Learn-then-Test threshold (gate/train/calibration.py) and the baselines
-    test splits                  -> untouched (bench/eagle.py, train.py evaluate)
-The gate's pairs are (t, s): the head drafting s steps from the big model's position t - s, with the text's
-tokens in between - the same convention as the heads' pairs (gate/model/heads.py), so the two drafters are
-compared on the same pairs.
+    fit_eagle(sources, big, out, cfg, force, log) -> out
 
-Resumable: the feature head is a cached stage (its checkpoint after each epoch, then the finished head) under
-OUT/stages/; the gate and calibration are quick and recomputed.
+Train splits: 85% of chunks train the head, 15% the gate over its drafts; validation: the Learn-then-Test
+threshold; test: untouched. The head is a resumable stage (a checkpoint per epoch) under OUT/stages/; the gate
+and calibration are recomputed. docs/training.md: data use and pairs.
 """
 from __future__ import annotations
 
@@ -21,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtimes.info import TokenizerMismatch
+from common.files import atomic_path
 from gate.model.copyrule import COPY_SPAN, MAX_N, trust_copy, trusted_table
 from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab
 from gate.model.features import LogisticGate, pick_candidate
@@ -31,6 +25,7 @@ from gate.train.config import FitConfig
 from gate.train.data import FitError, SplitData, chunk_folds, load_split
 from gate.train.eagle import run_levels, train_feature_head
 from gate.train.stages import StageCache, stage_key
+from runtimes.info import TokenizerMismatch
 
 GATE_FRAC = 0.15
 
@@ -48,8 +43,6 @@ class Checkpoint:
         return state if state.get("key") == self.key else None
 
     def save(self, state: dict) -> None:
-        from common.files import atomic_path
-
         with atomic_path(self.path) as tmp:
             torch.save({**state, "key": self.key}, tmp)
 

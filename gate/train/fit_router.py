@@ -1,26 +1,12 @@
 """`python train.py fit --drafter router`: a router for a big/small pair (gate/model/router.py), from records of
 both models (`train.py record --model BIG --model SMALL`).
 
-Label at position t: the small model's argmax equals the big model's (both recorded on the same text). The
-router scores that from the small model's features (and optionally the big model's stale hidden state).
+    fit_router(paths, out, cfg, big_name, log) -> out
 
-Several records folders of one pair may be given (e.g. the book text, teacher-forced, and the big model's own
-continuations, `train.py selfgen`): their splits are pooled.
-
-Data use (books never mix between splits):
-    train split       -> projections (small hidden state, candidate embedding, big hidden state), the gates
-    validation split  -> Learn-then-Test threshold of each gate (at delta / 3 each); the larger certified
-                         coverage wins
-    test split        -> the metrics in drafter.json, per records folder (router vs the small model's entropy
-                         and max-probability, the copy rule and the oracle, overall and on non-copy positions);
-                         bench/pair.py reports them on held-out genres too, with `split_metrics`
-Pairs: the small model's features do not depend on how long ago the big model ran, so without the big hidden
-state each position is one example. With it (--router-big-hidden), each position t gets one since_big s, drawn
-uniformly from the valid 1 .. max_skip - 1, and reads the big model's state at t - s, as decoding would.
-
-Quick (a minute on 20k positions here), so not staged: a re-run refits. Records where the small model always
-(or never) agrees with the big one - the small model a copy of the big one - or too few positions give a router
-nothing to learn: refused with "too little data / one class" (check_labels), as the feature-head fit does.
+Label at t: the small model's argmax equals the big model's. Several records folders of one pair pool their
+splits: train -> projections and three gates; validation -> Learn-then-Test threshold (the largest certified
+coverage wins); test -> the metrics in drafter.json (split_metrics, which bench/pair.py reuses). Not staged: a
+re-run refits. Too little data or one class is refused (check_labels). docs/training.md: data use and why.
 """
 from __future__ import annotations
 
@@ -32,14 +18,14 @@ import numpy as np
 import torch
 
 from corpus_tools.inventory import OTHER_KIND, token_table
-from runtimes.loading import input_embedding, load_tokenizer
 from gate.model.copyrule import MAX_N, is_copy_position
 from gate.model.features import NEVER, LogisticGate, MLPGate
 from gate.model.router import Projection, RouterFeatures, model_identity, save_router
 from gate.train.calibration import coverage_at_precision, ltt_calibrate
 from gate.train.config import FitConfig
 from gate.train.data import FitError, SplitData, find_split, load_split, open_records_checked
-from gate.train.fit import pca_fit
+from gate.train.pca import pca_fit
+from runtimes.loading import input_embedding, load_tokenizer
 
 BATCH = 8192   # rows of features built at once
 MIN_POSITIONS = 20   # train positions below which a router is not fitted (too little data)

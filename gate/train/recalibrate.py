@@ -1,23 +1,12 @@
 """`python train.py calibrate --records R --gate G [--out G2]`: a new threshold for a trained gate, on your text.
 
-The Learn-then-Test promise (precision >= target with probability >= 1 - delta) holds for text like the
-calibration set. A gate calibrated on novels may fall short on manuals or code; retraining it needs a large
-corpus and the big model's hidden states, while recalibrating needs only records of a few books of the new kind.
-This runs the drafter (its gate, with its copy-rule fallback: the exact score the decoder thresholds) on the
-pairs of those records and certifies a new threshold with the same fixed-sequence Learn-then-Test walk as
-`train.py fit` (gate/train/calibration.py), for the drafter's primary gate only (one test: no Bonferroni split).
+The heads drafter's primary gate, certified on records of your own text with the fit's Learn-then-Test walk.
 
-Only the threshold and its metadata change: drafter.safetensors is copied byte for byte and drafter.json gets the
-new `threshold`, `calibration[primary]` and a `recalibrated` entry saying on what, by what command, and the
-threshold it replaced. The records must come from the gate's big model (same tokenizer fingerprint, hidden size
-and layers), as for evaluation.
+    recalibrate(records, gate, out=None, split="validation", ...) -> the new calibration entry
 
-Checked before any work: the numbers (--target-precision, --delta, --max-pairs), the drafter's kind (the heads
-drafter of `train.py fit`; a feature head or a router is named as such and refused), and the output folder
-(--out, or --gate itself when rewriting in place): it must be writable, and it is locked for the whole run.
---out refuses a folder holding another artifact (one this command did not make from this gate) unless --force.
-A split the gate was trained on (its books, from drafter.json) is refused unless --force: a threshold certified
-on the gate's own training text promises a precision it does not have on new text.
+Only the threshold and its metadata change: drafter.safetensors is copied byte for byte. Refused before any
+work: bad numbers, another drafter kind, an unwritable --out or one holding another artifact (unless --force),
+and a split the gate was trained on (unless --force). docs/training.md says why.
 """
 from __future__ import annotations
 
@@ -31,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from common.files import FolderLock, check_output_dir, write_json
-from gate.model.drafter import FORMAT, META_FILE, TENSOR_FILE, ArtifactError, kind_of, read_meta
+from gate.model.artifact import META_FILE, ArtifactError
 from gate.model.heads import context_copy_stats, pair_index
+from gate.model.heads_drafter import FORMAT, TENSOR_FILE
+from gate.model.load import kind_of, read_meta
 from gate.train.calibration import format_threshold, ltt_calibrate
 from gate.train.data import FitError, apply_copy_trust, predict_pairs, subsample_pairs
+from gate.train.evaluate import open_inputs
 
 
 def check_kind(gate) -> dict:
@@ -93,8 +85,6 @@ def recalibrate(records, gate, out=None, split: str = "validation", part: str | 
     """Certify a new threshold for `gate` on the records' split; write the recalibrated artifact to `out`
     (default: `gate` itself, only drafter.json rewritten). Returns the new calibration entry. The caller holds
     the output folder's lock (main does)."""
-    from gate.train.evaluate import open_inputs
-
     if max_pairs < 1:
         raise FitError(f"--max-pairs {max_pairs}: must be >= 1")
     check_kind(gate)
