@@ -201,7 +201,6 @@ def policy_methods(args, rt, policies, wanted, notes) -> dict[str, Method]:
 
 def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
     """spec_small, and the trained gate at other thresholds / with verification (when --gate exists)."""
-
     samp = sampling(args)
     out = {"copy_verify": loop_method(rt, Copy.from_args(args, rt), verify=True, **samp)}
     if "spec_small" in wanted:

@@ -25,6 +25,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.real_model)
 
 
+THREADS = torch.get_num_threads()   # torch's default for this machine
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before each test's fixtures (module-scoped ones included): one intra-op thread unless the test loads real
+    weights. The tiny random models do not gain from a second thread, and on a busy 2-core machine OpenMP spinning
+    made a test of 600 tiny decodes take minutes instead of seconds. Real models keep torch's default."""
+    torch.set_num_threads(THREADS if item.get_closest_marker("real_model") else 1)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one intra-op thread is faster, and far faster on a busy machine (no OpenMP spinning)."""

@@ -5,8 +5,10 @@ conftest.py turns the common ones into fixtures; test modules import the rest fr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import signal
 import subprocess
@@ -16,10 +18,10 @@ from pathlib import Path
 import torch
 
 from corpus_tools import record as rec_mod
-from runtimes.hf import HFBackend
-from gate.decode.drafters import DrafterBase
 from gate.decode.loop import Decoder
 from gate.decode.policies import BigOnly
+from gate.model.base import Drafter
+from runtimes.hf import HFBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +137,7 @@ def lively(model, seed: int):
     return m
 
 
-class FnDrafter(DrafterBase):
+class FnDrafter(Drafter):
     """A Drafter (docs/interfaces.md) from a function (ids, hidden, since_big) -> (token, score)."""
 
     def __init__(self, fn, threshold=0.5, max_skip=8, hidden_layer=None):
@@ -185,3 +187,32 @@ def kill(p: subprocess.Popen) -> None:
     p.send_signal(signal.SIGKILL)  # no clean-up: the lock file stays behind, naming a dead pid
     p.wait()
     p.stdout.close()
+
+
+# -- entry points run in this process ------------------------------------------------------------------------
+def call_main(main, argv: list) -> tuple[int, str]:
+    """An entry point's main(argv) in this process, as a user's run would end: (exit status, stderr). An argparse
+    error is its SystemExit status; any other exception propagates (a bug keeps its traceback). The thread count
+    and random state a command sets are put back. A fresh `python train.py ...` per case costs seconds (torch and
+    transformers imported anew), this milliseconds; the entry scripts themselves keep a few true subprocess cases
+    (test_cli_errors.py, test_infer_cli.py)."""
+    err, threads = io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stderr(err), torch.random.fork_rng():
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code
+    torch.set_num_threads(threads)
+    return (0 if rc is None else rc), err.getvalue()
+
+
+def assert_one_error_line(rc: int, err: str, expected: str, start: str = "") -> None:
+    """A user's mistake: exit 2, no traceback, exactly one `error:` line, the last, starting with `start` (the
+    program's name) and holding `expected`."""
+    assert rc == 2, (rc, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0] == lines[-1], err[-2000:]
+    assert errors[0].startswith(start), (start, errors[0])
+    assert expected in errors[0], (expected, errors[0])

@@ -12,8 +12,8 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it from source)")
 
 from runtimes.info import ContextLengthError
-from runtimes.sources import packaged_gguf
 from runtimes.llamacpp import LayerUnavailable, LlamaCppBackend
+from runtimes.sources import packaged_gguf
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.")
@@ -222,6 +222,7 @@ def test_record_on_llamacpp_matches_transformers_records(tmp_path):
     weights, transformers their float32 copy); other layers are refused."""
     from corpus_tools import record as rec_mod
     from corpus_tools.records import open_records
+
     from helpers import SPLIT_REC, book_text, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("b", "test", book_text(1, 2))])
@@ -241,9 +242,10 @@ def test_record_on_llamacpp_matches_transformers_records(tmp_path):
 def test_selfgen_on_llamacpp_is_the_backends_greedy_text(backend, tmp_path):
     """train.py selfgen --backend llama.cpp: each sample is the prompt + llama.cpp's greedy continuation."""
     from corpus_tools import selfgen as sg
-    from runtimes.loading import load_tokenizer
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly
+    from runtimes.loading import load_tokenizer
+
     from helpers import book_text, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 3))])

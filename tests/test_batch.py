@@ -14,6 +14,8 @@ import pytest
 from common.files import FolderLock
 from gate.decode.cli import main
 
+from helpers import call_main
+
 PROMPTS = ["It is a truth universally", "My dear Mr. Bennet", "Netherfield Park is let", "Mr. Bennet replied"]
 
 
@@ -132,7 +134,7 @@ def test_smollm2_end_to_end(smollm2, tmp_path, capsys):
                                               {"prompt_ids": [504, 3458], "max_new_tokens": 1}])
     out = tmp_path / "out.jsonl"
     assert main(["--input", str(inp), "--output", str(out), "-m", "2"]) == 0
-    text, ids = rows(out)
+    text, ids = sorted(rows(out), key=lambda r: r["line"])   # rows come in the order prompts end
     assert 0 not in text["prompt_ids"] and len(text["output_ids"]) == 2
     assert ids["prompt_ids"] == [504, 3458] and len(ids["output_ids"]) == 1 and ids["id"] == 2
 
@@ -182,9 +184,6 @@ def test_a_line_that_fails_while_decoding_is_an_error_row(tiny_dir, tmp_path, on
 def test_resume_refuses_rows_of_another_line_or_run(tiny_dir, tmp_path, one_thread, capsys):
     """Case 5: a kept row must come from its own input line (hash) and this run's model, policy and settings;
     else one line names the difference and nothing is touched, or --rerun-mismatched runs those lines again."""
-    import subprocess
-    import sys
-
     inp = write_lines(tmp_path / "in.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
     out = tmp_path / "out.jsonl"
     assert run(tiny_dir, inp, out) == 0
@@ -195,11 +194,9 @@ def test_resume_refuses_rows_of_another_line_or_run(tiny_dir, tmp_path, one_thre
         assert run(tiny_dir, inp, out, *extra) == 2
         assert expected in capsys.readouterr().err and out.read_bytes() == before
     write_lines(inp, [{"prompt": "A new first prompt"}] + [{"prompt": p} for p in PROMPTS[:3]])  # ids shift
-    r = subprocess.run([sys.executable, "infer.py", "--model", str(tiny_dir), "--input", str(inp), "--output",
-                        str(out), "-m", "6"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                       timeout=300)
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    rc, err = call_main(main, ["--model", tiny_dir, "--input", inp, "--output", out, "-m", "6"])
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
     assert (f"--output {out}: 3 rows do not match this run's input and settings, first row 1 (id 1): input line 1 "
             "is not the line it was made from") in errors[0] and "--rerun-mismatched" in errors[0]
     assert out.read_bytes() == before
@@ -223,7 +220,7 @@ def test_a_symlinked_output_is_resumed_through_the_link(tiny_dir, tmp_path, one_
     link.symlink_to(real)
     assert run(tiny_dir, inp, link) == 0
     assert link.is_symlink() and sorted(r["id"] for r in rows(real)) == [1, 2, 3]
-    assert sorted(os.listdir(tmp_path / "real")) == ["out.jsonl"]
+    assert sorted(os.listdir(tmp_path / "real")) == ["out.jsonl", "out.jsonl.summary.json"]   # no temporary file
 
 
 def test_dash_reads_stdin_and_streams_to_stdout(tiny_dir, tmp_path, one_thread, capfd, monkeypatch):

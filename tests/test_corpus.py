@@ -1,21 +1,25 @@
 """Corpus building: manifest and texts, failures in a batch, resume, atomic writes, splits, CLI, demo books."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
+import io
 import json
 import struct
-import subprocess
-import sys
+import types
 import zlib
 from pathlib import Path
 
 import pytest
 
-from corpus_tools import corpus, files
+from common import files
+from corpus_tools import corpus
 from corpus_tools.corpus import assign_splits, books_of_split, build_corpus, load_manifest, main, read_book
 from corpus_tools.epub import extract_text
+
 from fixtures_epub import BROKEN, PRIDE, PRIDE_TEXT, make_broken, pride_epub
+from helpers import call_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLES = ["Pride and Prejudice", "Emma", "Persuasion", "Mansfield Park", "Northanger Abbey",
@@ -157,7 +161,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_typo_in_epubs_never_wipes_a_corpus(tmp_path):
-    """Issue 13 case 1, as a real run: `train.py corpus --epubs MISSING --out EXISTING` emptied text/ and the
+    """Issue 13 case 1, through train.py: `train.py corpus --epubs MISSING --out EXISTING` emptied text/ and the
     manifest. Now it exits 2 with one error line and changes no byte; so does a folder of unreadable books."""
     books = library(tmp_path / "books", TITLES[:3])
     assert run_cli("corpus", "--epubs", books, "--out", tmp_path / "cc", "--quiet").returncode == 0
@@ -181,9 +185,15 @@ def test_help_documents_prune(capsys):
     assert "--prune" in capsys.readouterr().out
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def run_cli(*args) -> types.SimpleNamespace:
+    """`python train.py ARGS` run as train.py's main in this process (a fresh interpreter per run costs seconds):
+    its exit status, stdout and stderr."""
+    import train
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc, err = call_main(train.main, args)
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err)
 
 
 def test_crash_mid_write_leaves_no_partial_file_or_manifest_line(tmp_path, monkeypatch):

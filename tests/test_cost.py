@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtimes.hf import HFBackend
-from gate.decode.drafters import DrafterBase
-from gate.decode.cost import (Acceptance, CostProfile, Planner, cache_file, copy_acceptance, load_or_measure,
-                              profile_key)
+from gate.decode.cost import Acceptance, CostProfile, Planner, cache_file, copy_acceptance, load_or_measure, profile_key
 from gate.decode.loop import Decoder
 from gate.decode.policies import BigOnly, Copy, Gate
+from gate.model import base
+from runtimes.hf import HFBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +162,7 @@ def test_planned_gate_verify_is_greedy_big(tiny_llama, one_thread):
     big = HFBackend(tiny_llama, name="tiny")
     rng = random.Random(0)
 
-    class Drafter(DrafterBase):
+    class Drafter(base.Drafter):
         threshold, max_skip, hidden_layer = -1.0, 16, None
 
         def propose(self, ids, hidden, s):
@@ -179,18 +178,27 @@ def test_planned_gate_verify_is_greedy_big(tiny_llama, one_thread):
 
 
 def test_no_entry_point_changes_openmp_settings():
-    """infer.py, train.py and the bench scripts leave OMP_WAIT_POLICY as the user set it, and set none."""
-    code = ("import os, runpy, sys; sys.argv=['x']; runpy.run_path(sys.argv_path, run_name='imported'); "
-            "print(os.environ.get('OMP_WAIT_POLICY', '<unset>'))")
-    for script in ("infer.py", "train.py", "bench/decode.py", "bench/llamacpp.py"):
-        for user in ("ACTIVE", None):
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            if user:
-                env["OMP_WAIT_POLICY"] = user
-            c = code.replace("sys.argv_path", repr(str(ROOT / script)))
-            out = subprocess.run([sys.executable, "-c", c], cwd=ROOT, env=env, capture_output=True, text=True)
-            assert out.returncode == 0, out.stderr
-            assert out.stdout.strip().splitlines()[-1] == (user or "<unset>"), script
+    """infer.py, train.py and the bench scripts leave OMP_WAIT_POLICY as the user set it, and set none. One fresh
+    interpreter (not one per script and setting: each imports torch anew) runs every script's top level, first
+    with the variable unset, so every module the scripts import is imported then, then with it set."""
+    scripts = [str(ROOT / s) for s in ("infer.py", "train.py", "bench/decode.py", "bench/llamacpp.py")]
+    code = ("import os, runpy, sys\n"
+            "sys.argv = ['x']\n"
+            "for user in (None, 'ACTIVE'):\n"
+            f"    for script in {scripts!r}:\n"
+            "        os.environ.pop('OMP_WAIT_POLICY', None)\n"
+            "        os.environ.update({'OMP_WAIT_POLICY': user} if user else {})\n"
+            "        runpy.run_path(script, run_name='imported')\n"
+            "        after = os.environ.get('OMP_WAIT_POLICY', '<unset>')\n"
+            "        print('OMP', script, user or '<unset>', after, sep='\\t')\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    seen = [line.split("\t")[1:] for line in out.stdout.splitlines() if line.startswith("OMP\t")]
+    assert [(script, user) for script, user, _ in seen] == [(s, u) for u in ("<unset>", "ACTIVE") for s in scripts]
+    for script, user, after in seen:
+        assert after == user, (script, user, after)
 
 
 def test_a_curve_measured_under_load_is_not_cached(tmp_path, monkeypatch, tiny_llama, one_thread):

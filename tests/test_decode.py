@@ -11,10 +11,11 @@ import random
 import pytest
 import torch
 
-from runtimes.hf import HFBackend, early_exit_view
-from gate.decode.loop import Decoder, accept_draft, check_output
 from gate.decode.contract import Draft
+from gate.decode.loop import Decoder, accept_draft, check_output
 from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio, SmallOnly
+from runtimes.hf import HFBackend, early_exit_view
+
 from helpers import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively, paragraph_corpus, save_model
 
 

@@ -1,11 +1,10 @@
 """Training the heads (gate/train/distill.py): overfitting tiny synthetic record sets, distillation targets."""
 import numpy as np
-import torch
 import pytest
+import torch
 
 from gate.model import heads as H
 from gate.train import distill as T
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

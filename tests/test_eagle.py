@@ -90,8 +90,7 @@ def test_eval_windows_stay_inside_runs_and_rows():
 
 
 # ------------------------------------------------------------------------------------------------ fit + decode
-from helpers import (book_text, make_tiny_llama, make_tiny_tokenizer, save_model, split_records,  # noqa: E402
-                     write_corpus)
+from helpers import book_text, make_tiny_llama, make_tiny_tokenizer, save_model, split_records, write_corpus  # noqa: E402
 
 EAGLE_FIT = dict(drafter="eagle", eagle_vocab=64, eagle_window=16, eagle_batch=8, eagle_depth=3, eagle_epochs=4.0,
                  eagle_lr=3e-3, dtype="float32", threads=1)
@@ -124,9 +123,9 @@ def test_training_lowers_the_loss_and_resumes(tiny_eagle, tmp_path):
 
 
 def test_artifact_refuses_another_tokenizer_or_hidden_size(tiny_eagle, tmp_path):
+    from gate.model.load import ArtifactError, load_drafter
     from runtimes.info import TokenizerMismatch
     from runtimes.loading import load
-    from gate.model.drafter import ArtifactError, load_drafter
 
     model_dir, _, out, _ = tiny_eagle
     info = load(model_dir, dtype="float32").info
@@ -140,9 +139,9 @@ def test_artifact_refuses_another_tokenizer_or_hidden_size(tiny_eagle, tmp_path)
 
 
 def lossless_against_greedy(model, drafter, prompts, n_new=24):
-    from runtimes.hf import HFBackend
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly, Gate
+    from runtimes.hf import HFBackend
 
     for ids in prompts:
         want = Decoder(HFBackend(model, "big"), BigOnly()).generate(ids, n_new).ids
@@ -156,7 +155,7 @@ def lossless_against_greedy(model, drafter, prompts, n_new=24):
 
 
 def test_tiny_eagle_decode_is_lossless(tiny_eagle, tiny_llama, tiny_tokenizer):
-    from gate.model.drafter import load_drafter
+    from gate.model.load import load_drafter
 
     dr = load_drafter(tiny_eagle[2], None)
     prompts = [tiny_tokenizer(book_text(3, 1)[:200])["input_ids"][:40], [5, 9, 5, 9, 5, 9, 5]]
@@ -168,10 +167,10 @@ def test_sampled_decode_with_the_feature_head_keeps_the_big_models_distribution(
     head drafts token 1 from its own distribution, verification accepts it with min(1, q/p). Token 1 of each run
     must be distributed as the big model's softmax(logits / T) after that run's token 0: the counts of each
     token over the runs match the sum of those conditional probabilities (within 4 standard deviations)."""
-    from runtimes.hf import HFBackend
     from gate.decode.loop import Decoder
     from gate.decode.policies import Gate
-    from gate.model.drafter import load_drafter
+    from gate.model.load import load_drafter
+    from runtimes.hf import HFBackend
 
     dr = load_drafter(tiny_eagle[2], None)
     ids, T, n = [5, 9, 5, 9, 5, 9, 5], 0.7, 600
@@ -223,7 +222,7 @@ def smollm2_eagle(smollm2, tmp_path_factory):
 
 
 def test_smollm2_eagle_decode_is_lossless(smollm2, smollm2_eagle):
-    from gate.model.drafter import load_drafter
+    from gate.model.load import load_drafter
 
     dr = load_drafter(smollm2_eagle, smollm2.info)
     ids = smollm2.tokenizer(AUSTEN[:150], add_special_tokens=False).input_ids
@@ -233,11 +232,11 @@ def test_smollm2_eagle_decode_is_lossless(smollm2, smollm2_eagle):
 def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
     """The same drafter on the llama.cpp backend (its last-layer hidden rows) with --verify == big there."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it)")
-    from runtimes.sources import packaged_gguf
-    from runtimes.llamacpp import LlamaCppBackend
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly, Gate
-    from gate.model.drafter import load_drafter
+    from gate.model.load import load_drafter
+    from runtimes.llamacpp import LlamaCppBackend
+    from runtimes.sources import packaged_gguf
 
     dr = load_drafter(smollm2_eagle, smollm2.info)
     big = LlamaCppBackend(str(packaged_gguf("smollm2-135m")[0]), name="smollm2-135m", n_ctx=256, n_threads=1)

@@ -7,8 +7,22 @@ from pathlib import Path
 import pytest
 
 from corpus_tools.epub import Book, EpubError, extract_text
-from fixtures_epub import (BROKEN, CP1252_BODY, CP1252_TEXT, PRIDE, PRIDE_TEXT, encryption_xml, make_broken,
-                           nav_xhtml, opf, paragraphs_xhtml, pride_epub, write_epub, xhtml)
+
+from fixtures_epub import (
+    BROKEN,
+    CP1252_BODY,
+    CP1252_TEXT,
+    PRIDE,
+    PRIDE_TEXT,
+    encryption_xml,
+    make_broken,
+    nav_xhtml,
+    opf,
+    paragraphs_xhtml,
+    pride_epub,
+    write_epub,
+    xhtml,
+)
 
 DATA = Path(__file__).parent / "data"
 CALIBRE = DATA / "calibre-quick-start-eng.epub"

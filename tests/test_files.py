@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.files import FolderLock, LockedError, OutputPathError, check_output_dir, check_output_file
+
 from helpers import hold_lock, kill
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,32 +4,34 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import (SPLIT_REC, book_text, make_tiny_llama, make_tiny_tokenizer, save_model, split_records,
-                     write_corpus)
 from corpus_tools import record as rec_mod
-from runtimes.info import TokenizerMismatch
-from runtimes.loading import load
 from corpus_tools.records import open_records
-from gate.model import drafter as D
+from gate.decode.loop import Decoder
+from gate.decode.policies import BigOnly, Gate
+from gate.model import load as D
 from gate.model.copyrule import CopyIndex, trust_copy
 from gate.train.evaluate import evaluate
-from runtimes.hf import HFBackend
-from gate.decode.loop import Decoder
-from gate.train.fit import FitError, fit, main as fit_main
-from gate.decode.policies import BigOnly, Gate
 from gate.train.evaluate import main as evaluate_main
+from gate.train.fit import FitError, fit
+from gate.train.fit import main as fit_main
+from runtimes.hf import HFBackend
+from runtimes.info import TokenizerMismatch
+from runtimes.loading import load
+
+from helpers import (SPLIT_REC, book_text, call_main, make_tiny_llama, make_tiny_tokenizer, save_model,
+                     split_records, write_corpus)
 
 TINY_REC = SPLIT_REC
+# min_steps 50, not the default 300: these tests check artifacts, resumption and refusals, not what the heads
+# learn (a fit takes about 2 s instead of 5; the module fits six times)
 SMALL_FIT = dict(restricted=48, width=32, d_tok=8, d_hid=16, epochs=3.0, future_epochs=3.0, n_pca=4,
-                 max_gate_pairs=20000, batch=64, dtype="float32")
+                 max_gate_pairs=20000, batch=64, dtype="float32", min_steps=50)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -240,13 +242,12 @@ def test_damaged_artifact_is_refused(tiny_gate, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ issue 22
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def train_py(*args) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return r.returncode, r.stderr
+    """`python train.py ARGS` run as train.py's main in this process (a subprocess per call imports torch anew:
+    seconds each): (exit status, stderr)."""
+    import train
+
+    return call_main(train.main, args)
 
 
 def one_error_line(rc: int, err: str, expected: str) -> None:
@@ -349,7 +350,7 @@ def test_smollm2_end_to_end(smollm2, tmp_path):
     rec_mod.record(["smollm2-135m"], corpus, records, layers=("middle", "last"), context=128, stride=96,
                    max_tokens_per_book=300, shard_tokens=1000, progress=False)
     out = tmp_path / "drafter"
-    fit(records, out, log=lambda m: None, **{**SMALL_FIT, "restricted": 256, "width": 64})
+    fit(records, out, log=lambda m: None, **{**SMALL_FIT, "restricted": 256, "width": 64, "min_steps": 300})
     meta = json.loads((out / "drafter.json").read_text())
     assert meta["big_model"]["name"] == "smollm2-135m" and meta["hidden_layer"] == 30
     assert meta["cost"]["drafter_flops_vs_big"] < 0.05

@@ -8,7 +8,6 @@ import torch
 from corpus_tools import inventory as inv
 from gate.model import features as gm
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -5,7 +5,6 @@ import torch
 
 from gate.model import heads as H
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -1,8 +1,10 @@
 """Bad input to `infer.py`: exit status 2, one `error:` line naming the problem, never a traceback (issue 13).
 
-Each case runs `python infer.py ...` as a user would. Most are refused before any model is loaded; the few that
-need a model use the real packaged SmolLM2-135M (its context length is the real 8,192), with tiny prompts and
--m 2. Also here: prompts are literal text (case 3), checked by token ids on SmolLM2's tokenizer.
+Each case calls infer.py's main(argv) (gate/decode/cli.py) in this process, as `python infer.py ...` would (a
+fresh interpreter per case imports torch and transformers anew: seconds each); one case also runs the real script
+in a subprocess (test_the_script_itself, left to the slow run). Most are refused before any model is loaded; the
+few that need a model use the real packaged SmolLM2-135M (its context length is the real 8,192), with tiny
+prompts and -m 2. Also here: prompts are literal text (case 3), checked by token ids on SmolLM2's tokenizer.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from common.files import FolderLock
+
+from helpers import assert_one_error_line, call_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +37,14 @@ def ws(tmp_path_factory):
     (t / "stdout").symlink_to(t / "fifo")                   # stands in for /dev/stdout on a pipe (cases 1, 6)
     (t / "busy.jsonl").write_text("")
     (t / "busy_link.jsonl").symlink_to(t / "busy.jsonl")    # another name of the busy output (case 2)
-    with FolderLock(t, "infer.py --output busy.jsonl", name=".busy.jsonl.lock"):   # held for the whole module
-        yield t
+    # A reader on the FIFO: a writer's open() would block forever without one (no subprocess timeout here).
+    reader = os.open(t / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with FolderLock(t, "infer.py --output busy.jsonl", name=".busy.jsonl.lock"):   # held for the whole module
+            yield t
+    finally:
+        assert os.read(reader, 1 << 16) == b""   # nothing was ever written into it
+        os.close(reader)
 
 
 NO_MODEL = [  # (infer.py arguments, text the error line must contain); {t} is the workspace
@@ -83,19 +93,11 @@ WITH_MODEL = [  # each loads SmolLM2 (a few seconds): one per kind of check made
 ]
 
 
-def run_infer(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+def infer(args: list[str]) -> tuple[int, str]:
+    """infer.py's main in this process: (exit status, stderr)."""
+    from gate.decode.cli import main
 
-
-def assert_one_error_line(r: subprocess.CompletedProcess, expected: str) -> None:
-    err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode("utf-8", "replace")
-    assert r.returncode == 2, (r.returncode, err[-2000:])
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1 and errors[0] == lines[-1], err[-2000:]
-    assert errors[0].startswith("infer.py: error: ") and expected in errors[0], errors[0]
+    return call_main(main, args)
 
 
 @pytest.mark.parametrize("args,expected", NO_MODEL + [pytest.param(*c, marks=pytest.mark.real_model)
@@ -103,22 +105,35 @@ def assert_one_error_line(r: subprocess.CompletedProcess, expected: str) -> None
                          ids=[f"{i}-" + c[0].split(" {t}")[0] for i, c in enumerate(NO_MODEL + WITH_MODEL)])
 def test_bad_input_is_one_error_line(ws, args, expected):
     fill = {"t": ws, "pid": os.getpid()}
-    r = run_infer(args.format(**fill).split(), text=True)
-    assert_one_error_line(r, expected.format(**fill))
+    rc, err = infer(args.format(**fill).split())
+    assert_one_error_line(rc, err, expected.format(**fill), start="infer.py: error: ")
     assert not (ws / "r.jsonl").exists() and not (ws / "no_such_folder").exists()   # nothing written
     assert (ws / "fifo").is_fifo() and (ws / "stdout").is_symlink() and (ws / "busy_link.jsonl").is_symlink()
     assert (ws / "busy.jsonl").read_text() == "" and [p.name for p in ws.glob(".*.lock")] == [".busy.jsonl.lock"]
 
 
+NOT_UTF8 = (b"Caf\xe9 \xff", "the prompt argument: not UTF-8 text (byte 0xe9 at character 4)")
+
+
 def test_prompt_argument_that_is_not_utf8(ws):
     """Case 9: `infer.py "$(printf 'Caf\\xe9 \\xff')"`: Python passes the bytes as lone surrogates."""
-    r = run_infer([os.fsdecode(b"Caf\xe9 \xff"), "-m", "2"])
-    assert_one_error_line(r, "the prompt argument: not UTF-8 text (byte 0xe9 at character 4)")
+    assert_one_error_line(*infer([os.fsdecode(NOT_UTF8[0]), "-m", "2"]), NOT_UTF8[1], start="infer.py: error: ")
 
 
-def test_stdin_that_is_not_utf8(ws):
-    r = run_infer(["-", "-m", "2"], input=b"Caf\xe9")
-    assert_one_error_line(r, "stdin: not UTF-8 text")
+@pytest.mark.slow   # a fresh interpreter importing torch and transformers: seconds
+def test_the_script_itself(ws):
+    """Case 9 as a user runs it, `python infer.py` in a subprocess: argv decoded by a fresh interpreter, the
+    script's exit status and stderr."""
+    r = subprocess.run([sys.executable, "infer.py", NOT_UTF8[0], "-m", "2"], cwd=ROOT, capture_output=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_one_error_line(r.returncode, r.stderr.decode("utf-8", "replace"), NOT_UTF8[1], start="infer.py: error: ")
+
+
+def test_stdin_that_is_not_utf8(ws, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Caf\xe9")))
+    assert_one_error_line(*infer(["-", "-m", "2"]), "stdin: not UTF-8 text", start="infer.py: error: ")
 
 
 # -- case 3: text a user types is text -------------------------------------------------------------------------

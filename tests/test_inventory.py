@@ -116,8 +116,9 @@ def test_encode_text_keeps_typed_special_tokens_literal(smollm2):
 
 def test_encode_text_still_adds_the_tokenizers_own_framing():
     """A BOS-adding tokenizer keeps its BOS (records and decoding add it as before); only typed specials split."""
-    from helpers import make_tiny_tokenizer
     from tokenizers import processors
+
+    from helpers import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     eos = tok.convert_tokens_to_ids("<eos>")

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from runtimes import info, loading, sources
+
 from helpers import make_tiny_tokenizer
 
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good"

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from runtimes.hf import HFBackend, early_exit_view
-from gate.decode.loop import Decoder
 from gate.decode.drafters import SmallLMDrafter
+from gate.decode.loop import Decoder
 from gate.decode.policies import Cascade, Copy, Entropy, Gate, Ratio, SmallOnly, entropy
+from runtimes.hf import HFBackend, early_exit_view
+
 from helpers import PROMPTS, FnDrafter, greedy, ledger_adds_up, lively
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: a second thread is pure overhead

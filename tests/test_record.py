@@ -12,13 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_tools import record as rec_mod
 from common.files import OutputPathError
+from corpus_tools import record as rec_mod
+from corpus_tools.records import RecordsError, open_records
 from runtimes.info import ContextLengthError, TokenizerMismatch
 from runtimes.loading import load
-from corpus_tools.records import RecordsError, open_records
-from helpers import (TINY, TINY_TEXT, book_text, hold_lock, kill, make_tiny_llama, make_tiny_tokenizer, save_model,
-                     write_corpus)
+
+from helpers import (
+    TINY,
+    TINY_TEXT,
+    book_text,
+    call_main,
+    hold_lock,
+    kill,
+    make_tiny_llama,
+    make_tiny_tokenizer,
+    save_model,
+    write_corpus,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,6 +208,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow   # two fresh processes importing torch, accelerate and gloo: half a minute on 2 cores
 def test_two_processes_share_the_books(tiny_dir, corpus, tiny_records, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): each book once, one manifest, same records."""
     out = tmp_path / "rec"
@@ -244,24 +256,25 @@ def test_context_beyond_the_model_is_refused_with_the_numbers(tiny_dir, corpus, 
 
 def test_a_second_writer_refuses_at_once_and_a_dead_ones_lock_does_not_block(tiny_dir, corpus, tiny_records,
                                                                              tmp_path):
-    """Issue 13 case 12 as real runs: while another process holds the records folder, `train.py record` into it
-    exits 2 at once naming that process; once it is dead (SIGKILL: its lock file stays), the run goes through."""
+    """Issue 13 case 12: while another process holds the records folder, `train.py record` into it (its main, run
+    here) exits 2 at once naming that process; once it is dead (SIGKILL: its lock file stays), the run goes
+    through."""
+    import train
 
     out = tmp_path / "rec"
-    args = [sys.executable, "train.py", "record", "--model", tiny_dir, "--corpus", str(corpus), "--out", str(out),
-            "--context", "64", "--stride", "48", "--batch-size", "2", "--shard-tokens", "200", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["record", "--model", tiny_dir, "--corpus", corpus, "--out", out, "--context", "64", "--stride", "48",
+            "--batch-size", "2", "--shard-tokens", "200", "--no-progress"]
     holder = hold_lock(out, "train.py record")
     try:
-        r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        rc, err = call_main(train.main, args)
     finally:
         kill(holder)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1] == (
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
         f"train.py record: error: {out}: in use by train.py record (pid {holder.pid} on {socket.gethostname()}); "
         f"wait for it to finish (its lock: {out / '.lock'})")
     assert os.listdir(out) == [".lock"]  # nothing written; the dead holder's lock file is left
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    rc, err = call_main(train.main, args)
+    assert rc == 0, err[-2000:]
     assert open_records(out).meta["positions"] == open_records(tiny_records).meta["positions"]
     assert not (out / ".lock").exists()

@@ -11,6 +11,7 @@ import torch
 from corpus_tools import record as rec_mod
 from corpus_tools import report
 from corpus_tools.tokens import token_class_from_tokenizer
+
 from helpers import TINY, book_text, save_model, write_corpus
 
 
@@ -29,7 +30,7 @@ def test_token_classes_byte_level_bpe(smollm2):
 
 
 def test_token_classes_sentencepiece_marker():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +14,15 @@ from corpus_tools import record as rec_mod
 from gate.decode.drafters import load_gate
 from gate.decode.loop import Decoder
 from gate.decode.policies import Gate
-from gate.model.drafter import read_meta
+from gate.model.load import read_meta
 from gate.model.router import small_stats
 from gate.train.fit import fit
 from gate.train.fit_router import features_of, load_pair, pair_entries
 from runtimes.hf import HFBackend
 from runtimes.open import open_models
 
-from helpers import PROMPTS, SPLIT_REC, book_text, greedy, lively, make_tiny_llama, save_model, write_corpus
+from helpers import (PROMPTS, SPLIT_REC, book_text, call_main, greedy, lively, make_tiny_llama, save_model,
+                     write_corpus)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,12 +142,12 @@ def test_router_refuses_another_small_or_big_model(pair, tiny_tokenizer, tmp_pat
 
 def test_infer_cli_uses_the_routers_small_model(pair, tmp_path):
     """infer.py opens the small model the router names (no --small) and decodes losslessly with it."""
+    from gate.decode.cli import main
+
     big_dir, small_dir, _, router = pair
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "infer.py", "It is a truth", "--model", big_dir, "--policy", "gate",
-                          "--gate", str(router), "--threshold", "0", "--verify", "-m", "12", "--json",
-                          str(tmp_path / "r.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    rc, err = call_main(main, ["It is a truth", "--model", big_dir, "--policy", "gate", "--gate", router,
+                               "--threshold", "0", "--verify", "-m", "12", "--json", tmp_path / "r.json"])
+    assert rc == 0, err
     res = json.loads((tmp_path / "r.json").read_text())
     rt = open_pair(big_dir, small_dir)
     assert res["output_ids"] == greedy(rt.big.model, res["prompt_ids"], 12)
@@ -160,10 +158,11 @@ def test_fit_router_refuses_records_of_one_model(tmp_path, tiny_tokenizer, tiny_
     d = save_model(tmp_path / "m", tiny_llama, tiny_tokenizer)
     corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("c", "val", book_text(2, 2))])
     rec_mod.record([d], corpus, tmp_path / "records", layers=("last",), **SPLIT_REC)
-    out = subprocess.run([sys.executable, "train.py", "fit", "--drafter", "router", "--records",
-                          str(tmp_path / "records"), "--out", str(tmp_path / "r")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "two models" in out.stderr and "Traceback" not in out.stderr
+    import train
+
+    rc, err = call_main(train.main, ["fit", "--drafter", "router", "--records", tmp_path / "records", "--out",
+                                     tmp_path / "r"])
+    assert rc == 2 and "two models" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -228,10 +227,11 @@ def test_fit_router_refuses_a_small_model_that_is_a_copy_of_the_big_one(tmp_path
     copy = save_model(tmp_path / "copy", tiny_llama, tiny_tokenizer)
     corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2)), ("c", "val", book_text(2, 2))])
     rec_mod.record([big, copy], corpus, tmp_path / "records", layers=("last",), topk=8, **SPLIT_REC)
-    r = subprocess.run([sys.executable, "train.py", "fit", "--drafter", "router", "--records",
-                        str(tmp_path / "records"), "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-3000:]
+    import train
+
+    rc, err = call_main(train.main, ["fit", "--drafter", "router", "--records", tmp_path / "records", "--out",
+                                     tmp_path / "r"])
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1, err[-3000:]
     assert "too little data / one class" in errors[0] and "is the small model a copy of the big one?" in errors[0]
     assert not (tmp_path / "r").exists()

@@ -9,6 +9,7 @@ import torch
 
 from corpus_tools import selfgen as sg
 from runtimes.hf import HFBackend
+
 from helpers import TINY_TEXT, paragraph_corpus, save_tiny_model
 
 

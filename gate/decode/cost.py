@@ -187,7 +187,7 @@ def batch_curve(backend, ns: Sequence[int] = SLOT_NS, reps: int = 5, refresh: bo
                 log: Callable[[str], None] | None = None) -> tuple[dict[int, float], float, dict]:
     """({n: cost of one pass feeding one token to each of n sequences, in one-token steps}, step ms, key) for
     the llama.cpp model under `backend`: measured once in a LlamaCppSlots context and cached like a profile."""
-    key = dict(profile_key(backend), curve="slots", ns=list(ns))
+    key = dict(profile_key(backend), curve="slots")
     prof = None if refresh else cached(key, list(ns))
     if prof is None:
         if log:

@@ -36,16 +36,18 @@ def choose_parallel(curve: dict[int, float], n_lines: int) -> int:
 
 def slot_profile(curve: dict[int, float], n: int, step_ms: float, key: dict) -> CostProfile:
     """The cost, to one of n sequences sharing each pass, of feeding k tokens, in units of its one-token share:
-    a pass over T tokens costs about a + b*T steps (fitted around T = n), so the sequence pays a/n + b*k."""
+    a pass over T tokens costs about a + b*T steps (the slope b between n and the next measured size), so the
+    sequence pays a/n + b*k."""
     ks = sorted(curve)
+    c = CostProfile({}, step_ms, ks, [curve[k] for k in ks])     # interpolates between measured sizes
     hi = min((k for k in ks if k > n), default=None)
     lo = n if hi is not None else max(k for k in ks if k < n)
     hi = hi if hi is not None else n
-    b = (curve[hi] - curve[lo]) / (hi - lo)
-    a = max(curve[n] - b * n, 0.0)
+    b = (c.of(hi) - c.of(lo)) / (hi - lo)
+    a = max(c.of(n) - b * n, 0.0)
     one = a / n + b
     costs = [round((a / n + b * k) / one, 4) for k in range(1, MAX_CHAIN + 2)]
-    return CostProfile(dict(key, slots=n), round(step_ms * curve[n] / n, 3), list(range(1, MAX_CHAIN + 2)), costs,
+    return CostProfile(dict(key, slots=n), round(step_ms * c.of(n) / n, 3), list(range(1, MAX_CHAIN + 2)), costs,
                        f"from the pass-cost curve over 1..{ks[-1]} sequences")
 
 

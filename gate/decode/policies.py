@@ -2,21 +2,14 @@
 
     big       the big model only (baseline)
     small     the predictor only: a small LM, or a drafter with every proposal accepted
-    ratio     fixed-ratio alternation: after `min_tokens` big "scaffold" tokens the small model takes every
-              int(1/r)-th token
+    ratio     fixed-ratio alternation: the small model takes every int(1/r)-th token after `min_tokens` big ones
     entropy   entropy-gated switching: the small model generates; the big model takes over where the small
-              model's entropy (normalised by log|V| by default) exceeds tau; variants span / lookahead /
-              adaptive / pattern
-    cascade   entropy-gated switching over three or more models: level l speaks when its entropy is <= tau_l,
-              else the next
+              model's entropy (normalised by log|V| by default) exceeds tau; variants span/lookahead/adaptive/pattern
+    cascade   entropy-gated switching over three or more models: level l speaks if its entropy <= tau_l, else l+1
     gate      the learned gate: a Drafter proposes a token and a score; skip while score >= threshold
     copy      the copy rule: prompt lookup as a gate (no model, no training)
 
-A policy only returns drafts; the loop in gate/decode/loop.py feeds the big model (catch-up), verifies, rolls
-back, and keeps every predictor's cache in step with the text (a policy calls its predictors through `LM`
-views and never feeds or crops a cache). Each class is registered (gate/decode/registry.py) with the options
-it reads and how it is built from them, which is all infer.py and bench/decode.py know about it: a new policy
-is one more class here.
+A policy only returns drafts (the loop does the rest); a new policy is one @register class here (docs/decode.md).
 """
 from __future__ import annotations
 
@@ -27,7 +20,8 @@ import torch
 
 from gate.decode.contract import DecodeState, Draft, Policy, arg, at_least, draft_probs, number, register, unit_interval
 from gate.decode.cost import MAX_CHAIN, copy_acceptance
-from gate.decode.drafters import Drafter, SmallLMDrafter, load_gate, router_meta
+from gate.decode.drafters import SmallLMDrafter, load_gate, router_meta
+from gate.model.base import Drafter
 from gate.model.copyrule import MAX_N, CopyIndex
 from runtimes.backend import LM, Backend
 
@@ -349,7 +343,7 @@ class Gate(Policy):
 
     def __init__(self, drafter: Drafter, threshold: float | None = None, max_skip: int | None = None,
                  name: str | None = None, lms: tuple[LM, ...] | None = None, chain_cut: float | None = None):
-        super().__init__(getattr(drafter, "lms", ()) if lms is None else lms)
+        super().__init__(drafter.lms if lms is None else lms)
         self.drafter = drafter
         self.chain_cut, self.chain = chain_cut, 1.0
         self.threshold = drafter.threshold if threshold is None else threshold
@@ -363,11 +357,11 @@ class Gate(Policy):
 
     @property
     def needs_all_hidden(self) -> bool:
-        return getattr(self.drafter, "reads_all_hidden", False)
+        return self.drafter.reads_all_hidden
 
     @property
     def draft_steps(self) -> int:
-        return getattr(self.drafter, "steps", 0)
+        return self.drafter.steps
 
     def start(self):
         self.drafter.start()
@@ -382,7 +376,7 @@ class Gate(Policy):
         self.chain = (1.0 if s == 1 else self.chain) * float(score)
         if score < self.threshold or (self.chain_cut is not None and self.chain < self.chain_cut):
             return []
-        logits = getattr(self.drafter, "last_logits", None)
+        logits = self.drafter.last_logits
         if state.temperature > 0 and logits is not None:   # sampled: draft from the drafter's own distribution
             return [Draft(state.sample(logits), self.source, float(score), draft_probs(logits, state.temperature))]
         return [Draft(int(tok), self.source, float(score))]
