@@ -41,7 +41,9 @@ A small model is a model name with the big model's tokenizer, or self:K = the bi
 final norm + output layer (an untrained early exit: weak, but always available).
 --verify makes any policy lossless under greedy decoding: skipped tokens are checked at the next big-model
 pass and the first wrong one is replaced (output token-identical to --policy big). --verify-below T checks
-only skips whose score is below T (the dial between lossy and lossless).
+only skips whose score is below T (the dial between lossy and lossless). A lossy greedy gate decode is audited
+(--no-audit: not): the catch-up pass compares each unchecked skip with the big model's own token, the ledger counts
+the mismatches, and the threshold rises while their error bound exceeds the target (docs/decode.md).
 A prompt (argument, stdin, --prompt-file, a batch line) is literal text: "<|endoftext|>" typed in it stays
 text unless --parse-special. Prompt + new tokens must fit the model's context length (refused otherwise:
 past it a model gives garbage, not an error)."""
@@ -158,6 +160,12 @@ def settle_args(args) -> None:
         args.verify = True
     args.verify_below = math.inf if args.verify_below is None else args.verify_below
     args.planned = args.verify and math.isinf(args.verify_below) and args.plan == "cost"
+    if getattr(args, "audit", None):   # (only when a policy reads --audit)
+        if args.verify and math.isinf(args.verify_below):
+            raise UsageError("--audit watches a lossy decode, and --verify checks every skip already: drop one "
+                             "(or audit the unchecked skips of --verify-below T)")
+        if args.temperature > 0:
+            raise UsageError("--audit compares skips with the big model's greedy token: it needs -t 0")
     if args.json:
         check_output_file(args.json, "--json", parents=False)   # before any work: a typo fails at once
     settle_batch(args)

@@ -141,6 +141,8 @@ class Policy:
     needs_all_hidden = False                    # also every earlier position's (DecodeState.big_hiddens)
     source = "small"                            # the source of its drafts
     hidden_layer: int | None = None             # read when needs_big_hidden
+    threshold: float | None = None              # the score a draft must reach, if the policy has one (the gate's)
+    live_threshold: float | None = None         # the audit's raised one in this text (gate/decode/audit.py)
 
     def __init__(self, lms: Sequence[LM] = ()) -> None:
         self.lms = tuple(lms)   # predictor views: reset, cropped and counted by the loop

@@ -3,12 +3,15 @@
 The loop fills a Ledger, `Result.ledger` carries it as a plain dict (what `--json` writes and tests index),
 and every reader (the CLI table, `sum_ledgers`, bench/decode.py) goes back through `Ledger.from_dict` and reads
 attributes, so a renamed or missing key fails loudly in one place instead of printing a wrong table.
-Fields marked `total` are counts that add up over runs; `sum_ledgers` sums exactly those.
+Fields marked `total` are counts that add up over runs; `sum_ledgers` sums exactly those, and the dicts `check`,
+`plan` and `audit` (gate/decode/audit.py) by their own rules.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+from gate.decode.audit import sum_audits
 
 
 def _total(default=0):
@@ -45,10 +48,11 @@ class Ledger:
     models: dict = field(default_factory=dict)      # backend name -> role, calls, tokens fed/cropped, n_cached
     check: dict | None = None           # check_output()'s dict, when asked for (--check, the demo)
     plan: dict | None = None            # the draft planner's counts in this run (chains, drafts kept, ...)
+    audit: dict | None = None           # --audit: skips audited, mismatches, error and bound, the threshold's path
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("check", "plan"):
+        for k in ("check", "plan", "audit"):
             if d[k] is None:
                 del d[k]
         return d
@@ -78,6 +82,8 @@ def sum_ledgers(ledgers: list[Ledger]) -> Ledger:
         out.plan = {**plans[0], **{k: sum(p[k] for p in plans) for k in PLAN_COUNTS}}
     checks = [x.check for x in ledgers]
     out.check = sum_checks(checks) if all(c is not None for c in checks) else None
+    audits = [x.audit for x in ledgers if x.audit]
+    out.audit = sum_audits(audits) if audits else None
     return out
 
 
@@ -95,6 +101,23 @@ def _check_cell(led: Ledger) -> str:
     return f"{100 * c['on_policy_error']:.1f}% ({c['mismatches']}/{c['checked']}, {c['beyond_ties']} beyond ties)"
 
 
+def _audit_cell(led: Ledger) -> str:
+    a = led.audit
+    if a is None:
+        return "-"
+    cell = (f"{a['mismatches']}/{a['audited']} wrong ({100 * a['error']:.1f}%, <= {100 * a['bound']:.1f}% at "
+            f"{100 * a['confidence']:.0f}%; target {100 * a['target']:.2g}%)")
+    if "runs_raised" in a:
+        return cell + f", raised in {a['runs_raised']} of {a['runs']} runs"
+    path = a["threshold_path"]
+    return cell + (f", threshold {_bar(a['threshold'])} -> {_bar(a['final_threshold'])} ({len(path)} moves)"
+                   if path else "")
+
+
+def _bar(t: float | None) -> str:
+    return "-" if t is None else ("never" if t > 1 else f"{t:.6g}")
+
+
 ROWS = [  # (label, the cell of one ledger)
     ("new tokens", lambda l: f"{l.new_tokens} ({l.stopped})"),
     ("by source", lambda l: " ".join(f"{k}={v}" for k, v in sorted(l.by_source.items()))),
@@ -110,6 +133,7 @@ ROWS = [  # (label, the cell of one ledger)
     ("tokens/s", lambda l: f"{l.tokens_per_s:.1f}"),
     ("on-policy error", _check_cell),
     ("NLL (nats/token)", lambda l: f"{l.check['nll']:.3f}" if l.check is not None else "-"),
+    ("audit", _audit_cell),
 ]
 
 
@@ -120,9 +144,10 @@ def policy_label(led: Ledger) -> str:
 
 
 def format_ledgers(columns: dict[str, Ledger]) -> str:
-    """Ledgers side by side: one row per quantity, one column per run."""
+    """Ledgers side by side: one row per quantity, one column per run (the audit's row only if one was audited)."""
     heads = list(columns)
-    table = [["ledger"] + heads] + [[label] + [cell(columns[h]) for h in heads] for label, cell in ROWS]
+    rows = [(label, cell) for label, cell in ROWS if label != "audit" or any(columns[h].audit for h in heads)]
+    table = [["ledger"] + heads] + [[label] + [cell(columns[h]) for h in heads] for label, cell in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

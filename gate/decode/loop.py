@@ -8,7 +8,7 @@ holds exactly the emitted text. The loop owns every cache: a policy sees a read-
 predictors through `LM` views, which the loop resets, crops and counts. With verify, the catch-up rows check the
 drafts and the first mismatch rolls back: greedy + verify gives exactly the big model's greedy output (float32),
 sampled + verify the big model's distribution (speculative sampling). `verify_below` is the lossy/lossless dial
-(only drafts scored below it are checked). How and why: docs/decode.md.
+(only drafts scored below it are checked; an `audit` judges the rest: audit.py). How and why: docs/decode.md.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from gate.decode.audit import Audit
 from gate.decode.contract import BIG_SOURCES, DecodeState, Draft, Policy, sample_from, sample_token
 from gate.decode.cost import Planner
 from gate.decode.ledger import Ledger
@@ -74,7 +75,7 @@ class Decoder:
     def __init__(self, big: Backend, policy: Policy, *, verify: bool = False,
                  verify_below: float = math.inf, temperature: float = 0.0, seed: int = 0,
                  eos_ids: Sequence[int] = (), on_final: Callable[[list[int], list[str]], None] | None = None,
-                 planner: Planner | None = None):
+                 planner: Planner | None = None, audit: Audit | None = None):
         self.big, self.policy = big, policy
         self.verify, self.verify_below = verify, verify_below
         # The planner sizes each draft chain by cost (gate/decode/cost.py); it needs every draft verified.
@@ -82,6 +83,9 @@ class Decoder:
         self.temperature, self.seed = temperature, seed
         self.eos = frozenset(eos_ids)
         self.on_final = on_final        # streaming: gets tokens once no rollback can remove them
+        # The audit judges unchecked skips by the big model's argmax: lossy greedy decoding only (docs/decode.md).
+        lossless = verify and math.isinf(verify_below)
+        self.audit = audit if not lossless and temperature <= 0 else None
 
     @property
     def n_new(self) -> int:
@@ -123,12 +127,19 @@ class Decoder:
         self.ids, self.n_prompt, self.max_new = list(prompt_ids), len(prompt_ids), max_new_tokens
         self.sources: list[str] = []
         self.pending: list[tuple[int, Draft]] = []   # (position, draft) awaiting the big model's check
+        self.unaudited: list[tuple[int, Draft]] = []  # unchecked skips awaiting the audit (with an audit)
+        self.verify_live = self.verify_below         # the bar of unchecked skips under --verify-below: audited
         self.big_logits = self.big_hidden = None     # big model's outputs at position big.n_cached - 1
         self.n_final = self.n_prompt
         self.counts = Counts()
         self.policy_s = 0.0
         self.policy.calls = 0
         self.policy.start()
+        if self.audit is not None:   # the bar an unchecked skip clears: T under --verify-below T, else the gate's
+            bar = self.policy.threshold
+            if self.verify:
+                bar = self.verify_below if bar is None else max(bar, self.verify_below)
+            self.audit.start(bar)
         self.plan0 = dict(self.planner.stats) if self.planner is not None else None
 
     def step(self) -> None:
@@ -198,6 +209,7 @@ class Decoder:
         del self.ids[q:]
         del self.sources[q - self.n_prompt:]
         self.pending = [(p, d) for p, d in self.pending if p < q]
+        self.unaudited = [(p, d) for p, d in self.unaudited if p < q]
         for lm in self.policy.lms:
             lm.crop(q)
 
@@ -211,8 +223,10 @@ class Decoder:
     def emit(self, token: int, source: str, draft: Draft | None = None) -> None:
         if draft is not None:
             self.counts.drafted += 1
-            if self.verify and draft.score < self.verify_below:
+            if self.verify and draft.score < self.verify_live:
                 self.pending.append((len(self.ids), draft))
+            elif self.audit is not None:
+                self.unaudited.append((len(self.ids), draft))
         self.ids.append(token)
         self.sources.append(source)
 
@@ -220,14 +234,19 @@ class Decoder:
         """Catch the big model up over every token it lacks, check pending drafts, emit its next token."""
         c = self.big.n_cached
         if c < len(self.ids):
-            # Rows are needed from the first pending draft's previous position on; else only the last one.
-            first = self.pending[0][0] if self.pending else len(self.ids)
+            # Rows are needed from the first pending (or audited) draft's previous position on; else the last one.
+            first = min(self.pending[0][0] if self.pending else len(self.ids),
+                        self.unaudited[0][0] if self.unaudited else len(self.ids))
             keep = len(self.ids) - max(first - 1, c)
             logits, hidden = self.big.forward(self.ids[c:], keep=keep, copy=False)   # rows read once here
             if self.all_hidden:
                 old = self.hidden_rows[:c] if self.hidden_rows is not None else hidden[:0]
                 self.hidden_rows, hidden = torch.cat([old, hidden]), hidden[-keep:]
-            if self.check_pending(logits, hidden, row0=len(self.ids) - keep):
+            verdicts = self.audit_rows(logits, row0=len(self.ids) - keep)
+            rolled_back = self.check_pending(logits, hidden, row0=len(self.ids) - keep)
+            if verdicts:
+                self.audit_pass(verdicts)
+            if rolled_back:
                 return
             # clone: the rows are views of the backend's output buffers (llama.cpp), rewritten by its next pass
             self.big_logits, self.big_hidden = logits[-1].clone(), (None if hidden is None else hidden[-1].clone())
@@ -253,6 +272,28 @@ class Decoder:
                 return True
         return False
 
+    def audit_rows(self, logits: torch.Tensor, row0: int) -> list[tuple[int, bool]]:
+        """(position, is the big model's argmax) of every unchecked skip this pass covers (its logits[0] at row0)."""
+        if not self.unaudited:
+            return []
+        best = logits.argmax(-1)
+        out = [(q, int(best[q - 1 - row0] if q - 1 - row0 >= 0 else self.big_logits.argmax()) == d.token)
+               for q, d in self.unaudited]
+        self.unaudited.clear()
+        return out
+
+    def audit_pass(self, verdicts: list[tuple[int, bool]]) -> None:
+        """Count the verdicts on skips still in the text (a rollback in the same pass drops those after it) and
+        move the bar if the audit says so."""
+        checks = [(q - self.n_prompt, ok) for q, ok in verdicts if q < len(self.ids)]
+        new = self.audit.observe(len(self.ids) - self.n_prompt, checks)
+        if new is None:
+            return
+        if self.verify:
+            self.verify_live = new
+        else:
+            self.policy.live_threshold = new
+
     def rollback(self, q: int) -> None:
         """Drop ids[q:] and crop every cache to the kept text."""
         self.counts.rollbacks += 1
@@ -260,6 +301,7 @@ class Decoder:
         del self.ids[q:]
         del self.sources[q - self.n_prompt:]
         self.pending.clear()
+        self.unaudited = [(p, d) for p, d in self.unaudited if p < q]
         if self.big.n_cached > q:
             self.big.crop(q)
         if self.hidden_rows is not None:
@@ -300,7 +342,8 @@ class Decoder:
             rolled_back_tokens=self.counts.rolled_back_tokens,
             stopped="eos" if n and self.ids[-1] in self.eos else "max_new_tokens",
             wall_s=round(wall, 4), tokens_per_s=round(n / wall, 3) if wall > 0 else 0.0,
-            models=backend_counters(self.big, predictors), plan=self.plan_counts()).to_dict()
+            models=backend_counters(self.big, predictors), plan=self.plan_counts(),
+            audit=self.audit.report(not_audited=len(self.unaudited)) if self.audit is not None else None).to_dict()
 
     def plan_counts(self) -> dict | None:
         if self.planner is None:

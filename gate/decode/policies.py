@@ -13,6 +13,7 @@ A policy only returns drafts (the loop does the rest); a new policy is one @regi
 """
 from __future__ import annotations
 
+import argparse
 import math
 import re
 
@@ -36,6 +37,13 @@ RAW_ENTROPY = arg("--raw-entropy", action="store_true", help="tau in nats instea
 THRESHOLD = arg("--threshold", type=float, help="gate threshold in [0, 1] (default: the gate's calibrated one; "
                 "0.8 for a small-LM gate)")
 MAX_SKIP = arg("--max-skip", type=int, help="at most this distance from the last big pass")
+AUDIT = arg("--audit", action=argparse.BooleanOptionalAction, default=None,
+            help="compare each unchecked skip with the big model's argmax when its catch-up pass comes (nothing "
+            "is rolled back), count the mismatches and raise the threshold while the error bound exceeds "
+            "--audit-target (default: on for lossy greedy decoding; off under a lossless --verify; "
+            "docs/decode.md#the-audit-gatedecodeauditpy)")
+AUDIT_TARGET = arg("--audit-target", type=float, metavar="E", help="the error the audit holds skips to (default: "
+                   "1 - the target precision the gate was calibrated for, else 0.01)")
 CHAIN_CUT = arg("--chain-cut", type=float, help="gate: also stop skipping when the product of the scores since "
                 "the last big pass (the chance every draft of the run is right) falls below this (EAGLE-2's dynamic "
                 "draft length; for --verify)")
@@ -334,7 +342,7 @@ class Gate(Policy):
     source = "skip"
     summary = ("the learned gate: --gate PATH (from `train.py fit`), or --small M to use a small LM's\n"
                "max-probability as the gate score; skips while score >= --threshold")
-    args = (GATE, SMALL, THRESHOLD, MAX_SKIP, CHAIN_CUT)
+    args = (GATE, SMALL, THRESHOLD, MAX_SKIP, CHAIN_CUT, AUDIT, AUDIT_TARGET)
     needs_big_hidden = True
     examples = ('"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate',
                 '"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate --verify',
@@ -365,6 +373,7 @@ class Gate(Policy):
 
     def start(self):
         self.drafter.start()
+        self.live_threshold = None   # each text starts at the configured threshold; an audit may raise it
 
     def propose(self, state):
         s = state.since_big
@@ -374,7 +383,8 @@ class Gate(Policy):
         tok, score = self.drafter.propose(state.ids, hidden, s)
         self.calls += 1
         self.chain = (1.0 if s == 1 else self.chain) * float(score)
-        if score < self.threshold or (self.chain_cut is not None and self.chain < self.chain_cut):
+        threshold = self.threshold if self.live_threshold is None else self.live_threshold
+        if score < threshold or (self.chain_cut is not None and self.chain < self.chain_cut):
             return []
         logits = self.drafter.last_logits
         if state.temperature > 0 and logits is not None:   # sampled: draft from the drafter's own distribution
@@ -403,6 +413,9 @@ class Gate(Policy):
             threshold = -math.inf
         kw = dict(threshold=threshold, max_skip=at_least("--max-skip", args.max_skip, 1),
                   chain_cut=unit_interval("--chain-cut", args.chain_cut))
+        target = getattr(args, "audit_target", None)
+        if target is not None and not 0 < target < 1:   # also refuses nan
+            raise ValueError(f"--audit-target must be a number in (0, 1), got {target:g}")
         if args.gate:
             return cls(load_gate(rt, args.gate), **kw)
         if args.small:

@@ -4,7 +4,7 @@
     rt = open_runtime(args, policies)            # the models the chosen policy needs (gate/decode/registry.py)
     policy = make_policy(args, rt, policies)     # built by its class; ValueErrors become UsageErrors
     ids = encode(rt, text, chat=False)           # user text is text: special-token strings stay literal
-    row = run_one(rt, policy, ids, args)         # decode (with the cost planner under --verify), the ledger
+    row = run_one(rt, policy, ids, args)         # decode (the cost planner under --verify, the audit if lossy)
     held_out_prompts(corpus, tokenizer, n, n_tokens)
 """
 from __future__ import annotations
@@ -19,10 +19,11 @@ from common.errors import UsageError
 from corpus_tools.selfgen import split_prompts
 from corpus_tools.tokens import chat_ids as template_ids
 from corpus_tools.tokens import encode_text
+from gate.decode.audit import DEFAULT_TARGET, Audit, calibrated_target
 from gate.decode.cost import Planner, load_or_measure
 from gate.decode.drafters import gate_layer
 from gate.decode.loop import Decoder, check_output
-from gate.decode.policies import BigOnly
+from gate.decode.policies import BigOnly, Gate
 from gate.decode.registry import registered
 from runtimes.open import BACKENDS, Runtime, open_models
 
@@ -85,7 +86,7 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
     verify = args.verify if verify is None else verify
     dec = Decoder(rt.big, policy, verify=verify, verify_below=args.verify_below if verify else math.inf,
                   temperature=args.temperature, seed=args.seed, eos_ids=rt.eos_ids, on_final=stream,
-                  planner=planner_for(policy, rt, args) if verify else None)
+                  planner=planner_for(policy, rt, args) if verify else None, audit=audit_for(policy, args, verify))
     res = dec.generate(prompt_ids, args.max_new_tokens)
     ledger = res.ledger
     ledger["models"] = {"big": rt.big_info.name, **ledger["models"]}
@@ -108,6 +109,20 @@ def planner_for(policy, rt: Runtime, args):
         profile = load_or_measure(rt.big, hidden=hidden, log=lambda m: print(m, file=sys.stderr))
         policy.planner = Planner(profile, policy.acceptance())
     return policy.planner
+
+
+def audit_for(policy, args, verify: bool) -> Audit | None:
+    """The run's audit (gate/decode/audit.py): --audit, by default on for --policy gate when the decode is lossy
+    (no --verify, or --verify-below T) and greedy; off with --no-audit, a lossless --verify or -t > 0."""
+    lossless = verify and math.isinf(args.verify_below)
+    if getattr(args, "audit", None) is False or lossless or args.temperature > 0:
+        return None
+    if not (isinstance(policy, Gate) and policy.name == Gate.name):
+        return None
+    target = getattr(args, "audit_target", None)
+    if target is None:
+        target = calibrated_target(getattr(policy.drafter, "meta", None)) or DEFAULT_TARGET
+    return Audit(target)
 
 
 def user_text(text: str, what: str, from_bytes: bool = True) -> str:
