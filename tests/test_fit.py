@@ -157,7 +157,7 @@ def test_evaluate_writes_report(tiny, tiny_gate, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_calibrate_changes_only_the_threshold(tiny, tiny_gate, tmp_path):
+def test_calibrate_changes_only_the_threshold(tiny, tiny_gate, tmp_path, monkeypatch):
     from gate.train.recalibrate import main as calibrate_main
 
     out = tmp_path / "recal"
@@ -177,7 +177,10 @@ def test_calibrate_changes_only_the_threshold(tiny, tiny_gate, tmp_path):
     other_dir = save_model(tmp_path / "other", make_tiny_llama(len(other_tok), seed=3), other_tok)
     with pytest.raises(TokenizerMismatch):
         D.load_drafter(out, _info(other_dir))
-    # --part I/K: disjoint parts of a split's books (train has two)
+    # --part I/K: disjoint parts of a split's books (train has two); the figures, a second each, are
+    # test_evaluate_writes_report's
+    for plot in ("_plot_curves", "_plot_by_class", "_plot_runs"):
+        monkeypatch.setattr(f"gate.train.evaluate.{plot}", lambda *a, **k: None)
     ev = {part: evaluate(tiny[2], out, tmp_path / f"e{i}", split="train", log=lambda x: None, probes=False,
                          part=part) for i, part in enumerate((None, "1/2", "2/2"))}
     assert ev["1/2"]["positions"] + ev["2/2"]["positions"] == ev[None]["positions"]

@@ -7,6 +7,7 @@ cannot be understood, or loaded, one before the other; a function-local project 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +43,9 @@ def targets(node: ast.ImportFrom | ast.Import, mod: str, path: Path, mods: dict)
     return out
 
 
+@functools.cache   # three tests read it; parsing the project takes a second or more
 def graph() -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
-    """(edges, function-local project imports as (module, imported, line))."""
+    """(edges, function-local project imports as (module, imported, line)); read-only for the tests."""
     mods = modules()
     edges: dict[str, set[str]] = {m: set() for m in mods}
     local = []
