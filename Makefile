@@ -22,7 +22,7 @@ help:
 	@echo "              prompt lookup, on a quiet machine (bench/results/speed_*.md, docs/speed.md)"
 	@echo "make bench-parallel - after make demo: offline throughput of infer.py --parallel against one prompt at a"
 	@echo "              time (bench/results/parallel_*.md), on a quiet machine"
-	@echo "make test-fast - the test suite without the tests that load real weights or take minutes (under 2 min)"
+	@echo "make test-fast - the test suite without the tests that load real weights or take minutes (about 2 min)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -73,7 +73,7 @@ test: venv books model
 	$(PY) -m pytest
 
 # No real weights: the tests marked real_model (tests/conftest.py) or slow are left out. Measured here, 2 cores,
-# nothing else running: 86-113 s from run to run (was 374 s: the CLI error matrices ran a fresh interpreter per case,
+# nothing else running: 86-123 s from run to run (was 374 s: the CLI error matrices ran a fresh interpreter per case,
 # now main(argv) in-process; tiny models on one thread). The full suite took 18.5 min before that.
 test-fast: venv books
 	$(PY) -m pytest -m "not slow and not real_model"
