@@ -1,23 +1,15 @@
 """The copy rule: prompt lookup used as a gate, with no training; and which positions count as copies.
 
-Text that repeats itself (a greedy model looping, a name said again, a quoted phrase) can be continued without
-any model: if the last n tokens occurred earlier in the context, the token that followed them then is a good
-guess now. Prompt-lookup decoding (transformers' `prompt_lookup_num_tokens`) drafts with exactly this. It is
-the baseline every learned gate here must beat: a gate whose skips are all copies has learned nothing that this
-rule, with no training, does not already find.
-
     index = CopyIndex(max_n=12)
     index.sync(ids)                       # incremental: O(max_n) per new or dropped token
     token, n = index.query()              # the copy candidate for position len(ids), and its match length
     copy_rule(tokens, run_start) -> (cand, match_len)   # the same for every recorded position (records)
 
-The candidate is the token that followed the most recent earlier occurrence of the longest suffix (up to
-max_n tokens) of the context that occurred earlier; its score is the match length n (0 = no candidate, token
--1). Longer matches are right more often; thresholding n trades coverage for precision.
-
-A *copy position* is one whose last COPY_SPAN = 4 tokens occurred earlier in the context, whatever followed
-them there (match length >= 4). Reports split every metric into copy and non-copy positions: what a learned gate
-adds over this rule shows on the non-copy ones.
+Candidate: the token that followed the most recent earlier occurrence of the longest suffix (up to max_n tokens)
+of the context that occurred earlier; score: the match length n (0 = no candidate, token -1). A copy position
+(`is_copy_position`) is one whose last COPY_SPAN = 4 tokens occurred earlier (match length >= 4).
+`trust_table` / `trusted_table` / `trust_copy`: how far the rule is trusted per match length, and its use.
+Why it is the baseline of every learned gate: docs/drafters.md#the-copy-rule-gatemodelcopyrulepy.
 """
 from __future__ import annotations
 

@@ -1,33 +1,14 @@
 """The gate: candidate tokens, their features, and the classifiers that score them.
 
-The gate answers one question per proposal: is the predictor's candidate token equal to the big model's greedy
-token at this position? Its score is an estimated P(candidate == big argmax).
+    out = compute_features(pw, pf, mode, rids, rmap, last_ids, s, z, tables, max_s, ngram, copy)  # cands, valid, X
+    slot, token, score = pick_candidate(gate.score(out["X"].flatten(0, 1)), out)   # gate: GATES[kind]
 
-Candidates and features (`compute_features`, the one function used at train, calibration, evaluation and decode
-time - the Drafter calls it with a batch of one). Each proposal considers up to four candidate tokens (SOURCES):
-the head's top-1 and top-2 over R, the training text's n-gram continuation (gate/model/heads.NgramTable) and the
-in-context copy continuation (gate/model/heads.ContextIndex: names and repeated phrases that R may not even contain).
-The gate scores every candidate; the drafter proposes the best-scoring one. Per-candidate features:
-    p_head, log_p_head, w_p, f_p   the head distribution's (word head's, future head's) probability of it
-    is_head1, is_head2             it is the head's first / second choice
-    head_pmax, head_margin, head_entropy (/ log(|R|+1), the entropy-gated switching signal), head_p_other, f_agree_head1 (the future head's
-                                   top token is the head's top token)   - shared by a pair's candidates
-    ng_match, ng_p, ng_logn, ng_order, ng_p_match, ng<n>_match   agreement with the training-text continuation of
-                                   the longest context seen >= 2 times, its probability, log count, order
-    cp_match, cp_p, ... cp<n>_match  the same for the in-context copy statistics
-    n_sources                      how many of head / n-gram / copy propose this token
-    cand_<class>                   positional class of the candidate after the last token (corpus_tools.tokens)
-    last_<kind>                    static kind of the last token (punct / suffix / word / space / other)
-    s_<j>                          since_big = j (distance to the big model's last computed position), one-hot
-    pca_<i>                        the big model's last computed hidden state (standardised) projected on the
-                                   first principal components of the train split (whitened)
-
-Gates: `LogisticGate` (scikit-learn LogisticRegression on standardised features; at decode the same affine map
-is applied in torch, no pickle is stored) and `MLPGate` (features -> 64 -> 64 -> 1, SiLU, BCE, AdamW, early
-stopping on a held-out 10%).
-
-The gate's threshold is calibrated on validation data by gate/train/calibration.py (Learn-then-Test); a
-threshold of NEVER means no threshold was certified and the gate never skips.
+The gate's score is an estimated P(candidate == big argmax). Each proposal considers up to four candidates
+(SOURCES: the head's top-1 and top-2, the training-text n-gram and the in-context copy continuations); the gate
+scores every one and the drafter proposes the best-scoring one. compute_features is the one function used at
+train, calibration, evaluation and decode time; feature_names(max_s, n_pca) names its columns. Gates:
+LogisticGate, MLPGate. A threshold of NEVER means no threshold was certified and the gate never skips.
+The candidates, each feature and the gates: docs/drafters.md#candidates-features-and-gates-gatemodelfeaturespy.
 """
 from __future__ import annotations
 

@@ -1,43 +1,15 @@
 """Predictors trained from records: the word-completion head (a small head that completes the current word or
 predicts punctuation from the last few tokens) and Medusa-style future-token heads.
 
-Positions and offsets (the records' convention): at record position t the big model has read
-tokens[..t]; its greedy choice for token t+1 is argmax[t]. In decode the drafter is asked for token t+1 when
-the big model last computed position p = t - s (s = since_big >= 1): it has the big hidden state h[p] (stale
-by s positions) and every token up to t, where tokens p+1..t are the big model's own token y_{p+1} followed by
-s-1 tokens the drafter proposed and the gate accepted. So every training example is a pair (t, s):
-inputs (tokens[t-N+1..t], h[t-s], s), label argmax[t]. s = 1 is the freshest case (big hidden one position
-back, as in EAGLE: the feature plus the token sampled from it). The future-token head for s reads h[p] and
-predicts argmax[p+s], i.e. the big model's choice for token p+s+1 - the "t+2" head for s = 1.
+    WordHead(ctx, hn, s)       last N tokens, standardised stale hidden h[t-s], s -> logits over R + 1 for argmax[t]
+    FutureHeads(hn, s)         standardised hidden h[p], s in 1..K -> logits over R + 1 for argmax[p+s]
+    NgramTable, ContextIndex   training-text n-gram and in-context copy continuations (gate features)
+    pair_index, context_ids    the (t, s) training pairs and their token windows
 
-Both heads predict over a restricted vocabulary R (corpus_tools.inventory.restricted_vocab: all punctuation
-seen in training plus the most frequent big-model argmax tokens) plus one "other" class (index |R|) for
-"the big model's choice is outside R" - at such positions the drafter's candidate is certainly wrong, and
-p(other) is a gate feature. Targets are distilled from the records: the loss mixes cross-entropy on the big
-model's argmax with cross-entropy on its (renormalised) top-k distribution mapped into R (+ other).
-
-WordHead (the word-completion head): the last N tokens (default 8; across sentence boundaries - the head learns where a sentence
-starts), each embedded with the big model's frozen input embedding and projected to d_tok dims by a trained
-linear map, flattened in order; plus the standardised stale hidden state projected to d_hid dims; plus an
-embedding of s. Then a 2-layer SiLU MLP (residual) that predicts the big model's hidden state at t (standardised,
-D dims), and an output layer over R + 1 initialised from the big model's output-embedding rows of R (like the
-future heads below). The loss adds EAGLE's feature regression: smooth-L1 between the predicted and the actual
-hidden state at t (recorded at the drafter's layer). That target carries D numbers per position instead of one
-label, which matters with the few tens of thousands of positions a CPU can record; with the final-layer hidden
-state the big model's own output rows then turn a good hidden-state guess into its token. After training the
-frozen embedding and the projection are baked into one [V+1, d_tok] lookup table (row V = the padding vector
-used before the start of the text), so inference is N table lookups + a small MLP and the artifact does not
-carry the big model's embedding matrix.
-
-FutureHeads (Medusa-1 style): for each s in 1..K a residual block x + SiLU(W_s x) (W_s zero-initialised)
-on the standardised hidden state, then one output layer over R + 1 shared by all heads and initialised from the
-big model's own output-embedding rows of R (so with the final-layer hidden state every head starts as the big
-model's own next-token prediction restricted to R), trainable. Trained on batches of p with all K targets
-argmax[p+1..p+K] at once (the loss weight of head s is 0.8^(s-1), as in Medusa), plus the same feature
-regression as the word head: block s's output towards the big model's hidden state at p+s.
-
-Cost per proposed token is reported by `flops_per_token()` (2 x multiply-accumulates; lookups are free) and
-compared with the big model's 2 x n_params by the fit. The training loops are in gate/train/distill.py.
+At record position t the big model has read tokens[..t]; argmax[t] is its greedy choice for token t+1; s =
+since_big >= 1. R: corpus_tools.inventory.restricted_vocab; class |R| = "other" (the big model's choice is outside
+R). Cost per proposed token: `flops_per_token()`. The training loops are in gate/train/distill.py.
+Positions, targets, architectures and why: docs/drafters.md#the-predictors-gatemodelheadspy.
 """
 from __future__ import annotations
 
@@ -78,7 +50,7 @@ class ResBlock(nn.Module):
 
 
 class WordHead(nn.Module):
-    """Last N tokens (+ stale big hidden state, + since_big) -> distribution over R + 1. See module doc."""
+    """Last N tokens (+ stale big hidden state, + since_big) -> distribution over R + 1. See docs/drafters.md."""
 
     def __init__(self, vocab_size: int, hidden_size: int, n_out: int, *, n_ctx: int = 8, d_tok: int = 64,
                  d_hid: int = 128, width: int = 512, max_s: int = 3, use_hidden: bool = True,

@@ -1,30 +1,15 @@
 """Precision/coverage curves and the gate's calibrated threshold with a finite-sample guarantee.
 
-Training-side: the fit calibrates every gate here on the validation split and the evaluation reads the same
-curves on the test split; the drafter itself only stores the resulting threshold (NEVER, from
-gate.model.features, when none was certified).
+    ltt_calibrate(scores, correct, target_precision=0.99, delta=0.1) -> dict   # the threshold, JSON-able
+    precision_curve(scores, correct); coverage_at_precision(scores, correct); clopper_pearson_upper(k, n, delta)
 
-Calibration (`ltt_calibrate`): the threshold is chosen on the validation split so that the precision
-P(candidate == big argmax | score >= threshold) is at least the target (default 0.99) with probability at least
-1 - delta (default 0.1), by Learn-then-Test (Angelopoulos, Bates, Candes, Jordan, Lei 2021) with fixed-sequence
-testing: for thresholds lambda_1 > lambda_2 > ... on a grid fixed before seeing data (uniform in logit space),
-the null hypothesis H_j "the error rate among positions with score >= lambda_j exceeds alpha = 1 - target" is
-tested with the exact binomial p-value P(Bin(n_j, alpha) <= k_j) (n_j positions served, k_j errors); walk from
-the strictest threshold and stop at the first one not rejected at level delta; return the last rejected one.
-Why not just pick the threshold whose validation precision is 99%: that selection overfits the calibration data
-(the chosen threshold is the one where the noise was kind), and a Clopper-Pearson interval computed afterwards
-at the selected threshold is not valid. Fixed-sequence testing controls the family-wise error: with probability
->= 1 - delta *no* certified threshold has error rate > alpha, so in particular the chosen one does not.
-Thresholds with fewer served positions than n_min = ceil(log(delta) / log(1 - alpha)) (where even zero errors
-cannot reject) are not tested (skipped, they do not stop the walk), as in common LTT implementations; this
-depends only on counts, not on labels. Reported alongside: the Clopper-Pearson one-sided (1 - delta) upper bound
-on the error rate at the chosen threshold (<= alpha by construction: p <= delta is equivalent to the CP upper
-bound being <= alpha), and the realised precision on the test split (gate/train/evaluate.py).
-When several learned gates are calibrated on the same validation pairs and the best certified one is kept, each is
-calibrated at delta / (number of gates), so the family-wise guarantee covers the choice (gate/train/fit.py).
-The guarantee is for positions drawn like the validation positions (held-out books, teacher-forced text, the
-since_big mix of the calibration pairs); decoding from a model's own output is a distribution shift the bound
-does not cover - the evaluation's policy simulation and the decode benchmarks measure that.
+Contract: with probability >= 1 - delta the precision P(candidate == big argmax | score >= threshold) is at least
+the target, for positions drawn like the calibration ones (Learn-then-Test, fixed-sequence testing on a grid fixed
+before seeing data, threshold_grid). The fit calibrates every gate here on the validation split and the
+evaluation reads the same curves on the test split; the drafter itself only stores the resulting threshold
+(NEVER, from gate.model.features, when none was certified). The walk, why not just pick the threshold whose
+validation precision is 99%, and what the bound does not cover:
+docs/training.md#calibration-learn-then-test-gatetraincalibrationpy.
 """
 from __future__ import annotations
 
@@ -90,7 +75,7 @@ def format_threshold(t: float) -> str:
 
 def ltt_calibrate(scores, correct, target_precision: float = 0.99, delta: float = 0.1,
                   grid: np.ndarray | None = None) -> dict:
-    """Learn-then-Test fixed-sequence calibration; see the module docstring. Returns a JSON-able dict.
+    """Learn-then-Test fixed-sequence calibration (docs/training.md, "Calibration"). Returns a JSON-able dict.
 
     The walk starts at the strictest grid threshold serving at least n_min positions and stops at its first
     non-rejection. Its weak point is the start, where few positions are served: one unlucky error there ends

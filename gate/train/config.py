@@ -1,18 +1,14 @@
 """The settings of `train.py fit`, listed once.
 
 Every setting is one field of `FitConfig`: its default, its help text, and the training stage whose cached
-result it changes (the stage cache key hashes exactly those fields, so changing a setting retrains that stage
-and the ones after it, and nothing before). `add_arguments` turns the fields into the command's options
-(--n-ctx for n_ctx, ...); fields marked cli=False are settings of the Python API (`fit(..., d_tok=8)`) that
-the command line does not expose.
+result it changes (the stage cache key hashes exactly those fields). `add_arguments` turns the fields into the
+command's options (--n-ctx for n_ctx, ...) and `options_from_args` reads them back; fields marked cli=False are
+settings of the Python API (`fit(..., d_tok=8)`) that the command line does not expose.
 
 Every numeric setting has a range (LIMITS below), checked before any work by `FitConfig.problem()`: a value out of
-range, nan or infinite is one `error:` line naming the option, never a traceback deep in training or an artifact
-trained on nothing (--eagle-epochs 0 used to save one).
-
-Stages: "data" (which records are read, which drafter), "heads" (word-completion head, future heads, PCA),
-"mode" (the predictor mode chosen on validation), "gates" (the learned gates), "calibration" (not cached: it is
-quick); "eagle" (the feature head of `--drafter eagle`, gate/train/fit_eagle.py).
+range, nan or infinite is one `error:` line naming the option. Stages: "data", "heads", "mode", "gates",
+"calibration" (not cached), "eagle", "router" (not cached).
+What each stage covers and why: docs/training.md#the-settings-of-trainpy-fit-gatetrainconfigpy.
 """
 from __future__ import annotations
 

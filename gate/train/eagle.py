@@ -1,15 +1,12 @@
 """Training the feature head (gate/model/eagle.py) from records, and running it over records.
 
-Data: windows of `window` + 1 consecutive positions of one recorded run (a book, or one self-generated
-continuation): the big model's last-layer hidden states at positions 0..L-1, the tokens at 1..L, its greedy
-tokens at 1..L (the labels of the predictions of entries 0..L-1) and its hidden states at 1..L (the regression
-targets). Every epoch draws the windows at a new seeded offset, so window edges move.
+    info = train_feature_head(head, parts, dmap, cfg, ckpt, log)   # parts: (split, rows); timings, last losses
+    out = run_levels(head, data, depth, rows=rows)    # per level d = since_big: rows t, draft token, p1, p2, entropy
 
-Loss, per level d = 1..depth (training-time test: level d drafts d steps from its anchor), weighted 0.8^(d-1)
-as Medusa weighs its heads: cross-entropy of the draft-vocabulary logits against the big model's greedy token
-(a token outside the draft vocabulary is left out of the loss; it counts as wrong in every metric) plus
-`reg_weight` x smooth-L1 between the predicted and the true standardised hidden state (EAGLE's feature
-regression). AdamW, warmup + cosine learning rate (gate/train/distill.py's schedule).
+Windows of `window` + 1 consecutive positions of one recorded run (window_starts, window_batch, eval_windows); the
+loss (head_loss) sums over levels d = 1..depth, weighted 0.8^(d-1): cross-entropy on the big model's greedy token
+plus `reg_weight` x smooth-L1 feature regression.
+Data, loss and why: docs/training.md#training-the-feature-head-gatetraineaglepy.
 
 Resumable: a checkpoint (head, optimiser, epoch) is written atomically after every epoch under the fit's
 stages folder; a re-run with the same settings and data continues from it.

@@ -1,25 +1,13 @@
 """Linear probes: how much of the next few tokens is linearly readable from each recorded layer's hidden state?
-(The word-completion idea asks whether a small head could phrase more than the next token.)
 
-For every recorded layer l and offset k = 1..4, a linear map from the hidden state at position t (layer l,
-standardised with train statistics) predicts
-    argmax  the big model's greedy token for position t+k (argmax[t+k-1]; k = 1 is its own next-token choice),
-    text    the book's token at position t+k,
-over a restricted vocabulary of the K most frequent such tokens on the train split plus "other". Positions whose
-t+k-1 falls outside the recorded stretch are left out. Accuracy on the test split counts a hit only when the
-predicted token is the actual one ("other" never counts as a hit), so accuracies are comparable with the
-baselines:
-    unigram  always the most frequent token of the train split;
-    bigram   the most frequent token at t+k given the token at t (train counts; unigram when t's token is unseen).
+    res = run_probes(train, test, hidden, layers, offsets=4, K=512, method="ridge")   # read by train.py evaluate
+    plot_probes(res, path)                                                            # probes.png
 
-Probe fitting (method "ridge", the default): closed-form ridge regression onto the one-hot targets (a
-least-squares linear classifier; all offsets and targets of a layer share one solve, ridge 1e-2 x n): seconds per
-layer, deterministic, and it does not overfit the far offsets. It is a weak classifier over hundreds of classes,
-so read the numbers as a lower bound on linear decodability: on SmolLM2's last layer it reads the big model's own
-next token (which that layer determines linearly, through the output embedding) 43% of the time against a
-ceiling (share of targets among the K classes) near 80%. Method "softmax" refines the ridge solution by a few
-epochs of multinomial logistic regression (Adam): on the demo records it read t+1 better (53% vs 43% at the
-last layer) but overfit t+3/t+4 with 12,000 training positions, and took 3x longer.
+For every recorded layer and offset k = 1..4, a linear map from the standardised hidden state at t predicts the
+big model's greedy token for t+k ("argmax") and the book's token at t+k ("text") over the K most frequent such
+tokens plus "other"; test accuracy counts only exact hits, beside unigram and bigram baselines. Method "ridge"
+(the default): closed-form ridge regression; "softmax" refines it by multinomial logistic regression.
+Targets, baselines, methods and measured numbers: docs/training.md#linear-probes-gatetrainprobespy.
 """
 from __future__ import annotations
 
