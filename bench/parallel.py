@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from bench.quiet import Quiet, load  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
-from gate.decode.cost import batch_curve  # noqa: E402
+from gate.decode.cost import SLOT_NS, batch_curve  # noqa: E402
 from gate.decode.loop import Decoder  # noqa: E402
 from gate.decode.parallel import choose_parallel, run_parallel, slot_context  # noqa: E402
 from gate.decode.policies import BigOnly  # noqa: E402
@@ -109,7 +109,8 @@ def bench(args) -> dict:
     per = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus)) for i in range(len(args.corpus))]
     prompts = [p for c, k in zip(args.corpus, per) if k for p in held_out_prompts(c, rt.tokenizer, k, args.prompt_tokens,
                                                                                     args.split)]
-    curve, step_ms, _ = batch_curve(rt.big, refresh=True, log=lambda m: print(m, file=sys.stderr))
+    ns = [n for n in SLOT_NS if n < len(prompts)] + [next((n for n in SLOT_NS if n >= len(prompts)), SLOT_NS[-1])]
+    curve, step_ms, _ = batch_curve(rt.big, ns, refresh=True, log=lambda m: print(m, file=sys.stderr))
     auto = choose_parallel(curve, len(prompts))
     methods = {"binding_generate": lambda: (binding(rt, prompts, args.new_tokens), {}),
                "one_big": lambda: (one_at_a_time(rt, prompts, args.new_tokens), {})}

@@ -136,12 +136,15 @@ def test_forward_outside_a_job_and_past_the_slot_context_are_refused():
 
 def test_choose_parallel_and_the_slot_profile():
     curve = {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.8, 16: 3.0, 32: 5.9, 64: 11.8}   # gains 1, 1.8, 3.1, 4.4, 5.3, 5.4, 5.4
-    assert choose_parallel(curve, 100) == 16 and choose_parallel(curve, 5) == 5
-    prof = slot_profile(curve, 16, 10.0, {})
-    b = (5.9 - 3.0) / 16
-    a = 3.0 - 16 * b
-    assert prof.of(1) == 1.0 and prof.of(3) == pytest.approx((a / 16 + 3 * b) / (a / 16 + b), abs=1e-3)
-    assert prof.step_ms == pytest.approx(10.0 * 3.0 / 16)
+    assert choose_parallel(curve, 100) == 64 and choose_parallel(curve, 5) == 5
+    assert choose_parallel({1: 1.0, 8: 2.0, 16: 4.0, 32: 16.0}, 100) == 16   # past the top, gains fall
+    prof = slot_profile(curve, 4, 10.0, {})
+    b = 1.8 / 8                       # per token of the pass over 2n = 8 sequences
+    a = 1.3 - 4 * b
+    assert prof.of(1) == 1.0 and prof.of(3) == pytest.approx((a / 4 + 3 * b) / (a / 4 + b), abs=1e-3)
+    assert prof.step_ms == pytest.approx(10.0 * 1.3 / 4)
+    # where a pass is compute-bound (cost grows in proportion to its tokens) a draft costs a whole token
+    assert slot_profile(curve, 16, 10.0, {}).of(2) == pytest.approx(2.0, abs=0.02)
 
 
 # -- the real model on llama.cpp -------------------------------------------------------------------------------

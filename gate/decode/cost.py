@@ -180,10 +180,10 @@ def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS,
 
 
 SLOT_NS = (1, 2, 4, 8, 16, 24, 32, 48, 64)   # sequences per pass the batch curve measures
-SLOT_CONTEXT = 64                           # tokens cached per sequence while a batched pass is timed
+SLOT_CONTEXT = 96                           # tokens cached per sequence while a batched pass is timed
 
 
-def batch_curve(backend, ns: Sequence[int] = SLOT_NS, reps: int = 5, refresh: bool = False,
+def batch_curve(backend, ns: Sequence[int] = SLOT_NS, reps: int = 9, refresh: bool = False,
                 log: Callable[[str], None] | None = None) -> tuple[dict[int, float], float, dict]:
     """({n: cost of one pass feeding one token to each of n sequences, in one-token steps}, step ms, key) for
     the llama.cpp model under `backend`: measured once in a LlamaCppSlots context and cached like a profile."""

@@ -21,29 +21,29 @@ from runtimes.batched import LlamaCppSlots, Scheduler
 from runtimes.llamacpp import LlamaCppBackend
 from runtimes.open import Runtime
 
-GAIN_SHARE = 0.95   # --parallel auto: the fewest sequences that reach this share of the best measured gain
+GAIN_SHARE = 0.97   # --parallel auto: the most sequences whose gain is within this share of the best measured one
 CTX_STEP = 256      # slot contexts are rounded up to this many tokens
 
 
 def choose_parallel(curve: dict[int, float], n_lines: int) -> int:
-    """The fewest sequences per pass whose throughput gain n / cost(n) reaches GAIN_SHARE of the best measured
-    one (more slots cost memory and latency for little), and no more than there are prompts."""
+    """The most sequences per pass whose throughput gain n / cost(n) is within GAIN_SHARE of the best measured one
+    (the curve is flat near its top, and end to end more slots did better: prompt passes and the last prompts of
+    a run share more passes; docs/batch.md), and no more than there are prompts."""
     gain = {n: n / c for n, c in curve.items()}
     best = max(gain.values())
-    n = min(k for k, g in gain.items() if g >= GAIN_SHARE * best)
+    n = max(k for k, g in gain.items() if g >= GAIN_SHARE * best)
     return max(1, min(n, n_lines))
 
 
 def slot_profile(curve: dict[int, float], n: int, step_ms: float, key: dict) -> CostProfile:
-    """The cost, to one of n sequences sharing each pass, of feeding k tokens, in units of its one-token share:
-    a pass over T tokens costs about a + b*T steps (the slope b between n and the next measured size), so the
-    sequence pays a/n + b*k."""
+    """The cost, to one of n sequences sharing each pass, of feeding k tokens, in units of its one-token share.
+    A pass over T tokens costs about a + b*T steps; b is taken as the cost per token of the measured pass of at
+    least 2n sequences (an upper bound on the slope: a noisy local slope once made drafts look free), a as what
+    is left of the pass over n. The sequence pays a/n + b*k."""
     ks = sorted(curve)
     c = CostProfile({}, step_ms, ks, [curve[k] for k in ks])     # interpolates between measured sizes
-    hi = min((k for k in ks if k > n), default=None)
-    lo = n if hi is not None else max(k for k in ks if k < n)
-    hi = hi if hi is not None else n
-    b = (c.of(hi) - c.of(lo)) / (hi - lo)
+    m = min((k for k in ks if k >= 2 * n), default=ks[-1])
+    b = c.of(m) / m
     a = max(c.of(n) - b * n, 0.0)
     one = a / n + b
     costs = [round((a / n + b * k) / one, 4) for k in range(1, MAX_CHAIN + 2)]
