@@ -8,8 +8,8 @@ Each job runs in a greenlet on this thread. `SlotBackend.forward` does not decod
 scheduler and waits. When every live job waits, the scheduler feeds all their tokens to llama.cpp in one
 llama_batch (a sequence id per token; a prompt longer than PREFILL_CHUNK goes in over several rounds so it does
 not stall the others), hands each job the rows it asked for and resumes it. Every llama.cpp call is made from
-this one thread. Each slot has its own KV stream (kv_unified off), so a sequence's logits do not depend on the
-others in the pass (tests/test_parallel.py checks them token for token against one-at-a-time decoding).
+this one thread. Each slot has its own KV stream (kv_unified off): on a model whose batched passes are bit-exact
+(SmolLM2 Q4_1) a sequence's logits do not depend on the others in the pass (tests/test_parallel.py).
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 Each prompt runs the one-at-a-time Decoder with its own policy object over its own slot of a LlamaCppSlots
 context (runtimes/batched.py); the Scheduler gathers every slot's pass into one llama_decode per round, so each
-output is the one-at-a-time output, token for token. A slot takes the next prompt as soon as its prompt ends
+output is the one-at-a-time output wherever the model's batched passes are bit-exact. A slot takes the next prompt as soon as its prompt ends
 (continuous batching); rows are handed to `emit` as they finish. Every slot gets the context the longest
 prompt of the run needs. `choose_parallel` picks N from the measured cost of a pass over n sequences, and
-`slot_profile` gives a policy's draft planner the cost of its own tokens inside such a pass. docs/parallel.md
+`slot_profile` gives a policy's draft planner the cost of its own tokens inside such a pass. docs/batch.md
 has the measurements.
 """
 from __future__ import annotations
