@@ -22,8 +22,14 @@ from gate.decode.audit import Audit
 from gate.decode.cli import build_parser, settle_args
 from gate.decode.loop import Decoder
 from gate.decode.registry import registered
-from gate.decode.session import (add_runtime_args, audit_for, configure_torch, held_out_prompts, make_policy,
-                                 open_runtime)
+from gate.decode.session import (
+    add_runtime_args,
+    audit_for,
+    configure_torch,
+    held_out_prompts,
+    make_policy,
+    open_runtime,
+)
 
 VARIANTS = ("off", "count", "on")
 

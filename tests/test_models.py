@@ -101,16 +101,16 @@ def test_a_file_that_is_not_gguf_is_named(tmp_path, monkeypatch):
 
 
 def test_context_length_is_known_and_checked(smollm2):
-    """Issue 13 case 2's mechanism: one check, with the numbers, for every path that feeds a model."""
-    info = smollm2.info
-    assert info.context_length == 8192 == info.context_length_of(smollm2.model.config)
-    for same in (info, info.to_dict(), smollm2, smollm2.model, smollm2.model.config):
+    """One check, with the numbers, for every path that feeds a model."""
+    mi = smollm2.info
+    assert mi.context_length == 8192 == info.context_length_of(smollm2.model.config)
+    for same in (mi, mi.to_dict(), smollm2, smollm2.model, smollm2.model.config):
         assert info.context_length_of(same) == 8192
         info.check_context(8192, same, "prompt")
     with pytest.raises(info.ContextLengthError,
                        match=r"^prompt \(8,555 tokens\) \+ -m 64: 8,619 tokens, more than the 8,192 tokens "
                              r"'smollm2-135m' reads at once"):
-        info.check_context(8619, info, "prompt (8,555 tokens) + -m 64")
+        info.check_context(8619, mi, "prompt (8,555 tokens) + -m 64")
     info.check_context(10**6, {"name": "x"}, "prompt")  # a model that does not say: not checked
     assert isinstance(info.ContextLengthError("x"), ValueError)
 

@@ -406,7 +406,7 @@ def run_sharded(args, policies, lines: list[Line], run: dict, rank: int, process
     skips what OUTPUT already holds."""
     if args.output == "-":
         raise UsageError("--output -: a run over several processes writes a file (name one)")
-    from accelerate import PartialState   # here: importing accelerate takes seconds
+    from accelerate import PartialState  # here: importing accelerate takes seconds
 
     state = PartialState(cpu=True, timeout=timedelta(days=7))   # the others may wait hours at a barrier
     final = Path(args.output)

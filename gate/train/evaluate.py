@@ -22,7 +22,6 @@ import numpy as np
 
 from common.files import write_json, write_text
 from corpus_tools.inventory import CLASSES
-from runtimes.info import TokenizerMismatch
 from corpus_tools.records import RecordsError
 from gate.model.artifact import ArtifactError
 from gate.model.copyrule import is_copy_position
@@ -30,9 +29,19 @@ from gate.model.features import SOURCES
 from gate.model.heads import context_copy_stats, pair_index
 from gate.model.load import kind_of, load_drafter, read_meta
 from gate.train.calibration import coverage_at_precision, precision_curve
-from gate.train.data import (FitError, SplitData, apply_copy_trust, find_split, load_fields, load_split,
-                             open_records_checked, predict_pairs, select_part)
+from gate.train.data import (
+    FitError,
+    SplitData,
+    apply_copy_trust,
+    find_split,
+    load_fields,
+    load_split,
+    open_records_checked,
+    predict_pairs,
+    select_part,
+)
 from gate.train.probes import plot_probes, run_probes
+from runtimes.info import TokenizerMismatch
 
 TARGETS = (0.95, 0.98, 0.99, 0.995)
 

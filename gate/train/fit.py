@@ -33,8 +33,19 @@ from gate.model.load import kind_of, read_meta
 from gate.model.router import ROUTER_FORMAT
 from gate.train.calibration import coverage_at_precision, ltt_calibrate
 from gate.train.config import FitConfig, add_arguments, options_from_args
-from gate.train.data import (FitError, SplitData, apply_copy_trust, chunk_folds, find_split, load_split,
-                             model_entry, open_records_checked, predict_pairs, resolve_layer, subsample_pairs)
+from gate.train.data import (
+    FitError,
+    SplitData,
+    apply_copy_trust,
+    chunk_folds,
+    find_split,
+    load_split,
+    model_entry,
+    open_records_checked,
+    predict_pairs,
+    resolve_layer,
+    subsample_pairs,
+)
 from gate.train.distill import train_future_heads, train_word_head
 from gate.train.fit_eagle import fit_eagle
 from gate.train.fit_router import fit_router
