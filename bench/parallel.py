@@ -27,9 +27,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from bench.quiet import Quiet, load  # noqa: E402
+from bench.speed import binding_runner  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
-from gate.decode.cost import SLOT_NS, batch_curve  # noqa: E402
+from gate.decode.cost import batch_curve  # noqa: E402
 from gate.decode.loop import Decoder  # noqa: E402
 from gate.decode.parallel import choose_parallel, run_parallel, slot_context  # noqa: E402
 from gate.decode.policies import BigOnly  # noqa: E402
@@ -75,17 +76,11 @@ def one_at_a_time(rt, prompts, n):
 
 
 def binding(rt, prompts, n):
+    """The binding's own greedy generate, one prompt at a time (bench/speed.py's runner)."""
     llm = import_binding().Llama(str(rt.big.path), n_ctx=rt.big.n_ctx, n_threads=rt.big.n_threads,
                                  n_threads_batch=rt.big.n_threads, verbose=False)
-    outs = []
-    for ids in prompts:
-        llm.reset()
-        out = []
-        for tok in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            if tok in rt.eos_ids or len(out) == n:
-                break
-            out.append(tok)
-        outs.append(out)
+    run = binding_runner(llm, 0.0, 0, rt.eos_ids)
+    outs = [run(ids, n, i)[0] for i, ids in enumerate(prompts)]
     del llm
     return outs
 
@@ -109,8 +104,7 @@ def bench(args) -> dict:
     per = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus)) for i in range(len(args.corpus))]
     prompts = [p for c, k in zip(args.corpus, per) if k for p in held_out_prompts(c, rt.tokenizer, k, args.prompt_tokens,
                                                                                     args.split)]
-    ns = [n for n in SLOT_NS if n < len(prompts)] + [next((n for n in SLOT_NS if n >= len(prompts)), SLOT_NS[-1])]
-    curve, step_ms, _ = batch_curve(rt.big, ns, refresh=True, log=lambda m: print(m, file=sys.stderr))
+    curve, step_ms, _ = batch_curve(rt.big, len(prompts), refresh=True, log=lambda m: print(m, file=sys.stderr))
     auto = choose_parallel(curve, len(prompts))
     methods = {"binding_generate": lambda: (binding(rt, prompts, args.new_tokens), {}),
                "one_big": lambda: (one_at_a_time(rt, prompts, args.new_tokens), {})}

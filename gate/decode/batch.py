@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common.errors import ProjectError, UsageError, one_line
 from common.files import FolderLock, write_json, write_text
-from gate.decode.cost import SLOT_NS, batch_curve
+from gate.decode.cost import batch_curve
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
 from gate.decode.parallel import choose_parallel, run_parallel, slot_context
 from gate.decode.registry import namespace
@@ -339,8 +339,7 @@ def parallel_slots(rt, todo: list[Line], args) -> int:
     if want == "auto":
         if len(good) < 2 or not all(isinstance(b, LlamaCppBackend) for b in (rt.big, *rt.predictors.values())):
             return 1
-        ns = [n for n in SLOT_NS if n < len(good)] + [next((n for n in SLOT_NS if n >= len(good)), SLOT_NS[-1])]
-        curve, _, _ = batch_curve(rt.big, ns, log=lambda m: print(m, file=sys.stderr))
+        curve, _, _ = batch_curve(rt.big, len(good), log=lambda m: print(m, file=sys.stderr))
         n = choose_parallel(curve, len(good))
         print(f"infer.py: --parallel auto: {n} prompts side by side (the measured gain of a pass over n "
               f"sequences: {', '.join(f'{k}: {k / c:.1f}x' for k, c in sorted(curve.items()))})", file=sys.stderr)

@@ -183,10 +183,12 @@ SLOT_NS = (1, 2, 4, 8, 16, 24, 32, 48, 64)   # sequences per pass the batch curv
 SLOT_CONTEXT = 96                           # tokens cached per sequence while a batched pass is timed
 
 
-def batch_curve(backend, ns: Sequence[int] = SLOT_NS, reps: int = 9, refresh: bool = False,
+def batch_curve(backend, up_to: int = SLOT_NS[-1], reps: int = 9, refresh: bool = False,
                 log: Callable[[str], None] | None = None) -> tuple[dict[int, float], float, dict]:
     """({n: cost of one pass feeding one token to each of n sequences, in one-token steps}, step ms, key) for
-    the llama.cpp model under `backend`: measured once in a LlamaCppSlots context and cached like a profile."""
+    the llama.cpp model under `backend`, for the sizes in SLOT_NS up to the first >= up_to (a run of up_to
+    prompts uses no more slots): measured once in a LlamaCppSlots context and cached like a profile."""
+    ns = [n for n in SLOT_NS if n < up_to] + [next((n for n in SLOT_NS if n >= up_to), SLOT_NS[-1])]
     key = dict(profile_key(backend), curve="slots")
     prof = None if refresh else cached(key, list(ns))
     if prof is None:
