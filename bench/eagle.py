@@ -29,7 +29,7 @@ from gate.model.heads import context_copy_stats
 from gate.model.load import load_drafter
 from gate.train.calibration import coverage_at_precision
 from gate.train.config import FitConfig
-from gate.train.data import apply_copy_trust, predict_pairs
+from gate.train.data import apply_scoring, predict_pairs
 from gate.train.evaluate import open_inputs
 from gate.train.fit_eagle import drafts_on, score_pairs
 from runtimes.hf import HFBackend
@@ -43,7 +43,7 @@ def heads_pairs(inp, t, s) -> dict:
     dr = inp.dr
     o = predict_pairs(dr.predictor, inp.te, t, s, gates={dr.primary: dr.gates[dr.primary]}, desc="heads",
                       copy=context_copy_stats(inp.te.tokens, inp.te.run_start))
-    o = apply_copy_trust(o, inp.te, dr.copy_trust, dr.predictor.tables)
+    o = apply_scoring(o, inp.te, dr.scoring_by_gate, dr.predictor.tables)
     sel = o["sel"][dr.primary]
     return {"head_token": o["cands"][:, 0], "token": sel["token"], "score": sel["score"], "correct": sel["correct"],
             "any_right": o["correct"].any(1) | o["copy"]["correct"], "threshold": dr.threshold}

@@ -15,7 +15,8 @@ from corpus_tools.records import open_records
 from gate.decode.loop import Decoder
 from gate.decode.policies import BigOnly, Gate
 from gate.model import load as D
-from gate.model.copyrule import CopyIndex, trust_copy
+from gate.model.copyrule import CopyIndex
+from gate.model.precision import combine_sources
 from gate.train.evaluate import evaluate
 from gate.train.evaluate import main as evaluate_main
 from gate.train.fit import FitError, fit
@@ -87,12 +88,12 @@ def test_artifact_round_trip_and_contract(tiny, tiny_gate):
     cp = {k: v[-1:] for k, v in cp.items()}
     out = dr.predictor.run(dr.predictor.context(ids)[None], h[None], torch.tensor([2]), cp)
     _, want_tok, want_score = pick_candidate(dr.score(out), out)
-    assert dr.copy_trust is not None and len(dr.copy_trust) == 13      # the copy rule is part of the drafter
+    assert dr.maps and dr.copy_trust is None and dr.scoring.max_n == 12   # the copy rule is part of the drafter
     index = CopyIndex(12)
     index.sync(ids)
-    copy_tok, copy_len = index.query()
-    want_tok, want_score, _ = trust_copy(want_tok, want_score, np.array([copy_tok]), np.array([copy_len]),
-                                         dr.copy_trust)
+    copy_tok, copy_len = index.query(64)
+    want_tok, want_score, _ = combine_sources(want_tok, want_score, np.array([copy_tok]), np.array([copy_len]),
+                                              dr.scoring)
     assert tok == int(want_tok[0]) and score == pytest.approx(float(want_score[0]))
     assert 0 <= tok < info.vocab_size and 0.0 <= score <= 1.0
     again = D.load_drafter(tiny_gate, info.to_dict())
@@ -137,7 +138,7 @@ def test_evaluate_writes_report(tiny, tiny_gate, tmp_path):
         assert cap[meth][0.95] >= cap[meth][0.995]
     # the copy rule and the copy / non-copy split: every method in both, the shares add up, and the oracle
     # (some proposal right) bounds every method: coverage x precision <= the share the oracle skips
-    assert "copy" in cap and m["copy_rule"]["trusted"]
+    assert "copy" in cap and m["copy_rule"]["in_drafter"] and m["copy_rule"]["scoring"] == "precision maps"
     assert m["copy_positions"]["share"] + m["non_copy"]["share"] == pytest.approx(1.0)
     assert m["copy_positions"]["pairs"] + m["non_copy"]["pairs"] == m["pairs"]
     for part in ("copy_positions", "non_copy"):
@@ -167,7 +168,9 @@ def test_calibrate_changes_only_the_threshold(tiny, tiny_gate, tmp_path, monkeyp
     new = json.loads((out / "drafter.json").read_text())
     assert (out / "drafter.safetensors").read_bytes() == (tiny_gate / "drafter.safetensors").read_bytes()
     changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
-    assert changed <= {"threshold", "calibration", "recalibrated"} and "recalibrated" in changed
+    assert changed <= {"threshold", "calibration", "recalibrated", "precision_maps"} and "recalibrated" in changed
+    assert new["precision_maps"]["fitted_on"]["by"] == "train.py calibrate"
+    assert new["recalibrated"]["certification"]["oracle_coverage"] > 0
     assert new["recalibrated"]["previous_threshold"] == old["threshold"]
     assert new["calibration"][new["primary_gate"]]["target_precision"] == 0.6
     info = _info(tiny[0])
@@ -203,6 +206,10 @@ def test_refuses_other_tokenizer(tiny, tiny_gate, tmp_path):
     with pytest.raises(TokenizerMismatch, match="other_records"):
         evaluate(other_rec, tiny_gate, tmp_path / "ev", log=lambda x: None)
     assert evaluate_main(["--records", str(other_rec), "--gate", str(tiny_gate), "--out", str(tmp_path / "e2")]) == 2
+    rc, err = train_py("calibrate", "--records", other_rec, "--gate", tiny_gate, "--split", "test", "--out",
+                       tmp_path / "recal")
+    one_error_line(rc, err, "were made with tokenizer")
+    assert not (tmp_path / "recal" / "drafter.json").exists()
     # fit with --model of another tokenizer than the records
     with pytest.raises(TokenizerMismatch, match="records"):
         fit(tiny[2], tmp_path / "g", model=other_dir, log=lambda m: None, **SMALL_FIT)
@@ -299,6 +306,34 @@ def test_calibrate_refuses_the_training_split_and_another_artifact(tiny, tiny_ga
     with pytest.raises(FitError, match="holds a drafter recalibrated by train.py calibrate"):
         fit(records, tmp_path / "o", log=lambda m: None, **SMALL_FIT)
     assert snapshot(gate) == before and sorted(os.listdir(tmp_path / "o")) == ["drafter.json", "drafter.safetensors"]
+
+
+def test_an_older_artifact_keeps_working_and_calibrate_gives_it_maps(tiny, tiny_gate, tmp_path):
+    """An artifact from before the precision maps (a copy trust table, no maps) loads and proposes as it did;
+    train.py calibrate on it fits the maps and drops the table, the tensors untouched."""
+    import hashlib
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_gate, old)
+    meta = json.loads((old / "drafter.json").read_text())
+    del meta["precision_maps"]
+    meta["copy_trust"] = [0.0] + [0.5] * 11 + [1.0]
+    (old / "drafter.json").write_text(json.dumps(meta))
+    info = _info(tiny[0])
+    dr = D.load_drafter(old, info)
+    assert dr.maps is None and dr.copies.max_n == 12 and dr.extend == 0
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 2
+    assert dr.propose(ids, torch.zeros(info.hidden_size), 1) == (5, 1.0)    # a trusted 12-token copy, as before
+    rc, err = train_py("calibrate", "--records", tiny[2], "--gate", old, "--split", "test", "--out", tmp_path / "new",
+                       "--target-precision", "0.6")
+    assert rc == 0 and "pairs: " in err and ("of the oracle" in err or "skip nothing here" in err), err[-2000:]
+    new = json.loads((tmp_path / "new" / "drafter.json").read_text())
+    assert "copy_trust" not in new and set(new["precision_maps"]["gates"]) == {meta["primary_gate"]}
+    sha = [hashlib.sha256((p / "drafter.safetensors").read_bytes()).hexdigest() for p in (old, tmp_path / "new")]
+    assert sha[0] == sha[1]
+    dr = D.load_drafter(tmp_path / "new", info)
+    assert dr.maps and dr.extend == 64 and 0 < dr.propose(ids, torch.zeros(info.hidden_size), 1)[1] < 1
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")

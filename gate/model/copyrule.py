@@ -2,13 +2,15 @@
 
     index = CopyIndex(max_n=12)
     index.sync(ids)                       # incremental: O(max_n) per new or dropped token
-    token, n = index.query()              # the copy candidate for position len(ids), and its match length
-    copy_rule(tokens, run_start) -> (cand, match_len)   # the same for every recorded position (records)
+    token, n = index.query(extend=64)     # the copy candidate for position len(ids), and its match length
+    copy_rule(tokens, run_start, extend=64) -> (cand, match_len)   # the same at every recorded position
 
 Candidate: the token that followed the most recent earlier occurrence of the longest suffix (up to max_n tokens)
-of the context that occurred earlier; score: the match length n (0 = no candidate, token -1). A copy position
-(`is_copy_position`) is one whose last COPY_SPAN = 4 tokens occurred earlier (match length >= 4).
-`trust_table` / `trusted_table` / `trust_copy`: how far the rule is trusted per match length, and its use.
+of the context that occurred earlier; score: the match length n (0 = no candidate, token -1); with `extend`, a
+match of max_n tokens is measured further back at that occurrence, up to `extend` tokens (`extend_match`). A copy
+position (`is_copy_position`) is one whose last COPY_SPAN = 4 tokens occurred earlier (match length >= 4).
+`trust_table` / `trusted_table` / `trust_copy`: the feature head's trust in the rule per match length (the heads
+drafter grades it by gate/model/precision.py instead).
 Why it is the baseline of every learned gate: docs/drafters.md#the-copy-rule-gatemodelcopyrulepy.
 """
 from __future__ import annotations
@@ -69,8 +71,9 @@ class CopyIndex:
         for t in ids[k:]:
             self.push(t)
 
-    def query(self) -> tuple[int, int]:
-        """(candidate token, match length) for the position after the last token; (-1, 0) if none."""
+    def query(self, extend: int = 0) -> tuple[int, int]:
+        """(candidate token, match length) for the position after the last token; (-1, 0) if none. A match of
+        max_n tokens is measured on up to `extend` tokens at the occurrence found (extend_match)."""
         t = len(self.ids) - 1
         best_end, best_n = -1, 0
         for n in range(1, min(self.max_n, t) + 1):
@@ -78,14 +81,25 @@ class CopyIndex:
             if e is None:
                 break
             best_end, best_n = e[-1], n
+        if best_n == self.max_n and extend > best_n:
+            best_n = extend_match(self.ids, t, best_end, best_n, extend)
         return (self.ids[best_end + 1], best_n) if best_n else (-1, 0)
 
 
-def copy_rule(tokens: np.ndarray, run_start: np.ndarray, max_n: int = MAX_N) -> tuple[np.ndarray, np.ndarray]:
+def extend_match(ids: Sequence[int], t: int, e: int, n: int, limit: int) -> int:
+    """The length of the common suffix of ids[..t] and ids[..e] (e < t), known to be >= n, counted up to `limit`:
+    how far a capped match really reaches, at O(extra length) instead of one n-gram table per length."""
+    while n < limit and n <= e and ids[t - n] == ids[e - n]:
+        n += 1
+    return n
+
+
+def copy_rule(tokens: np.ndarray, run_start: np.ndarray, max_n: int = MAX_N,
+              extend: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The copy rule at every recorded position: (candidate [N] int64, -1 for none; match length [N] int16).
 
     Row i holds the token at position t of a run (a book's consecutive recorded positions, starting at row
-    run_start[i]); its context is the run's tokens up to and including row i.
+    run_start[i]); its context is the run's tokens up to and including row i. `extend`: as CopyIndex.query.
     """
     n = len(tokens)
     cand = np.full(n, -1, dtype=np.int64)
@@ -95,7 +109,7 @@ def copy_rule(tokens: np.ndarray, run_start: np.ndarray, max_n: int = MAX_N) -> 
         if run_start[i] == i:
             index.reset()
         index.push(int(tokens[i]))
-        cand[i], length[i] = index.query()
+        cand[i], length[i] = index.query(extend)
     return cand, length
 
 
@@ -148,5 +162,5 @@ def is_copy_position(match_len: np.ndarray) -> np.ndarray:
     return np.asarray(match_len) >= COPY_SPAN
 
 
-__all__ = ["CopyIndex", "copy_rule", "is_copy_position", "trust_table", "trusted_table", "trust_copy", "COPY_SPAN",
-           "MAX_N"]
+__all__ = ["CopyIndex", "copy_rule", "extend_match", "is_copy_position", "trust_table", "trusted_table", "trust_copy",
+           "COPY_SPAN", "MAX_N"]

@@ -1,5 +1,6 @@
 """The heads drafter (`train.py fit`): a Predictor (word head, future heads, PCA, n-gram table) and trained
-gates, with the copy rule; its artifact format skipgate-drafter/1.
+gates, with the copy rule; its artifact format skipgate-drafter/1. Scores are estimated precisions
+(gate/model/precision.py: the maps in drafter.json); an artifact from before them keeps its copy trust table.
 
     tok, score = drafter.propose(ids, hidden, since_big)   # hidden: the big model's state at hidden_layer at
                                                            # the last position p it computed (ids: p + 1 + since_big)
@@ -15,11 +16,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from gate.model.artifact import Format, write_artifact
+from gate.model.artifact import ArtifactError, Format, write_artifact
 from gate.model.base import Drafter
-from gate.model.copyrule import CopyIndex, trust_copy
+from gate.model.copyrule import CopyIndex
 from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, pick_candidate
 from gate.model.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
+from gate.model.precision import SourceMaps, combine_sources
 
 FORMAT = "skipgate-drafter/1"
 TENSOR_FILE = "drafter.safetensors"
@@ -110,15 +112,32 @@ class HeadsDrafter(Drafter):
     """The Drafter contract (gate/model/base.py) around a Predictor and trained gates."""
 
     def __init__(self, predictor: Predictor, gates: dict, primary: str, threshold: float, max_skip: int,
-                 hidden_layer: int, meta: dict | None = None, copy_trust: np.ndarray | None = None):
+                 hidden_layer: int, meta: dict | None = None, copy_trust: np.ndarray | None = None,
+                 maps: dict | None = None):
         self.predictor, self.gates, self.primary = predictor, gates, primary
         self.threshold, self.max_skip, self.hidden_layer = float(threshold), int(max_skip), int(hidden_layer)
         self.meta = meta or {}
         self.index = ContextIndex(NGRAM_ORDERS)
-        # the copy rule's trust per match length (gate.model.copyrule.trust_table); None: an artifact from
-        # before the copy rule was part of the drafter, which proposes what its gate picks alone
-        self.copy_trust = None if copy_trust is None else np.asarray(copy_trust, dtype=np.float32)
-        self.copies = CopyIndex(len(self.copy_trust) - 1) if self.copy_trust is not None else None
+        # {gate: SourceMaps}: each gate's and the copy rule's scores as estimated precisions (gate.model.precision);
+        # without them, an older artifact: the copy rule's trust per match length (copy_trust), or None: an
+        # artifact from before the copy rule was part of the drafter, which proposes what its gate picks alone
+        self.maps = maps
+        self.copy_trust = None if copy_trust is None or maps else np.asarray(copy_trust, dtype=np.float32)
+        sc = self.scoring           # the copy index it reads
+        if isinstance(sc, SourceMaps):
+            self.copies, self.extend = (CopyIndex(sc.max_n), sc.extend) if sc.max_n > 0 else (None, 0)
+        else:
+            self.copies, self.extend = (CopyIndex(len(sc) - 1), 0) if sc is not None else (None, 0)
+
+    @property
+    def scoring(self):
+        """What gate.model.precision.combine_sources takes for the primary gate: SourceMaps, a trust table or None."""
+        return self.maps[self.primary] if self.maps else self.copy_trust
+
+    @property
+    def scoring_by_gate(self):
+        """{gate: SourceMaps}, or the older artifact's trust table (or None) for every gate."""
+        return self.maps if self.maps else self.copy_trust
 
     def start(self) -> None:
         """A new text begins (the decode policy calls this): forget the in-context copy statistics."""
@@ -151,10 +170,11 @@ class HeadsDrafter(Drafter):
         h = torch.as_tensor(hidden).reshape(1, -1)
         out = self.predictor.run(self.predictor.context(ids)[None], h, torch.tensor([since_big]), copy)
         _, tok, score = pick_candidate(self.score(out), out)
+        copy_tok, copy_len = -1, 0
         if self.copies is not None:
             self.copies.sync(ids)
-            copy_tok, copy_len = self.copies.query()
-            tok, score, _ = trust_copy(tok, score, np.array([copy_tok]), np.array([copy_len]), self.copy_trust)
+            copy_tok, copy_len = self.copies.query(self.extend)
+        tok, score, _ = combine_sources(tok, score, np.array([copy_tok]), np.array([copy_len]), self.scoring)
         score = float(score[0])
         if since_big >= self.max_skip:
             score = 0.0
@@ -171,6 +191,8 @@ class HeadsDrafter(Drafter):
                     gates={n: {"kind": g.kind, "config": g.config()} for n, g in self.gates.items()},
                     predictor=self.predictor.config(), features=self.predictor.feature_names,
                     copy_trust=None if self.copy_trust is None else [float(x) for x in self.copy_trust])
+        if self.maps:
+            meta["precision_maps"] = maps_meta(self.maps, self.meta.get("precision_maps"))
         self.meta = write_artifact(path, TENSOR_FILE, tensors, meta)
         return Path(path)
 
@@ -187,9 +209,34 @@ class HeadsDrafter(Drafter):
             gates[name] = GATES[g["kind"]].from_state({k[len(pre):]: v for k, v in t.items() if k.startswith(pre)},
                                                       g["config"])
         return cls(pred, gates, meta["primary_gate"], meta.get("threshold", NEVER), meta["max_skip"],
-                   meta["hidden_layer"], meta, meta.get("copy_trust"))
+                   meta["hidden_layer"], meta, meta.get("copy_trust"), maps_from_meta(meta, path))
+
+
+MAPS_METHOD = ("isotonic regression (sklearn, pool-adjacent-violators) of right/wrong on the raw score, each pooled "
+               "block's precision shrunk by Laplace's rule (k+1)/(n+2) and made non-decreasing again; the copy rule "
+               "per match-length bin and agreement with the gate's candidate (gate/model/precision.py)")
+
+
+def maps_meta(maps: dict, old: dict | None = None) -> dict:
+    """drafter.json's precision_maps entry: the maps of every gate, how they were fitted, on what (kept from
+    `old` unless given anew)."""
+    return {**(old or {}), "method": MAPS_METHOD, "gates": {n: m.to_json() for n, m in maps.items()}}
+
+
+def maps_from_meta(meta: dict, path="") -> dict | None:
+    """{gate: SourceMaps} from drafter.json (None: an artifact from before the maps)."""
+    pm = meta.get("precision_maps")
+    if not pm:
+        return None
+    try:
+        maps = {n: SourceMaps.from_json(d) for n, d in pm["gates"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: drafter.json: unreadable precision_maps ({e})") from None
+    if meta["primary_gate"] not in maps:
+        raise ArtifactError(f"{path}: drafter.json: precision_maps lack the primary gate {meta['primary_gate']!r}")
+    return maps
 
 
 HEADS = Format(FORMAT, "the heads drafter (train.py fit)", ("predictor", "gates", "primary_gate"), HeadsDrafter.load)
 
-__all__ = ["HeadsDrafter", "Predictor", "HEADS", "FORMAT", "TENSOR_FILE"]
+__all__ = ["HeadsDrafter", "Predictor", "HEADS", "FORMAT", "TENSOR_FILE", "maps_meta", "maps_from_meta"]

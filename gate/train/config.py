@@ -26,7 +26,8 @@ LIMITS = {
     "soft_weight": (0, 1, False, False), "reg_weight": (0, INF, False, False), "min_steps": (0, INF, False, False),
     "n_pca": (1, INF, False, False), "gate_frac": (0, 1, True, True), "max_train": (2, INF, False, False),
     "max_gate_pairs": (1, INF, False, False), "max_val_pairs": (1, INF, False, False),
-    "copy_max_n": (0, INF, False, False), "eagle_vocab": (2, INF, False, False), "eagle_window": (2, INF, False, False),
+    "copy_max_n": (0, INF, False, False), "map_frac": (0, 1, True, True), "eagle_vocab": (2, INF, False, False),
+    "eagle_window": (2, INF, False, False),
     "eagle_batch": (1, INF, False, False), "eagle_depth": (1, INF, False, False), "eagle_epochs": (0, INF, True, False),
     "eagle_lr": (0, INF, True, False), "router_pca": (1, INF, False, False), "router_emb_pca": (1, INF, False, False),
     "router_topk": (1, INF, False, False), "router_max_skip": (1, INF, False, False), "threads": (0, INF, False, False),
@@ -88,7 +89,11 @@ class FitConfig:
                                  cli=False)
     copy_max_n: int = setting(
         12, "the copy rule (prompt lookup) looks for the last N tokens earlier in the context; the drafter takes its "
-            "candidate where the rule is trusted more than the learned gate (0: no copy rule)", "calibration")
+            "candidate where its estimated precision (by match length, up to 64) beats the gate's (0: no copy rule)",
+        "calibration")
+    map_frac: float = setting(
+        0.3, "share of the calibration pairs (in stretches of positions) the precision maps are fitted on; the "
+             "threshold is certified on the rest", "calibration")
     eagle_vocab: int = setting(8192, "eagle: draft vocabulary, the most frequent greedy tokens of the training "
                                      "records", "eagle")
     eagle_window: int = setting(64, "eagle: positions per training window", "eagle")

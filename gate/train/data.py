@@ -16,10 +16,12 @@ import torch
 from common.errors import ProjectError
 from corpus_tools.inventory import token_class_from_tables
 from corpus_tools.records import open_records
-from gate.model.copyrule import MAX_N, copy_rule, trust_copy
+from gate.model.copyrule import MAX_N, copy_rule
 from gate.model.features import combine, pick_candidate
 from gate.model.heads import context_ids, run_starts
 from gate.model.heads_drafter import Predictor
+from gate.model.precision import COPY_EXTEND, SourceMaps, combine_sources
+from gate.train.calibration import ltt_calibrate
 from gate.train.distill import HeadData
 
 VAL_NAMES = ("validation", "val", "valid", "dev")
@@ -53,12 +55,12 @@ class SplitData:
         """Rows of the whole recorded split for rows i of this data (for fields read separately)."""
         return i if self.rows is None else self.rows[i]
 
-    def copy_rule(self, max_n: int = MAX_N) -> tuple[np.ndarray, np.ndarray]:
+    def copy_rule(self, max_n: int = MAX_N, extend: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(candidate, match length) of the copy rule at every row (gate.model.copyrule), computed once."""
         cache = self.__dict__.setdefault("_copy_rule", {})
-        if max_n not in cache:
-            cache[max_n] = copy_rule(self.tokens, self.run_start, max_n)
-        return cache[max_n]
+        if (max_n, extend) not in cache:
+            cache[max_n, extend] = copy_rule(self.tokens, self.run_start, max_n, extend)
+        return cache[max_n, extend]
 
     def head_data(self) -> HeadData:
         return HeadData(self.tokens, self.argmax, self.hidden, self.run_start, self.topk_ids, self.topk_p)
@@ -228,22 +230,89 @@ def predict_pairs(pred: Predictor, data: SplitData, t: np.ndarray, s: np.ndarray
     return res
 
 
-def apply_copy_trust(o: dict, data: SplitData, table: np.ndarray | None, tables: dict) -> dict:
-    """Let each gate's pick fall back on the copy rule where the rule is trusted more (gate.model.copyrule
-    .trust_copy, the same function HeadsDrafter.propose calls); adds o["copy"] (the rule's own candidate, match
-    length, correctness and class per pair). A drafter without a trust table (table None) keeps its gates' picks."""
+def copy_settings(scoring) -> tuple[int, int]:
+    """(max_n, extend) of the copy rule a drafter's scoring reads (its CopyIndex(max_n).query(extend))."""
+    if isinstance(scoring, dict):
+        scoring = next(iter(scoring.values()), None)
+    if isinstance(scoring, SourceMaps):
+        return (scoring.max_n, scoring.extend) if scoring.max_n > 0 else (MAX_N, COPY_EXTEND)
+    return (MAX_N, 0) if scoring is None else (len(scoring) - 1, 0)
+
+
+def attach_copy(o: dict, data: SplitData, max_n: int, extend: int, tables: dict | None = None) -> dict:
+    """o["copy"]: the copy rule's candidate, match length, correctness (and class, with the token tables) per pair
+    of o."""
     t = o["t"]
-    cand, length = data.copy_rule(MAX_N if table is None else len(table) - 1)
-    cand, length, am = cand[t], length[t].astype(np.int64), data.argmax[t]
-    cls = token_class_from_tables(data.tokens[t], np.maximum(cand, 0), tables["cls"], tables["ends_alnum"])
-    o["copy"] = {"token": cand, "len": length, "correct": cand == am, "cls": cls}
-    if table is None:
-        return o
-    for sel in o["sel"].values():
-        tok, score, used = trust_copy(sel["token"], sel["score"], cand, length, table)
-        sel.update(token=tok, score=score, correct=tok == am, cls=np.where(used, cls, sel["cls"]),
+    cand, length = data.copy_rule(max_n, extend)
+    cand, length = cand[t], length[t].astype(np.int64)
+    cls = None if tables is None else token_class_from_tables(data.tokens[t], np.maximum(cand, 0), tables["cls"],
+                                                              tables["ends_alnum"])
+    o["copy"] = {"token": cand, "len": length, "correct": cand == data.argmax[t], "cls": cls}
+    return o
+
+
+def apply_scoring(o: dict, data: SplitData, scoring, tables: dict) -> dict:
+    """Each gate's pick combined with the copy rule's candidate (gate.model.precision.combine_sources, the function
+    HeadsDrafter.propose calls): `scoring` is {gate: SourceMaps} (estimated precisions), an older artifact's
+    trust table (one for every gate), or None (the gates' picks alone). Adds o["copy"] (attach_copy)."""
+    cp = attach_copy(o, data, *copy_settings(scoring), tables)["copy"]
+    am = data.argmax[o["t"]]
+    for name, sel in o["sel"].items():
+        sc = scoring.get(name) if isinstance(scoring, dict) else scoring
+        if sc is None:
+            continue
+        tok, score, used = combine_sources(sel["token"], sel["score"], cp["token"], cp["len"], sc)
+        sel.update(token=tok, score=score, correct=tok == am, cls=np.where(used, cp["cls"], sel["cls"]),
                    slot=np.where(used, -1, sel["slot"]), copy_used=used)
     return o
+
+
+def map_part(t: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    """Boolean mask over pairs: True for the part the precision maps are fitted on, False for the part the
+    threshold is certified on. Whole stretches of positions go to one part (chunks of up to 512, at least 10 of
+    them), dealt by a seeded shuffle; both parts hold some pairs whenever there are two chunks."""
+    t = np.asarray(t)
+    if len(t) == 0:
+        return np.zeros(0, dtype=bool)
+    chunk = max(1, min(512, (int(t.max()) + 1) // 10))
+    ids = t // chunk
+    uniq = np.unique(ids)
+    n_map = min(max(1, int(round(frac * len(uniq)))), len(uniq) - 1)
+    pick = np.random.default_rng(seed + 104729).permutation(uniq)[:n_map]
+    return np.isin(ids, pick)
+
+
+def fit_scoring(o: dict, data: SplitData, mask: np.ndarray, max_n: int) -> dict:
+    """{gate: SourceMaps} for every gate of o, fitted on the pairs where mask is True (the gate's pick and the
+    copy rule's candidate there, gate.model.precision); max_n: the copy index's cap (0: no copy rule)."""
+    cp = attach_copy(o, data, max_n if max_n > 0 else MAX_N, COPY_EXTEND)["copy"]
+    tok, n, ok, m = cp["token"][mask], cp["len"][mask], cp["correct"][mask], mask
+    return {name: SourceMaps.fit(sel["score"][m], sel["correct"][m], tok, n, ok, tok == sel["token"][m], max_n)
+            for name, sel in o["sel"].items()}
+
+
+def certify_pairs(o: dict, data: SplitData, tables: dict, max_n: int, target: float, delta: float, map_frac: float,
+                  seed: int, baselines: bool = True) -> dict:
+    """The one calibration of fit and calibrate: precision maps fitted on a part of the pairs (map_part), every
+    gate's pick combined with the copy rule through them (apply_scoring), and a Learn-then-Test threshold for
+    each gate on the other part, at delta / number of gates (the caller may pick among them); with `baselines`,
+    the untrained rules too, at delta. Returns maps, calibration, scored (score, correct on the threshold part
+    per method), ltt_part (mask over o's pairs), oracle (its coverage there) and the combined pairs."""
+    mask = map_part(o["t"], map_frac, seed)
+    maps = fit_scoring(o, data, mask, max_n)
+    apply_scoring(o, data, maps, tables)
+    lt, cp = ~mask, o["copy"]
+    scored = {n: (v["score"][lt], v["correct"][lt]) for n, v in o["sel"].items()}
+    if baselines:
+        scored.update({"max_prob": (o["head_p"][lt], o["head1_correct"][lt]),            # BiLD's fallback rule
+                       "entropy": (1.0 - o["head_entropy"][lt], o["head1_correct"][lt]),  # entropy-gated switching
+                       "copy": (cp["len"][lt].astype(np.float64), cp["correct"][lt])})    # prompt lookup
+    n_gates = len(o["sel"])
+    calib = {n: ltt_calibrate(sc, ok, target, delta / (n_gates if n in o["sel"] else 1))
+             for n, (sc, ok) in scored.items()}
+    oracle = (o["correct"].any(1) | cp["correct"])[lt]
+    return {"maps": maps, "calibration": calib, "scored": scored, "ltt_part": lt, "pairs": o,
+            "oracle": float(oracle.mean()) if len(oracle) else 0.0}
 
 
 def subsample_pairs(t, s, n_max, seed):

@@ -32,7 +32,7 @@ from gate.train.calibration import coverage_at_precision, precision_curve
 from gate.train.data import (
     FitError,
     SplitData,
-    apply_copy_trust,
+    apply_scoring,
     find_split,
     load_fields,
     load_split,
@@ -434,7 +434,7 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
     t, s, n_used = test_pairs(inp, max_pairs, log)
     o = predict_pairs(dr.predictor, te, t, s, gates=dr.gates, desc="test pairs", modes=("future",),
                       copy=context_copy_stats(te.tokens, te.run_start))
-    o = apply_copy_trust(o, te, dr.copy_trust, dr.predictor.tables)
+    o = apply_scoring(o, te, dr.scoring_by_gate, dr.predictor.tables)
     prim = o["sel"][dr.primary]
     acc = float(prim["correct"].mean())
     methods = score_methods(o, dr.primary, small_model_methods(inp, t, o))
@@ -461,7 +461,10 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
                "future_heads_accuracy_by_s": {
                    int(j): float(fut[s == j].mean()) for j in range(1, max_s + 1) if (s == j).any()},
                "coverage_at_precision": cap, **copy_split(methods, is_copy, o, dr.primary),
-               "copy_rule": {"trusted": dr.copy_trust is not None, "accuracy": float(o["copy"]["correct"].mean()),
+               "copy_rule": {"in_drafter": dr.scoring is not None,
+                             "scoring": "precision maps" if dr.maps else "trust table (an older artifact)"
+                             if dr.copy_trust is not None else None,
+                             "accuracy": float(o["copy"]["correct"].mean()),
                              "has_candidate": float((o["copy"]["len"] > 0).mean())},
                "part": part, "target_precision": inp.meta.get("target_precision"),
                "by_class": {c: {k: v for k, v in d.items() if k != "curves"} for c, d in classes.items()},
@@ -511,8 +514,8 @@ def _md_intro(m: dict, meta: dict, dr) -> list[str]:
          f"Test books: {', '.join(map(str, m['books']))}; {m['positions']:,} positions, {m['pairs']:,} pairs "
          f"(t, since_big s = 1..{dr.max_skip - 1}). Drafter reads big-model layer {dr.hidden_layer}; head mode "
          f"`{m['predictor']}`. The drafter's candidate (the best-scoring of: head top-1, head top-2, training-text "
-         f"n-gram, in-context copy, or the copy rule's where it is trusted more) equals the big model's argmax on "
-         f"{_pct(m['predictor_accuracy'])} of pairs; the head's top-1 alone on {_pct(m['head_accuracy'])} (the "
+         f"n-gram, in-context copy, or the copy rule's where its estimated precision is higher) equals the big "
+         f"model's argmax on {_pct(m['predictor_accuracy'])} of pairs; the head's top-1 alone on {_pct(m['head_accuracy'])} (the "
          f"candidate of the max_prob / entropy baselines, oracle:head); some candidate is right on "
          f"{_pct(m['any_candidate_right'])}, some candidate or the copy rule's (the oracle's coverage) on "
          f"{_pct(m['coverage_at_precision']['oracle'][0.99])}."

@@ -24,7 +24,6 @@ import torch
 from corpus_tools.inventory import CLASSES, KINDS, restricted_vocab, token_table
 from corpus_tools.records import RecordsError
 from gate.model.artifact import META_FILE, ArtifactError
-from gate.model.copyrule import trusted_table
 from gate.model.eagle import EAGLE_FORMAT
 from gate.model.features import GATES, LogisticGate, MLPGate, pick_candidate, torch_threads
 from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, context_copy_stats, pair_index
@@ -36,7 +35,7 @@ from gate.train.config import FitConfig, add_arguments, options_from_args
 from gate.train.data import (
     FitError,
     SplitData,
-    apply_copy_trust,
+    certify_pairs,
     chunk_folds,
     find_split,
     load_split,
@@ -417,57 +416,39 @@ class Calibration:
     primary: str
     threshold: float
     val_metrics: dict
-
-
-def copy_trust(tr: SplitData, gate_pairs: Pairs, cfg: FitConfig, log) -> np.ndarray | None:
-    """How far the copy rule can be trusted at each match length, from the gate-fold positions (the heads never
-    trained on them): gate.model.copyrule.trust_table. None with --copy-max-n 0."""
-    if cfg.copy_max_n <= 0:
-        return None
-    t = np.unique(gate_pairs.t)
-    cand, length = tr.copy_rule(cfg.copy_max_n)
-    table = trusted_table(length[t], cand[t] == tr.argmax[t], cfg.copy_max_n, cfg.delta, cfg.target_precision)
-    log(f"[fit] copy rule trust by match length (lower bounds on {len(t):,} gate-fold positions; 1 = trusted "
-        "outright): " + " ".join(f"{n}:{p:.3f}" for n, p in enumerate(table) if n))
-    return table
+    maps: dict
 
 
 def calibrate(pred: Predictor, gates: dict, primary: str, val: Pairs, data: TrainData, cfg: FitConfig,
-              log, table: np.ndarray | None = None) -> Calibration:
-    """Learn-then-Test thresholds on validation for every gate (each falling back on the copy rule where the
-    rule is trusted more, as the drafter will) and baseline; the primary gate is the certified one with the
+              log) -> Calibration:
+    """Precision maps and Learn-then-Test thresholds on validation (certify_pairs) for every gate (each combined
+    with the copy rule as the drafter will) and baseline; the primary gate is the certified one with the
     largest coverage (the gate-dev choice if none is certified)."""
     o = predict_pairs(pred, data.va, val.t, val.s, gates=gates, desc="calibration", copy=val.copy)
-    if table is not None and cfg.copy_max_n != len(table) - 1:
-        raise FitError(f"copy trust table for {len(table) - 1} tokens, --copy-max-n {cfg.copy_max_n}")
-    o = apply_copy_trust(o, data.va, table, pred.tables)
-    baselines = {"max_prob": (o["head_p"], o["head1_correct"]),            # BiLD's fallback rule
-                 "entropy": (1.0 - o["head_entropy"], o["head1_correct"]),  # entropy-gated switching
-                 "copy": (o["copy"]["len"].astype(np.float64), o["copy"]["correct"])}   # prompt lookup
-    scored = {**{n: (v["score"], v["correct"]) for n, v in o["sel"].items()}, **baselines}
-    # The drafter's gate is picked among the learned gates on validation too: each is calibrated at
-    # delta / n_gates (Bonferroni), so the guarantee holds for whichever is picked; the baselines at delta.
-    n_gates = len(o["sel"])
-    calib = {n: ltt_calibrate(sc, ok, cfg.target_precision, cfg.delta / (n_gates if n in o["sel"] else 1))
-             for n, (sc, ok) in scored.items()}
+    cert = certify_pairs(o, data.va, pred.tables, cfg.copy_max_n, cfg.target_precision, cfg.delta, cfg.map_frac,
+                         cfg.seed)
+    calib, o, lt = cert["calibration"], cert["pairs"], cert["ltt_part"]
     certified = {n: calib[n]["coverage"] for n in o["sel"] if calib[n]["certified"]}
     if certified:
         primary = max(certified, key=lambda n: (certified[n], n == "logreg"))
     val_metrics = {
-        "pairs": int(len(val.t)), "head_accuracy": float(o["head1_correct"].mean()),
+        "pairs": int(len(val.t)), "map_pairs": int((~lt).sum()), "ltt_pairs": int(lt.sum()),
+        "head_accuracy": float(o["head1_correct"].mean()),
         "drafter_accuracy": float(o["sel"][primary]["correct"].mean()),
         "any_candidate_right": float(o["correct"].any(1).mean()),
+        "oracle": cert["oracle"],
         "coverage_at_precision": {n: {str(k): v for k, v in coverage_at_precision(sc, ok).items()}
-                                  for n, (sc, ok) in scored.items()},
+                                  for n, (sc, ok) in cert["scored"].items()},
     }
     c = calib[primary]
-    log(f"[fit] calibrated {primary} gate on {len(val.t):,} {data.va.name} pairs: threshold {c['threshold']:.4g}, "
-        f"coverage {c['coverage']:.1%}, precision "
-        f"{c['precision'] if c['precision'] is not None else float('nan'):.2%}, error <= "
-        f"{1 - cfg.target_precision:.2%} with prob >= {1 - cfg.delta:.0%} (LTT; primary picked among certified "
-        "gates: " + (", ".join(f"{n} {c:.1%}" for n, c in certified.items()) or "none") + ")"
+    log(f"[fit] calibrated {primary} gate on {len(val.t):,} {data.va.name} pairs (precision maps on "
+        f"{int((~lt).sum()):,}, threshold on {int(lt.sum()):,}): threshold {c['threshold']:.4g}, "
+        f"coverage {c['coverage']:.1%} ({c['coverage'] / max(cert['oracle'], 1e-12):.2f} of the oracle's "
+        f"{cert['oracle']:.1%}), precision {c['precision'] if c['precision'] is not None else float('nan'):.2%}, "
+        f"error <= {1 - cfg.target_precision:.2%} with prob >= {1 - cfg.delta:.0%} (LTT; primary picked among "
+        "certified gates: " + (", ".join(f"{n} {c:.1%}" for n, c in certified.items()) or "none") + ")"
         + ("" if c["certified"] else " - NO threshold certified: the gate will never skip"))
-    return Calibration(calib, primary, c["threshold"], val_metrics)
+    return Calibration(calib, primary, c["threshold"], val_metrics, cert["maps"])
 
 
 # ------------------------------------------------------------------------------------------------ artifact
@@ -582,12 +563,11 @@ def _fit(records, out: Path, model, force, log, cfg: FitConfig) -> Path:
     mm = stage_mode(cache, pred, pairs["val"], data, cfg, heads.key, log)
     pred.mode = mm["mode"]
     gates, gm = stage_gates(cache, pred, pairs["gate"], data, cfg, mm["key"], log)
-    table = copy_trust(data.tr, pairs["gate"], cfg, log)
-    cal = calibrate(pred, gates, gm["primary"], pairs["val"], data, cfg, log, table)
+    cal = calibrate(pred, gates, gm["primary"], pairs["val"], data, cfg, log)
     cost = pred.cost(big.info["n_params"])
     meta = artifact_meta(src, big, data, cfg, pairs, mm, gm, cal, cost,
                          {**heads.timings, "fit_total_s": round(time.time() - t_start, 1)})
-    HeadsDrafter(pred, gates, cal.primary, cal.threshold, cfg.max_skip, src.layer, meta, table).save(out)
+    HeadsDrafter(pred, gates, cal.primary, cal.threshold, cfg.max_skip, src.layer, meta, maps=cal.maps).save(out)
     log(f"[fit] drafter: {cost['word_head_params'] / 1e6:.2f}M + {cost['future_heads_params'] / 1e6:.2f}M params, "
         f"{cost['drafter_flops_per_token'] / 1e6:.1f} MFLOP/token = "
         f"{cost.get('drafter_flops_vs_big', float('nan')):.1%} of the big model's; saved {out} "

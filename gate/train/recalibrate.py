@@ -22,10 +22,12 @@ import numpy as np
 from common.files import FolderLock, check_output_dir, write_json
 from gate.model.artifact import META_FILE, ArtifactError
 from gate.model.heads import context_copy_stats, pair_index
-from gate.model.heads_drafter import FORMAT, TENSOR_FILE
+from gate.model.copyrule import MAX_N
+from gate.model.heads_drafter import FORMAT, TENSOR_FILE, maps_meta
 from gate.model.load import kind_of, read_meta
 from gate.train.calibration import format_threshold, ltt_calibrate
-from gate.train.data import FitError, apply_copy_trust, predict_pairs, subsample_pairs
+from gate.train.config import FitConfig
+from gate.train.data import FitError, certify_pairs, predict_pairs, subsample_pairs
 from gate.train.evaluate import open_inputs
 
 
@@ -81,7 +83,7 @@ def check_split(inp, part: str | None, force: bool) -> None:
 
 def recalibrate(records, gate, out=None, split: str = "validation", part: str | None = None,
                 target_precision: float | None = None, delta: float | None = None, max_pairs: int = 400000,
-                log=print, command: str = "", force: bool = False) -> dict:
+                log=print, command: str = "", force: bool = False, map_frac: float | None = None) -> dict:
     """Certify a new threshold for `gate` on the records' split; write the recalibrated artifact to `out`
     (default: `gate` itself, only drafter.json rewritten). Returns the new calibration entry. The caller holds
     the output folder's lock (main does)."""
@@ -98,20 +100,49 @@ def recalibrate(records, gate, out=None, split: str = "validation", part: str | 
         raise FitError(f"{inp.records}: split {inp.split!r} has no position with an earlier one in the same book")
     o = predict_pairs(dr.predictor, te, t, s, gates={dr.primary: dr.gate}, desc="recalibration",
                       copy=context_copy_stats(te.tokens, te.run_start))
-    sel = apply_copy_trust(o, te, dr.copy_trust, dr.predictor.tables)["sel"][dr.primary]
-    cal = ltt_calibrate(sel["score"], sel["correct"], tp, dl)
+    max_n = meta.get("config", {}).get("copy_max_n", MAX_N) if dr.maps is None else dr.scoring.max_n
+    mf = meta.get("config", {}).get("map_frac", FitConfig().map_frac) if map_frac is None else map_frac
+    cert = certify_pairs(o, te, dr.predictor.tables, max_n, tp, dl, mf, 0, baselines=False)
+    cal, lt = cert["calibration"][dr.primary], cert["ltt_part"]
+    report = certification(cal, cert["oracle"], int((~lt).sum()), int(lt.sum()))
     log(f"[calibrate] {dr.primary} gate on {len(t):,} pairs of {inp.records} ({inp.split}"
         f"{', part ' + part if part else ''}): threshold {format_threshold(dr.threshold)} -> "
-        f"{format_threshold(cal['threshold'])}, coverage "
-        f"{cal['coverage']:.1%}" + ("" if cal["certified"] else " - NO threshold certified: the gate will never skip"))
+        f"{format_threshold(cal['threshold'])}")
+    log("[calibrate] " + report["text"])
+    maps = {**(dr.maps or {}), dr.primary: cert["maps"][dr.primary]}
+    fitted = {"records": str(inp.records), "split": inp.split, "part": part, "pairs": int((~lt).sum()),
+              "map_frac": mf, "by": "train.py calibrate"}
+    meta = {k: v for k, v in meta.items() if k != "copy_trust"}      # an older artifact's trust table: replaced
     meta = dict(meta, threshold=cal["threshold"], calibration={**meta.get("calibration", {}), dr.primary: cal},
+                precision_maps=maps_meta(maps, {**meta.get("precision_maps", {}), "fitted_on": fitted}),
                 recalibrated={"gate": str(Path(gate).resolve()), "records": str(inp.records), "split": inp.split,
-                              "part": part, "pairs": int(len(t)),
-                              "books": split_books(te, part),
+                              "part": part, "pairs": int(len(t)), "map_pairs": int((~lt).sum()),
+                              "ltt_pairs": int(lt.sum()), "books": split_books(te, part),
                               "previous_threshold": dr.threshold, "target_precision": tp, "delta": dl,
+                              "certification": {k: v for k, v in report.items() if k != "text"},
                               "command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_artifact(Path(gate), Path(out) if out else Path(gate), meta)
     return cal
+
+
+def certification(cal: dict, oracle: float, map_pairs: int, ltt_pairs: int) -> dict:
+    """What a calibration certified, against the oracle (skip exactly where some proposal is the big model's
+    token) on the same pairs; "text": the report's lines."""
+    tp = cal["target_precision"]
+    frac = cal["coverage"] / oracle if oracle > 0 else None
+    rep = {"certified": cal["certified"], "coverage": cal["coverage"], "precision": cal["precision"],
+           "oracle_coverage": oracle, "fraction_of_oracle": frac}
+    head = (f"pairs: {map_pairs:,} for the precision maps, {ltt_pairs:,} for the threshold; "
+            f"oracle coverage at {tp:.0%} precision on the latter {oracle:.1%}\n")
+    if not cal["certified"]:
+        rep["text"] = head + (f"NOTHING certified: no threshold keeps precision >= {tp:.0%} with probability >= "
+                              f"{1 - cal['delta']:.0%} on this text - the gate will skip nothing here")
+    else:
+        rep["text"] = head + (f"certified: threshold {format_threshold(cal['threshold'])}, coverage "
+                              f"{cal['coverage']:.1%} at precision {cal['precision']:.2%} (error <= "
+                              f"{1 - tp:.2%} with probability >= {1 - cal['delta']:.0%}) = "
+                              f"{frac:.2f} of the oracle")
+    return rep
 
 
 def write_artifact(src: Path, dst: Path, meta: dict) -> None:

@@ -1,0 +1,131 @@
+"""One score scale: every candidate source's raw score mapped to an estimate of P(candidate == big argmax).
+
+    maps = SourceMaps.fit(gate_score, gate_right, copy_token, copy_len, copy_right, agree)   # on validation pairs
+    token, est, used = combine_sources(token, score, copy_token, copy_len, maps)  # fit, calibrate, evaluate, propose
+
+PrecisionMap: isotonic regression (sklearn, pool-adjacent-violators) of `correct` on the raw score; each pooled
+block's precision is shrunk by Laplace's rule (k + 1) / (n + 2), so a sparse block claims no certainty and no
+estimate is 0 or 1, then made non-decreasing again; piecewise linear between the blocks' mean scores, flat beyond.
+The copy rule is graded by match-length bin (LENGTH_EDGES, up to 64+) and by whether the gate's own candidate is
+the same token. combine_sources takes the candidate with the higher estimate; its estimate is what the threshold is
+certified on. Maps are JSON (drafter.json), so recalibration rewrites no tensor. docs/drafters.md says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LENGTH_EDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # match-length bins: [1,2), ..., [48,64), 64+
+COPY_EXTEND = LENGTH_EDGES[-1]                              # matches are measured up to this many tokens
+
+
+def length_bin(length) -> np.ndarray:
+    """Bin index of match lengths: 0 for no match, k for LENGTH_EDGES[k-1] <= length < LENGTH_EDGES[k]."""
+    return np.searchsorted(np.asarray(LENGTH_EDGES), np.asarray(length), side="right")
+
+
+@dataclass
+class PrecisionMap:
+    """Non-decreasing piecewise-linear map raw score -> estimated precision through the points (x, y)."""
+    x: np.ndarray
+    y: np.ndarray
+
+    def __call__(self, score) -> np.ndarray:
+        return np.interp(np.asarray(score, dtype=np.float64), self.x, self.y)
+
+    @classmethod
+    def fit(cls, score, correct, discrete: bool = False) -> "PrecisionMap":
+        """Isotonic fit on (score, correct) pairs, Laplace-shrunk per block (see the module docstring);
+        `discrete` (bins): every observed score keeps its block's estimate instead of a line between blocks."""
+        from sklearn.isotonic import IsotonicRegression
+
+        score, correct = np.asarray(score, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+        if len(score) == 0:
+            return cls(np.zeros(1), np.full(1, 0.5))
+        ux, inv = np.unique(score, return_inverse=True)
+        n, k = np.bincount(inv), np.bincount(inv, weights=correct)
+        iso = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0, out_of_bounds="clip")
+        fitted = iso.fit(ux, k / n, sample_weight=n).predict(ux)
+        block = np.r_[0, np.cumsum(np.diff(fitted) > 1e-12)]           # pooled runs of equal fitted values
+        bn, bk = np.bincount(block, weights=n), np.bincount(block, weights=k)
+        bx = np.bincount(block, weights=ux * n) / bn                     # each block's mean score
+        shrunk = (bk + 1.0) / (bn + 2.0)
+        idx = np.arange(len(bn), dtype=np.float64)
+        y = IsotonicRegression(increasing=True).fit(idx, shrunk, sample_weight=bn + 2.0).predict(idx)
+        return cls(ux, y[block]) if discrete else cls(bx, y)
+
+    def to_json(self) -> dict:
+        return {"x": [float(v) for v in self.x], "y": [float(v) for v in self.y]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PrecisionMap":
+        x, y = np.asarray(d["x"], dtype=np.float64), np.asarray(d["y"], dtype=np.float64)
+        if x.ndim != 1 or len(x) == 0 or x.shape != y.shape or np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0) \
+                or not np.all((y > 0) & (y < 1)):
+            raise ValueError("a precision map needs non-decreasing x and y of one length, y in (0, 1)")
+        return cls(x, y)
+
+
+@dataclass
+class SourceMaps:
+    """The maps of one gate: its own score, and the copy rule's by (match-length bin, agrees with the gate)."""
+    gate: PrecisionMap
+    copy: dict | None          # {"agree": PrecisionMap, "disagree": PrecisionMap} over length_bin; None: no rule
+    max_n: int                 # the copy index's n-gram cap (CopyIndex(max_n))
+    extend: int = COPY_EXTEND  # matches measured up to this length (CopyIndex.query(extend))
+
+    @classmethod
+    def fit(cls, score, right, copy_token, copy_len, copy_right, agree, max_n: int,
+            extend: int = COPY_EXTEND) -> "SourceMaps":
+        """Pairs without a gate candidate (score < 0) or a copy candidate (length 0) are left out of each map."""
+        score, copy_len, agree = np.asarray(score), np.asarray(copy_len), np.asarray(agree, dtype=bool)
+        has = score >= 0
+        gate = PrecisionMap.fit(score[has], np.asarray(right)[has])
+        if max_n <= 0:
+            return cls(gate, None, 0, 0)
+        b, ok = length_bin(copy_len), np.asarray(copy_right)
+        copy = {name: PrecisionMap.fit(b[m & (copy_len > 0)], ok[m & (copy_len > 0)], discrete=True)
+                for name, m in (("agree", agree), ("disagree", ~agree))}
+        return cls(gate, copy, max_n, extend)
+
+    def combine(self, token, score, copy_token, copy_len) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        token, score = np.asarray(token), np.asarray(score, dtype=np.float64)
+        est = np.where(score >= 0, self.gate(score), 0.0)
+        if self.copy is None:
+            return token, est.astype(np.float32), np.zeros(len(token), dtype=bool)
+        copy_token, copy_len = np.asarray(copy_token), np.asarray(copy_len)
+        b = length_bin(copy_len)
+        agree = copy_token == token
+        copy_est = np.where(copy_len > 0, np.where(agree, self.copy["agree"](b), self.copy["disagree"](b)), 0.0)
+        used = copy_est > est
+        return np.where(used, copy_token, token), np.maximum(est, copy_est).astype(np.float32), used
+
+    def to_json(self) -> dict:
+        return {"gate": self.gate.to_json(), "max_n": self.max_n, "extend": self.extend,
+                "copy": None if self.copy is None else {"length_edges": list(LENGTH_EDGES),
+                                                        **{k: m.to_json() for k, m in self.copy.items()}}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SourceMaps":
+        c = d.get("copy")
+        if c is not None and list(c.get("length_edges", [])) != list(LENGTH_EDGES):
+            raise ValueError(f"copy map over match-length bins {c.get('length_edges')}, this version reads "
+                             f"{list(LENGTH_EDGES)}: run train.py calibrate on the gate again")
+        copy = None if c is None else {k: PrecisionMap.from_json(c[k]) for k in ("agree", "disagree")}
+        return cls(PrecisionMap.from_json(d["gate"]), copy, int(d["max_n"]), int(d["extend"]))
+
+
+def combine_sources(token, score, copy_token, copy_len, scoring) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The drafter's proposal and its score from the gate's pick and the copy rule's: (token, score, copy used).
+    `scoring`: SourceMaps (estimated precisions, the higher wins); an older artifact's per-length trust table
+    (gate.model.copyrule.trust_copy, scores as they were); None (the gate's pick alone)."""
+    if scoring is None:
+        return np.asarray(token), np.asarray(score, dtype=np.float32), np.zeros(len(np.asarray(token)), dtype=bool)
+    if isinstance(scoring, SourceMaps):
+        return scoring.combine(token, score, copy_token, copy_len)
+    from gate.model.copyrule import trust_copy
+    return trust_copy(token, score, copy_token, copy_len, scoring)
+
+
+__all__ = ["PrecisionMap", "SourceMaps", "combine_sources", "length_bin", "LENGTH_EDGES", "COPY_EXTEND"]
