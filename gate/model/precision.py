@@ -1,14 +1,14 @@
 """One score scale: every candidate source's raw score mapped to an estimate of P(candidate == big argmax).
 
-    maps = SourceMaps.fit(gate_score, gate_right, copy_token, copy_len, copy_right, agree)   # on validation pairs
+    maps = SourceMaps.fit(gate_score, gate_right, copy_token, copy_len, copy_right, gate_token, max_n)  # validation
     token, est, used = combine_sources(token, score, copy_token, copy_len, maps)  # fit, calibrate, evaluate, propose
 
 PrecisionMap: isotonic regression (sklearn, pool-adjacent-violators) of `correct` on the raw score; each pooled
 block's precision is shrunk by Laplace's rule (k + 1) / (n + 2), so a sparse block claims no certainty and no
-estimate is 0 or 1, then made non-decreasing again; piecewise linear between the blocks' mean scores, flat beyond.
-The copy rule is graded by match-length bin (LENGTH_EDGES, up to 64+) and by whether the gate's own candidate is
-the same token. combine_sources takes the candidate with the higher estimate; its estimate is what the threshold is
-certified on. Maps are JSON (drafter.json), so recalibration rewrites no tensor. docs/drafters.md says why.
+estimate is 0 or 1, then made non-decreasing again; a step function (a score between blocks gets the lower one's).
+A map per context beside the gate's pick (CONTEXTS: no copy candidate, the same token, another); the copy rule's
+by match-length bin (LENGTH_EDGES, up to 64+). combine_sources takes the candidate with the higher estimate: what
+the threshold is certified on. Maps are JSON (drafter.json): recalibration rewrites no tensor. Why: docs/drafters.md.
 """
 from __future__ import annotations
 
@@ -27,17 +27,18 @@ def length_bin(length) -> np.ndarray:
 
 @dataclass
 class PrecisionMap:
-    """Non-decreasing piecewise-linear map raw score -> estimated precision through the points (x, y)."""
+    """Non-decreasing step map raw score -> estimated precision: y[i] from x[i] (a block's lowest score) on; below
+    x[0], y[0]. (Lines between blocks were tried: they lifted scores just under a pure top block to its estimate.)"""
     x: np.ndarray
     y: np.ndarray
 
     def __call__(self, score) -> np.ndarray:
-        return np.interp(np.asarray(score, dtype=np.float64), self.x, self.y)
+        i = np.searchsorted(self.x, np.asarray(score, dtype=np.float64), side="right") - 1
+        return self.y[np.maximum(i, 0)]
 
     @classmethod
-    def fit(cls, score, correct, discrete: bool = False) -> "PrecisionMap":
-        """Isotonic fit on (score, correct) pairs, Laplace-shrunk per block (see the module docstring);
-        `discrete` (bins): every observed score keeps its block's estimate instead of a line between blocks."""
+    def fit(cls, score, correct) -> "PrecisionMap":
+        """Isotonic fit on (score, correct) pairs, Laplace-shrunk per block (see the module docstring)."""
         from sklearn.isotonic import IsotonicRegression
 
         score, correct = np.asarray(score, dtype=np.float64), np.asarray(correct, dtype=np.float64)
@@ -49,11 +50,11 @@ class PrecisionMap:
         fitted = iso.fit(ux, k / n, sample_weight=n).predict(ux)
         block = np.r_[0, np.cumsum(np.diff(fitted) > 1e-12)]           # pooled runs of equal fitted values
         bn, bk = np.bincount(block, weights=n), np.bincount(block, weights=k)
-        bx = np.bincount(block, weights=ux * n) / bn                     # each block's mean score
+        start = ux[np.r_[0, np.flatnonzero(np.diff(block)) + 1]]       # each block's lowest score
         shrunk = (bk + 1.0) / (bn + 2.0)
         idx = np.arange(len(bn), dtype=np.float64)
         y = IsotonicRegression(increasing=True).fit(idx, shrunk, sample_weight=bn + 2.0).predict(idx)
-        return cls(ux, y[block]) if discrete else cls(bx, y)
+        return cls(start, y)
 
     def to_json(self) -> dict:
         return {"x": [float(v) for v in self.x], "y": [float(v) for v in self.y]}
@@ -67,42 +68,53 @@ class PrecisionMap:
         return cls(x, y)
 
 
+CONTEXTS = ("none", "agree", "disagree")   # beside the gate's pick: no copy candidate, the same token, another
+
+
+def copy_context(token, copy_token, copy_len) -> np.ndarray:
+    """Index into CONTEXTS per pair: what the copy rule says beside the gate's candidate."""
+    has = np.asarray(copy_len) > 0
+    return np.where(~has, 0, np.where(np.asarray(copy_token) == np.asarray(token), 1, 2))
+
+
 @dataclass
 class SourceMaps:
-    """The maps of one gate: its own score, and the copy rule's by (match-length bin, agrees with the gate)."""
-    gate: PrecisionMap
-    copy: dict | None          # {"agree": PrecisionMap, "disagree": PrecisionMap} over length_bin; None: no rule
+    """The maps of one gate: its own score, and the copy rule's by match-length bin, each per CONTEXTS."""
+    gate: dict                 # {context: PrecisionMap} over the gate's score ({"none": ...} alone without the rule)
+    copy: dict | None          # {"agree" | "disagree": PrecisionMap} over length_bin; None: no copy rule
     max_n: int                 # the copy index's n-gram cap (CopyIndex(max_n))
     extend: int = COPY_EXTEND  # matches measured up to this length (CopyIndex.query(extend))
 
     @classmethod
-    def fit(cls, score, right, copy_token, copy_len, copy_right, agree, max_n: int,
+    def fit(cls, score, right, copy_token, copy_len, copy_right, token, max_n: int,
             extend: int = COPY_EXTEND) -> "SourceMaps":
         """Pairs without a gate candidate (score < 0) or a copy candidate (length 0) are left out of each map."""
-        score, copy_len, agree = np.asarray(score), np.asarray(copy_len), np.asarray(agree, dtype=bool)
+        score, right, copy_len = np.asarray(score), np.asarray(right), np.asarray(copy_len)
         has = score >= 0
-        gate = PrecisionMap.fit(score[has], np.asarray(right)[has])
         if max_n <= 0:
-            return cls(gate, None, 0, 0)
-        b, ok = length_bin(copy_len), np.asarray(copy_right)
-        copy = {name: PrecisionMap.fit(b[m & (copy_len > 0)], ok[m & (copy_len > 0)], discrete=True)
-                for name, m in (("agree", agree), ("disagree", ~agree))}
+            return cls({"none": PrecisionMap.fit(score[has], right[has])}, None, 0, 0)
+        ctx, b, ok = copy_context(token, copy_token, copy_len), length_bin(copy_len), np.asarray(copy_right)
+        gate = {c: PrecisionMap.fit(score[has & (ctx == i)], right[has & (ctx == i)]) for i, c in enumerate(CONTEXTS)}
+        copy = {c: PrecisionMap.fit(b[ctx == i], ok[ctx == i]) for i, c in enumerate(CONTEXTS) if i}
         return cls(gate, copy, max_n, extend)
 
     def combine(self, token, score, copy_token, copy_len) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         token, score = np.asarray(token), np.asarray(score, dtype=np.float64)
-        est = np.where(score >= 0, self.gate(score), 0.0)
         if self.copy is None:
+            est = np.where(score >= 0, self.gate["none"](score), 0.0)
             return token, est.astype(np.float32), np.zeros(len(token), dtype=bool)
-        copy_token, copy_len = np.asarray(copy_token), np.asarray(copy_len)
-        b = length_bin(copy_len)
-        agree = copy_token == token
-        copy_est = np.where(copy_len > 0, np.where(agree, self.copy["agree"](b), self.copy["disagree"](b)), 0.0)
+        ctx, b = copy_context(token, copy_token, copy_len), length_bin(copy_len)
+        est, copy_est = np.zeros(len(token)), np.zeros(len(token))
+        for i, c in enumerate(CONTEXTS):
+            m = ctx == i
+            est[m] = np.where(score[m] >= 0, self.gate[c](score[m]), 0.0)
+            if i:
+                copy_est[m] = self.copy[c](b[m])
         used = copy_est > est
         return np.where(used, copy_token, token), np.maximum(est, copy_est).astype(np.float32), used
 
     def to_json(self) -> dict:
-        return {"gate": self.gate.to_json(), "max_n": self.max_n, "extend": self.extend,
+        return {"gate": {k: m.to_json() for k, m in self.gate.items()}, "max_n": self.max_n, "extend": self.extend,
                 "copy": None if self.copy is None else {"length_edges": list(LENGTH_EDGES),
                                                         **{k: m.to_json() for k, m in self.copy.items()}}}
 
@@ -112,8 +124,9 @@ class SourceMaps:
         if c is not None and list(c.get("length_edges", [])) != list(LENGTH_EDGES):
             raise ValueError(f"copy map over match-length bins {c.get('length_edges')}, this version reads "
                              f"{list(LENGTH_EDGES)}: run train.py calibrate on the gate again")
-        copy = None if c is None else {k: PrecisionMap.from_json(c[k]) for k in ("agree", "disagree")}
-        return cls(PrecisionMap.from_json(d["gate"]), copy, int(d["max_n"]), int(d["extend"]))
+        copy = None if c is None else {k: PrecisionMap.from_json(c[k]) for k in CONTEXTS[1:]}
+        gate = {k: PrecisionMap.from_json(d["gate"][k]) for k in (CONTEXTS if copy else CONTEXTS[:1])}
+        return cls(gate, copy, int(d["max_n"]), int(d["extend"]))
 
 
 def combine_sources(token, score, copy_token, copy_len, scoring) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,4 +141,5 @@ def combine_sources(token, score, copy_token, copy_len, scoring) -> tuple[np.nda
     return trust_copy(token, score, copy_token, copy_len, scoring)
 
 
-__all__ = ["PrecisionMap", "SourceMaps", "combine_sources", "length_bin", "LENGTH_EDGES", "COPY_EXTEND"]
+__all__ = ["PrecisionMap", "SourceMaps", "combine_sources", "copy_context", "length_bin", "CONTEXTS", "LENGTH_EDGES",
+           "COPY_EXTEND"]
