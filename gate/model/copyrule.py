@@ -9,9 +9,8 @@ Candidate: the token that followed the most recent earlier occurrence of the lon
 of the context that occurred earlier; score: the match length n (0 = no candidate, token -1); with `extend`, a
 match of max_n tokens is measured further back at that occurrence, up to `extend` tokens (`extend_match`). A copy
 position (`is_copy_position`) is one whose last COPY_SPAN = 4 tokens occurred earlier (match length >= 4).
-`trust_table` / `trusted_table` / `trust_copy`: the feature head's trust in the rule per match length (the heads
-drafter grades it by gate/model/precision.py instead).
-Why it is the baseline of every learned gate: docs/drafters.md#the-copy-rule-gatemodelcopyrulepy.
+`trust_table` / `trusted_table` / `trust_copy`: the feature head's (and older heads artifacts') trust in the rule
+per match length; the heads drafter now grades it by gate/model/precision.py. Why: docs/drafters.md, "The copy rule".
 """
 from __future__ import annotations
 

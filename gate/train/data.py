@@ -25,8 +25,7 @@ from gate.train.calibration import ltt_calibrate
 from gate.train.distill import HeadData
 
 VAL_NAMES = ("validation", "val", "valid", "dev")
-# positions per stretch dealt to the precision maps or the threshold: with 512, a few looping continuations decided
-# whether the two parts agreed (certified coverage 0% to 48% by the split on the demo's continuations)
+# positions per stretch dealt to the precision maps or the threshold (docs/drafters.md, "One score scale")
 MAP_CHUNK = 64
 
 

@@ -1,12 +1,13 @@
-"""`python train.py calibrate --records R --gate G [--out G2]`: a new threshold for a trained gate, on your text.
+"""`python train.py calibrate --records R --gate G [--out G2]`: new precision maps and threshold, on your text.
 
-The heads drafter's primary gate, certified on records of your own text with the fit's Learn-then-Test walk.
+The heads drafter's primary gate: its precision maps (gate/model/precision.py) re-fitted and its threshold
+certified on records of your own text, with the fit's calibration (gate.train.data.certify_pairs).
 
     recalibrate(records, gate, out=None, split="validation", ...) -> the new calibration entry
 
-Only the threshold and its metadata change: drafter.safetensors is copied byte for byte. Refused before any
-work: bad numbers, another drafter kind, an unwritable --out or one holding another artifact (unless --force),
-and a split the gate was trained on (unless --force). docs/training.md says why.
+Only the maps, the threshold and their metadata change: drafter.safetensors is copied byte for byte. Refused before
+any work: bad numbers, another drafter kind, an unwritable --out or one holding another artifact (unless --force),
+a split the gate was trained on (unless --force), records of another tokenizer. docs/training.md says why.
 """
 from __future__ import annotations
 
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target-precision", type=float, help="default: the gate's own")
     ap.add_argument("--delta", type=float, help="default: the gate's own")
     ap.add_argument("--max-pairs", type=int, default=400000, help="at most this many (position, since_big) pairs")
+    ap.add_argument("--map-frac", type=float, help="share of the pairs the precision maps are fitted on (the "
+                    "threshold is certified on the rest); default: the gate's own")
     ap.add_argument("--force", action="store_true", help="calibrate on a split the gate was trained on, and let "
                     "--out replace another artifact")
     args = ap.parse_args(argv)
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
         raise FitError(f"--delta {args.delta}: must be in (0, 1)")
     if args.max_pairs < 1:
         raise FitError(f"--max-pairs {args.max_pairs}: must be >= 1")
+    if args.map_frac is not None and not 0 < args.map_frac < 1:
+        raise FitError(f"--map-frac {args.map_frac}: must be in (0, 1)")
     gate, out = Path(args.gate), Path(args.out or args.gate)
     check_kind(gate)
     check_output_dir(out, "--out" if args.out else "--gate (rewritten in place without --out)")
@@ -186,5 +191,5 @@ def main(argv=None) -> int:
     with FolderLock(out, "train.py calibrate"):   # before any work, held to the end
         recalibrate(args.records, args.gate, args.out, args.split, args.part, args.target_precision, args.delta,
                     args.max_pairs, log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd,
-                    force=args.force)
+                    force=args.force, map_frac=args.map_frac)
     return 0
