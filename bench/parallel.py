@@ -8,7 +8,8 @@ Methods, each over all prompts (the same prompt ids), in rotating order over --r
   binding_generate   llama-cpp-python's own greedy generate, one prompt at a time (the yardstick)
   one_big            the project's decoder, one prompt at a time, big model only (infer.py --parallel 1)
   par{N}_{policy}    N prompts side by side (infer.py --parallel N), policy big, or copy with --verify
-Throughput = total new tokens / wall time; every output is compared with one_big; peak memory per method.
+Throughput = total new tokens / wall time; every output is compared with one_big; memory per method (peak RSS,
+and what it adds over the loaded model: KV caches, buffers).
 Refused when the load average is above 0.5 before the run. Writes --out .json and .md. Notes: docs/bench.md.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import resource
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,8 +60,30 @@ def parse(argv):
 
 
 def rss_mb() -> float:
-    """Peak resident set of this process so far, MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident set of this process now, MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """The highest resident set seen while the block runs (sampled every 20 ms), minus the one at its start: the
+    memory a method adds on top of the loaded model (its KV caches and buffers), MB."""
+
+    def __enter__(self):
+        self.start = self.peak = rss_mb()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.added_mb = round(max(self.peak, rss_mb()) - self.start, 1)
 
 
 def decode_args(args, policy: str) -> argparse.Namespace:
@@ -105,10 +129,13 @@ def bench(args) -> dict:
     prompts = [p for c, k in zip(args.corpus, per) if k for p in held_out_prompts(c, rt.tokenizer, k, args.prompt_tokens,
                                                                                     args.split)]
     curve, step_ms, _ = batch_curve(rt.big, len(prompts), refresh=True, log=lambda m: print(m, file=sys.stderr))
-    auto = choose_parallel(curve, len(prompts))
+    exact = rt.big.exact_pass        # infer.py decodes one prompt at a time when passes are not exact
+    auto = choose_parallel(curve, len(prompts)) if exact is None else 1
     methods = {"binding_generate": lambda: (binding(rt, prompts, args.new_tokens), {}),
                "one_big": lambda: (one_at_a_time(rt, prompts, args.new_tokens), {})}
     for p in args.parallel:
+        if p == "auto" and auto == 1:     # that is one_big
+            continue
         n = auto if p == "auto" else int(p)
         for pol in args.policies:
             name = f"par{n}_{pol}" + ("_auto" if p == "auto" else "")
@@ -120,13 +147,14 @@ def bench(args) -> dict:
         order = names[r % len(names):] + names[:r % len(names)]
         for m in order:
             before = load()
-            t0 = time.perf_counter()
-            out, info = methods[m]()
-            wall = time.perf_counter() - t0
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                out, info = methods[m]()
+                wall = time.perf_counter() - t0
             quiet.mark(m, before, load())
             res[m]["tokens"] += sum(map(len, out))
             res[m]["wall_s"] += wall
-            res[m].update(info, rss_mb_after=round(rss_mb(), 1))
+            res[m].update(info, added_mb=max(mem.added_mb, res[m].get("added_mb", 0.0)), rss_mb=round(mem.peak, 1))
             outs[m] = out
             print(f"{m}: {sum(map(len, out)) / wall:.1f} tok/s", file=sys.stderr)
     base = res["one_big"]["tokens"] / res["one_big"]["wall_s"]
@@ -138,7 +166,8 @@ def bench(args) -> dict:
         d["identical_to_one_big"] = sum(a == b for a, b in zip(outs[m], outs["one_big"]))
     return dict(command="python " + " ".join(map(shlex.quote, sys.argv)), model=args.model, gguf=str(rt.big.path),
                 threads=args.threads, prompts=len(prompts), new_tokens=args.new_tokens, step_ms=step_ms,
-                batch_curve=curve, auto_parallel=auto, methods=res, load=quiet.to_dict(), note=quiet.note())
+                batch_curve=curve, auto_parallel=auto, exact_pass=exact, methods=res, load=quiet.to_dict(),
+                note=quiet.note())
 
 
 def markdown(r: dict) -> str:
@@ -146,12 +175,15 @@ def markdown(r: dict) -> str:
              "", f"`{r['command']}`", "", r["note"] + f"; {r['threads']} threads; one-token step {r['step_ms']} ms.", "",
              "Pass over n sequences (one token each), cost in one-token steps and gain n / cost: " +
              ", ".join(f"{n}: {c:.2f} ({n / c:.1f}x)" for n, c in sorted(r["batch_curve"].items(), key=lambda kv: int(kv[0]))) +
-             f". `--parallel auto` picks {r['auto_parallel']}.", "",
+             f". `--parallel auto` picks {r['auto_parallel']}" + ("." if r.get("exact_pass") is None else
+             f": passes of more than {r['exact_pass']} tokens are not bit-exact on this file (one-token steps "
+             "differ), so auto decodes one prompt at a time; the N below are explicit."), "",
              "| method | tokens/s | x one at a time | x binding generate | identical to one_big | big calls | "
-             "peak RSS MB |", "|---|---|---|---|---|---|---|"]
+             "peak RSS MB | MB added by the method |", "|---|---|---|---|---|---|---|---|"]
     for m, d in r["methods"].items():
         lines.append(f"| {m} | {d['tokens_per_s']} | {d['x_one_big']} | {d['x_binding']} | "
-                     f"{d['identical_to_one_big']}/{r['prompts']} | {d.get('big_calls', '-')} | {d['rss_mb_after']} |")
+                     f"{d['identical_to_one_big']}/{r['prompts']} | {d.get('big_calls', '-')} | {d['rss_mb']} | "
+                     f"{d['added_mb']} |")
     return "\n".join(lines) + "\n"
 
 

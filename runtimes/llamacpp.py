@@ -3,7 +3,8 @@
 It drives llama.cpp's C API (llama_decode on a llama_batch) through llama-cpp-python's ctypes layer, not the
 binding's `Llama` object, to get the protocol's semantics: explicit positions (sequence 0), logits only for
 the kept rows, crop = llama_memory_seq_rm, zero-copy numpy views of the output buffers. Flash attention on and
-n_ubatch = 32 make a batched pass give the same logits as one-token steps (the lossless --verify needs it).
+n_ubatch = 32 make a batched pass give the same logits as one-token steps (the lossless --verify needs it) on
+most weight types; `exact_pass` (probed, cached) says how long a pass stays exact on this one (K-quants: 3).
 Only the last layer's (post-norm) hidden state is reachable; another layer raises LayerUnavailable. Feeding
 past n_ctx raises ContextLengthError. Design notes and measurements: docs/runtimes.md.
 
@@ -13,7 +14,10 @@ past n_ctx raises ContextLengthError. Design notes and measurements: docs/runtim
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import os
+import platform
 import sys
 from typing import Sequence
 
@@ -21,9 +25,10 @@ import numpy as np
 import torch
 
 from common.errors import ProjectError
+from common.files import write_json
 from runtimes.info import ModelInfo, ModelSourceError, check_context, tokenizer_fingerprint
 from runtimes.loading import load_tokenizer
-from runtimes.sources import gguf_path
+from runtimes.sources import cache_dir, gguf_path
 
 DEFAULT_MAX_CTX = 8192   # default n_ctx = min(the model's training context, this): bounds the KV cache memory
 UBATCH = 32              # llama.cpp computes a pass in chunks of this many tokens: see the module docstring
@@ -92,6 +97,7 @@ class LlamaCppBackend:
         p.n_ctx = n_ctx
         p.n_batch = n_ctx                  # one forward may hold the whole context; n_ubatch splits it
         p.n_ubatch = min(n_ubatch, n_ctx)  # batch invariance: see the module docstring
+        self.n_ubatch = p.n_ubatch
         p.n_seq_max = self.n_seq         # runtimes/batched.py: one KV stream per sequence (kv_unified off)
         p.kv_unified = self.kv_unified
         p.n_threads = p.n_threads_batch = self.n_threads
@@ -137,6 +143,26 @@ class LlamaCppBackend:
     n_seq = 1              # sequences in the context (LlamaCppSlots: more)
     kv_unified = False
     device = torch.device("cpu")
+    _exact = False         # exact_pass not probed yet
+
+    @property
+    def exact_pass(self) -> int | None:
+        """The longest pass (tokens) whose logits equal one-token steps bit for bit, None for any length. Not
+        every weight type gives that: llama.cpp's CPU kernels for K-quants (Q4_K, Q6_K) switch to other
+        summation orders for passes of 4 or more tokens. The lossless --verify caps its passes at this. Probed
+        once per model file, threads and CPU (about 100 one-token steps), cached; the cache is reset after."""
+        if self._exact is False:
+            key = dict(file=str(self.path.resolve()), size=self.path.stat().st_size, ubatch=self.n_ubatch,
+                       mtime_ns=self.path.stat().st_mtime_ns, threads=self.n_threads, cpu=platform.processor()
+                       or platform.machine(), cores=os.cpu_count(), binding=self.lib.__version__)
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            cache = cache_dir() / "exact_pass" / f"{digest}.json"
+            try:
+                self._exact = json.loads(cache.read_text())["exact_pass"]
+            except (OSError, ValueError, KeyError):
+                self._exact = probe_exact_pass(self)
+                write_json(cache, dict(key=key, exact_pass=self._exact))
+        return self._exact
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n
@@ -259,6 +285,33 @@ class LlamaCppBackend:
             self.close()
         except Exception:
             pass
+
+
+EXACT_LADDER = (2, 3, 4, 5, 6, 8, 12, 16, 24, UBATCH)   # pass lengths probe_exact_pass tries, in order
+
+
+def probe_exact_pass(backend: LlamaCppBackend, prefix: int = 8) -> int | None:
+    """The longest pass in EXACT_LADDER whose logits equal one-token steps after the same prefix (random
+    tokens, fixed seed), bit for bit; None when all do (a longer pass is computed in chunks of n_ubatch, each
+    exact). Leaves the backend reset, its hidden-state setting as it was."""
+    n = EXACT_LADDER[-1]
+    ids = torch.randint(0, backend.vocab_size, (prefix + n,), generator=torch.Generator().manual_seed(0)).tolist()
+    saved = backend.hidden_layer
+    backend.hidden_layer = None
+    try:
+        backend.reset()
+        backend.forward(ids[:prefix], keep=1)
+        steps = torch.stack([backend.forward([t], keep=1)[0][0] for t in ids[prefix:]])
+        exact = 1
+        for k in EXACT_LADDER:
+            backend.crop(prefix)
+            if not torch.equal(backend.forward(ids[prefix:prefix + k], keep=k)[0], steps[:k]):
+                return exact
+            exact = k
+        return None
+    finally:
+        backend.reset()
+        backend.hidden_layer = saved
 
 
 def open_gguf(name: str, **kw) -> tuple[LlamaCppBackend, object, ModelInfo]:

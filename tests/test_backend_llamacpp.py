@@ -305,6 +305,22 @@ def test_infer_cli_default_backend_and_planned_verify(ids, tmp_path, monkeypatch
     assert list((tmp_path / "profiles").glob("*.json"))     # the cost curve was measured once and cached
 
 
+def test_exact_pass_is_probed_once_and_cached(gguf, tmp_path, monkeypatch):
+    """SmolLM2 Q4_1: every pass up to n_ubatch gives the one-token steps' logits bit for bit (exact_pass None);
+    the probe leaves the backend reset with its hidden-state setting; a second backend reads the cache."""
+    import runtimes.llamacpp as lc
+
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    b = LlamaCppBackend(gguf, name="smollm2-135m", hidden_layer=N_LAYERS, n_ctx=256, n_threads=1)
+    assert b.exact_pass is None and b.n_cached == 0 and b.hidden_layer == N_LAYERS
+    assert len(list((tmp_path / "exact_pass").glob("*.json"))) == 1
+    b.close()
+    monkeypatch.setattr(lc, "probe_exact_pass", lambda backend: pytest.fail("probed again"))
+    b = LlamaCppBackend(gguf, name="smollm2-135m", n_ctx=256, n_threads=1)
+    assert b.exact_pass is None
+    b.close()
+
+
 def test_profile_command_and_requantized_copy(tmp_path, monkeypatch, capsys):
     """`train.py profile MODEL --requant Q4_0`: both cost curves printed, the requantized copy cached and never
     the model that decodes (a requantized model is a different model)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gate.decode.contract import Draft
+from gate.decode.cost import CostProfile, Planner
 from gate.decode.loop import Decoder, accept_draft, check_output
 from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio, SmallOnly
 from runtimes.hf import HFBackend, early_exit_view
@@ -162,6 +163,35 @@ def test_gate_verify_is_lossless(tiny, name):
             res = Decoder(bb, make(th), verify=True).generate(ids, 24)
             assert res.ids == want, (name, prompt, th)
             ledger_adds_up(res, bb)
+
+
+class CappedBackend(HFBackend):
+    """An HF backend that says passes over 3 tokens are not exact (as llama.cpp's K-quant kernels do) and records
+    the length of every pass."""
+    exact_pass = 3
+
+    def forward(self, tokens, keep=None, copy=True):
+        self.lengths.append(len(tokens))
+        return super().forward(tokens, keep, copy)
+
+
+@pytest.mark.parametrize("planned", [False, True])
+def test_lossless_verify_keeps_passes_within_the_exact_length(tiny, planned):
+    """Under a lossless --verify no pass after the prompt is longer than the backend's exact_pass (a longer one
+    would round differently from one-token steps), planned or not, however many drafts the policy offers; lossy
+    decoding is not capped."""
+    tok, big, _ = tiny
+    ids = tok(PROMPTS[0]).input_ids
+    bb = CappedBackend(big, "big")
+    skip_all = Gate(FnDrafter(oracle_fn(big, 1.0, score=lambda rng: 1.0), threshold=0.5, max_skip=12))
+    planner = Planner(CostProfile({}, 10.0, [1, 2, 3, 4], [1.0, 1.1, 1.2, 1.3])) if planned else None
+    bb.lengths = []
+    res = Decoder(bb, skip_all, verify=True, planner=planner).generate(ids, 30)
+    assert res.ids == greedy(big, ids, 30)
+    assert bb.lengths[0] == len(ids) and max(bb.lengths[1:]) == 3 and res.ledger["skipped"] > 0
+    bb.lengths = []
+    Decoder(bb, skip_all).generate(ids, 30)
+    assert max(bb.lengths[1:]) > 3
 
 
 def test_skip_all_and_skip_none_extremes(tiny):

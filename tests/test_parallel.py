@@ -196,6 +196,29 @@ def test_parallel_outputs_are_the_one_at_a_time_outputs(tmp_path, policy):
 
 
 @pytest.mark.real_model
+def test_a_model_whose_passes_are_not_exact_decodes_one_prompt_at_a_time(tmp_path, monkeypatch, capsys):
+    """On a GGUF whose batched passes round differently (exact_pass 3, as Qwen2.5-Coder Q4_K_M measures),
+    --parallel auto keeps the one-at-a-time outputs by not sharing passes, and says why; an explicit N shares
+    them with a warning; a lossy or sampled run shares them silently."""
+    from gate.decode.cli import main
+    from runtimes.llamacpp import LlamaCppBackend
+
+    monkeypatch.setattr(LlamaCppBackend, "exact_pass", 3)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": 4}) + "\n" for p in PROMPTS[:3]))
+    run = ["--backend", "llama.cpp", "--input", str(inp), "--threads", "1"]
+    assert main(run + ["--output", str(tmp_path / "a.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "one prompt at a time" in err and "more than 3 tokens" in err
+    assert json.loads((tmp_path / "a.jsonl.summary.json").read_text())["parallel"] == 1
+    assert main(run + ["--output", str(tmp_path / "b.jsonl"), "--parallel", "3"]) == 0
+    assert "warning: --parallel 3" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b.jsonl.summary.json").read_text())["parallel"] == 3
+    assert main(run + ["--output", str(tmp_path / "c.jsonl"), "--parallel", "3", "-t", "0.8"]) == 0
+    assert "more than 3 tokens" not in capsys.readouterr().err
+
+
+@pytest.mark.real_model
 def test_kill_in_the_middle_of_a_parallel_run_then_resume_gives_each_prompt_once(tmp_path):
     inp = tmp_path / "in.jsonl"
     with open(inp, "w") as f:

@@ -336,8 +336,20 @@ def parallel_slots(rt, todo: list[Line], args) -> int:
                 good.append(line)
             except ProjectError as e:
                 line.error = one_line(e)
+    on_llama = rt is not None and all(isinstance(b, LlamaCppBackend) for b in (rt.big, *rt.predictors.values()))
+    inexact = on_llama and len(good) > 1 and promises_greedy(args) and rt.big.exact_pass is not None
+    if inexact:
+        why = (f"on {rt.big.name} a pass of more than {rt.big.exact_pass} tokens rounds differently from one-token "
+               "steps (llama.cpp's kernels for this file's weight types, e.g. K-quants), so prompts sharing passes "
+               "may not give the one-at-a-time output where two tokens nearly tie")
+        if want == "auto":
+            print(f"infer.py: --parallel auto: one prompt at a time: {why}; --parallel N shares passes anyway",
+                  file=sys.stderr)
+            return 1
+        if int(want) > 1:
+            print(f"infer.py: warning: --parallel {want}: {why} (--parallel 1 gives it exactly)", file=sys.stderr)
     if want == "auto":
-        if len(good) < 2 or not all(isinstance(b, LlamaCppBackend) for b in (rt.big, *rt.predictors.values())):
+        if len(good) < 2 or not on_llama:
             return 1
         curve, _, _ = batch_curve(rt.big, len(good), log=lambda m: print(m, file=sys.stderr))
         n = choose_parallel(curve, len(good))
@@ -345,6 +357,12 @@ def parallel_slots(rt, todo: list[Line], args) -> int:
               f"sequences: {', '.join(f'{k}: {k / c:.1f}x' for k, c in sorted(curve.items()))})", file=sys.stderr)
         return n
     return max(1, min(int(want), len(good)))
+
+
+def promises_greedy(args) -> bool:
+    """Is each output meant to be the big model's greedy decoding (policy big, or a lossless --verify, at -t 0)?"""
+    lossless = args.policy == "big" or getattr(args, "verify", False) and math.isinf(args.verify_below)
+    return lossless and args.temperature <= 0
 
 
 def plan(lines: list[Line], args, policies, run: dict) -> list[Line]:

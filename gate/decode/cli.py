@@ -126,7 +126,8 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--parallel", default="auto", metavar="N", help="decode up to N prompts side by side in one "
                    "llama.cpp context (outputs as one at a time on models whose batched passes are bit-exact, e.g. "
                    "SmolLM2 Q4_1; K-quants can part at near-ties); default auto: the N the measured cost of a pass "
-                   "over n sequences favours (docs/batch.md); 1: one prompt at a time")
+                   "over n sequences favours, or 1 where passes are not bit-exact and the output is meant to be "
+                   "the big model's greedy (big, lossless --verify) (docs/batch.md); 1: one prompt at a time")
     g.add_argument("--rerun-mismatched", action="store_true", help="resuming: run again the lines whose row in "
                    "--output was made from another line or with another model, tokenizer, policy or setting "
                    "(default: refuse)")

@@ -115,6 +115,8 @@ class Decoder:
         return Result(list(prompt_ids), self.ids[self.n_prompt:], list(self.sources), self.ledger(wall))
 
     def start(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        lossless = self.verify and math.isinf(self.verify_below)
+        self.max_pass = getattr(self.big, "exact_pass", None) if lossless else None   # probed before the reset
         self.big.reset()
         for lm in self.policy.lms:
             lm.reset()
@@ -142,11 +144,18 @@ class Decoder:
             self.audit.start(bar)
         self.plan0 = dict(self.planner.stats) if self.planner is not None else None
 
+    def room(self) -> int:
+        """Drafts the next catch-up pass can still take: under a lossless verify no pass may be longer than the
+        big backend's exact_pass (longer ones round differently from one-token steps); unbounded otherwise."""
+        if self.max_pass is None:
+            return 1 << 30
+        return self.max_pass - (len(self.ids) - self.big.n_cached)
+
     def step(self) -> None:
         """One policy decision: emit its drafts, or let the big model catch up and speak."""
         if self.planner is not None:
             return self.planned_step()
-        drafts = self.propose()
+        drafts = self.propose()[:max(self.room(), 0)]
         self.keep_predictors(self.ids + [d.token for d in drafts])   # drop a lookahead the policy refused
         if not drafts:
             self.big_step(emit=True)
@@ -171,16 +180,16 @@ class Decoder:
         plan, acc = self.planner, self.planner.acceptance
         start, calls = len(self.ids), self.policy.calls
         probs: list[float] = []
-        if plan.start_chain():
+        if plan.start_chain() and self.room() > 0:
             while not self.done():
-                drafts = self.propose()
+                drafts = self.propose()[:max(self.room(), 0)]
                 self.keep_predictors(self.ids + [d.token for d in drafts])
                 for d in drafts:
                     if self.done():
                         break
                     self.emit(d.token, d.source, d)
                     probs.append(acc.p(d.score, self.temperature > 0))
-                if not drafts or not plan.extend(probs):
+                if not drafts or self.room() <= 0 or not plan.extend(probs):
                     break
         keep = plan.cut(probs)
         shadow = None
