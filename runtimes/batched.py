@@ -32,12 +32,13 @@ class LlamaCppSlots(LlamaCppBackend):
     Its own forward/crop/reset are not used: the slots' are."""
 
     def __init__(self, model: str | os.PathLike, n_slots: int, slot_ctx: int, name: str = "",
-                 hidden_layer: int | None = None, n_threads: int | None = None, n_ubatch: int = UBATCH):
+                 hidden_layer: int | None = None, n_threads: int | None = None, n_ubatch: int = UBATCH,
+                 weights_of: LlamaCppBackend | None = None):
         if n_slots < 1 or slot_ctx < 1:
             raise ValueError(f"{n_slots} slots of {slot_ctx} tokens: both must be >= 1")
         self.n_seq = n_slots
         super().__init__(model, name=name, hidden_layer=hidden_layer, n_ctx=n_slots * slot_ctx,
-                         n_threads=n_threads, n_ubatch=n_ubatch)
+                         n_threads=n_threads, n_ubatch=n_ubatch, weights_of=weights_of)
         self.slot_ctx = self.n_ctx // n_slots      # llama.cpp may round the context up
         self._seq = [self._batch.seq_id[i] for i in range(self.n_ctx)]   # per-token seq id cells, set per pass
         self.slots = [SlotBackend(self, i) for i in range(n_slots)]

@@ -68,12 +68,18 @@ class LlamaCppBackend:
     """A GGUF model in llama.cpp with the KV cache of one sequence; see the module docstring."""
 
     def __init__(self, model: str | os.PathLike, name: str = "", hidden_layer: int | None = None,
-                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = UBATCH):
+                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = UBATCH,
+                 weights_of: "LlamaCppBackend | None" = None):
         self.lib = import_binding()
         self.path = gguf_path(model)
         self.name = name or str(model)
         self._model = self._ctx = None
-        self._load_model()
+        self._weights_of = weights_of    # another backend of this file: share its loaded weights (a new context)
+        if weights_of is not None and weights_of.path.resolve() == self.path.resolve() and weights_of._model:
+            self._model = weights_of._model
+        else:
+            self._weights_of = None
+            self._load_model()
         self.n_layers = self.lib.llama_model_n_layer(self._model)
         self.hidden_size = self.lib.llama_model_n_embd(self._model)
         self.vocab_size = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self._model))
@@ -276,9 +282,9 @@ class LlamaCppBackend:
             self.lib.llama_batch_free(self._batch)
             self.lib.llama_free(self._ctx)
             self._ctx = None
-        if self._model:
+        if self._model and self._weights_of is None:
             self.lib.llama_model_free(self._model)
-            self._model = None
+        self._model = self._weights_of = None
 
     def __del__(self):
         try:

@@ -195,7 +195,7 @@ def batch_curve(backend, up_to: int = SLOT_NS[-1], reps: int = 9, refresh: bool 
         if log:
             log(f"measuring the cost of a pass over 1..{max(ns)} sequences for {backend.name} (once, cached)")
         load = os.getloadavg()[0]
-        step, cost = measure_slots(backend.path, ns, reps, backend_threads(backend))
+        step, cost = measure_slots(backend, ns, reps, backend_threads(backend))
         prof = CostProfile(key, round(step, 3), list(ns), cost,
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {load:.2f}")
         if load <= BUSY:
@@ -203,10 +203,11 @@ def batch_curve(backend, up_to: int = SLOT_NS[-1], reps: int = 9, refresh: bool 
     return dict(zip(prof.ks, prof.cost)), prof.step_ms, key
 
 
-def measure_slots(path, ns: Sequence[int], reps: int, threads: int) -> tuple[float, list[float]]:
-    """(one-sequence step ms, [cost of a pass over n sequences / that step for n in ns])."""
+def measure_slots(backend, ns: Sequence[int], reps: int, threads: int) -> tuple[float, list[float]]:
+    """(one-sequence step ms, [cost of a pass over n sequences / that step for n in ns]) of the llama.cpp model
+    under `backend`, in a context of its own that shares the backend's weights."""
     gen = torch.Generator().manual_seed(0)
-    ctx = LlamaCppSlots(path, max(ns), SLOT_CONTEXT + 2, n_threads=threads)
+    ctx = LlamaCppSlots(backend.path, max(ns), SLOT_CONTEXT + 2, n_threads=threads, weights_of=backend)
     try:
         vocab = ctx.vocab_size
         prefix = [(i, torch.randint(0, vocab, (SLOT_CONTEXT,), generator=gen).tolist(), 1) for i in range(max(ns))]

@@ -58,7 +58,7 @@ def open_slots(rt: Runtime, n: int, slot_ctx: int) -> dict[str | None, LlamaCppS
     if other is not None:
         raise UsageError(f"--parallel: {other} does not run on llama.cpp; several prompts share a pass only there "
                          "(use --backend llama.cpp with GGUF models, or --parallel 1)")
-    return {name: LlamaCppSlots(b.path, n, slot_ctx, name=b.name, n_threads=b.n_threads)
+    return {name: LlamaCppSlots(b.path, n, slot_ctx, name=b.name, n_threads=b.n_threads, weights_of=b)
             for name, b in models.items()}
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gate.model.copyrule import trust_copy
+
 LENGTH_EDGES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # match-length bins: [1,2), ..., [48,64), 64+
 COPY_EXTEND = LENGTH_EDGES[-1]                              # matches are measured up to this many tokens
 
@@ -137,7 +139,6 @@ def combine_sources(token, score, copy_token, copy_len, scoring) -> tuple[np.nda
         return np.asarray(token), np.asarray(score, dtype=np.float32), np.zeros(len(np.asarray(token)), dtype=bool)
     if isinstance(scoring, SourceMaps):
         return scoring.combine(token, score, copy_token, copy_len)
-    from gate.model.copyrule import trust_copy
     return trust_copy(token, score, copy_token, copy_len, scoring)
 
 
