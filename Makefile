@@ -86,7 +86,7 @@ test-fast: venv books
 BENCH_PROMPTS ?= 12
 EAGLE_TOKENS  ?= 30000
 EAGLE         := runs/eagle
-GENRES        := debian-policy-manual the-jargon-file
+GENRES        := debian-policy-manual the-jargon-file ubuntu-packaging-guide
 EAGLE_DATA    := "test book, greedy continuations=$(RUN)/selfgen_records" "test book, book text=$(EAGLE)/records" \
     $(foreach g,$(GENRES),"$(g), greedy continuations=runs/genres/$(g)/selfgen_records" \
     "$(g), book text=runs/genres/$(g)/records")

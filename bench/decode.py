@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
+from gate.decode.audit import DEFAULT_TARGET, Audit, calibrated_target  # noqa: E402
 from gate.decode.contract import BIG_SOURCES
 from gate.decode.drafters import load_gate
 from gate.decode.ledger import Ledger  # noqa: E402
@@ -40,8 +41,8 @@ from gate.model.copyrule import copy_rule, is_copy_position  # noqa: E402
 from runtimes.open import open_models  # noqa: E402
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
-GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_verify", "gate_dial", "eagle", "eagle_verify",
-                 "eagle_chain")
+GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_audit", "gate_verify", "gate_dial", "eagle",
+                 "eagle_verify", "eagle_chain")
 # the self:15 early exit is overconfident: tau 0.08 is its median normalised entropy
 BENCH_DEFAULTS = dict(small="self:15", tau=0.08, gate="runs/demo/gate")
 SOURCE_CODES = {"big": "B", "scaffold": "S", "small": "s", "skip": "k"}   # runs' sources as one string
@@ -212,6 +213,9 @@ def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
     drafter = load_gate(rt, args.gate)
     for t in [float(x) for x in args.sweep.split(",") if x]:
         out[f"gate@{t:g}"] = loop_method(rt, Gate(drafter, t), **samp)
+    if samp["temperature"] <= 0:   # infer.py's lossy default: the audit raises the bar when skips go wrong
+        target = calibrated_target(drafter.meta) or DEFAULT_TARGET
+        out["gate_audit"] = loop_method(rt, Gate(drafter), audit=Audit(target), **samp)
     for t in [float(x) for x in args.verify_sweep.split(",") if x]:
         out[f"gate_verify@{t:g}"] = loop_method(rt, Gate(drafter, t), verify=True, **samp)
     a, b = (float(x) for x in args.dial.split(":"))

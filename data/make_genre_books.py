@@ -4,12 +4,14 @@
     python data/make_genre_books.py [--out data/genres] [--debs data/debs] [--force]
 
 The demo trains and calibrates on six Austen novels; a gate that only learned Austen (or only learned to copy)
-shows it here. Two genres, each from a Debian package (downloaded once with `apt-get download` into --debs):
+shows it here. Three genres, each from a Debian package (downloaded once with `apt-get download` into --debs):
   manual    the Debian Policy Manual (package debian-policy): normative technical prose. The package ships an
             EPUB, which is used as it is: a real-world EPUB, not one made by this project.
   lexicon   the Jargon File 4.4.7 (package jargon-text): a lexicon of hacker slang with essay chapters, shipped
             as plain text; made into an EPUB the way data/make_demo_books.py makes the novels (hard-wrapped lines
             rejoined into paragraphs, a <p> each), one chapter per 60 paragraphs after the table of contents.
+  guide     the Ubuntu Packaging Guide (package ubuntu-packaging-guide-epub): a how-to with shell sessions and
+            file listings, shipped as an EPUB (used as it is). Added after the gate's scoring was designed.
 Not used, on purpose: the Bible (bible-kjv*) and The Devil's Dictionary (dict-devil), which stay unseen by the
 project. Output bytes are the same on every run; each file is written atomically.
 """
@@ -30,6 +32,7 @@ from make_demo_books import book_args, epub_bytes, fetch_deb, paragraphs, write_
 
 POLICY = ("debian-policy", "./usr/share/doc/debian-policy/policy.epub")
 JARGON = ("jargon-text", "./usr/share/doc/jargon-text/jargon.txt.gz")
+GUIDE = ("ubuntu-packaging-guide-epub", "./usr/share/doc/ubuntu-packaging-guide-epub/ubuntu-packaging-guide.epub")
 CHAPTER_PARAGRAPHS = 60
 
 
@@ -56,6 +59,7 @@ def jargon_epub(raw_gz: bytes) -> bytes:
 BOOKS = {  # file name -> (package, how to make the EPUB from the .deb)
     "debian-policy-manual.epub": (POLICY[0], lambda deb: member(deb, POLICY[1])),
     "the-jargon-file.epub": (JARGON[0], lambda deb: jargon_epub(member(deb, JARGON[1]))),
+    "ubuntu-packaging-guide.epub": (GUIDE[0], lambda deb: member(deb, GUIDE[1])),
 }
 
 
