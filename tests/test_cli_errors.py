@@ -80,9 +80,10 @@ CASES = [  # (train.py arguments, text the error line must contain); {t} is the 
     ("fit --drafter router --records {t}/records --out {t}/g --router-pca -1", "--router-pca -1: must be >= 1"),
     ("calibrate --records {t}/records --gate {t}/garbled --max-pairs -5", "--max-pairs -5: must be >= 1"),
     ("calibrate --records {t}/records --gate {t}/garbled --max-pairs 0", "--max-pairs 0: must be >= 1"),   # minor
-    ("calibrate --records {t}/records --gate {t}/router", "--gate {t}/router: a router for a big/small pair "
-                                                          "(train.py fit --drafter router); calibrate recalibrates"),
-    ("calibrate --records {t}/records --gate {t}/router --out {t}/file", "--gate {t}/router: a router"),
+    # a router is recalibrated too (issue 19): the records are checked, and --out, before any work
+    ("calibrate --records {t}/records --gate {t}/router", "{t}/records: no such records folder"),
+    ("calibrate --records {t}/records --gate {t}/router --out {t}/file", "--out {t}/file: exists and is not a "
+                                                                         "folder"),
     ("selfgen --model {t}/tiny --corpus {t}/corpus --chat --out {t}/sg", "--chat wraps the instructions of "
                                                                          "--prompts"),                  # minor
 ]

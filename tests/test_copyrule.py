@@ -70,19 +70,6 @@ def test_copy_positions_are_those_whose_last_four_tokens_occurred_earlier():
             assert marks[t] == earlier
 
 
-def test_trust_table_is_a_monotone_lower_bound():
-    from gate.model.copyrule import trust_table
-
-    rng = np.random.default_rng(0)
-    length = rng.integers(0, 13, 20000)
-    truth = np.r_[0.0, np.linspace(0.3, 0.995, 12)]
-    correct = rng.random(20000) < truth[length]
-    table = trust_table(length, correct, 12)
-    assert table[0] == 0 and np.all(np.diff(table) >= 0)
-    assert np.all(table[1:] <= truth[1:] + 0.01)          # a lower bound (up to the monotone fill)
-    assert table[12] > 0.95
-
-
 def test_trust_copy_takes_the_copy_candidate_only_where_it_is_trusted_more():
     from gate.model.copyrule import trust_copy
 

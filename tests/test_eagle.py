@@ -258,3 +258,38 @@ def test_cli_errors_name_the_problem(tiny_eagle, tmp_path, capsys):
     assert "bench/eagle.py" in capsys.readouterr().err
     assert fit_main(["--records", str(records), str(records), "--out", str(tmp_path / "g")]) == 2
     assert "--drafter eagle reads several" in capsys.readouterr().err
+
+
+def test_eagle_scores_through_precision_maps_and_calibrate_rewrites_only_them(tiny_eagle, tmp_path):
+    """Issue 19: the feature head's gate and the copy rule on one score scale (maps in drafter.json, monotone and
+    bounded); train.py calibrate refits maps and threshold, its tensors byte for byte, refusing its training
+    books; an artifact from before the maps (a copy trust table) proposes as it did until calibrated."""
+    from gate.model.load import load_drafter
+    from test_precision_maps import calibrate_cli, check_maps, files_sha, make_old
+
+    _, records, out, _ = tiny_eagle
+    dr = load_drafter(out, None)
+    assert dr.table is None and dr.extend == 64 and dr.maps.max_n == 12
+    check_maps(dr.maps)
+    meta = json.loads((out / "drafter.json").read_text())
+    assert set(meta["precision_maps"]["gates"]) == {"gate"} and meta["precision_maps"]["fitted_on"]["pairs"] > 0
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 2
+    hid = torch.zeros(len(ids) - 1, dr.head.hidden_size)
+    assert 0 < dr.propose(ids, hid, 1)[1] < 1
+    rc, err = calibrate_cli(records, out, tmp_path / "new", "--split", "test")
+    assert rc == 0 and "pairs: " in err and ("of the oracle" in err or "skip nothing here" in err), err[-2000:]
+    new = json.loads((tmp_path / "new" / "drafter.json").read_text())
+    assert new["recalibrated"]["split"] == "test" and new["calibration"]["gate"]["threshold"] == new["threshold"]
+    assert files_sha(tmp_path / "new") == files_sha(out) and list(files_sha(out)) == ["eagle.safetensors"]
+    check_maps(load_drafter(tmp_path / "new", None).maps)
+    rc, err = calibrate_cli(records, out, tmp_path / "t", "--split", "train")
+    assert rc == 2 and "was trained on" in err
+    meta = make_old(out, tmp_path / "old", [0.0] + [0.5] * 11 + [1.0])
+    dr = load_drafter(tmp_path / "old", None)
+    assert dr.maps is None and dr.extend == 0 and dr.copies.max_n == 12
+    assert dr.propose(ids, hid, 1)[1] == 1.0                             # a trusted 12-token copy, as before
+    rc, err = calibrate_cli(records, tmp_path / "old", tmp_path / "old2", "--split", "test")
+    assert rc == 0, err[-2000:]
+    dr = load_drafter(tmp_path / "old2", None)
+    assert dr.maps is not None and dr.table is None and 0 < dr.propose(ids, hid, 1)[1] < 1
+    assert "copy_trust" not in json.loads((tmp_path / "old2" / "drafter.json").read_text())

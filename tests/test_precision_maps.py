@@ -130,3 +130,43 @@ def test_extended_match_lengths_agree_between_records_and_decode():
             assert index.query(64) == want == (cand[t], length[t]), (ids[:t + 1], want)
             seen.add(int(length[t]))
     assert max(seen) == 64 and any(12 < n < 64 for n in seen)
+
+
+# ------------------------------------------------------------------------------------------------ eagle, router
+def check_maps(maps) -> None:
+    """Every map of a SourceMaps non-decreasing and inside (0, 1)."""
+    grid = np.linspace(-0.5, 70, 300)
+    for m in list(maps.gate.values()) + list((maps.copy or {}).values()):
+        y = m(grid)
+        assert np.all(np.diff(y) >= 0) and np.all((y > 0) & (y < 1))
+
+
+def files_sha(folder) -> dict:
+    """sha256 of every file of an artifact folder but drafter.json (not its folders: a fit's stages/)."""
+    import hashlib
+    import os
+
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in sorted(os.listdir(folder))
+            if f != "drafter.json" and (folder / f).is_file()}
+
+
+def calibrate_cli(records, gate, out, *extra):
+    import train
+    from helpers import call_main
+
+    return call_main(train.main, ["calibrate", "--records", records, "--gate", gate, "--out", out,
+                                  "--target-precision", "0.6", *extra])
+
+
+def make_old(src, dst, copy_trust=None):
+    """A copy of an artifact as it was before the precision maps (copy_trust: the table it then held)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "drafter.json").read_text())
+    del meta["precision_maps"]
+    if copy_trust is not None:
+        meta["copy_trust"] = copy_trust
+    (dst / "drafter.json").write_text(json.dumps(meta))
+    return meta

@@ -235,3 +235,33 @@ def test_fit_router_refuses_a_small_model_that_is_a_copy_of_the_big_one(tmp_path
     assert rc == 2 and "Traceback" not in err and len(errors) == 1, err[-3000:]
     assert "too little data / one class" in errors[0] and "is the small model a copy of the big one?" in errors[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_router_scores_through_a_precision_map_and_calibrate_rewrites_only_it(pair, tmp_path, tiny_tokenizer):
+    """Issue 19: the router's probability goes through a precision map fitted on validation (monotone, bounded,
+    no copy rule: the copy enters as features); train.py calibrate refits it and the threshold, its tensors byte
+    for byte, refusing its training books; an artifact from before the map decodes with raw probabilities."""
+    from test_precision_maps import calibrate_cli, check_maps, files_sha, make_old
+
+    big_dir, small_dir, records, router = pair
+    meta = read_meta(router)
+    maps = load_gate(open_pair(big_dir, small_dir), str(router)).maps
+    assert maps is not None and maps.copy is None and set(meta["precision_maps"]["gates"]) == {meta["primary_gate"]}
+    check_maps(maps)
+    rc, err = calibrate_cli(records, router, tmp_path / "new", "--split", "test")
+    assert rc == 0 and "pairs: " in err and ("of the oracle" in err or "skip nothing here" in err), err[-2000:]
+    new = read_meta(tmp_path / "new")
+    assert new["recalibrated"]["split"] == "test" and new["calibration"]["threshold"] == new["threshold"]
+    assert files_sha(tmp_path / "new") == files_sha(router) and list(files_sha(router)) == ["router.safetensors"]
+    rc, err = calibrate_cli(records, router, tmp_path / "t", "--split", "train")
+    assert rc == 2 and "was trained on" in err
+    make_old(router, tmp_path / "old")
+    rt = open_pair(big_dir, small_dir)
+    old, cur = load_gate(rt, str(tmp_path / "old")), load_gate(rt, str(router))
+    assert old.maps is None
+    ids = tiny_tokenizer(PROMPTS[0]).input_ids
+    for dr in (old, cur):
+        dr.start()
+        dr.lm.reset()
+    (t1, s1), (t2, s2) = old.propose(ids, None, 1), cur.propose(ids, None, 1)
+    assert t1 == t2 and s2 == pytest.approx(float(cur.maps.gate["none"](s1)))   # raw probability, then its map

@@ -8,9 +8,8 @@
 Candidate: the token that followed the most recent earlier occurrence of the longest suffix (up to max_n tokens)
 of the context that occurred earlier; score: the match length n (0 = no candidate, token -1); with `extend`, a
 match of max_n tokens is measured further back at that occurrence, up to `extend` tokens (`extend_match`). A copy
-position (`is_copy_position`) is one whose last COPY_SPAN = 4 tokens occurred earlier (match length >= 4).
-`trust_table` / `trusted_table` / `trust_copy`: the feature head's (and older heads artifacts') trust in the rule
-per match length; the heads drafter now grades it by gate/model/precision.py. Why: docs/drafters.md, "The copy rule".
+position (`is_copy_position`): its last COPY_SPAN = 4 tokens occurred earlier. Drafters grade the rule by
+gate/model/precision.py; `trust_copy` serves older artifacts' `copy_trust` tables only. docs/drafters.md.
 """
 from __future__ import annotations
 
@@ -112,43 +111,13 @@ def copy_rule(tokens: np.ndarray, run_start: np.ndarray, max_n: int = MAX_N,
     return cand, length
 
 
-def trust_table(match_len: np.ndarray, correct: np.ndarray, max_n: int = MAX_N, delta: float = 0.1) -> np.ndarray:
-    """How far the copy rule can be trusted at each match length: [max_n + 1] floats, 0 at length 0.
-
-    Entry n is a one-sided (1 - delta) Clopper-Pearson lower bound on P(copy candidate == the big model's token)
-    among training positions with match length n, made non-decreasing in n (a longer match is at least as good
-    evidence as a shorter one), so that a length seen rarely is not trusted more than its data allow.
-    """
-    from scipy.stats import beta
-
-    match_len, correct = np.asarray(match_len), np.asarray(correct, dtype=bool)
-    table = np.zeros(max_n + 1, dtype=np.float32)
-    for n in range(1, max_n + 1):
-        here = match_len == n
-        k, m = int(correct[here].sum()), int(here.sum())
-        table[n] = beta.ppf(delta, k, m - k + 1) if k > 0 else 0.0
-    return np.maximum.accumulate(np.nan_to_num(table))
-
-
-def trusted_table(match_len: np.ndarray, correct: np.ndarray, max_n: int, delta: float,
-                  target: float) -> np.ndarray:
-    """trust_table, with every length whose lower bound clears `target` trusted outright (1.0).
-
-    The learned gate's scores are not precisions, so a bound of 0.996 next to an over-confident gate score of
-    0.999 would lose the rule's safest skips; ranked first, the gate covers at least what the rule covers at
-    that precision. (The price: every trusted length scores alike, so no threshold can tell a 12-token match
-    from a 40-token one.)"""
-    table = trust_table(match_len, correct, max_n, delta)
-    return np.where(table >= target, 1.0, table).astype(np.float32)
-
-
 def trust_copy(token: np.ndarray, score: np.ndarray, copy_token: np.ndarray, copy_len: np.ndarray,
                table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The learned gate's pick, or the copy candidate where the copy rule is trusted more: (token, score, used).
 
-    One function for training, calibration, evaluation and decoding. The combined score is what the threshold
-    is calibrated on, so a long copy match is skipped whenever the rule's lower-bounded precision there clears
-    the threshold, whatever the learned gate thinks: on copy positions the gate is at least as good as the rule.
+    Kept only for artifacts from before the precision maps (their drafter.json's `copy_trust`: per match length,
+    a lower bound on the rule's precision, 1.0 where it cleared the target), which decode with it as they did;
+    `train.py calibrate` replaces the table by maps (gate.model.precision.combine_sources calls this).
     """
     copy_len = np.minimum(np.asarray(copy_len, dtype=np.int64), len(table) - 1)
     copy_score = np.where(copy_len > 0, np.asarray(table)[copy_len], 0.0)
@@ -161,5 +130,4 @@ def is_copy_position(match_len: np.ndarray) -> np.ndarray:
     return np.asarray(match_len) >= COPY_SPAN
 
 
-__all__ = ["CopyIndex", "copy_rule", "extend_match", "is_copy_position", "trust_table", "trusted_table", "trust_copy",
-           "COPY_SPAN", "MAX_N"]
+__all__ = ["CopyIndex", "copy_rule", "extend_match", "is_copy_position", "trust_copy", "COPY_SPAN", "MAX_N"]

@@ -6,8 +6,8 @@ one and the next token's embedding, then the token through the big model's outpu
 
 FeatureHead.forward trains every chain depth at once (`level_mask`); ChainCache keeps one KV entry per text
 position, "true" over the big model's rows and "chain" over its own predictions. The gate scores the head's token
-and the copy rule's (candidate_features). Artifact format skipgate-eagle/1 (`EAGLE`, eagle.safetensors).
-docs/drafters.md explains entries, levels and why.
+and the copy rule's (candidate_features); its pick and the copy rule's meet as estimated precisions (drafter.json's
+precision_maps, gate/model/precision.py). Format skipgate-eagle/1 (`EAGLE`, eagle.safetensors). docs/drafters.md.
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from corpus_tools.inventory import CLASSES, token_class_from_tables
-from gate.model.artifact import Format, write_artifact
+from gate.model.artifact import ArtifactError, Format, write_artifact
 from gate.model.base import Drafter
-from gate.model.copyrule import COPY_SPAN, CopyIndex, trust_copy
+from gate.model.copyrule import COPY_SPAN, MAX_N, CopyIndex
 from gate.model.features import GATES
+from gate.model.precision import SourceMaps, combine_sources, maps_from_meta, maps_meta
 
 
 def rotary(pos: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,24 +254,41 @@ def candidate_features(head_tok, p1, p2, entropy, p_copy, copy_tok, copy_len, de
 
 class EagleDrafter(Drafter):
     """The Drafter contract (gate/model/base.py) around the feature head, its KV cache, the copy rule and
-    a gate over both candidates; like the heads drafter, it takes the copy rule's token wherever the rule's
-    lower-bounded precision at that match length beats the gate's score (gate.model.copyrule.trust_copy). It
-    reads every hidden row the big model computed (reads_all_hidden), so the decode loop keeps them and the
-    cache turns them into true entries. When it proposes its head's token it leaves the head's distribution in
-    `last_logits` (over the whole vocabulary, -inf outside the draft vocabulary): sampled decoding then drafts a
-    sample of it, and speculative sampling accepts with min(1, q/p) (EAGLE's sampling)."""
+    a gate over both candidates; like the heads drafter, the gate's pick and the copy rule's candidate are
+    compared as estimated precisions (gate.model.precision: `maps`, one SourceMaps; an artifact from before them
+    keeps its per-length trust table, `copy_trust` in drafter.json, and proposes as it did). It reads every
+    hidden row the big model computed (reads_all_hidden), so the decode loop keeps them and the cache turns them
+    into true entries. When it proposes its head's token it leaves the head's distribution in `last_logits` (over
+    the whole vocabulary, -inf outside the draft vocabulary): sampled decoding then drafts a sample of it, and
+    speculative sampling accepts with min(1, q/p) (EAGLE's sampling)."""
     reads_all_hidden = True
+    GATE = "gate"       # the name of its one gate (drafter.json's calibration and precision_maps)
 
     def __init__(self, head: FeatureHead, gate, threshold: float, max_skip: int, hidden_layer: int,
-                 tables: dict, copy_trust: np.ndarray, depth: int, meta: dict | None = None):
+                 tables: dict, copy_trust: np.ndarray | None, depth: int, meta: dict | None = None,
+                 maps: SourceMaps | None = None):
         self.head, self.gate = head.eval(), gate
-        self.copy_trust = np.asarray(copy_trust, dtype=np.float32)   # gate.model.copyrule.trusted_table
+        self.maps = maps
+        self.table = None if maps is not None or copy_trust is None else np.asarray(copy_trust, dtype=np.float32)
         self.threshold, self.max_skip, self.hidden_layer = float(threshold), int(max_skip), int(hidden_layer)
         self.depth = int(depth)     # chain steps the head and its gate were trained for; beyond: copies only
         self.tables, self.meta = tables, meta or {}
         self.cache = ChainCache(self.head)
-        self.copies = CopyIndex(len(self.copy_trust) - 1)
+        if maps is not None:
+            self.copies, self.extend = CopyIndex(maps.max_n or MAX_N), maps.extend
+        else:
+            self.copies, self.extend = CopyIndex(MAX_N if self.table is None else len(self.table) - 1), 0
         self.index = draft_index(head)
+
+    @property
+    def scoring(self):
+        """What gate.model.precision.combine_sources takes: the SourceMaps, an older artifact's table, or None."""
+        return self.maps if self.maps is not None else self.table
+
+    @property
+    def copy_trust(self):
+        """The same as `scoring` (the name bench/eagle.py reads: score_pairs(gate, pairs, dr.copy_trust))."""
+        return self.scoring
 
     def start(self) -> None:
         self.cache.reset()
@@ -290,19 +308,19 @@ class EagleDrafter(Drafter):
         (p1, p2), (i1, _) = p.topk(2)
         entropy = float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(len(p))
         self.copies.sync(ids)
-        copy_tok, copy_len = self.copies.query()
+        copy_tok, copy_len = self.copies.query(self.extend)   # the gate reads the length up to max_n, the map all
         i = int(self.index[copy_tok]) if copy_tok >= 0 else -1
         p_copy = float(p[i]) if i >= 0 else 0.0
         f = candidate_features([int(self.head.draft_ids[i1])], [float(p1)], [float(p2)], [entropy], [p_copy],
-                               [copy_tok], [copy_len], [min(since_big, self.depth)], [ids[-1]], self.tables,
-                               self.depth)
+                               [copy_tok], [min(copy_len, self.copies.max_n)], [min(since_big, self.depth)],
+                               [ids[-1]], self.tables, self.depth)
         scores = self.gate.score(f["X"][0]).numpy()
         scores[~f["valid"][0]] = -1.0
-        if since_big > self.depth:      # untrained chain depth: only the copy rule's trust can skip here
-            scores[:] = np.minimum(scores, 0.0)
+        if since_big > self.depth:      # untrained chain depth: only the copy rule can skip here
+            scores[:] = -1.0 if self.maps is not None else np.minimum(scores, 0.0)   # (-1: no gate candidate)
         k = int(scores.argmax())
-        tok, score, used = trust_copy(f["cands"][0, k:k + 1], scores[k:k + 1], np.array([copy_tok]),
-                                      np.array([copy_len]), self.copy_trust)
+        tok, score, used = combine_sources(f["cands"][0, k:k + 1], scores[k:k + 1], np.array([copy_tok]),
+                                           np.array([copy_len]), self.scoring)
         self.last_logits = None                       # the head's own distribution, when its token is proposed
         if k == 0 and not used[0]:
             self.last_logits = torch.full((self.head.vocab_size,), -math.inf)
@@ -319,27 +337,33 @@ class EagleDrafter(Drafter):
         meta.update(format=EAGLE_FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
                     threshold=self.threshold, head=self.head.config(), gate={"kind": self.gate.kind},
                     features=gate_feature_names(self.depth), depth=self.depth,
-                    copy_trust=[float(x) for x in self.copy_trust])
+                    copy_trust=None if self.table is None else [float(x) for x in self.table])
+        if self.maps is not None:
+            meta["precision_maps"] = maps_meta({self.GATE: self.maps}, self.meta.get("precision_maps"))
         self.meta = write_artifact(path, EAGLE_TENSORS, t, meta)
         return Path(path)
 
     @classmethod
-    def from_tensors(cls, t: dict, meta: dict) -> "EagleDrafter":
+    def from_tensors(cls, t: dict, meta: dict, path="") -> "EagleDrafter":
         head = FeatureHead(**meta["head"])
         st = {k[5:]: v.float() if k == "head.embed" else v for k, v in t.items() if k.startswith("head.")}
         head.load_state_dict(st)
         gate = GATES[meta["gate"]["kind"]].from_state({k[5:]: v for k, v in t.items() if k.startswith("gate.")},
                                                      meta["gate"].get("config", {}))
         tables = {k[7:]: v.numpy() for k, v in t.items() if k.startswith("tables.")}
+        try:
+            maps = maps_from_meta(meta, path, cls.GATE)
+        except ValueError as e:
+            raise ArtifactError(str(e)) from None
         return cls(head, gate, meta["threshold"], meta["max_skip"], meta["hidden_layer"], tables,
-                   meta["copy_trust"], meta["depth"], meta)
+                   meta.get("copy_trust"), meta["depth"], meta, None if maps is None else maps[cls.GATE])
 
     @classmethod
     def load(cls, path: Path, meta: dict, small=None) -> "EagleDrafter":
         """The drafter of a folder whose drafter.json (`meta`) gate/model/load.py read and checked."""
         from safetensors.torch import load_file
 
-        return cls.from_tensors(load_file(str(path / EAGLE_TENSORS)), meta)
+        return cls.from_tensors(load_file(str(path / EAGLE_TENSORS)), meta, path)
 
 
 EAGLE_FORMAT = "skipgate-eagle/1"

@@ -21,7 +21,8 @@ from gate.model.base import Drafter
 from gate.model.copyrule import CopyIndex
 from gate.model.features import GATES, NEVER, NGRAM_ORDERS, compute_features, feature_names, pick_candidate
 from gate.model.heads import ContextIndex, FutureHeads, HiddenNorm, NgramTable, WordHead
-from gate.model.precision import SourceMaps, combine_sources
+from gate.model.precision import SourceMaps, combine_sources, maps_meta
+from gate.model.precision import maps_from_meta as precision_maps_from_meta
 
 FORMAT = "skipgate-drafter/1"
 TENSOR_FILE = "drafter.safetensors"
@@ -212,29 +213,12 @@ class HeadsDrafter(Drafter):
                    meta["hidden_layer"], meta, meta.get("copy_trust"), maps_from_meta(meta, path))
 
 
-MAPS_METHOD = ("isotonic regression (sklearn, pool-adjacent-violators) of right/wrong on the raw score, each pooled "
-               "block's precision shrunk by Laplace's rule (k+1)/(n+2) and made non-decreasing again; the copy rule "
-               "per match-length bin and agreement with the gate's candidate (gate/model/precision.py)")
-
-
-def maps_meta(maps: dict, old: dict | None = None) -> dict:
-    """drafter.json's precision_maps entry: the maps of every gate, how they were fitted, on what (kept from
-    `old` unless given anew)."""
-    return {**(old or {}), "method": MAPS_METHOD, "gates": {n: m.to_json() for n, m in maps.items()}}
-
-
 def maps_from_meta(meta: dict, path="") -> dict | None:
-    """{gate: SourceMaps} from drafter.json (None: an artifact from before the maps)."""
-    pm = meta.get("precision_maps")
-    if not pm:
-        return None
+    """{gate: SourceMaps} from drafter.json (None: an artifact from before the maps); ArtifactError if unreadable."""
     try:
-        maps = {n: SourceMaps.from_json(d) for n, d in pm["gates"].items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: drafter.json: unreadable precision_maps ({e})") from None
-    if meta["primary_gate"] not in maps:
-        raise ArtifactError(f"{path}: drafter.json: precision_maps lack the primary gate {meta['primary_gate']!r}")
-    return maps
+        return precision_maps_from_meta(meta, path)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
 
 
 HEADS = Format(FORMAT, "the heads drafter (train.py fit)", ("predictor", "gates", "primary_gate"), HeadsDrafter.load)

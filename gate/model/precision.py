@@ -131,6 +131,33 @@ class SourceMaps:
         return cls(gate, copy, int(d["max_n"]), int(d["extend"]))
 
 
+MAPS_METHOD = ("isotonic regression (sklearn, pool-adjacent-violators) of right/wrong on the raw score, each pooled "
+               "block's precision shrunk by Laplace's rule (k+1)/(n+2) and made non-decreasing again; the copy rule "
+               "per match-length bin and agreement with the gate's candidate (gate/model/precision.py)")
+
+
+def maps_meta(maps: dict, old: dict | None = None) -> dict:
+    """drafter.json's precision_maps entry (every format's): {gate: SourceMaps} as JSON, how they were fitted, on
+    what (kept from `old` unless given anew)."""
+    return {**(old or {}), "method": MAPS_METHOD, "gates": {n: m.to_json() for n, m in maps.items()}}
+
+
+def maps_from_meta(meta: dict, path="", primary: str | None = None) -> dict | None:
+    """{gate: SourceMaps} from drafter.json (None: an artifact from before the maps); the primary gate (default
+    drafter.json's primary_gate) must be among them. ValueError naming the file otherwise."""
+    pm = meta.get("precision_maps")
+    if not pm:
+        return None
+    try:
+        maps = {n: SourceMaps.from_json(d) for n, d in pm["gates"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: drafter.json: unreadable precision_maps ({e})") from None
+    primary = primary or meta.get("primary_gate")
+    if primary not in maps:
+        raise ValueError(f"{path}: drafter.json: precision_maps lack the primary gate {primary!r}")
+    return maps
+
+
 def combine_sources(token, score, copy_token, copy_len, scoring) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The drafter's proposal and its score from the gate's pick and the copy rule's: (token, score, copy used).
     `scoring`: SourceMaps (estimated precisions, the higher wins); an older artifact's per-length trust table
@@ -142,5 +169,5 @@ def combine_sources(token, score, copy_token, copy_len, scoring) -> tuple[np.nda
     return trust_copy(token, score, copy_token, copy_len, scoring)
 
 
-__all__ = ["PrecisionMap", "SourceMaps", "combine_sources", "copy_context", "length_bin", "CONTEXTS", "LENGTH_EDGES",
-           "COPY_EXTEND"]
+__all__ = ["PrecisionMap", "SourceMaps", "combine_sources", "maps_meta", "maps_from_meta", "MAPS_METHOD",
+           "copy_context", "length_bin", "CONTEXTS", "LENGTH_EDGES", "COPY_EXTEND"]

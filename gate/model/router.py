@@ -23,6 +23,7 @@ from gate.model.artifact import ArtifactError, Format, write_artifact
 from gate.model.base import Drafter
 from gate.model.copyrule import MAX_N, CopyIndex
 from gate.model.features import GATES
+from gate.model.precision import SourceMaps, combine_sources, maps_from_meta
 from runtimes.backend import LM, Backend
 from runtimes.info import ModelInfo, TokenizerMismatch
 
@@ -147,11 +148,13 @@ def load_router_parts(path, meta: dict, small_info) -> tuple[RouterFeatures, obj
 
 class RouterDrafter(Drafter):
     """The Drafter contract over the small model and a trained router: candidate = the small model's argmax,
-    score = the router's estimate that the big model agrees (the module docstring)."""
+    score = the router's probability that the big model agrees, through its precision map (`maps`: a SourceMaps
+    without a copy rule, gate/model/precision.py; an artifact from before the maps: the probability as it is)."""
 
     def __init__(self, features: RouterFeatures, gate, threshold: float, max_skip: int, small: Backend,
-                 small_layer: int, big_layer: int | None, copy_max_n: int = MAX_N, meta: dict | None = None):
-        self.features, self.gate = features, gate
+                 small_layer: int, big_layer: int | None, copy_max_n: int = MAX_N, meta: dict | None = None,
+                 maps: SourceMaps | None = None):
+        self.features, self.gate, self.maps = features, gate, maps
         self.threshold, self.max_skip = float(threshold), int(max_skip)
         self.hidden_layer = big_layer           # the big model's layer it reads (None: none)
         self.lm = LM(small, hidden_layer=small_layer)
@@ -173,7 +176,9 @@ class RouterDrafter(Drafter):
         big_h = None if hidden is None else torch.as_tensor(hidden).reshape(1, -1)
         X = self.features(topk_p, entropy_norm, self.lm.hidden.reshape(1, -1), [tok], [copy_tok], [copy_len],
                           [since_big], big_h)
-        score = float(self.gate.score(X).reshape(()))
+        raw = self.gate.score(X).reshape(1).numpy()
+        score = float(combine_sources(np.array([tok]), raw, np.array([copy_tok]), np.array([copy_len]),
+                                      self.maps)[1][0])
         return tok, (score if since_big < self.max_skip else 0.0)
 
     @classmethod
@@ -188,11 +193,20 @@ class RouterDrafter(Drafter):
         feats, gate = load_router_parts(path, meta, info)
         big_layer = meta["hidden_layer"] if meta["features"]["big_hidden"] else None
         return cls(feats, gate, meta["threshold"], meta["max_skip"], backend, meta["small_model"]["n_layers"],
-                   big_layer, meta.get("copy_max_n", MAX_N), meta)
+                   big_layer, meta.get("copy_max_n", MAX_N), meta, router_maps(meta, path))
+
+
+def router_maps(meta: dict, path="") -> SourceMaps | None:
+    """The primary gate's precision map of a router's drafter.json (None: an artifact from before the maps)."""
+    try:
+        maps = maps_from_meta(meta, path)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+    return None if maps is None else maps[meta.get("primary_gate")]
 
 
 ROUTER = Format(ROUTER_FORMAT, "a router for a big/small pair (train.py fit --drafter router)",
                 ("small_model", "gate", "features", "threshold"), RouterDrafter.load)
 
 __all__ = ["RouterFeatures", "Projection", "RouterDrafter", "ROUTER", "model_identity", "check_identity",
-           "save_router", "load_router_parts", "ROUTER_FORMAT", "small_stats"]
+           "save_router", "load_router_parts", "router_maps", "ROUTER_FORMAT", "small_stats"]

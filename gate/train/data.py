@@ -169,6 +169,21 @@ def select_part(data: SplitData, part: str | None, path) -> SplitData:
                      pick(data.p_max), pick(data.entropy_norm), data.books, data.split_rows(rows))
 
 
+def join_splits(parts: list[SplitData]) -> tuple[SplitData, np.ndarray]:
+    """Several records folders' splits as one (for the pairs of a drafter fitted on several): (joined, offsets),
+    row r of part i = row offsets[i] + r. Runs, books and the copy rule stay per part; hidden states and the
+    top-k fields are not joined (None). One part is returned as it is."""
+    offsets = np.cumsum([0] + [len(d) for d in parts[:-1]]).astype(np.int64)
+    if len(parts) == 1:
+        return parts[0], offsets
+    cat = lambda f: np.concatenate([np.asarray(getattr(d, f)) for d in parts])   # noqa: E731
+    n_books = np.cumsum([0] + [len(d.books) for d in parts[:-1]])
+    book = np.concatenate([np.asarray(d.book) + nb for d, nb in zip(parts, n_books)])
+    run_start = np.concatenate([np.asarray(d.run_start) + off for d, off in zip(parts, offsets)])
+    return SplitData(parts[0].name, cat("tokens"), cat("argmax"), cat("target"), book, cat("pos"), None, run_start,
+                     None, None, None, None, [b for d in parts for b in d.books]), offsets
+
+
 # ------------------------------------------------------------------------------------------------ pairs
 def chunk_folds(n: int, seed: int, frac: float, chunk: int = 512) -> np.ndarray:
     """Boolean [n]: True for rows in the held-out fraction of chunks (seeded shuffle)."""
@@ -264,7 +279,8 @@ def apply_scoring(o: dict, data: SplitData, scoring, tables: dict) -> dict:
         if sc is None:
             continue
         tok, score, used = combine_sources(sel["token"], sel["score"], cp["token"], cp["len"], sc)
-        sel.update(token=tok, score=score, correct=tok == am, cls=np.where(used, cp["cls"], sel["cls"]),
+        cls = sel.get("cls") if cp["cls"] is None else np.where(used, cp["cls"], sel["cls"])
+        sel.update(token=tok, score=score, correct=tok == am, cls=cls,
                    slot=np.where(used, -1, sel["slot"]), copy_used=used)
     return o
 
@@ -312,7 +328,7 @@ def certify_pairs(o: dict, data: SplitData, tables: dict, max_n: int, target: fl
     n_gates = len(o["sel"])
     calib = {n: ltt_calibrate(sc, ok, target, delta / (n_gates if n in o["sel"] else 1))
              for n, (sc, ok) in scored.items()}
-    oracle = (o["correct"].any(1) | cp["correct"])[lt]
+    oracle = (o["correct"].any(1) | (cp["correct"] if max_n > 0 else False))[lt]   # max_n 0: no copy proposals
     return {"maps": maps, "calibration": calib, "scored": scored, "ltt_part": lt, "pairs": o,
             "oracle": float(oracle.mean()) if len(oracle) else 0.0}
 

@@ -3,9 +3,10 @@ one or more records folders of one big model.
 
     fit_eagle(sources, big, out, cfg, force, log) -> out
 
-Train splits: 85% of chunks train the head, 15% the gate over its drafts; validation: the Learn-then-Test
-threshold; test: untouched. The head is a resumable stage (a checkpoint per epoch) under OUT/stages/; the gate
-and calibration are recomputed. docs/training.md: data use and pairs.
+Train splits: 85% of chunks train the head, 15% the gate over its drafts; validation: the precision maps (a
+part) and the Learn-then-Test threshold (the rest; certify_eagle, also train.py calibrate's); test: untouched.
+The head is a resumable stage (a checkpoint per epoch) under OUT/stages/; the gate and calibration are
+recomputed. docs/training.md: data use and pairs.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import numpy as np
 import torch
 
 from common.files import atomic_path
-from gate.model.copyrule import COPY_SPAN, MAX_N, trust_copy, trusted_table
+from gate.model.copyrule import COPY_SPAN, MAX_N
 from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab
 from gate.model.features import LogisticGate, pick_candidate
 from gate.model.heads import HiddenNorm
-from gate.train.calibration import coverage_at_precision, ltt_calibrate
+from gate.model.precision import COPY_EXTEND, SourceMaps, combine_sources
+from gate.train.calibration import coverage_at_precision
 from gate.train.config import FitConfig
-from gate.train.data import FitError, SplitData, chunk_folds, load_split
+from gate.train.data import FitError, SplitData, certify_pairs, chunk_folds, join_splits, load_split
 from gate.train.eagle import run_levels, train_feature_head
 from gate.train.stages import StageCache, stage_key
 from runtimes.info import TokenizerMismatch
@@ -100,7 +102,8 @@ def drafts_on(head: FeatureHead, parts: list[SplitData], rows: list[np.ndarray] 
     """The head's pairs on some rows of each part, with both candidates' gate features and labels."""
     outs = []
     for i, d in enumerate(parts):
-        cand, length = d.copy_rule(MAX_N)
+        cand, extended = d.copy_rule(MAX_N, COPY_EXTEND)     # the gate reads lengths up to MAX_N, the maps all
+        length = np.minimum(extended, MAX_N)
         o = run_levels(head, d, cfg.eagle_depth, rows=None if rows is None else rows[i], desc=desc,
                        other=cand)
         if "t" not in o:
@@ -109,7 +112,8 @@ def drafts_on(head: FeatureHead, parts: list[SplitData], rows: list[np.ndarray] 
         f = candidate_features(o["token"], o["p1"], o["p2"], o["entropy"], o["p_other"], cand[t], length[t], o["s"],
                                d.tokens[t], tables, cfg.eagle_depth)
         f.update(t=t, s=o["s"], part=np.full(len(t), i), head_token=o["token"], p1=o["p1"],
-                 entropy=o["entropy"], copy_len=length[t].astype(np.int64), copy_tok=cand[t])
+                 entropy=o["entropy"], copy_len=length[t].astype(np.int64), copy_tok=cand[t],
+                 copy_len_ext=extended[t].astype(np.int64))
         f["correct"] = (f["cands"] == d.argmax[t][:, None]) & f["valid"]
         f["argmax"] = d.argmax[t]
         outs.append(f)
@@ -125,21 +129,34 @@ def fit_gate(o: dict, cfg: FitConfig) -> LogisticGate:
     return LogisticGate().fit(X, y.astype(np.int64), seed=cfg.seed)
 
 
-def copy_table(o: dict, cfg: FitConfig) -> np.ndarray:
-    """The copy rule's trust per match length on the gate pairs (each position once: s = 1)."""
-    one = o["s"] == 1
-    return trusted_table(o["copy_len"][one], (o["copy_tok"] == o["argmax"])[one], MAX_N, cfg.delta,
-                         cfg.target_precision)
-
-
-def score_pairs(gate, o: dict, table: np.ndarray | None) -> dict:
-    """The drafter's pick on every pair: the gate's best candidate, or the copy rule's where it is trusted more
-    (gate.model.copyrule.trust_copy, as EagleDrafter.propose does)."""
+def gate_pick(gate, o: dict) -> dict:
+    """The gate's best candidate on every pair: slot, token, score, correct, cls (before the copy rule's)."""
     sc = gate.score(o["X"].reshape(-1, o["X"].shape[-1])).reshape(o["X"].shape[:2])
     slot, tok, best = pick_candidate(sc, {"valid": o["valid"], "cands": o["cands"]})
-    if table is not None:
-        tok, best, _ = trust_copy(tok, best, o["copy_tok"], o["copy_len"], table)
-    return {"token": tok, "score": best, "correct": tok == o["argmax"]}
+    idx = np.arange(len(slot))
+    return {"slot": slot, "token": tok, "score": best, "correct": tok == o["argmax"], "cls": o["cls"][idx, slot]}
+
+
+def score_pairs(gate, o: dict, scoring) -> dict:
+    """The drafter's pick on every pair, as EagleDrafter.propose makes it: the gate's best candidate combined with
+    the copy rule's (gate.model.precision.combine_sources; `scoring`: the drafter's `scoring`)."""
+    sel = gate_pick(gate, o)
+    if scoring is not None:
+        n = o["copy_len_ext"] if isinstance(scoring, SourceMaps) else o["copy_len"]
+        tok, best, used = combine_sources(sel["token"], sel["score"], o["copy_tok"], n, scoring)
+        sel.update(token=tok, score=best, correct=tok == o["argmax"], copy_used=used)
+    return sel
+
+
+def certify_eagle(gate, o: dict, parts: list[SplitData], tables: dict, target: float, delta: float,
+                  map_frac: float, seed: int) -> dict:
+    """The one calibration of fit and calibrate (gate.train.data.certify_pairs) on the pairs o of drafts_on over
+    `parts`: maps fitted on a part of them, the threshold certified on the rest; the combined picks in
+    cert["pairs"]["sel"][EagleDrafter.GATE]."""
+    joined, offsets = join_splits(parts)
+    pairs = {"t": o["t"] + offsets[o["part"]], "correct": o["correct"],
+             "sel": {EagleDrafter.GATE: gate_pick(gate, o)}}
+    return certify_pairs(pairs, joined, tables, MAX_N, target, delta, map_frac, seed, baselines=False)
 
 
 def summarize(o: dict, sel: dict, target: float) -> dict:
@@ -197,10 +214,9 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
     head, hmeta = stage_head(cache, big, train, head_rows, data_id, cfg, log)
     gate_pairs = drafts_on(head, train, gate_rows, cfg, big.tables, "gate pairs")
     gate = fit_gate(gate_pairs, cfg)
-    table = copy_table(gate_pairs, cfg)
     val_pairs = drafts_on(head, val, None, cfg, big.tables, "calibration pairs")
-    sel = score_pairs(gate, val_pairs, table)
-    cal = ltt_calibrate(sel["score"], sel["correct"], cfg.target_precision, cfg.delta)
+    cert = certify_eagle(gate, val_pairs, val, big.tables, cfg.target_precision, cfg.delta, cfg.map_frac, cfg.seed)
+    sel, cal = cert["pairs"]["sel"][EagleDrafter.GATE], cert["calibration"][EagleDrafter.GATE]
     metrics = summarize(val_pairs, sel, cfg.target_precision)
     cover = {k: float(np.isin(d.argmax, head.draft_ids.numpy()).mean()) for k, d in (("train", train[0]),
                                                                                      ("val", val[0]))}
@@ -209,16 +225,22 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
         f"{agree.get('non_copy') or float('nan'):.1%}); calibrated threshold "
         f"{cal['threshold']:.4g}, coverage {cal['coverage']:.1%}; draft vocabulary covers "
         f"{cover['val']:.1%} of the big model's greedy tokens")
+    lt = cert["ltt_part"]
     counts = {"head_positions": int(sum(map(len, head_rows))), "gate_pairs": int(len(gate_pairs["t"])),
-              "calibration_pairs": int(len(val_pairs["t"]))}
+              "calibration_pairs": int(len(val_pairs["t"])), "map_pairs": int((~lt).sum()),
+              "ltt_pairs": int(lt.sum()), "train_split": sources[0].split_train,
+              "train_books": sorted({b for d in train for b in d.books})}
     meta = eagle_meta(sources, big, cfg, head, counts, cal, metrics, cover,
                       {"head": hmeta, "fit_total_s": round(time.time() - t_start, 1)})
+    meta["precision_maps"] = {"fitted_on": {"records": [str(s.path.resolve()) for s in sources],
+                                            "split": sources[0].split_val, "pairs": int((~lt).sum()),
+                                            "map_frac": cfg.map_frac, "by": "train.py fit"}}
     # the head drafts at most eagle_depth steps per big pass; up to max_skip - 1 when the copy rule is trusted
     max_skip = max(cfg.max_skip, cfg.eagle_depth + 1)
-    EagleDrafter(head, gate, cal["threshold"], max_skip, sources[0].layer, big.tables, table, cfg.eagle_depth,
-                 meta).save(out)
+    EagleDrafter(head, gate, cal["threshold"], max_skip, sources[0].layer, big.tables, None, cfg.eagle_depth,
+                 meta, cert["maps"][EagleDrafter.GATE]).save(out)
     log(f"[fit] saved {out} ({time.time() - t_start:.0f}s)")
     return out
 
 
-__all__ = ["fit_eagle", "drafts_on", "score_pairs", "summarize"]
+__all__ = ["fit_eagle", "drafts_on", "gate_pick", "score_pairs", "certify_eagle", "summarize"]

@@ -4,9 +4,10 @@ both models (`train.py record --model BIG --model SMALL`).
     fit_router(paths, out, cfg, big_name, log) -> out
 
 Label at t: the small model's argmax equals the big model's. Several records folders of one pair pool their
-splits: train -> projections and three gates; validation -> Learn-then-Test threshold (the largest certified
-coverage wins); test -> the metrics in drafter.json (split_metrics, which bench/pair.py reuses). Not staged: a
-re-run refits. Too little data or one class is refused (check_labels). docs/training.md: data use and why.
+splits: train -> projections and three gates; validation -> a precision map of each gate's probability and its
+Learn-then-Test threshold (certify_router, also train.py calibrate's; the largest certified coverage wins);
+test -> the metrics in drafter.json (split_metrics, which bench/pair.py reuses). Not staged: a re-run refits.
+Too little data or one class is refused (check_labels). docs/training.md: data use and why.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import torch
 from corpus_tools.inventory import OTHER_KIND, token_table
 from gate.model.copyrule import MAX_N, is_copy_position
 from gate.model.features import NEVER, LogisticGate, MLPGate
+from gate.model.precision import combine_sources, maps_meta
 from gate.model.router import Projection, RouterFeatures, model_identity, save_router
-from gate.train.calibration import coverage_at_precision, ltt_calibrate
+from gate.train.calibration import coverage_at_precision
 from gate.train.config import FitConfig
-from gate.train.data import FitError, SplitData, find_split, load_split, open_records_checked
+from gate.train.data import (FitError, SplitData, certify_pairs, find_split, join_splits, load_split,
+                             open_records_checked)
 from gate.train.pca import pca_fit
 from runtimes.loading import input_embedding, load_tokenizer
 
@@ -99,14 +102,17 @@ def features_of(feats: RouterFeatures, d: PairSplit, rows: np.ndarray, s: np.nda
     return torch.cat(out)
 
 
-def routed(feats, gate, d: PairSplit, rows, s) -> tuple[np.ndarray, np.ndarray]:
-    """(score, correct) at rows: the router's score on the small argmax; correct = it is the big model's argmax.
+def routed(feats, gate, d: PairSplit, rows, s, maps=None) -> tuple[np.ndarray, np.ndarray]:
+    """(score, correct) at rows: the router's score on the small argmax (through its precision map `maps`, as
+    RouterDrafter.propose scores it; None: the raw probability); correct = it is the big model's argmax.
 
     The copy rule enters as features only. Proposing the copy token wherever its match length was trusted on the
     training text (as the single-model drafters do) cost the router everything at 99% precision on the held-out
     genres: their 12-token matches (boilerplate) continue differently often enough to put errors at the top."""
     score = gate.score(features_of(feats, d, rows, s)).numpy()
-    return score, d.small.argmax[rows] == d.big.argmax[rows]
+    cand = d.small.argmax[rows]
+    score = combine_sources(cand, score, d.copy_tok[rows], d.copy_len[rows], maps)[1]
+    return score, cand == d.big.argmax[rows]
 
 
 # ------------------------------------------------------------------------------------------------ fitting
@@ -158,27 +164,37 @@ def fit_gates(X: torch.Tensor, y: np.ndarray, names: list[str], cfg: FitConfig) 
             "logreg_confidence": LogisticGate().fit(conf, y, seed=cfg.seed)}
 
 
-def routed_parts(feats, gate, parts: list[tuple[PairSplit, np.ndarray, np.ndarray]]):
-    """routed() over several (data, rows, s) parts, concatenated."""
-    out = [routed(feats, gate, d, rows, s) for d, rows, s in parts]
-    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
-
-
-def calibrate(gates: dict, feats, val: list, cfg: FitConfig, log) -> tuple[str, dict]:
-    """Learn-then-Test on the validation parts for each gate at delta / len(gates); the largest certified
-    coverage wins (by coverage at the target precision when none certifies)."""
-    cals = {}
+def certify_router(feats, gates: dict, parts: list, target: float, delta: float, map_frac: float,
+                   seed: int) -> dict:
+    """The one calibration of fit and calibrate (gate.train.data.certify_pairs) of each gate on the (data, rows, s)
+    parts: a precision map of its probability fitted on a part of the pairs (no copy rule: it enters as features
+    only, see `routed`), a Learn-then-Test threshold at delta / len(gates) on the rest, and each gate's coverage
+    at the target precision there (`coverage_at_target`)."""
+    joined, offsets = join_splits([d.big for d, _, _ in parts])
+    t = np.concatenate([rows + off for (_, rows, _), off in zip(parts, offsets)])
+    cand = np.concatenate([d.small.argmax[rows] for d, rows, _ in parts])
+    sel = {}
     for name, gate in gates.items():
-        score, correct = routed_parts(feats, gate, val)
-        cal = ltt_calibrate(score, correct, cfg.target_precision, cfg.delta / len(gates))
-        cal["coverage_at_target"] = coverage_at_precision(score, correct, (cfg.target_precision,))[
-            cfg.target_precision]
-        cals[name] = cal
+        score, correct = (np.concatenate(x) for x in zip(*(routed(feats, gate, d, r, s) for d, r, s in parts)))
+        sel[name] = {"score": score, "token": cand, "correct": correct, "slot": np.zeros(len(t), np.int64)}
+    pairs = {"t": t, "correct": sel[next(iter(gates))]["correct"][:, None], "sel": sel}
+    cert = certify_pairs(pairs, joined, None, 0, target, delta, map_frac, seed, baselines=False)
+    for name, (score, correct) in cert["scored"].items():
+        cert["calibration"][name]["coverage_at_target"] = coverage_at_precision(score, correct, (target,))[target]
+    return cert
+
+
+def calibrate(gates: dict, feats, val: list, cfg: FitConfig, log) -> tuple[str, dict, dict]:
+    """certify_router on the validation parts; the largest certified coverage wins (by coverage at the target
+    precision when none certifies). Returns (its name, its calibration, the certification)."""
+    cert = certify_router(feats, gates, val, cfg.target_precision, cfg.delta, cfg.map_frac, cfg.seed)
+    cals = cert["calibration"]
+    for name, cal in cals.items():
         log(f"[router] {name}: validation coverage at {cfg.target_precision:.0%} precision "
             f"{cal['coverage_at_target']:.1%}; certified {cal['certified']} (threshold {cal['threshold']:.4f}, "
             f"coverage {cal['coverage']:.1%})")
     best = max(cals, key=lambda n: (cals[n]["certified"], cals[n]["coverage"], cals[n]["coverage_at_target"]))
-    return best, cals[best]
+    return best, cals[best], cert
 
 
 def split_metrics(d: PairSplit, score: np.ndarray, correct: np.ndarray, rows: np.ndarray, threshold: float,
@@ -256,19 +272,26 @@ def fit_router(paths, out, cfg: FitConfig, big_name: str | None, log) -> Path:
     feats = fit_features(tr, small, cfg, log)
     X = torch.cat([features_of(feats, d, rows, s) for _, d, rows, s in train])
     gates = fit_gates(X, y, feats.names(), cfg)
-    primary, cal = calibrate(gates, feats, [p[1:] for p in val], cfg, log)
+    primary, cal, cert = calibrate(gates, feats, [p[1:] for p in val], cfg, log)
+    maps = cert["maps"][primary]
     metrics = {}
     for kind, parts in (("validation", val), ("test", load_parts(paths, "test", big_name, cfg, cfg.seed + 200)[0])):
         for path, d, rows, s in parts:
-            metrics[f"{kind}:{path}"] = split_metrics(d, *routed(feats, gates[primary], d, rows, s), rows,
+            metrics[f"{kind}:{path}"] = split_metrics(d, *routed(feats, gates[primary], d, rows, s, maps), rows,
                                                       cal["threshold"], cfg.target_precision)
+    lt = cert["ltt_part"]
     meta = {"big_model": model_identity(big), "small_model": model_identity(small),
             "hidden_layer": int(big["n_layers"]),
             "max_skip": int(cfg.max_skip if cfg.router_big_hidden else cfg.router_max_skip),
             "threshold": float(cal["threshold"]), "calibration": cal, "primary_gate": primary,
             "copy_max_n": cfg.copy_max_n or MAX_N, "metrics": metrics,
             "settings": cfg.as_dict(), "records": [str(p) for p in paths],
-            "positions": {"train": n_tr, "validation": n_va}}
+            "positions": {"train": n_tr, "validation": n_va},
+            "training_data": {"records": [str(p.resolve()) for p in paths], "train_split": "train",
+                              "train_books": sorted({b for d in tr for b in d.big.books})},
+            "precision_maps": maps_meta({primary: maps}, {"fitted_on": {
+                "records": [str(p.resolve()) for p in paths], "split": "validation", "pairs": int((~lt).sum()),
+                "ltt_pairs": int(lt.sum()), "map_frac": cfg.map_frac, "by": "train.py fit"}})}
     save_router(out, feats, gates[primary], meta)
     log(f"[router] saved {out} ({time.time() - t0:.0f}s): threshold {cal['threshold']:.4f}; " + "; ".join(
         f"{k}: {m['all']['router']:.1%} at {cfg.target_precision:.0%} precision (oracle {m['all']['oracle']:.1%})"
