@@ -51,7 +51,7 @@ def heads_pairs(inp, t, s) -> dict:
 
 def eagle_pairs(dr, te, cfg) -> dict:
     o = drafts_on(dr.head, [te], None, cfg, dr.tables, "feature head")
-    sel = score_pairs(dr.gate, o, dr.copy_trust)
+    sel = score_pairs(dr.gate, o, dr.scoring)
     return {"t": o["t"], "s": o["s"], "head_token": o["head_token"], "token": sel["token"], "score": sel["score"],
             "correct": sel["correct"], "any_right": o["correct"].any(1), "copy_len": o["copy_len"],
             "copy_tok": o["copy_tok"], "threshold": dr.threshold}

@@ -42,7 +42,7 @@ from gate.decode.drafters import load_gate  # noqa: E402
 from gate.decode.policies import BigOnly, Cascade, Copy, Entropy, Gate, Ratio  # noqa: E402
 from gate.decode.session import held_out_prompts  # noqa: E402
 from gate.model.load import read_meta  # noqa: E402
-from gate.model.router import check_identity, load_router_parts  # noqa: E402
+from gate.model.router import check_identity, load_router_parts, router_maps  # noqa: E402
 from gate.train.fit_router import load_pair, pair_entries, routed, since_big, split_metrics  # noqa: E402
 from runtimes.open import open_models  # noqa: E402
 
@@ -61,7 +61,7 @@ def coverage_of(router: str, name: str, spec: str, target: float) -> dict:
     split = split or ("test" if "test" in rec.splits else rec.splits[0])
     d = load_pair(rec, path, split, big, small)
     rows, s = since_big(d, meta["max_skip"], 7, meta["features"]["big_hidden"])
-    score, correct = routed(feats, gate, d, rows, s)
+    score, correct = routed(feats, gate, d, rows, s, maps=router_maps(meta, router))   # the threshold's scale
     out = split_metrics(d, score, correct, rows, meta["threshold"], target)
     return {"name": name, "records": path, "split": split, **out}
 

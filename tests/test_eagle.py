@@ -2,7 +2,6 @@
 its loss and resumes; the artifact refuses another model; decoding with it is lossless."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -264,8 +263,9 @@ def test_eagle_scores_through_precision_maps_and_calibrate_rewrites_only_them(ti
     """Issue 19: the feature head's gate and the copy rule on one score scale (maps in drafter.json, monotone and
     bounded); train.py calibrate refits maps and threshold, its tensors byte for byte, refusing its training
     books; an artifact from before the maps (a copy trust table) proposes as it did until calibrated."""
-    from gate.model.load import load_drafter
     from test_precision_maps import calibrate_cli, check_maps, files_sha, make_old
+
+    from gate.model.load import load_drafter
 
     _, records, out, _ = tiny_eagle
     dr = load_drafter(out, None)

@@ -25,8 +25,16 @@ from runtimes.hf import HFBackend
 from runtimes.info import TokenizerMismatch
 from runtimes.loading import load
 
-from helpers import (SPLIT_REC, book_text, call_main, make_tiny_llama, make_tiny_tokenizer, save_model,
-                     split_records, write_corpus)
+from helpers import (
+    SPLIT_REC,
+    book_text,
+    call_main,
+    make_tiny_llama,
+    make_tiny_tokenizer,
+    save_model,
+    split_records,
+    write_corpus,
+)
 
 TINY_REC = SPLIT_REC
 # min_steps 50, not the default 300: these tests check artifacts, resumption and refusals, not what the heads

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_copyrule import brute_force
 
 from gate.model.copyrule import CopyIndex, copy_rule
 from gate.model.precision import LENGTH_EDGES, PrecisionMap, SourceMaps, combine_sources, length_bin
 from gate.train.data import certify_pairs, map_part
-
-from test_copyrule import brute_force
 
 
 def test_maps_are_monotone_and_bounded_whatever_the_data():
@@ -152,6 +151,7 @@ def files_sha(folder) -> dict:
 
 def calibrate_cli(records, gate, out, *extra):
     import train
+
     from helpers import call_main
 
     return call_main(train.main, ["calibrate", "--records", records, "--gate", gate, "--out", out,

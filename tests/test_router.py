@@ -21,8 +21,7 @@ from gate.train.fit_router import features_of, load_pair, pair_entries
 from runtimes.hf import HFBackend
 from runtimes.open import open_models
 
-from helpers import (PROMPTS, SPLIT_REC, book_text, call_main, greedy, lively, make_tiny_llama, save_model,
-                     write_corpus)
+from helpers import PROMPTS, SPLIT_REC, book_text, call_main, greedy, lively, make_tiny_llama, save_model, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]

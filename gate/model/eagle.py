@@ -285,11 +285,6 @@ class EagleDrafter(Drafter):
         """What gate.model.precision.combine_sources takes: the SourceMaps, an older artifact's table, or None."""
         return self.maps if self.maps is not None else self.table
 
-    @property
-    def copy_trust(self):
-        """The same as `scoring` (the name bench/eagle.py reads: score_pairs(gate, pairs, dr.copy_trust))."""
-        return self.scoring
-
     def start(self) -> None:
         self.cache.reset()
         self.copies.reset()

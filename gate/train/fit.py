@@ -30,7 +30,7 @@ from gate.model.heads import FutureHeads, HiddenNorm, NgramTable, WordHead, cont
 from gate.model.heads_drafter import FORMAT, HeadsDrafter, Predictor
 from gate.model.load import kind_of, read_meta
 from gate.model.router import ROUTER_FORMAT
-from gate.train.calibration import coverage_at_precision, ltt_calibrate
+from gate.train.calibration import coverage_at_precision
 from gate.train.config import FitConfig, add_arguments, options_from_args
 from gate.train.data import (
     FitError,

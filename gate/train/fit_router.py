@@ -25,8 +25,15 @@ from gate.model.precision import combine_sources, maps_meta
 from gate.model.router import Projection, RouterFeatures, model_identity, save_router
 from gate.train.calibration import coverage_at_precision
 from gate.train.config import FitConfig
-from gate.train.data import (FitError, SplitData, certify_pairs, find_split, join_splits, load_split,
-                             open_records_checked)
+from gate.train.data import (
+    FitError,
+    SplitData,
+    certify_pairs,
+    find_split,
+    join_splits,
+    load_split,
+    open_records_checked,
+)
 from gate.train.pca import pca_fit
 from runtimes.loading import input_embedding, load_tokenizer
 

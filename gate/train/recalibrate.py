@@ -34,8 +34,16 @@ from gate.model.precision import maps_meta
 from gate.model.router import ROUTER_FORMAT, ROUTER_TENSORS, check_identity, load_router_parts, router_maps
 from gate.train.calibration import format_threshold
 from gate.train.config import FitConfig
-from gate.train.data import (FitError, certify_pairs, find_split, load_split, open_records_checked, predict_pairs,
-                             select_part, subsample_pairs)
+from gate.train.data import (
+    FitError,
+    certify_pairs,
+    find_split,
+    load_split,
+    open_records_checked,
+    predict_pairs,
+    select_part,
+    subsample_pairs,
+)
 from gate.train.evaluate import check_records_vs_gate, open_inputs
 from gate.train.fit_eagle import certify_eagle, drafts_on
 from gate.train.fit_router import PairSplit, certify_router, load_pair, pair_entries, since_big
