@@ -212,12 +212,12 @@ def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
         return out
     drafter = load_gate(rt, args.gate)
     for t in [float(x) for x in args.sweep.split(",") if x]:
-        out[f"gate@{t:g}"] = loop_method(rt, Gate(drafter, t), **samp)
+        out[f"gate@{t:.10g}"] = loop_method(rt, Gate(drafter, t), **samp)
     if samp["temperature"] <= 0:   # infer.py's lossy default: the audit raises the bar when skips go wrong
         target = calibrated_target(drafter.meta) or DEFAULT_TARGET
         out["gate_audit"] = loop_method(rt, Gate(drafter), audit=Audit(target), **samp)
     for t in [float(x) for x in args.verify_sweep.split(",") if x]:
-        out[f"gate_verify@{t:g}"] = loop_method(rt, Gate(drafter, t), verify=True, **samp)
+        out[f"gate_verify@{t:.10g}"] = loop_method(rt, Gate(drafter, t), verify=True, **samp)
     a, b = (float(x) for x in args.dial.split(":"))
     out["gate_dial"] = loop_method(rt, Gate(drafter, a), verify=True, verify_below=b, **samp)
     notes.append(gate_note(args, drafter, a, b))

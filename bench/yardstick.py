@@ -29,10 +29,13 @@ LEVEL = "0.99"
 PY = sys.executable
 
 
-def run(cmd: list[str], log: list[str]) -> None:
-    """Run one train.py command from the repo root; stop the benchmark if it fails."""
+def run(cmd: list[str], log: list[str], skip: bool = False) -> None:
+    """Run one train.py command from the repo root; stop the benchmark if it fails. skip: its output is there
+    already (a resumed run): only listed, as the command that made it."""
     line = " ".join(shlex.quote(c) for c in cmd)
-    log.append(line)
+    log.append(line + ("  # output there already: reused" if skip else ""))
+    if skip:
+        return
     print(f"[yardstick] {line}", file=sys.stderr, flush=True)
     if subprocess.run([PY, *cmd], cwd=ROOT).returncode != 0:
         sys.exit(f"[yardstick] failed: {line}")
@@ -45,25 +48,21 @@ def done(path: Path) -> bool:
 
 def prepare_genre(epub: Path, run_dir: Path, args, log) -> None:
     corpus, selfgen = run_dir / "corpus", run_dir / "selfgen"
-    if not done(corpus):
-        # every book id has a '-' (title slug, '-', hash): the pin puts the genre's book into the test split
-        run(["train.py", "corpus", "--epubs", str(epub), "--out", str(corpus), "--pin", "test=-", "--quiet"], log)
-    if not done(selfgen) or not done(run_dir / "selfgen_records"):
-        run(["train.py", "selfgen", "--model", args.model, "--corpus", str(corpus), "--out", str(selfgen),
-             "--splits", "test",
-             "--per-book", str(args.per_book), "--no-progress"], log)
-        run(["train.py", "record", "--model", args.model, "--corpus", str(selfgen),
-             "--out", str(run_dir / "selfgen_records")], log)
-    if not done(run_dir / "records"):
-        run(["train.py", "record", "--model", args.model, "--corpus", str(corpus), "--out", str(run_dir / "records"),
-             "--max-tokens-per-book", str(args.book_tokens)], log)
+    # every book id has a '-' (title slug, '-', hash): the pin puts the genre's book into the test split
+    run(["train.py", "corpus", "--epubs", str(epub), "--out", str(corpus), "--pin", "test=-", "--quiet"], log,
+        skip=done(corpus))
+    have = done(selfgen) and done(run_dir / "selfgen_records")
+    run(["train.py", "selfgen", "--model", args.model, "--corpus", str(corpus), "--out", str(selfgen),
+         "--splits", "test", "--per-book", str(args.per_book), "--no-progress"], log, skip=have)
+    run(["train.py", "record", "--model", args.model, "--corpus", str(selfgen),
+         "--out", str(run_dir / "selfgen_records")], log, skip=have)
+    run(["train.py", "record", "--model", args.model, "--corpus", str(corpus), "--out", str(run_dir / "records"),
+         "--max-tokens-per-book", str(args.book_tokens)], log, skip=done(run_dir / "records"))
 
 
 def evaluate(records: Path, gate: Path, out: Path, log, part: str | None = None, force: bool = False) -> dict:
-    if not done(out) or force:
-        cmd = ["train.py", "evaluate", "--records", str(records), "--gate", str(gate), "--out", str(out),
-               "--no-probes"]
-        run(cmd + (["--part", part] if part else []), log)
+    cmd = ["train.py", "evaluate", "--records", str(records), "--gate", str(gate), "--out", str(out), "--no-probes"]
+    run(cmd + (["--part", part] if part else []), log, skip=done(out) and not force)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -90,7 +89,8 @@ def pct(x) -> str:
 
 def markdown(rows: list[dict], recal: list[dict], log: list[str], argv: list[str], seconds: float) -> str:
     out = ["# Yardstick: learned gate vs copy rule vs oracle", "",
-           f"Command: `python bench/yardstick.py {' '.join(argv)}` ({seconds / 60:.1f} min).", "",
+           f"Command: `python bench/yardstick.py {' '.join(argv)}` ({seconds / 60:.1f} min; steps whose output was "
+           "there are listed below as reused).", "",
            "Coverage = share of (position, distance since the big pass) pairs skipped at 99% precision (the "
            "threshold of each method chosen on the pairs themselves: a comparison of rankings). Copy positions: "
            "the 4 tokens before the position occurred earlier in its context. `copy` is the copy rule (prompt "
@@ -107,11 +107,14 @@ def markdown(rows: list[dict], recal: list[dict], log: list[str], argv: list[str
                    f"{pct(r['calibrated_coverage'])} / {pct(r['calibrated_precision'])} |")
     if recal:
         out += ["", "Recalibration on a genre (`train.py calibrate` on half of its continuations, evaluated on the "
-                "other half):", "", "| genre | before: coverage / precision | after: coverage / precision | "
-                "target |", "|---|---|---|---|"]
+                "other half; oracle: its coverage at 99% precision on that half; target: precision >= 99% at >= 50% "
+                "of the oracle):", "", "| genre | before: coverage / precision | after: coverage / precision | "
+                "oracle | after / oracle |", "|---|---|---|---|---|"]
         for r in recal:
+            share = r["after_coverage"] / r["oracle"] if r.get("oracle") and r["after_coverage"] is not None else None
             out.append(f"| {r['data']} | {pct(r['before_coverage'])} / {pct(r['before_precision'])} | "
-                       f"{pct(r['after_coverage'])} / {pct(r['after_precision'])} | {pct(r['target'])} |")
+                       f"{pct(r['after_coverage'])} / {pct(r['after_precision'])} | {pct(r.get('oracle'))} | "
+                       f"{'-' if share is None else f'{share:.2f}'} |")
     out += ["", "Commands run:", ""] + [f"    python {c}" for c in log]
     return "\n".join(out) + "\n"
 
@@ -119,14 +122,13 @@ def markdown(rows: list[dict], recal: list[dict], log: list[str], argv: list[str
 def recalibrate(name: str, run_dir: Path, gate: Path, log, force: bool) -> dict:
     records, g2 = run_dir / "selfgen_records", run_dir / "gate_recalibrated"
     before = evaluate(records, gate, run_dir / "eval_part2", log, part="2/2", force=force)
-    if not (g2 / "drafter.json").is_file() or force:
-        run(["train.py", "calibrate", "--records", str(records), "--gate", str(gate), "--out", str(g2),
-             "--split", "test", "--part", "1/2"], log)
+    run(["train.py", "calibrate", "--records", str(records), "--gate", str(gate), "--out", str(g2),
+         "--split", "test", "--part", "1/2"], log, skip=(g2 / "drafter.json").is_file() and not force)
     after = evaluate(records, g2, run_dir / "eval_part2_recalibrated", log, part="2/2", force=force)
     b, a = row(name, before), row(name, after)
     return {"data": name, "before_coverage": b["calibrated_coverage"], "before_precision": b["calibrated_precision"],
             "after_coverage": a["calibrated_coverage"], "after_precision": a["calibrated_precision"],
-            "target": a["target_precision"]}
+            "oracle": a["oracle"], "target": a["target_precision"]}
 
 
 def main(argv=None) -> int:
