@@ -17,6 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from bench.quiet import Quiet
 from common.files import write_json, write_text
 from gate.decode.audit import Audit
 from gate.decode.cli import build_parser, settle_args
@@ -63,8 +64,10 @@ def main(argv=None) -> int:
     ap.add_argument("-m", "--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/audit_cost", help="output path without extension")
+    ap.add_argument("--force", action="store_true", help="run even on a busy machine (marked in the result)")
     add_runtime_args(ap)
     own = ap.parse_args(argv)
+    quiet = Quiet.check(own.force, "bench/audit_cost.py")
     infer = ["-", "--policy", "gate", "--gate", own.gate, "--model", own.model, "--dtype", own.dtype,
              "--backend", own.backend, "-m", str(own.max_new_tokens)] + (["--threads", str(own.threads)]
                                                                           if own.threads else [])
@@ -88,9 +91,11 @@ def main(argv=None) -> int:
                              **{v: {k: x for k, x in out[v].items() if k != "ids"} for v in VARIANTS}))
     med = {v: statistics.median(w) * 1000 for v, w in walls.items()}
     summary = dict(ms_per_token=med, count_over_off=med["count"] / med["off"], on_over_off=med["on"] / med["off"],
-                   same_text_count=sum(r["same_text_count"] for r in rows), runs=len(rows),
+                   same_text_count=sum(r["same_text_count"] for r in rows), runs=len(rows), load=quiet.to_dict(),
+                   backend=type(rt.big).__name__,
                    command="python bench/audit_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     md = "\n".join(["# The audit's cost", "", f"Command: `{summary['command']}`", "",
+                    f"{quiet.note()}; backend {summary['backend']}.", "",
                     "| variant | ms / token (median) | vs off |", "|---|---|---|"]
                    + [f"| {v} | {med[v]:.2f} | {med[v] / med['off']:.3f} |" for v in VARIANTS]
                    + ["", f"count gave off's text in {summary['same_text_count']} of {len(rows)} runs."]) + "\n"
