@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
-from gate.decode.audit import DEFAULT_TARGET, Audit, calibrated_target  # noqa: E402
+from gate.decode.audit import DEFAULT_TARGET, Audit, calibrated_target, sum_audits  # noqa: E402
 from gate.decode.contract import BIG_SOURCES
 from gate.decode.drafters import load_gate
 from gate.decode.ledger import Ledger  # noqa: E402
@@ -41,8 +41,8 @@ from gate.model.copyrule import copy_rule, is_copy_position  # noqa: E402
 from runtimes.open import open_models  # noqa: E402
 
 HF_BASELINES = ("hf_greedy", "hf_assisted", "hf_pld")
-GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_audit", "gate_verify", "gate_dial", "eagle",
-                 "eagle_verify", "eagle_chain")
+GATE_VARIANTS = ("spec_small", "copy_verify", "gate_sweep", "gate_audit", "gate_audit_job", "gate_verify",
+                 "gate_dial", "eagle", "eagle_verify", "eagle_chain")
 # the self:15 early exit is overconfident: tau 0.08 is its median normalised entropy
 BENCH_DEFAULTS = dict(small="self:15", tau=0.08, gate="runs/demo/gate")
 SOURCE_CODES = {"big": "B", "scaffold": "S", "small": "s", "skip": "k"}   # runs' sources as one string
@@ -216,6 +216,8 @@ def gate_variants(args, rt, notes, wanted) -> dict[str, Method]:
     if samp["temperature"] <= 0:   # infer.py's lossy default: the audit raises the bar when skips go wrong
         target = calibrated_target(drafter.meta) or DEFAULT_TARGET
         out["gate_audit"] = loop_method(rt, Gate(drafter), audit=Audit(target), **samp)
+        # infer.py --audit-scope job: the bar and its evidence carry on from prompt to prompt
+        out["gate_audit_job"] = loop_method(rt, Gate(drafter), audit=Audit(target, carry=True), **samp)
     for t in [float(x) for x in args.verify_sweep.split(",") if x]:
         out[f"gate_verify@{t:.10g}"] = loop_method(rt, Gate(drafter, t), verify=True, **samp)
     a, b = (float(x) for x in args.dial.split(":"))
@@ -364,6 +366,10 @@ def summarize(name: str, method: Method, rows: list[dict], ref_tps: float | None
     if method.loop:
         s["skipped_share"] = round(sum(led.skipped for led in leds) / toks, 4)
         s["rollbacks"] = sum(led.rollbacks for led in leds)
+    audits = [led.audit for led in leds if led.audit]
+    if audits:
+        a = sum_audits(audits)
+        s["audit"] = {k: a[k] for k in ("target", "audited", "mismatches", "error", "bound", "runs_raised")}
     if method.lossless and "identical" in rows[0]:
         s["identical_to_big"] = sum(r["identical"] for r in rows)
         s["near_tie_divergences"] = sum(1 for r in rows if not r["identical"] and r["near_tie"])
@@ -471,6 +477,36 @@ def markdown_row(s: dict, best_tps: float | None) -> str:
             f"{s['nll']:.3f} | {ident} | {100 * s['copy_share']:.0f}% | {skips} |")
 
 
+def skip_error(s: dict) -> float | None:
+    """Share of a lossy method's skipped tokens that are not the big model's argmax (only a skip can differ)."""
+    return s["on_policy_error"] / s["skipped_share"] if s.get("skipped_share") else None
+
+
+def audit_lines(summary: list[dict]) -> list[str]:
+    """Each audited run beside the oracle threshold: of the runs without audit (the calibrated threshold and the
+    sweep), the one with the fewest big calls whose skips were right at the audit's target precision on this
+    text (the threshold one would pick knowing the answers)."""
+    runs = [s for s in summary if s["method"] == "gate" or s["method"].startswith("gate@")]
+    out = []
+    for audit in (s for s in summary if "audit" in s):
+        a = audit["audit"]
+        line = (f"{audit['method']}: {a['mismatches']} of {a['audited']} audited skips wrong "
+                f"({100 * a['error']:.2f}%, 90% bound {100 * a['bound']:.2f}%, target {100 * a['target']:.2g}%); "
+                f"the bar rose in {a['runs_raised']} of {audit['prompts']} prompts; on-policy error "
+                f"{100 * audit['on_policy_error']:.2f}% of all tokens.")
+        ok = [s for s in runs if skip_error(s) is not None and skip_error(s) <= a["target"]]
+        if ok:
+            o = min(ok, key=lambda s: s["big_calls_per_token"])
+            line += (f" Oracle threshold ({o['method']}: {100 * skip_error(o):.2f}% of its skips wrong, the fewest "
+                     f"big calls among the runs without audit within the target): {o['big_calls_per_token']:.3f} "
+                     f"big calls / token against {audit['big_calls_per_token']:.3f} "
+                     f"({audit['big_calls_per_token'] / o['big_calls_per_token'] - 1:+.1%}).")
+        else:
+            line += f" No run without audit kept its skips' error within {100 * a['target']:.2g}%."
+        out += [line, ""]
+    return out
+
+
 def markdown(results, argv) -> str:
     best = fastest_big(results)
     multi = len(results) > 1
@@ -481,6 +517,7 @@ def markdown(results, argv) -> str:
                   + ("vs best | " if multi else "") + "on-policy error | NLL | identical | copy | skips c / n-c |",
                   "|---|---|---|---|---|---|" + ("---|" if multi else "") + "---|---|---|---|---|"]
         lines += [markdown_row(s, best[0] if multi else None) for s in res["summary"]] + [""]
+        lines += audit_lines(res["summary"])
     lines += ["Notes:"] + [f"- {n}" for n in results[0]["notes"]]
     return "\n".join(lines) + "\n"
 

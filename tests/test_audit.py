@@ -302,3 +302,40 @@ def test_batch_rows_and_summary_carry_the_audit(model_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["ledger"]["audit"]["audited"] > 0 for r in rows)
     assert "raised in" in capsys.readouterr().err
+
+
+# -- --audit-scope job: the bar and its evidence carry from prompt to prompt ----------------------------------
+def test_a_carried_audit_starts_the_next_text_at_the_raised_bar(tiny):
+    tok, big = tiny
+    ids = tok(PROMPTS[1]).input_ids
+    gate = Gate(FnDrafter(oracle(big, wrong=lambda s: True, score=lambda rng: 0.9), threshold=0.5, max_skip=4))
+    audit = Audit(carry=True)
+    first = run(big, gate, ids, 60, audit=audit).ledger["audit"]
+    assert first["final_threshold"] == 0.9375 and first["start_threshold"] == 0.5
+    second = run(big, gate, ids, 60, audit=audit)
+    a = second.ledger["audit"]
+    assert a["start_threshold"] == 0.9375 and a["threshold"] == 0.5        # floor: still the calibrated bar
+    assert a["audited"] == 0 and set(second.sources) == {"big"}           # scores of 0.9 no longer pass
+    # the per-prompt default starts every text at the calibrated bar
+    assert run(big, gate, ids, 60, audit=Audit()).sources[:4] == ["big", "skip", "skip", "skip"]
+    s = sum_audits([first, a])
+    assert s["audited"] == first["audited"] and s["final_threshold"] == 0.9375
+
+
+def test_batch_job_scope_carries_the_bar_and_needs_one_prompt_at_a_time(model_dir, tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    argv = ["--model", model_dir, "--backend", "hf", "--input", str(inp), "-m", "30", "--policy", "gate",
+            "--small", "self:1", "--threshold", "0.05", "--max-skip", "6"]
+    rows = {}
+    for scope in ("prompt", "job"):
+        out = tmp_path / f"{scope}.jsonl"
+        assert main(argv + ["--output", str(out), "--audit-scope", scope]) == 0
+        rows[scope] = [json.loads(line)["ledger"]["audit"] for line in out.read_text().splitlines()]
+    per, job = rows["prompt"], rows["job"]
+    assert all(a["start_threshold"] == a["threshold"] for a in per)
+    assert job[0] == {**per[0], "carried": True}                           # the first prompt is the same
+    assert job[1]["start_threshold"] == job[0]["final_threshold"] > job[0]["threshold"]
+    rc, err = call_main(main, argv + ["--output", str(tmp_path / "p.jsonl"), "--audit-scope", "job",
+                                      "--parallel", "2"])
+    assert_one_error_line(rc, err, "--audit-scope job")

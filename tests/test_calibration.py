@@ -70,6 +70,55 @@ def test_ltt_bound_holds_on_simulated_calibration_sets():
     assert 0.2 < np.mean(covs) < math.sqrt(0.15)
 
 
+def _clustered_set(rng, heavy: bool, n_groups=312, size=64):
+    """The same error curve in stretches of `size` positions; heavy: errors only in a tenth of the stretches
+    (ten times as often there), as a loop copied wrongly fails many times, so the mean curve stays _true_risk."""
+    g = np.repeat(np.arange(n_groups), size)
+    m = np.where(rng.random(n_groups) < 0.1, 10.0, 0.0)[g] if heavy else np.ones(len(g))
+    x = rng.random(len(g))
+    return x, ~(rng.random(len(g)) < np.minimum(1, 0.2 * (1 - x) ** 2 * m)), g
+
+
+def test_ltt_with_groups_keeps_delta_when_errors_cluster():
+    """Errors in clusters: the plain walk (positions taken as independent) breaks the target far more often than
+    delta; with the stretches as groups (counts deflated by the design effect) it keeps delta, and on independent
+    errors the groups cost almost no coverage."""
+    rng = np.random.default_rng(0)
+    viol = {"plain": 0, "groups": 0}
+    for _ in range(100):
+        x, ok, g = _clustered_set(rng, heavy=True)
+        viol["plain"] += _true_risk(C.ltt_calibrate(x, ok, 0.99, 0.1)["threshold"]) > 0.01
+        r = C.ltt_calibrate(x, ok, 0.99, 0.1, groups=g)
+        viol["groups"] += _true_risk(r["threshold"]) > 0.01
+        assert not r["certified"] or r["deff"] >= 1
+    assert viol["plain"] >= 20 and viol["groups"] <= 18, viol       # measured 25 and 11 with this seed
+    cov = {"plain": [], "groups": []}
+    for _ in range(20):
+        x, ok, g = _clustered_set(rng, heavy=False)
+        cov["plain"].append(C.ltt_calibrate(x, ok, 0.99, 0.1)["coverage"])
+        cov["groups"].append(C.ltt_calibrate(x, ok, 0.99, 0.1, groups=g)["coverage"])
+    assert np.mean(cov["groups"]) > 0.97 * np.mean(cov["plain"])
+
+
+def test_cluster_deff_matches_a_direct_computation():
+    rng = np.random.default_rng(3)
+    g, e = rng.integers(0, 7, 200), rng.random(200) < 0.2
+    n_at = np.array([1, 10, 57, 200])
+    got = C.cluster_deff(g, e, n_at)
+    for n, d in zip(n_at, got):
+        gg, ee = g[:n], e[:n].astype(float)
+        k, p = ee.sum(), ee.mean()
+        ids = np.unique(gg)
+        if k == 0 or len(ids) < 2:
+            assert d == 1
+            continue
+        var = len(ids) / (len(ids) - 1) * sum((ee[gg == i].sum() - p * (gg == i).sum()) ** 2 for i in ids) / n ** 2
+        assert d == pytest.approx(max(1.0, var / (p * (1 - p) / n)))
+    # real-valued counts: the binomial tail continued, equal to scipy's at integers
+    from scipy.stats import binom
+    assert C.binom_cdf_real(3, 500, 0.01) == pytest.approx(binom.cdf(3, 500, 0.01))
+
+
 def test_ltt_refuses_when_nothing_is_safe():
     rng = np.random.default_rng(1)
     x = rng.random(3000)

@@ -1,6 +1,6 @@
 """The audit of a lossy decode: the big model's catch-up rows judge the skipped tokens they cover, after the fact.
 
-    audit = Audit(target_error=0.01)         # infer.py --audit (session.audit_for); one run at a time
+    audit = Audit(target_error=0.01)         # infer.py --audit (session.audit_for); carry=True: --audit-scope job
     Decoder(big, gate, audit=audit)           # the loop calls start(bar), observe(index, checks), report()
 
 A skip is wrong when it is not the big model's argmax at its position (greedy decoding only). Nothing is rolled
@@ -74,21 +74,27 @@ def higher(bar: float) -> float:
 
 
 class Audit:
-    """Counts of one decode run and the bar's path; start() begins a run (the state is per run, so a batch or
-    --parallel gives every prompt the output it gets alone)."""
+    """Counts of one decode run and the bar's path; start() begins a run. By default the bar and its evidence
+    are per run, so a batch or --parallel gives every prompt the output it gets alone; carry=True (infer.py
+    --audit-scope job) keeps the bar, the window and the bars below it from one run to the next (counts and
+    path stay per run), so the evidence of a whole job of prompts moves it."""
 
-    def __init__(self, target_error: float = DEFAULT_TARGET, confidence: float = CONFIDENCE):
+    def __init__(self, target_error: float = DEFAULT_TARGET, confidence: float = CONFIDENCE, carry: bool = False):
         if not 0 < target_error < 1:
             raise ValueError(f"the audit's target error must be in (0, 1), got {target_error:g}")
-        self.target, self.confidence = target_error, confidence
+        self.target, self.confidence, self.carry = target_error, confidence, carry
+        self.floor = None
         self.start(None)
 
     def start(self, bar: float | None) -> None:
-        """A new text. `bar`: the score an unchecked skip must reach (its floor); None: count only."""
-        self.floor = self.bar = bar
+        """A new text. `bar`: the score an unchecked skip must reach (its floor); None: count only. With carry,
+        a run with the same floor starts where the last one left the bar (self.bar)."""
+        if not (self.carry and bar is not None and bar == self.floor):
+            self.floor = self.bar = bar
+            self.window = [0, 0]             # audited, mismatches since the bar last moved
+            self.below: list[float] = []     # the bars a raise left, for going back down
+        self.start_bar = self.bar
         self.audited = self.mismatches = 0
-        self.window = [0, 0]                 # audited, mismatches since the bar last moved
-        self.below: list[float] = []         # the bars a raise left, for going back down
         self.path: list[list] = []           # [token index, new bar]
         self.mismatch_at: list[int] = []     # generated-token indices of the wrong skips
 
@@ -122,7 +128,8 @@ class Audit:
         n, k = self.audited, self.mismatches
         return dict(target=self.target, confidence=self.confidence, method=METHOD, audited=n, mismatches=k,
                     error=round(k / n, 6) if n else 0.0, bound=round(error_bound(k, n, self.confidence), 6),
-                    not_audited=not_audited, threshold=finite(self.floor), final_threshold=finite(self.bar),
+                    not_audited=not_audited, threshold=finite(self.floor), start_threshold=finite(self.start_bar),
+                    final_threshold=finite(self.bar), carried=self.carry,
                     threshold_path=[list(p) for p in self.path], mismatch_at=list(self.mismatch_at))
 
 
@@ -139,6 +146,7 @@ def sum_audits(audits: list[dict]) -> dict:
     return dict(target=a0["target"], confidence=a0["confidence"], method=a0["method"], audited=n, mismatches=k,
                 error=round(k / n, 6) if n else 0.0, bound=round(error_bound(k, n, a0["confidence"]), 6),
                 not_audited=sum(a["not_audited"] for a in audits), threshold=a0["threshold"],
+                final_threshold=audits[-1].get("final_threshold"),
                 runs=len(paths), runs_raised=sum(1 for p in paths if p), threshold_paths=paths)
 
 

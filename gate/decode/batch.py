@@ -348,6 +348,11 @@ def parallel_slots(rt, todo: list[Line], args) -> int:
             return 1
         if int(want) > 1:
             print(f"infer.py: warning: --parallel {want}: {why} (--parallel 1 gives it exactly)", file=sys.stderr)
+    if carries_audit(args):   # (an explicit --parallel N > 1 was refused by cli.settle_batch)
+        if want == "auto" and len(good) > 1:
+            print("infer.py: --parallel auto: one prompt at a time: --audit-scope job carries the audit from one "
+                  "prompt to the next, in the file's order", file=sys.stderr)
+        return 1
     if want == "auto":
         if len(good) < 2 or not on_llama:
             return 1
@@ -357,6 +362,13 @@ def parallel_slots(rt, todo: list[Line], args) -> int:
               f"sequences: {', '.join(f'{k}: {k / c:.1f}x' for k, c in sorted(curve.items()))})", file=sys.stderr)
         return n
     return max(1, min(int(want), len(good)))
+
+
+def carries_audit(args) -> bool:
+    """Is the run an audited lossy greedy gate decode whose audit carries from prompt to prompt (--audit-scope
+    job)? Then prompts go one at a time, in the file's order."""
+    return (getattr(args, "audit_scope", "prompt") == "job" and args.policy == "gate" and args.temperature <= 0
+            and getattr(args, "audit", None) is not False and not promises_greedy(args))
 
 
 def promises_greedy(args) -> bool:

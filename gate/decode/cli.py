@@ -201,6 +201,9 @@ def settle_batch(args) -> None:
             args.parallel = 0
         if args.parallel < 1:
             raise UsageError("--parallel must be a whole number >= 1 or auto")
+        if args.parallel > 1 and getattr(args, "audit_scope", "prompt") == "job":
+            raise UsageError(f"--audit-scope job carries the audit from one prompt to the next: it needs "
+                             f"--parallel 1 (or auto), not {args.parallel}")
     check_output_file(args.output, "--output", parents=False, stdout=True)   # '-': stdout
     if "-" not in (args.input, args.output) and Path(args.input).resolve() == Path(args.output).resolve():
         raise UsageError(f"--output {args.output}: the same file as --input")

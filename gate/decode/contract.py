@@ -143,6 +143,7 @@ class Policy:
     hidden_layer: int | None = None             # read when needs_big_hidden
     threshold: float | None = None              # the score a draft must reach, if the policy has one (the gate's)
     live_threshold: float | None = None         # the audit's raised one in this text (gate/decode/audit.py)
+    job_audit = None                            # --audit-scope job: the Audit carried from prompt to prompt
 
     def __init__(self, lms: Sequence[LM] = ()) -> None:
         self.lms = tuple(lms)   # predictor views: reset, cropped and counted by the loop

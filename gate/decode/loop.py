@@ -142,6 +142,8 @@ class Decoder:
             if self.verify:
                 bar = self.verify_below if bar is None else max(bar, self.verify_below)
             self.audit.start(bar)
+            if self.audit.bar != bar:       # carried over from the job's earlier texts (--audit-scope job)
+                self.set_bar(self.audit.bar)
         self.plan0 = dict(self.planner.stats) if self.planner is not None else None
 
     def room(self) -> int:
@@ -296,12 +298,15 @@ class Decoder:
         move the bar if the audit says so."""
         checks = [(q - self.n_prompt, ok) for q, ok in verdicts if q < len(self.ids)]
         new = self.audit.observe(len(self.ids) - self.n_prompt, checks)
-        if new is None:
-            return
+        if new is not None:
+            self.set_bar(new)
+
+    def set_bar(self, bar: float) -> None:
+        """The audit's bar for unchecked skips: T under --verify-below T, else the gate's live threshold."""
         if self.verify:
-            self.verify_live = new
+            self.verify_live = bar
         else:
-            self.policy.live_threshold = new
+            self.policy.live_threshold = bar
 
     def rollback(self, q: int) -> None:
         """Drop ids[q:] and crop every cache to the kept text."""

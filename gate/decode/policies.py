@@ -44,6 +44,11 @@ AUDIT = arg("--audit", action=argparse.BooleanOptionalAction, default=None,
             "docs/decode.md#the-audit-gatedecodeauditpy)")
 AUDIT_TARGET = arg("--audit-target", type=float, metavar="E", help="the error the audit holds skips to (default: "
                    "1 - the target precision the gate was calibrated for, else 0.01)")
+AUDIT_SCOPE = arg("--audit-scope", choices=("prompt", "job"), default="prompt",
+                  help="prompt: every prompt's audit starts at the calibrated threshold (a prompt's output does not "
+                  "depend on the others); job: the raised threshold and its evidence carry on to the next prompt "
+                  "of an --input file (one prompt at a time), so a job's mismatches hold the whole job to the "
+                  "target (a text of a few hundred tokens holds too few skips to tell 2%% from 1%%)")
 CHAIN_CUT = arg("--chain-cut", type=float, help="gate: also stop skipping when the product of the scores since "
                 "the last big pass (the chance every draft of the run is right) falls below this (EAGLE-2's dynamic "
                 "draft length; for --verify)")
@@ -342,7 +347,7 @@ class Gate(Policy):
     source = "skip"
     summary = ("the learned gate: --gate PATH (from `train.py fit`), or --small M to use a small LM's\n"
                "max-probability as the gate score; skips while score >= --threshold")
-    args = (GATE, SMALL, THRESHOLD, MAX_SKIP, CHAIN_CUT, AUDIT, AUDIT_TARGET)
+    args = (GATE, SMALL, THRESHOLD, MAX_SKIP, CHAIN_CUT, AUDIT, AUDIT_TARGET, AUDIT_SCOPE)
     needs_big_hidden = True
     examples = ('"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate',
                 '"It is a truth universally acknowledged" --policy gate --gate runs/demo/gate --verify',

@@ -122,7 +122,11 @@ def audit_for(policy, args, verify: bool) -> Audit | None:
     target = getattr(args, "audit_target", None)
     if target is None:
         target = calibrated_target(getattr(policy.drafter, "meta", None)) or DEFAULT_TARGET
-    return Audit(target)
+    if getattr(args, "audit_scope", "prompt") != "job":
+        return Audit(target)
+    if policy.job_audit is None or policy.job_audit.target != target:   # one audit for the process's prompts
+        policy.job_audit = Audit(target, carry=True)
+    return policy.job_audit
 
 
 def user_text(text: str, what: str, from_bytes: bool = True) -> str:

@@ -1,15 +1,15 @@
 """Precision/coverage curves and the gate's calibrated threshold with a finite-sample guarantee.
 
-    ltt_calibrate(scores, correct, target_precision=0.99, delta=0.1) -> dict   # the threshold, JSON-able
+    ltt_calibrate(scores, correct, target_precision=0.99, delta=0.1, groups=None) -> dict   # the threshold
     precision_curve(scores, correct); coverage_at_precision(scores, correct); clopper_pearson_upper(k, n, delta)
 
 Contract: with probability >= 1 - delta the precision P(candidate == big argmax | score >= threshold) is at least
 the target, for positions drawn like the calibration ones (Learn-then-Test, fixed-sequence testing on a grid fixed
-before seeing data, threshold_grid). The fit calibrates every gate here on the validation split and the
-evaluation reads the same curves on the test split; the drafter itself only stores the resulting threshold
-(NEVER, from gate.model.features, when none was certified). The walk, why not just pick the threshold whose
-validation precision is 99%, and what the bound does not cover:
-docs/training.md#calibration-learn-then-test-gatetraincalibrationpy.
+before seeing data, threshold_grid); with `groups` (a stretch id per position) the counts are deflated by the
+design effect of errors that come in clusters (Rao-Scott). The fit calibrates every gate here on the validation
+split and the evaluation reads the same curves on the test split; the drafter itself only stores the threshold
+(NEVER, from gate.model.features, when none was certified). The walk, the clusters, and what the bound does
+not cover: docs/training.md#calibration-learn-then-test-gatetraincalibrationpy.
 """
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def coverage_at_precision(scores, correct, targets=(0.95, 0.98, 0.99, 0.995)) ->
 
 
 # ------------------------------------------------------------------------------------------------ calibration
-def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
-    """One-sided (1 - delta) upper confidence bound on a binomial rate from k errors in n trials."""
+def clopper_pearson_upper(k: float, n: float, delta: float) -> float:
+    """One-sided (1 - delta) upper confidence bound on a binomial rate from k errors in n trials (real k, n:
+    counts deflated by a design effect)."""
     from scipy.stats import beta
     if n <= 0:
         return 1.0
@@ -73,8 +74,48 @@ def format_threshold(t: float) -> str:
     return f"1 - {1 - t:.2g}" if t > 0.999 else f"{t:.4g}"
 
 
+def cluster_deff(order_groups: np.ndarray, order_errors: np.ndarray, n_at: np.ndarray) -> np.ndarray:
+    """Design effect of the error rate among the first n positions (in score order) for every n in n_at: the
+    variance of the ratio estimator k/n over the clusters served (groups with one position or more) divided by the
+    binomial variance p(1-p)/n; at least 1, and 1 where there are no errors or fewer than two clusters."""
+    g, e = np.asarray(order_groups), np.asarray(order_errors, dtype=np.float64)
+    N = len(g)
+    if N == 0:
+        return np.ones(len(n_at))
+    by = np.lexsort((np.arange(N), g))                    # grouped, each group in score order
+    gs, es = g[by], e[by]
+    start = np.r_[True, gs[1:] != gs[:-1]]
+    first = np.maximum.accumulate(np.where(start, np.arange(N), 0))
+    ce = np.cumsum(es)
+    n_prev = np.empty(N)
+    k_prev = np.empty(N)
+    n_prev[by] = np.arange(N) - first                      # earlier positions of the same group (score order)
+    k_prev[by] = ce - es - np.where(first > 0, ce[first - 1], 0.0)
+    sums = np.cumsum(np.stack([2 * n_prev + 1, e * (2 * k_prev + 1), k_prev + e * n_prev + e, n_prev == 0,
+                               e]), axis=1)                # sum n_g^2, sum k_g^2, sum k_g n_g, clusters, errors
+    out = np.ones(len(n_at))
+    for j, n in enumerate(np.asarray(n_at)):
+        if n <= 0:
+            continue
+        n2, k2, kn, G, k = sums[:, n - 1]
+        p = k / n
+        if k <= 0 or k >= n or G < 2:
+            continue
+        var = G / (G - 1) * (k2 - 2 * p * kn + p * p * n2) / (n * n)
+        out[j] = max(1.0, var / (p * (1 - p) / n))
+    return out
+
+
+def binom_cdf_real(k: float, n: float, p: float) -> float:
+    """P(Bin(n, p) <= k) continued to real k, n (the regularized incomplete beta I_{1-p}(n - k, k + 1))."""
+    from scipy.special import betainc
+    if k >= n:
+        return 1.0
+    return float(betainc(n - k, k + 1, 1 - p))
+
+
 def ltt_calibrate(scores, correct, target_precision: float = 0.99, delta: float = 0.1,
-                  grid: np.ndarray | None = None) -> dict:
+                  grid: np.ndarray | None = None, groups=None) -> dict:
     """Learn-then-Test fixed-sequence calibration (docs/training.md, "Calibration"). Returns a JSON-able dict.
 
     The walk starts at the strictest grid threshold serving at least n_min positions and stops at its first
@@ -83,8 +124,11 @@ def ltt_calibrate(scores, correct, target_precision: float = 0.99, delta: float 
     threshold; with 4,000 it certified none about 15% of the time. Variants tried there - a second chain
     started where a held-out pilot quarter of the data looked safe, delta split between chains - lost more
     coverage to the smaller delta and data than they won back, so this is the plain single sequence.
+
+    groups: a cluster id per position (positions of one stretch of text err together: a loop copied wrongly
+    fails many times). Each test then uses n / deff positions and k / deff errors, deff the design effect
+    measured at that threshold (cluster_deff; Rao and Scott 1992); None: positions independent.
     """
-    from scipy.stats import binom
     scores = np.asarray(scores, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     alpha = 1.0 - target_precision
@@ -96,25 +140,30 @@ def ltt_calibrate(scores, correct, target_precision: float = 0.99, delta: float 
     N = len(scores)
     n_min = int(math.ceil(math.log(delta) / math.log(1 - alpha)))
     neg = np.sort(-scores)
-    errs = np.r_[0, np.cumsum(~correct[np.argsort(-scores, kind="stable")])]
+    order = np.argsort(-scores, kind="stable")
+    errs = np.r_[0, np.cumsum(~correct[order])]
     n_at = np.searchsorted(neg, -grid, side="right")        # served at each grid threshold (non-decreasing)
     k_at = errs[n_at]
     first = int(np.searchsorted(n_at, n_min, side="left"))
+    deff = np.ones(len(grid))
+    if groups is not None:
+        deff[first:] = cluster_deff(np.asarray(groups)[order], ~correct[order], n_at[first:])
     best, tested = None, 0
     for j in range(first, len(grid)):
-        n, k = int(n_at[j]), int(k_at[j])
+        n, k, d = int(n_at[j]), int(k_at[j]), float(deff[j])
         tested += 1
-        if binom.cdf(k, n, alpha) <= delta:
-            best = (float(grid[j]), n, k)
+        if binom_cdf_real(k / d, n / d, alpha) <= delta:
+            best = (float(grid[j]), n, k, d)
         else:
             break
     result = {"threshold": NEVER, "n": 0, "errors": 0, "coverage": 0.0, "precision": None,
               "error_ucb": None, "certified": False}
     if best is not None:
-        lam, n, k = best
+        lam, n, k, d = best
         result.update(threshold=lam, n=n, errors=k, coverage=n / max(N, 1), precision=1 - k / n,
-                      error_ucb=clopper_pearson_upper(k, n, delta), certified=True)
+                      error_ucb=clopper_pearson_upper(k / d, n / d, delta), certified=True, deff=d)
     result.update(target_precision=target_precision, alpha=alpha, delta=delta, n_min=n_min,
                   n_calibration=N, thresholds_tested=tested,
-                  method="learn-then-test, fixed-sequence testing, exact binomial p-values")
+                  method="learn-then-test, fixed-sequence testing, exact binomial p-values"
+                  + (", counts deflated by the clusters' design effect" if groups is not None else ""))
     return result

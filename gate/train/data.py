@@ -285,6 +285,13 @@ def apply_scoring(o: dict, data: SplitData, scoring, tables: dict) -> dict:
     return o
 
 
+def stretch_ids(t: np.ndarray) -> np.ndarray:
+    """The stretch of every pair's position: chunks of up to MAP_CHUNK positions, at least 10 of them. The maps
+    and the threshold are dealt whole stretches, and the threshold's test counts a stretch's errors together."""
+    t = np.asarray(t)
+    return t // max(1, min(MAP_CHUNK, (int(t.max()) + 1) // 10)) if len(t) else t
+
+
 def map_part(t: np.ndarray, frac: float, seed: int) -> np.ndarray:
     """Boolean mask over pairs: True for the part the precision maps are fitted on, False for the part the
     threshold is certified on. Whole stretches of positions go to one part (chunks of up to MAP_CHUNK, at least
@@ -292,8 +299,7 @@ def map_part(t: np.ndarray, frac: float, seed: int) -> np.ndarray:
     t = np.asarray(t)
     if len(t) == 0:
         return np.zeros(0, dtype=bool)
-    chunk = max(1, min(MAP_CHUNK, (int(t.max()) + 1) // 10))
-    ids = t // chunk
+    ids = stretch_ids(t)
     uniq = np.unique(ids)
     n_map = min(max(1, int(round(frac * len(uniq)))), len(uniq) - 1)
     pick = np.random.default_rng(seed + 104729).permutation(uniq)[:n_map]
@@ -326,7 +332,8 @@ def certify_pairs(o: dict, data: SplitData, tables: dict, max_n: int, target: fl
                        "entropy": (1.0 - o["head_entropy"][lt], o["head1_correct"][lt]),  # entropy-gated switching
                        "copy": (cp["len"][lt].astype(np.float64), cp["correct"][lt])})    # prompt lookup
     n_gates = len(o["sel"])
-    calib = {n: ltt_calibrate(sc, ok, target, delta / (n_gates if n in o["sel"] else 1))
+    groups = stretch_ids(o["t"])[lt]         # errors come in stretches (a loop copied wrongly): counted together
+    calib = {n: ltt_calibrate(sc, ok, target, delta / (n_gates if n in o["sel"] else 1), groups=groups)
              for n, (sc, ok) in scored.items()}
     oracle = (o["correct"].any(1) | (cp["correct"] if max_n > 0 else False))[lt]   # max_n 0: no copy proposals
     return {"maps": maps, "calibration": calib, "scored": scored, "ltt_part": lt, "pairs": o,
