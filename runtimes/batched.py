@@ -171,12 +171,17 @@ class Scheduler:
         self.rounds = 0
 
     def run(self, jobs: Sequence[Callable[[], None]]) -> None:
-        """Run every job to its end. A job's exception ends the run (after the others were dropped)."""
+        """Run every job to its end. A job's exception ends the run (after the others were dropped).
+
+        Inside inference mode: torch keeps grad mode per thread, and the jobs' `@torch.inference_mode()` scopes
+        open and close interleaved on this one thread, so the last to close would otherwise restore the state an
+        earlier one had left (grad off) to the caller; the outer scope gives the caller its own back."""
         waiting: dict[greenlet, Request] = {}
-        for job in jobs:
-            self._resume(greenlet(job), None, waiting)
-        while waiting:
-            self._round(waiting)
+        with torch.inference_mode():
+            for job in jobs:
+                self._resume(greenlet(job), None, waiting)
+            while waiting:
+                self._round(waiting)
 
     def _resume(self, g: greenlet, value, waiting: dict) -> None:
         req = g.switch() if value is None else g.switch(value)

@@ -216,6 +216,8 @@ def test_a_model_whose_passes_are_not_exact_decodes_one_prompt_at_a_time(tmp_pat
     assert json.loads((tmp_path / "b.jsonl.summary.json").read_text())["parallel"] == 3
     assert main(run + ["--output", str(tmp_path / "c.jsonl"), "--parallel", "3", "-t", "0.8"]) == 0
     assert "more than 3 tokens" not in capsys.readouterr().err
+    # the slots' inference-mode scopes interleave on one thread: the caller gets its grad mode back
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 @pytest.mark.real_model
@@ -277,3 +279,4 @@ def test_two_accelerate_processes_give_the_results_of_one(tiny_dir, tmp_path):
     r = subprocess.run([*launch[:-2], str(free_port()), "infer.py", *common, "--output", str(two)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert rows(two).keys() == b.keys()
+
