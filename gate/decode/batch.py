@@ -33,7 +33,7 @@ from gate.decode.cost import batch_curve
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
 from gate.decode.parallel import choose_parallel, run_parallel, slot_context
 from gate.decode.registry import namespace
-from gate.decode.session import MIN_TEMPERATURE, encode, make_policy, open_runtime, run_one, user_text
+from gate.decode.session import MIN_TEMPERATURE, audits, encode, make_policy, open_runtime, run_one, user_text
 from runtimes.info import tokenizer_fingerprint
 from runtimes.llamacpp import LlamaCppBackend
 from runtimes.loading import load_tokenizer
@@ -367,8 +367,7 @@ def parallel_slots(rt, todo: list[Line], args) -> int:
 def carries_audit(args) -> bool:
     """Is the run an audited lossy greedy gate decode whose audit carries from prompt to prompt (--audit-scope
     job)? Then prompts go one at a time, in the file's order."""
-    return (getattr(args, "audit_scope", "prompt") == "job" and args.policy == "gate" and args.temperature <= 0
-            and getattr(args, "audit", None) is not False and not promises_greedy(args))
+    return getattr(args, "audit_scope", "prompt") == "job" and args.policy == "gate" and audits(args, args.verify)
 
 
 def promises_greedy(args) -> bool:

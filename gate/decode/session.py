@@ -111,13 +111,16 @@ def planner_for(policy, rt: Runtime, args):
     return policy.planner
 
 
+def audits(args, verify: bool) -> bool:
+    """Do these options audit a gate decode: lossy (no --verify, or --verify-below T), greedy, not --no-audit?"""
+    lossless = verify and math.isinf(args.verify_below)
+    return getattr(args, "audit", None) is not False and not lossless and args.temperature <= 0
+
+
 def audit_for(policy, args, verify: bool) -> Audit | None:
     """The run's audit (gate/decode/audit.py): --audit, by default on for --policy gate when the decode is lossy
     (no --verify, or --verify-below T) and greedy; off with --no-audit, a lossless --verify or -t > 0."""
-    lossless = verify and math.isinf(args.verify_below)
-    if getattr(args, "audit", None) is False or lossless or args.temperature > 0:
-        return None
-    if not (isinstance(policy, Gate) and policy.name == Gate.name):
+    if not audits(args, verify) or not (isinstance(policy, Gate) and policy.name == Gate.name):
         return None
     target = getattr(args, "audit_target", None)
     if target is None:
