@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from gate.decode.cost import Acceptance, CostProfile, Planner, cache_file, copy_acceptance, load_or_measure, profile_key
+from gate.decode.cost import (Acceptance, CostProfile, Planner, cache_file, copy_acceptance, load_or_measure,
+                              measured_profile, profile_key, summarise_times)
 from gate.decode.loop import Decoder
 from gate.decode.policies import BigOnly, Copy, Gate
 from gate.model import base
@@ -127,7 +129,8 @@ def test_profile_key_changes_with_threads_and_file(tmp_path, tiny_llama):
 
 def test_load_or_measure_caches(tmp_path, monkeypatch, tiny_llama, one_thread):
     monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
-    monkeypatch.setattr("gate.decode.cost.BUSY", float("inf"))   # cached even while the suite loads the machine
+    monkeypatch.setattr("gate.decode.cost.NOISY", float("inf"))   # a tiny model's passes are too short to agree
+    monkeypatch.setattr("common.cpu.QUIET_CORES", float("inf"))   # and the suite may share the machine
     b = HFBackend(tiny_llama, name="tiny")
     p = load_or_measure(b, ks=(1, 2, 4), reps=2)
     assert p.ks == [1, 2, 4] and p.cost[0] == 1.0 and all(c > 0 for c in p.cost)
@@ -201,9 +204,57 @@ def test_no_entry_point_changes_openmp_settings():
         assert after == user, (script, user, after)
 
 
-def test_a_curve_measured_under_load_is_not_cached(tmp_path, monkeypatch, tiny_llama, one_thread):
+def spin(seconds: float) -> None:
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        pass
+
+
+def fake_measurement(seconds: float = 0.8):
+    """A `run` for measured_profile that keeps this process busy for a while and reports a clean curve."""
+    def run():
+        spin(seconds)
+        return 10.0, [1.0, 1.6], 0.01
+    return run
+
+
+def test_a_curve_measured_while_another_process_burns_a_core_is_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
-    monkeypatch.setattr("gate.decode.cost.BUSY", -1.0)     # any load counts as busy
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        said = []
+        p = measured_profile({"test": "burn"}, (1, 2), "a test curve", fake_measurement(), log=said.append)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert p.cost == [1.0, 1.6] and not cache_file(p.key).exists()
+    assert "not cached" in said[-1] and "other processes kept" in said[-1]
+    assert float(p.measured.split("kept ")[1].split(" cores")[0]) > 0.5
+
+
+def test_a_curve_measured_right_after_own_heavy_work_is_cached(tmp_path, monkeypatch):
+    """This process's own work just before (it raises the load average) does not count against a measurement."""
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    a = torch.randn(512, 512)
+    t = time.perf_counter()
+    while time.perf_counter() - t < 1.5:       # both cores busy in this process
+        a = torch.tanh(a @ a)
     said = []
-    p = load_or_measure(HFBackend(tiny_llama, name="tiny"), ks=(1, 2), reps=1, log=said.append)
-    assert p.cost[0] == 1.0 and not cache_file(p.key).exists() and "not cached" in said[-1]
+    p = measured_profile({"test": "own"}, (1, 2), "a test curve", fake_measurement(), log=said.append)
+    assert cache_file(p.key).is_file() and "cached in" in said[-1], said
+    again = measured_profile({"test": "own"}, (1, 2), "a test curve", lambda: pytest.fail("measured again"))
+    assert again.measured == p.measured
+
+
+def test_a_curve_whose_passes_disagree_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPGATE_CACHE", str(tmp_path))
+    said = []
+    p = measured_profile({"test": "noisy"}, (1, 2), "a test curve", lambda: (10.0, [1.0, 1.6], 0.3),
+                         log=said.append)
+    assert not cache_file(p.key).exists() and "differed by 30%" in said[-1]
+
+
+def test_summarise_times_spread():
+    step, cost, spread = summarise_times({1: [0.010, 0.011, 0.009, 0.010, 0.013], 2: [0.016] * 3}, (1, 2))
+    assert step == pytest.approx(10.0) and cost == [1.0, 1.6] and spread == pytest.approx(0.05)

@@ -26,8 +26,9 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from common.cpu import OtherCPU
 from common.errors import UsageError
-from common.files import write_json
+from common.files import check_output_file, json_text, write_json
 from runtimes.batched import LlamaCppSlots
 from runtimes.llamacpp import LlamaCppBackend, import_binding
 from runtimes.open import BACKENDS, open_models
@@ -37,7 +38,7 @@ PROFILE_KS = tuple(range(1, 33))      # pass lengths `train.py models --profile`
 QUICK_KS = tuple(range(1, 17)) + (20, 24, 32)   # what decoding measures on first use (a few seconds)
 CONTEXT = 256                          # tokens in the cache while a pass is timed
 MAX_CHAIN = 32                         # longest draft chain the planner considers
-BUSY = 1.0                             # load average above which a measured cost curve is not cached
+NOISY = 0.10                           # repeated passes differing more than this (median relative deviation): not cached
 PROBE = 8                              # a drafter that does not pay is still asked at every PROBE-th chain start, or rarer
 
 
@@ -124,9 +125,10 @@ def cache_file(key: dict) -> Path:
 
 
 def measure(backend, ks: Sequence[int] = PROFILE_KS, reps: int = 7, context: int = CONTEXT,
-            progress: Callable[[int], None] | None = None) -> tuple[float, list[float]]:
-    """(step ms, cost[k] for k in ks): the median time of a pass feeding k tokens after `context` cached ones,
-    over `reps` passes, relative to a one-token pass. The backend's cache is reset afterwards."""
+            progress: Callable[[int], None] | None = None) -> tuple[float, list[float], float]:
+    """(step ms, cost[k] for k in ks, spread): the median time of a pass feeding k tokens after `context` cached
+    ones, over `reps` passes, relative to a one-token pass; spread is the median over k of the passes' relative
+    deviation from their median (a quiet machine: a few percent). The backend's cache is reset afterwards."""
     vocab = backend.vocab_size
     gen = torch.Generator().manual_seed(0)
     room = getattr(backend, "n_ctx", None)
@@ -143,12 +145,43 @@ def measure(backend, ks: Sequence[int] = PROFILE_KS, reps: int = 7, context: int
             backend.forward(toks, keep=k)
             t.append(time.perf_counter() - t0)
             backend.crop(context)
-        times[k] = statistics.median(t)
+        times[k] = t
         if progress:
             progress(k)
     backend.reset()
-    step = times[1]
-    return step * 1000, [round(times[k] / step, 3) for k in ks]
+    return summarise_times(times, ks)
+
+
+def summarise_times(times: dict[int, list[float]], ks: Sequence[int]) -> tuple[float, list[float], float]:
+    """(step ms, [median time of k / median time of 1 for k in ks], spread) of repeated timings per size k."""
+    med = {k: statistics.median(t) for k, t in times.items()}
+    spread = statistics.median(statistics.median(abs(x - med[k]) for x in t) / med[k] for k, t in times.items())
+    return med[1] * 1000, [round(med[k] / med[1], 3) for k in ks], round(spread, 4)
+
+
+def measured_profile(key: dict, ks: Sequence[int], what: str, run: Callable[[], tuple[float, list[float], float]],
+                     refresh: bool = False, log: Callable[[str], None] | None = None) -> CostProfile:
+    """The cached curve of `key` covering ks, or one measured now by `run()`. A measurement is cached only when
+    the timings themselves say it was clean: no other process took more than QUIET_CORES cores meanwhile
+    (common/cpu.py: the load average would count this process's own recent work) and repeated passes agreed
+    within NOISY. One line on stderr (`log`) says what was measured and whether it was cached."""
+    prof = None if refresh else cached(key, ks)
+    if prof is not None:
+        return prof
+    with OtherCPU() as other:
+        step, cost, spread = run()
+    clean = other.quiet and spread <= NOISY
+    prof = CostProfile(key, round(step, 3), list(ks), cost,
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {other.describe()}, spread {spread:.1%}")
+    if clean:
+        write_json(cache_file(key), prof.to_dict())
+    if log:
+        why = ([f"{other.describe()} meanwhile"] if not other.quiet else []) + (
+            [f"repeated passes differed by {spread:.0%}"] if spread > NOISY else [])
+        where = (f"cached in {cache_file(key).parent}" if clean else
+                 f"not cached ({' and '.join(why)}), so it is measured again next run")
+        log(f"measured {what} in {other.wall_s:.1f} s ({prof.step_ms:.1f} ms a step); {where}")
+    return prof
 
 
 def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS, reps: int = 5,
@@ -157,55 +190,36 @@ def load_or_measure(backend, hidden: bool = False, ks: Sequence[int] = QUICK_KS,
     """The cached cost curve of this backend's model file, runtime, threads and CPU, measured now if there is
     none (or `refresh`). The backend's hidden-state setting is set to `hidden` while measuring."""
     key = profile_key(backend, hidden)
-    prof = None if refresh else cached(key, ks)
-    if prof is not None:
-        return prof
-    if log:
-        log(f"measuring the cost of a verify pass for {backend.name} ({key['threads']} threads; once, cached "
-            f"in {cache_file(key).parent})")
-    load = os.getloadavg()[0]
-    saved = backend.hidden_layer
-    backend.hidden_layer = getattr(backend, "n_layers", None) if hidden else None
-    try:
-        step, cost = measure(backend, ks, reps, progress=progress)
-    finally:
-        backend.hidden_layer = saved
-    prof = CostProfile(key, round(step, 3), list(ks), cost, f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {load:.2f}")
-    if load > BUSY:        # other jobs inflate long passes unevenly: use it for this run, measure again next time
-        if log:
-            log(f"load average {load:.2f}: this cost curve is used for this run but not cached")
-        return prof
-    write_json(cache_file(key), prof.to_dict())
-    return prof
+
+    def run():
+        saved = backend.hidden_layer
+        backend.hidden_layer = getattr(backend, "n_layers", None) if hidden else None
+        try:
+            return measure(backend, ks, reps, progress=progress)
+        finally:
+            backend.hidden_layer = saved
+    return measured_profile(key, ks, f"the cost of a verify pass of 1..{max(ks)} tokens for {backend.name} "
+                            f"({key['threads']} threads)", run, refresh, log)
 
 
 SLOT_NS = (1, 2, 4, 8, 16, 24, 32, 48, 64)   # sequences per pass the batch curve measures
 SLOT_CONTEXT = 96                           # tokens cached per sequence while a batched pass is timed
 
 
-def batch_curve(backend, up_to: int = SLOT_NS[-1], reps: int = 9, refresh: bool = False,
+def batch_curve(backend, reps: int = 5, refresh: bool = False,
                 log: Callable[[str], None] | None = None) -> tuple[dict[int, float], float, dict]:
     """({n: cost of one pass feeding one token to each of n sequences, in one-token steps}, step ms, key) for
-    the llama.cpp model under `backend`, for the sizes in SLOT_NS up to the first >= up_to (a run of up_to
-    prompts uses no more slots): measured once in a LlamaCppSlots context and cached like a profile."""
-    ns = [n for n in SLOT_NS if n < up_to] + [next((n for n in SLOT_NS if n >= up_to), SLOT_NS[-1])]
+    the llama.cpp model under `backend`, for every size in SLOT_NS: measured once in a LlamaCppSlots context and
+    cached like a profile."""
     key = dict(profile_key(backend), curve="slots")
-    prof = None if refresh else cached(key, list(ns))
-    if prof is None:
-        if log:
-            log(f"measuring the cost of a pass over 1..{max(ns)} sequences for {backend.name} (once, cached)")
-        load = os.getloadavg()[0]
-        step, cost = measure_slots(backend, ns, reps, backend_threads(backend))
-        prof = CostProfile(key, round(step, 3), list(ns), cost,
-                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}, load {load:.2f}")
-        if load <= BUSY:
-            write_json(cache_file(key), prof.to_dict())
+    prof = measured_profile(key, SLOT_NS, f"the cost of a pass over 1..{SLOT_NS[-1]} sequences for {backend.name}",
+                            lambda: measure_slots(backend, SLOT_NS, reps, backend_threads(backend)), refresh, log)
     return dict(zip(prof.ks, prof.cost)), prof.step_ms, key
 
 
-def measure_slots(backend, ns: Sequence[int], reps: int, threads: int) -> tuple[float, list[float]]:
-    """(one-sequence step ms, [cost of a pass over n sequences / that step for n in ns]) of the llama.cpp model
-    under `backend`, in a context of its own that shares the backend's weights."""
+def measure_slots(backend, ns: Sequence[int], reps: int, threads: int) -> tuple[float, list[float], float]:
+    """(one-sequence step ms, [cost of a pass over n sequences / that step for n in ns], spread) of the llama.cpp
+    model under `backend`, in a context of its own that shares the backend's weights."""
     gen = torch.Generator().manual_seed(0)
     ctx = LlamaCppSlots(backend.path, max(ns), SLOT_CONTEXT + 2, n_threads=threads, weights_of=backend)
     try:
@@ -223,10 +237,10 @@ def measure_slots(backend, ns: Sequence[int], reps: int, threads: int) -> tuple[
                 t.append(time.perf_counter() - t0)
                 for i in range(n):
                     ctx.remove(i, SLOT_CONTEXT)
-            times[n] = statistics.median(t)
+            times[n] = t
     finally:
         ctx.close()
-    return times[1] * 1000, [round(times[n] / times[1], 3) for n in ns]
+    return summarise_times(times, ns)
 
 
 # -- the chance that a draft is accepted ---------------------------------------------------------------------
@@ -428,8 +442,12 @@ def main(argv=None) -> int:
                     help=f"also profile copies requantized to these types ({', '.join(QUANT_TYPES)}): is this "
                     "file's format slow on this CPU? (the copies are cached, never used for decoding)")
     ap.add_argument("--refresh", action="store_true", help="measure again even if cached")
-    ap.add_argument("--json", metavar="PATH", help="also write the profiles as JSON")
+    ap.add_argument("--json", metavar="PATH", help="also write the profiles as JSON ('-': to stdout, the tables "
+                    "then to stderr)")
     args = ap.parse_args(argv)
+    if args.json:   # before measuring: a typo fails at once ('-' is stdout, as for infer.py --json)
+        check_output_file(args.json, "--json", parents=False, stdout=True)
+    tables = sys.stderr if args.json == "-" else sys.stdout
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be >= 1")
     if args.reps < 1:
@@ -444,13 +462,16 @@ def main(argv=None) -> int:
         with tqdm(total=len(PROFILE_KS) + 1, desc=label, unit="n", file=sys.stderr, leave=False) as bar:
             prof = load_or_measure(backend, args.hidden, PROFILE_KS, args.reps, args.refresh,
                                    log=lambda m: print(m, file=sys.stderr), progress=lambda k: bar.update())
-        print(f"\n{label} ({backend.name}, {key['backend']}, {key['threads']} threads, measured {prof.measured})")
-        print(prof.table())
+        print(f"\n{label} ({backend.name}, {key['backend']}, {key['threads']} threads, measured {prof.measured})",
+              file=tables)
+        print(prof.table(), file=tables)
         out[label] = prof.to_dict()
         close = getattr(backend, "close", None)
         if close:
             close()
-    if args.json:
+    if args.json == "-":
+        sys.stdout.write(json_text(out))
+    elif args.json:
         write_json(args.json, out)
     return 0
 
