@@ -8,20 +8,42 @@
     backend.n_cached, vocab_size, hidden_layer, hidden_all, name, calls, tokens_fed, tokens_cropped
 
 Positions are explicit: fed tokens occupy n_cached .. n_cached+n-1; the cache always holds a prefix of the text.
-`logits`: float32 [keep, V]; `hidden`: float32 [keep, d] at `hidden_layer` (HF numbering) or None; `hidden_all`:
+`logits`: float32 [keep, V]; `hidden`: float32 [keep, d] at `hidden_layer` (HF numbering: l is the input of
+decoder layer l, n_layers the final post-norm state) or None; a tuple of layers gives each row the concatenation
+of those layers' states in that order, [keep, len(layers) * d] (an EAGLE-3 drafter reads three); `hidden_all`:
 a row per fed token. `LM`: a policy's view of a predictor; `catch_up` feeds what its cache lacks. docs/runtimes.md.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import operator
+from typing import Protocol, Sequence, Union
 
 import torch
+
+HiddenLayer = Union[int, tuple[int, ...], None]   # one layer, several (rows concatenated in order), or none
+
+
+def hidden_layers(layer: HiddenLayer, n_layers: int, name: str = "") -> tuple[int, ...]:
+    """The layers a hidden_layer setting asks for, each checked to lie in 0..n_layers: () for None."""
+    layers = () if layer is None else tuple(map(operator.index, layer if isinstance(layer, (tuple, list))
+                                                else (layer,)))
+    if layer is not None and not layers:
+        raise ValueError(f"hidden_layer {layer!r}: name at least one layer (or None for none)")
+    for lay in layers:
+        if not 0 <= lay <= n_layers:
+            raise ValueError(f"hidden_layer {lay} outside 0..{n_layers} for {name}")
+    return layers
+
+
+def concat_layers(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Hidden rows of several layers side by side, [rows, len(states) * d]; one layer's rows as they are."""
+    return states[0] if len(states) == 1 else torch.cat(list(states), dim=-1)
 
 
 class Backend(Protocol):
     name: str
     vocab_size: int
-    hidden_layer: int | None
+    hidden_layer: HiddenLayer
     hidden_all: bool
     n_cached: int
     calls: int
@@ -63,10 +85,10 @@ class LM:
     the run dropped, and `reset` when a run starts.
     """
 
-    def __init__(self, backend: Backend, hidden_layer: int | None = None):
+    def __init__(self, backend: Backend, hidden_layer: HiddenLayer = None):
         self.backend = backend
-        self.hidden_layer = hidden_layer   # the layer this view asks its backend for (set on every reset)
-        self.hidden: torch.Tensor | None = None   # hidden state [d] behind the last call's logits
+        self.hidden_layer = hidden_layer   # the layer(s) this view asks its backend for (set on every reset)
+        self.hidden: torch.Tensor | None = None   # hidden state [d] (layers: [k * d]) behind the last logits
         self.tokens: list[int] = []     # what the cache holds
 
     @property

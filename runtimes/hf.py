@@ -1,9 +1,10 @@
 """HFBackend: a transformers causal LM with a DynamicCache, behind the Backend protocol (runtimes/backend.py).
 
 Tuned for batch 1 on CPU: weights made contiguous, `logits_to_keep` so a catch-up pays the output layer only
-for the rows kept. Any hidden layer is available. `early_exit_view` gives the first k blocks of a model as a
-"small model" sharing its weights (transformers' `assistant_early_exit`). Recording calls `score_windows`
-(batched, any layers), selfgen `greedy` (batched, left-padded).
+for the rows kept. Any hidden layer is available, or a tuple of them (rows concatenated). `early_exit_view`
+gives the first k blocks of a model as a "small model" sharing its weights (transformers'
+`assistant_early_exit`). Recording calls `score_windows` (batched, any layers), selfgen `greedy` (batched,
+left-padded).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import copy
 from typing import Sequence
 
 import torch
+
+from runtimes.backend import HiddenLayer, concat_layers, hidden_layers
 
 
 def text_config(model):
@@ -68,14 +71,13 @@ class HFBackend:
         self.reset()
 
     @property
-    def hidden_layer(self) -> int | None:
+    def hidden_layer(self) -> HiddenLayer:
         return self._hidden_layer
 
     @hidden_layer.setter
-    def hidden_layer(self, layer: int | None) -> None:
-        if layer is not None and not 0 <= layer <= self.n_layers:
-            raise ValueError(f"hidden_layer {layer} outside 0..{self.n_layers} for {self.name}")
-        self._hidden_layer = layer
+    def hidden_layer(self, layer: HiddenLayer) -> None:
+        self._layers = hidden_layers(layer, self.n_layers, self.name)
+        self._hidden_layer = tuple(self._layers) if isinstance(layer, (tuple, list)) else layer
 
     def reset(self) -> None:
         from transformers import DynamicCache  # here: importing transformers takes seconds
@@ -92,7 +94,7 @@ class HFBackend:
         keep = n if keep is None else max(1, min(keep, n))
         ids = torch.tensor([list(tokens)], dtype=torch.long)
         pos = torch.arange(self.n_cached, self.n_cached + n).unsqueeze(0)
-        want_hidden = self._hidden_layer is not None
+        want_hidden = bool(self._layers)
         # logits_to_keep: the output layer is a big share of a small model's cost; a lossy catch-up needs
         # the last row only.
         out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
@@ -103,7 +105,9 @@ class HFBackend:
         self.tokens_fed += n
         logits = out.logits[0, -keep:].float()
         rows = n if self.hidden_all else keep
-        hidden = out.hidden_states[self._hidden_layer][0, -rows:].float() if want_hidden else None
+        hidden = None
+        if want_hidden:
+            hidden = concat_layers([out.hidden_states[i][0, -rows:] for i in self._layers]).float()
         return logits, hidden
 
     def crop(self, n: int) -> None:

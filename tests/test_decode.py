@@ -120,6 +120,37 @@ def test_hidden_layer_is_hf_numbering(tiny):
         assert torch.allclose(h, hs[layer][0, :3], atol=1e-5)
 
 
+def test_hidden_layer_tuple_is_concatenation(tiny):
+    """hidden_layer=(l1, l2, ...): each row is hidden_states[l1] | hidden_states[l2] | ... (an EAGLE-3 drafter's
+    input), through keep, hidden_all, crop and reset; an int still gives hidden_states[l] alone."""
+    tok, big, _ = tiny
+    ids = tok(PROMPTS[2]).input_ids
+    with torch.no_grad():
+        hs = big(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    layers = (3, 0, 2)   # any order, the last (post-norm) included
+    want = torch.cat([hs[i][0] for i in layers], -1)
+    b = HFBackend(big, "big", hidden_layer=list(layers))
+    assert b.hidden_layer == layers
+    _, h = b.forward(ids[:4])
+    _, h2 = b.forward(ids[4:], keep=2)
+    assert h.shape == (4, 3 * b.hidden_size) and h2.shape == (2, 3 * b.hidden_size)
+    assert torch.allclose(h, want[:4], atol=1e-5) and torch.allclose(h2, want[-2:], atol=1e-5)
+    b.hidden_all = True
+    b.crop(3)
+    _, h3 = b.forward(ids[3:], keep=1)
+    assert torch.allclose(h3, want[3:], atol=1e-5)
+    b.reset()
+    b.hidden_all = False
+    assert torch.allclose(b.forward(ids, keep=1)[1], want[-1:], atol=1e-5)
+    b.hidden_layer = 2
+    b.reset()
+    h = b.forward(ids, keep=1)[1]
+    assert h.shape == (1, b.hidden_size) and torch.allclose(h, hs[2][0, -1:], atol=1e-5)
+    for bad in ((), (0, 4), -1):
+        with pytest.raises(ValueError):
+            b.hidden_layer = bad
+
+
 def test_early_exit_view_shares_weights(tiny):
     tok, big, _ = tiny
     v = early_exit_view(big, 1)
