@@ -9,7 +9,8 @@ scheduler and waits. When every live job waits, the scheduler feeds all their to
 llama_batch (a sequence id per token; a prompt longer than PREFILL_CHUNK goes in over several rounds so it does
 not stall the others), hands each job the rows it asked for and resumes it. Every llama.cpp call is made from
 this one thread. Each slot has its own KV stream (kv_unified off): on a model whose batched passes are bit-exact
-(SmolLM2 Q4_1) a sequence's logits do not depend on the others in the pass (tests/test_parallel.py).
+(SmolLM2 Q4_1) a sequence's logits do not depend on the others in the pass (tests/test_parallel.py). Hidden
+states as on LlamaCppBackend: one setting (a layer or a tuple of layers) for the whole context.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from greenlet import getcurrent, greenlet
 
+from runtimes.backend import HiddenLayer
 from runtimes.info import ContextLengthError
 from runtimes.llamacpp import UBATCH, LlamaCppBackend
 
@@ -32,7 +34,7 @@ class LlamaCppSlots(LlamaCppBackend):
     Its own forward/crop/reset are not used: the slots' are."""
 
     def __init__(self, model: str | os.PathLike, n_slots: int, slot_ctx: int, name: str = "",
-                 hidden_layer: int | None = None, n_threads: int | None = None, n_ubatch: int = UBATCH,
+                 hidden_layer: HiddenLayer = None, n_threads: int | None = None, n_ubatch: int = UBATCH,
                  weights_of: LlamaCppBackend | None = None):
         if n_slots < 1 or slot_ctx < 1:
             raise ValueError(f"{n_slots} slots of {slot_ctx} tokens: both must be >= 1")
@@ -52,7 +54,6 @@ class LlamaCppSlots(LlamaCppBackend):
         n = sum(len(t) for _, t, _ in parts)
         if n > self.n_ctx:
             raise ValueError(f"{n} tokens in one pass: more than the context's {self.n_ctx}")
-        hidden = self._hidden_layer is not None
         at, out, spans = 0, 0, []
         for seq, tokens, keep in parts:
             k = len(tokens)
@@ -64,8 +65,8 @@ class LlamaCppSlots(LlamaCppBackend):
             self._pos[at:at + k] = np.arange(slot.n_cached, slot.n_cached + k)
             for i in range(at, at + k):
                 self._seq[i][0] = seq
-            # with hidden states on llama.cpp outputs every row (embeddings mode): flag them all, keep the last
-            first = 0 if hidden else k - keep
+            # with the post-norm state on llama.cpp outputs every row (embeddings mode): flag them all, keep the last
+            first = 0 if self._post_norm else k - keep
             self._flags[at:at + first] = 0
             self._flags[at + first:at + k] = 1
             spans.append((out + (k - first) - keep, keep))
@@ -73,6 +74,7 @@ class LlamaCppSlots(LlamaCppBackend):
             at += k
             slot.n_cached += k
         self._batch.n_tokens = n
+        self._out_tokens = np.flatnonzero(self._flags[:n])   # output row -> batch token (hidden rows are by token)
         rc = self.lib.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"{self.name}: llama_decode failed (code {rc}) on a pass of {n} tokens")
@@ -84,9 +86,9 @@ class LlamaCppSlots(LlamaCppBackend):
         """(logits [keep, V], hidden [hidden_rows or keep, d] or None) of output rows first.., as views."""
         logits = self._rows(self.lib.llama_get_logits(self._ctx), first + keep, self.vocab_size, False)[first:]
         hidden = None
-        if self._hidden_layer is not None:
-            h = self._rows(self.lib.llama_get_embeddings(self._ctx), first + keep, self.hidden_size, False)
-            hidden = h[first + keep - (hidden_rows or keep):first + keep]
+        if self._layers:
+            end = int(self._out_tokens[first + keep - 1]) + 1   # the part's last token: its rows end there
+            hidden = self._hidden_rows(end - (hidden_rows or keep), hidden_rows or keep, False)
         return logits, hidden
 
     def remove(self, seq: int, n: int) -> None:
@@ -111,11 +113,11 @@ class SlotBackend:
         self.calls = self.tokens_fed = self.tokens_cropped = 0
 
     @property
-    def hidden_layer(self) -> int | None:
+    def hidden_layer(self) -> HiddenLayer:
         return self.ctx.hidden_layer
 
     @hidden_layer.setter
-    def hidden_layer(self, layer: int | None) -> None:
+    def hidden_layer(self, layer: HiddenLayer) -> None:
         if layer != self.ctx.hidden_layer:   # one setting for the whole context: every slot runs one policy
             self.ctx.hidden_layer = layer
 

@@ -58,7 +58,7 @@ class HFBackend:
     """A transformers causal LM with a DynamicCache, tuned for batch 1 on CPU."""
     hidden_all = False
 
-    def __init__(self, model, name: str = "", hidden_layer: int | None = None):
+    def __init__(self, model, name: str = "", hidden_layer: HiddenLayer = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         make_contiguous(self.model)

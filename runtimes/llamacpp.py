@@ -5,8 +5,10 @@ binding's `Llama` object, to get the protocol's semantics: explicit positions (s
 the kept rows, crop = llama_memory_seq_rm, zero-copy numpy views of the output buffers. Flash attention on and
 n_ubatch = 32 make a batched pass give the same logits as one-token steps (the lossless --verify needs it) on
 most weight types; `exact_pass` (probed, cached) says how long a pass stays exact on this one (K-quants: 3).
-Only the last layer's (post-norm) hidden state is reachable; another layer raises LayerUnavailable. Feeding
-past n_ctx raises ContextLengthError. Design notes and measurements: docs/runtimes.md.
+Hidden states: any layer in HF numbering, or a tuple of layers (rows concatenated): the last (n_layers) is
+llama.cpp's post-norm embeddings output, layer l < n_layers the input of block l (llama_set_embeddings_layer_inp,
+on the architectures in LAYER_INP_ARCHS; elsewhere LayerUnavailable). Feeding past n_ctx raises
+ContextLengthError. Design notes and measurements: docs/runtimes.md.
 
     big = LlamaCppBackend("model.gguf", hidden_layer=None, n_threads=2)
     logits, hidden = big.forward([1, 2, 3], keep=1)
@@ -26,6 +28,7 @@ import torch
 
 from common.errors import ProjectError
 from common.files import write_json
+from runtimes.backend import HiddenLayer, concat_layers, hidden_layers
 from runtimes.info import ModelInfo, ModelSourceError, check_context, tokenizer_fingerprint
 from runtimes.loading import load_tokenizer
 from runtimes.sources import cache_dir, gguf_path
@@ -61,13 +64,38 @@ def _log_errors_only(level: int, text: bytes, user_data) -> None:
 
 
 class LayerUnavailable(ValueError, ProjectError):
-    """A hidden layer other than the last: llama.cpp gives no other (a project error: one CLI error line)."""
+    """A hidden layer llama.cpp cannot give for this model (a project error: one CLI error line)."""
+
+
+# The input of block l (HF's hidden_states[l], l < n_layers) comes from libllama's staging API (the vendored
+# src/llama-ext.h): declared C++, so exported under Itanium-mangled names. Enabling layer l makes the graph mark
+# res->t_layer_inp[l] as an output; llama.cpp copies it for every batch token (whatever the logits flags say),
+# in batch order, into a buffer of n_batch rows that the getter returns whole.
+LAYER_INP_SET = ("llama_set_embeddings_layer_inp", "_Z30llama_set_embeddings_layer_inpP13llama_contextjb")
+LAYER_INP_GET = ("llama_get_embeddings_layer_inp", "_Z30llama_get_embeddings_layer_inpP13llama_contextj")
+# GGUF architectures whose graph in this llama.cpp sets t_layer_inp[l] = the block's input for every l
+# (src/models/<arch>.cpp). On any other one llama.cpp aborts the process (GGML_ASSERT) at the next decode.
+LAYER_INP_ARCHS = frozenset({"llama", "qwen3", "qwen3moe"})
+
+
+def _ext_function(lib, names: tuple[str, str], argtypes: list, restype):
+    """A libllama function of the staging API by its C name or, as built here, its mangled C++ name; None if
+    the library has neither."""
+    cdll = lib.llama_cpp._lib
+    for symbol in names:
+        try:
+            fn = getattr(cdll, symbol)
+        except AttributeError:
+            continue
+        fn.argtypes, fn.restype = argtypes, restype
+        return fn
+    return None
 
 
 class LlamaCppBackend:
     """A GGUF model in llama.cpp with the KV cache of one sequence; see the module docstring."""
 
-    def __init__(self, model: str | os.PathLike, name: str = "", hidden_layer: int | None = None,
+    def __init__(self, model: str | os.PathLike, name: str = "", hidden_layer: HiddenLayer = None,
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = UBATCH,
                  weights_of: "LlamaCppBackend | None" = None):
         self.lib = import_binding()
@@ -85,6 +113,10 @@ class LlamaCppBackend:
         self.vocab_size = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self._model))
         self.n_ctx_train = self.lib.llama_model_n_ctx_train(self._model)
         self.n_params = int(self.lib.llama_model_n_params(self._model))
+        self.arch = self._meta("general.architecture")
+        self._inp_set = _ext_function(self.lib, LAYER_INP_SET, [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool],
+                                      None)
+        self._inp_get = _ext_function(self.lib, LAYER_INP_GET, [ctypes.c_void_p, ctypes.c_uint32], ctypes.c_void_p)
         self.n_threads = n_threads or torch.get_num_threads()
         self._make_context(n_ctx or min(self.n_ctx_train, DEFAULT_MAX_CTX), n_ubatch)
         self._make_batch()
@@ -98,6 +130,11 @@ class LlamaCppBackend:
         if not self._model:
             raise ModelSourceError(f"llama.cpp could not load {self.path}")
 
+    def _meta(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else ""
+
     def _make_context(self, n_ctx: int, n_ubatch: int) -> None:
         p = self.lib.llama_context_default_params()
         p.n_ctx = n_ctx
@@ -107,7 +144,7 @@ class LlamaCppBackend:
         p.n_seq_max = self.n_seq         # runtimes/batched.py: one KV stream per sequence (kv_unified off)
         p.kv_unified = self.kv_unified
         p.n_threads = p.n_threads_batch = self.n_threads
-        p.embeddings = False               # switched on by the hidden_layer setter
+        p.embeddings = False               # switched on by the hidden_layer setter (as are layer inputs)
         p.pooling_type = self.lib.LLAMA_POOLING_TYPE_NONE
         p.flash_attn_type = self.lib.LLAMA_FLASH_ATTN_TYPE_ENABLED   # batch-invariant logits: see the docstring
         self._ctx = self.lib.llama_init_from_model(self._model, p)
@@ -128,17 +165,34 @@ class LlamaCppBackend:
 
     # -- protocol ----------------------------------------------------------------------------------------------
     @property
-    def hidden_layer(self) -> int | None:
+    def hidden_layer(self) -> HiddenLayer:
         return self._hidden_layer
 
     @hidden_layer.setter
-    def hidden_layer(self, layer: int | None) -> None:
-        if layer is not None and layer != self.n_layers:
+    def hidden_layer(self, layer: HiddenLayer) -> None:
+        layers = hidden_layers(layer, self.n_layers, self.name)
+        inputs = {i for i in layers if i < self.n_layers}
+        if inputs and not self.layer_inputs:
             raise LayerUnavailable(
-                f"hidden_layer {layer}: the llama.cpp backend gives the last layer only "
-                f"(hidden_layer={self.n_layers} for {self.name}, the post-norm state) or none (None)")
-        self._hidden_layer = layer
-        self.lib.llama_set_embeddings(self._ctx, layer is not None)
+                f"hidden_layer {layer}: llama.cpp gives {self.name} ({self.arch or 'unknown'} architecture) the "
+                f"last layer only (hidden_layer={self.n_layers}, the post-norm state) or none (None); inner layers "
+                f"on {', '.join(sorted(LAYER_INP_ARCHS))} models")
+        for i in sorted(inputs ^ self._inputs_on):   # each switch makes llama.cpp re-plan its graph once
+            self._inp_set(self._ctx, i, i in inputs)
+        self._inputs_on = frozenset(inputs)
+        self._layers = layers
+        self._hidden_layer = layers if isinstance(layer, (tuple, list)) else layer
+        self.lib.llama_set_embeddings(self._ctx, self._post_norm)
+
+    @property
+    def layer_inputs(self) -> bool:
+        """Can this model give layers other than the last (the library exports them, the graph marks them)?"""
+        return self._inp_set is not None and self._inp_get is not None and self.arch in LAYER_INP_ARCHS
+
+    @property
+    def _post_norm(self) -> bool:
+        # the last layer is llama.cpp's embeddings output, which makes it output every row (flags or not)
+        return self.n_layers in self._layers
 
     def is_eog(self, token: int) -> bool:
         """Does llama.cpp end generation at this token (EOS, EOT, ...)?"""
@@ -146,6 +200,7 @@ class LlamaCppBackend:
             self.lib.llama_vocab_is_eog(self.lib.llama_model_get_vocab(self._model), token))
 
     hidden_all = False     # True: hidden rows for every fed token, not only the last `keep` (see Backend)
+    _inputs_on = frozenset()   # layers whose input llama.cpp's context extracts now
     n_seq = 1              # sequences in the context (LlamaCppSlots: more)
     kv_unified = False
     device = torch.device("cpu")
@@ -199,10 +254,9 @@ class LlamaCppBackend:
         # the batch flagged those only or every row.
         logits = self._rows(self.lib.llama_get_logits_ith(self._ctx, n - keep), keep, self.vocab_size, copy)
         hidden = None
-        if self._hidden_layer is not None:
+        if self._layers:
             rows = n if self.hidden_all else keep
-            hidden = self._rows(self.lib.llama_get_embeddings_ith(self._ctx, n - rows), rows, self.hidden_size,
-                                copy)
+            hidden = self._hidden_rows(n - rows, rows, copy)
         return logits, hidden
 
     def crop(self, n: int) -> None:
@@ -216,11 +270,9 @@ class LlamaCppBackend:
 
     def score_windows(self, x: torch.Tensor, keep: int, layers: Sequence[int]):
         """Recording: one fresh pass (cache reset) over each row of x [B, L]; logits [B, keep, V] and
-        {n_layers: hidden [B, L, d]} when layers is [n_layers] (the only layer llama.cpp gives)."""
-        if any(layer != self.n_layers for layer in layers):
-            raise LayerUnavailable(f"layers {list(layers)}: the llama.cpp backend records the last layer only "
-                                   f"({self.n_layers} for {self.name})")
-        self.hidden_layer = self.n_layers if layers else None
+        {layer: hidden [B, L, d]} for `layers` (HF numbering; inner ones where `layer_inputs`)."""
+        layers = tuple(layers)
+        saved, self.hidden_layer = self.hidden_layer, layers or None
         hidden_all, self.hidden_all = self.hidden_all, True
         logits, hidden = [], []
         try:
@@ -231,7 +283,11 @@ class LlamaCppBackend:
                 hidden.append(h)
         finally:
             self.hidden_all = hidden_all
-        return torch.stack(logits), ({self.n_layers: torch.stack(hidden)} if layers else {})
+            self.hidden_layer = saved
+        if not layers:
+            return torch.stack(logits), {}
+        h = torch.stack(hidden).unflatten(-1, (len(layers), self.hidden_size))   # [B, L, layers, d]
+        return torch.stack(logits), {layer: h[:, :, i].contiguous() for i, layer in enumerate(layers)}
 
     def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int, eos_ids) -> list[list[int]]:
         """Greedy continuations, one prompt at a time, cut before the first EOS."""
@@ -264,10 +320,22 @@ class LlamaCppBackend:
         self._tok[:n] = ids
         self._pos[:n] = np.arange(self.n_cached, self.n_cached + n)
         # With embeddings on, llama.cpp outputs every row whatever the flags say (and warns): flag them all.
-        first = 0 if self._hidden_layer is not None else n - keep
+        first = 0 if self._post_norm else n - keep
         self._flags[:first] = 0
         self._flags[first:n] = 1
         self._batch.n_tokens = n
+
+    def _hidden_rows(self, first: int, rows: int, copy: bool) -> torch.Tensor:
+        """Hidden rows of the last pass's batch tokens first..first+rows-1, the layers asked for side by side."""
+        parts = []
+        for layer in self._layers:
+            if layer == self.n_layers:   # llama.cpp's embeddings output: every row was flagged, so row i = token i
+                ptr = self.lib.llama_get_embeddings_ith(self._ctx, first)
+            else:                        # a block's input: a row per batch token, the whole buffer
+                base = self._inp_get(self._ctx, layer)
+                ptr = base and base + first * self.hidden_size * ctypes.sizeof(ctypes.c_float)
+            parts.append(self._rows(ptr, rows, self.hidden_size, copy and len(self._layers) == 1))
+        return concat_layers(parts)
 
     @staticmethod
     def _rows(ptr, rows: int, width: int, copy: bool) -> torch.Tensor:

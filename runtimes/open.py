@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UsageError
-from runtimes.backend import Backend
+from runtimes.backend import Backend, HiddenLayer
 from runtimes.hf import HFBackend, early_exit_view
 from runtimes.info import ModelInfo, check_context, check_same_tokenizer
 from runtimes.llamacpp import eos_ids, open_gguf
@@ -31,13 +31,13 @@ class Opened:
     eos_ids: tuple
 
 
-def hf_backend(name: str, dtype: str = "float32", device: str = "cpu", hidden_layer: int | None = None) -> Opened:
+def hf_backend(name: str, dtype: str = "float32", device: str = "cpu", hidden_layer: HiddenLayer = None) -> Opened:
     """A model loaded with transformers."""
     lm = load(name, dtype, device=device)
     return Opened(HFBackend(lm.model, name=name, hidden_layer=hidden_layer), lm.tokenizer, lm.info, eos_ids_of(lm))
 
 
-def llamacpp_backend(name: str, dtype: str = "float32", device: str = "cpu", hidden_layer: int | None = None
+def llamacpp_backend(name: str, dtype: str = "float32", device: str = "cpu", hidden_layer: HiddenLayer = None
                      ) -> Opened:
     """A GGUF (packaged alias or .gguf file) in llama.cpp."""
     refuse_early_exit(name)
@@ -56,7 +56,7 @@ BACKENDS = {   # kind -> opener(name, dtype, device, hidden_layer) -> Opened
 
 
 def open_backend(name: str, kind: str = "hf", dtype: str = "float32", device: str = "cpu",
-                 hidden_layer: int | None = None) -> Opened:
+                 hidden_layer: HiddenLayer = None) -> Opened:
     """One model as a backend of `kind`, with its tokenizer, ModelInfo and EOS ids."""
     if kind not in BACKENDS:
         raise UsageError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")

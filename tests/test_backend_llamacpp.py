@@ -125,10 +125,153 @@ def test_no_hidden_layer_same_logits(backend, ids):
     close(logits, with_hidden)
 
 
-def test_only_last_layer(backend):
+LAYERS = (2, 15, 29)   # an EAGLE-3 drafter's low, middle and high layer (HF numbering: block inputs)
+
+
+@pytest.fixture(scope="module")
+def layered(gguf):
+    """A second backend reading three inner layers (llama_set_embeddings_layer_inp) and none of the last."""
+    b = LlamaCppBackend(gguf, name="smollm2-135m", hidden_layer=LAYERS, n_ctx=256, n_threads=1)
+    yield b
+    b.close()
+
+
+def split(hidden: torch.Tensor, k: int) -> torch.Tensor:
+    return hidden.unflatten(-1, (k, -1))   # [rows, k * d] -> [rows, k, d]
+
+
+def test_layers_match_transformers(layered, ids, smollm2):
+    """Layer l < n_layers is the input of block l, i.e. transformers' hidden_states[l] (pre-norm residual
+    stream): every row is closest to that entry, not its neighbours; n_layers is the post-norm last state.
+    Q4_1 against its float32 de-quantisation, so close, not equal (measured min cosine 0.998-0.9999)."""
+    with torch.no_grad():
+        hs = smollm2.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    layered.reset()
+    _, h = layered.forward(ids)
+    assert h.shape == (len(ids), len(LAYERS) * layered.hidden_size)
+    cos = torch.nn.functional.cosine_similarity
+    for j, layer in enumerate(LAYERS):
+        mine = split(h, len(LAYERS))[:, j]
+        assert cos(mine, hs[layer][0]).min() > 0.99, layer
+        for other in (layer - 1, layer + 1):
+            assert (cos(mine, hs[layer][0]) > cos(mine, hs[other][0])).all(), (layer, other)
+    layered.hidden_layer = (0, N_LAYERS)
+    try:
+        layered.reset()
+        _, h = layered.forward(ids)
+    finally:
+        layered.hidden_layer = LAYERS
+    for j, layer in enumerate((0, N_LAYERS)):
+        assert cos(split(h, 2)[:, j], hs[layer][0]).min() > 0.99, layer
+
+
+def test_layers_leave_logits_and_int_layer_as_they_were(backend, layered, ids):
+    """Reading layers changes no logit; the last layer inside a tuple is the int setting's rows exactly, and the
+    int setting still returns [rows, d]."""
+    backend.reset()
+    want_logits, want_last = backend.forward(ids, keep=3)
+    assert want_last.shape == (3, backend.hidden_size) and backend.hidden_layer == N_LAYERS
+    layered.reset()
+    close(layered.forward(ids, keep=3)[0], want_logits)
+    layered.hidden_layer = [15, N_LAYERS]        # a list is taken as the tuple
+    try:
+        assert layered.hidden_layer == (15, N_LAYERS)
+        layered.reset()
+        logits, h = layered.forward(ids, keep=3)
+    finally:
+        layered.hidden_layer = LAYERS
+    close(logits, want_logits)
+    assert torch.equal(split(h, 2)[:, 1], want_last)
+
+
+def test_layers_through_crop_reset_and_hidden_all(layered, ids):
+    """With layers on, a batched pass gives the one-token steps' rows, a crop and re-feed the same rows again,
+    hidden_all a row per fed token, reset a fresh start."""
+    layered.reset()
+    full_logits, _ = layered.forward(ids)
+    layered.hidden_all = True
+    try:
+        layered.reset()
+        logits, full = layered.forward(ids, keep=1)
+        assert full.shape == (len(ids), len(LAYERS) * layered.hidden_size)
+        close(logits, full_logits[-1:])
+        layered.reset()
+        steps = [layered.forward([t], keep=1) for t in ids]
+        close(torch.cat([s[1] for s in steps]), full)
+        k = len(ids) // 2
+        layered.crop(k)
+        again_logits, again = layered.forward(ids[k:], keep=2)
+        close(again, full[k:])
+        close(again_logits, full_logits[-2:])
+    finally:
+        layered.hidden_all = False
+    layered.reset()
+    _, last = layered.forward(ids, keep=2)
+    close(last, full[-2:])
+
+
+def test_score_windows_any_layers(layered, ids):
+    """Recording on llama.cpp: {layer: [B, L, d]} for inner layers and the last, the same rows as forward."""
+    x = torch.tensor([ids[:12], ids[5:17]])
+    logits, hid = layered.score_windows(x, keep=2, layers=[2, 15, N_LAYERS])
+    assert logits.shape == (2, 2, layered.vocab_size) and set(hid) == {2, 15, N_LAYERS}
+    assert layered.hidden_layer == LAYERS and not layered.hidden_all   # the setting comes back
+    for i, row in enumerate(x.tolist()):
+        for layer in (2, 15, N_LAYERS):
+            layered.hidden_layer = layer
+            layered.hidden_all = True
+            try:
+                layered.reset()
+                close(layered.forward(row, keep=1)[1], hid[layer][i])
+            finally:
+                layered.hidden_all = False
+                layered.hidden_layer = LAYERS
+
+
+@pytest.mark.parametrize("layers", [LAYERS, (2, N_LAYERS), N_LAYERS])
+def test_slots_with_layers_equal_plain_backend(gguf, layered, ids, layers):
+    """LlamaCppSlots with a tuple of layers (or the int): each slot's rows (prompts in chunks, then one-token
+    steps, several sequences in one pass) are the plain backend's."""
+    from functools import partial
+
+    from runtimes.batched import LlamaCppSlots, Scheduler
+
+    prompts = [ids, ids[::-1][:9], ids[3:]]
+    want = []
+    layered.hidden_layer = layers
+    try:
+        for p in prompts:
+            layered.reset()
+            want.append(layered.forward(p, keep=2)[1])
+            want.append(layered.forward(p[:3], keep=1)[1])
+    finally:
+        layered.hidden_layer = LAYERS
+    ctx = LlamaCppSlots(gguf, n_slots=3, slot_ctx=64, hidden_layer=layers, n_threads=1, weights_of=layered)
+    got = {}
+
+    def job(i):
+        slot = ctx.slot(i)
+        got[i] = [slot.forward(prompts[i], keep=2)[1], slot.forward(prompts[i][:3], keep=1)[1]]
+
+    try:
+        Scheduler(chunk=8).run([partial(job, i) for i in range(3)])
+    finally:
+        ctx.close()
+    for i in range(3):
+        close(got[i][0], want[2 * i])
+        close(got[i][1], want[2 * i + 1])
+
+
+def test_inner_layers_need_a_graph_that_marks_them(layered, monkeypatch):
+    """On an architecture whose llama.cpp graph does not mark block inputs (enabling one would abort the process),
+    inner layers raise LayerUnavailable and the setting stays; the last layer still works."""
+    monkeypatch.setattr(layered, "arch", "qwen2")
     with pytest.raises(LayerUnavailable, match="last layer only"):
-        backend.hidden_layer = 15
-    assert backend.hidden_layer == N_LAYERS
+        layered.hidden_layer = (2, N_LAYERS)
+    assert layered.hidden_layer == LAYERS
+    layered.hidden_layer = N_LAYERS
+    monkeypatch.undo()
+    layered.hidden_layer = LAYERS
 
 
 def test_context_and_bad_input(backend, ids):
