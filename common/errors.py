@@ -12,6 +12,10 @@ from __future__ import annotations
 import sys
 
 
+INTERRUPTED = 130   # exit status after Ctrl-C (128 + SIGINT, as a shell reports a process the signal ended)
+BROKEN_PIPE = 141   # exit status when stdout's reader went away (128 + SIGPIPE)
+
+
 class ProjectError(Exception):
     """A user's mistake (a bad flag, file, folder or model name): one `error:` line, never a traceback."""
 

@@ -4,16 +4,19 @@
     with atomic_path(path) as tmp: save_file(tensors, tmp)     # for libraries that write to a path
     with atomic_dir(path) as tmp: ...fill tmp...                # a whole folder, renamed into place
     with FolderLock(out, "train.py record"): ...                # refuses a second writer, naming the first
-    with FolderLock.of_file(path, "infer.py --output"): ...     # one output file of a shared folder
+    with FileLock(path, "infer.py --output") as lock: ...       # one output file: every name of it (lock.follow())
     check_output_dir(out, "--out") / check_output_file(path, "--json")    # before any work: a typo fails at once
 
 A file is written to a temporary name in its folder and renamed into place, with the mode open() would give it; a
 dead process's lock does not block a resume; symlinks are resolved first (real_path); a path that is neither a
-regular file nor a folder, or not writable, is refused with OutputPathError naming the flag. Why: docs/files.md.
+regular file nor a folder, or not writable, or a name longer than its file system takes, is refused with
+OutputPathError naming the flag; the names derived from a path (temporary files, lock files) are shortened to
+fit. Why: docs/files.md.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -39,8 +42,30 @@ def real_path(path: str | Path) -> Path:
     return Path(os.path.realpath(path))
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of `folder` (or of its nearest existing ancestor) takes."""
+    try:
+        return os.pathconf(_nearest_existing(Path(folder)), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def fit_name(folder: Path, name: str, extra: int) -> str:
+    """`name`, or when `extra` more bytes would not fit in a file name of `folder`, its head and a hash of the
+    whole (the same for every process): the stem of a name derived from `name` (a temporary file, a lock)."""
+    limit = name_max(folder) - extra
+    if len(os.fsencode(name)) <= limit:
+        return name
+    tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    head = name
+    while head and len(os.fsencode(head + tag)) > limit:
+        head = head[:-1]
+    return head + tag
+
+
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    suffix = f".{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    return path.with_name(f".{fit_name(path.parent, path.name, 1 + len(suffix))}{suffix}")
 
 
 @contextlib.contextmanager
@@ -99,9 +124,15 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def json_text(obj, indent: int | None = 1) -> str:
+    """JSON (numpy scalars/arrays and paths allowed), without escaping, a newline at the end: write_json's text,
+    also for a caller that writes it to stdout ('-')."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n"
+
+
 def write_json(path: str | Path, obj, indent: int | None = 1) -> None:
-    """JSON (numpy scalars/arrays and paths allowed), UTF-8 without escaping, a newline at the end."""
-    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+    """json_text, UTF-8."""
+    write_text(path, json_text(obj, indent))
 
 
 def save_tensors(tensors: dict, path: str | Path) -> None:
@@ -119,7 +150,7 @@ class OutputPathError(ValueError, ProjectError):
 def _nearest_existing(path: Path) -> Path:
     """`path` itself if it exists (or is a dangling link), else its nearest existing ancestor."""
     p = path
-    while not p.exists() and not p.is_symlink():
+    while not os.path.lexists(p):   # (False, not an error, for a name too long to exist)
         if p.parent == p:
             break
         p = p.parent
@@ -135,6 +166,15 @@ def _probe_writable(folder: Path, shown: Path, flag: str) -> None:
         raise OutputPathError(f"{flag} {shown}: cannot write in {folder} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def _probe_file(path: Path, shown: Path, flag: str) -> None:
+    """Open an existing file for writing (nothing written, nothing truncated): refuses a read-only or immutable
+    file (chattr +i, which even root cannot write or replace)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as e:
+        raise OutputPathError(f"{flag} {shown}: cannot be written ({e.strerror or e}); name another file") from None
 
 
 SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
@@ -160,12 +200,18 @@ def _check_output(shown: Path, flag: str, want_dir: bool, hint: str = "") -> Pat
         raise OutputPathError(f"{flag} {shown}: is {special}, not {want}; writing would replace it "
                               f"(name {want}{hint})")
     path = real_path(shown)
+    size, limit = len(os.fsencode(path.name)), name_max(path.parent)
+    if size > limit:
+        raise OutputPathError(f"{flag} {shown}: a name of {size} bytes, more than the {limit} its file system "
+                              "takes; name a shorter one")
     existing = _nearest_existing(path)
     if existing == path:
         if want_dir and not path.is_dir():
             raise OutputPathError(f"{flag} {shown}: exists and is not a folder; name a folder (new or to resume)")
         if not want_dir and path.is_dir():
             raise OutputPathError(f"{flag} {shown}: is a folder; name a file")
+        if not want_dir:
+            _probe_file(path, shown, flag)
         folder = path if want_dir else path.parent
     else:
         if not existing.is_dir():
@@ -213,7 +259,7 @@ class FolderLock:
     checks after flock() that the path still names the file it locked (the holder may have just removed it).
     Use as a context manager. Processes of one multi-process run share one lock: only the main one takes it.
     `name` (default .lock) gives one output file of a shared folder a lock of its own (infer.py --output; see
-    of_file). The lock file lies in the real folder (links resolved).
+    FileLock). The lock file lies in the real folder (links resolved).
     """
 
     NAME = ".lock"
@@ -223,13 +269,6 @@ class FolderLock:
         self.file = real_path(self.folder) / (name or self.NAME)   # name: one lock per output file of a folder
         self._fd: int | None = None
         self._made = False  # the folder did not exist: removed on release if still empty
-
-    @classmethod
-    def of_file(cls, path: str | Path, what: str = "") -> "FolderLock":
-        """The lock of one output file: `.NAME.lock` beside the real file, named after the real path (links
-        resolved), so two names that reach one file take one lock."""
-        real = real_path(path)
-        return cls(real.parent, what, name=f".{real.name}.lock")
 
     @property
     def held(self) -> bool:
@@ -254,7 +293,10 @@ class FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.file = real_path(self.folder) / self.file.name   # the folder may have been a dangling link
         for _ in range(20):
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputPathError(f"{self.folder}: cannot take the lock {self.file} ({e.strerror or e})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -293,5 +335,97 @@ class FolderLock:
         self.release()
 
 
+class FileLock:
+    """The lock of one output file of a shared folder (infer.py --output), whatever name reaches it.
+
+    Two locks, both flock()s: `.NAME.lock` beside the real file, named after the real path (a FolderLock: every
+    symlink or `..` name of the file takes the same one, and it holds the owner for the message a second writer
+    gets), and one on the file itself, i.e. on its device and inode (a hard link is another path to the same
+    inode). An atomic rewrite (a repair) puts a new inode under the path: `follow()` locks whatever inode the
+    path names now (call it after rewriting or creating the file); the path lock covers the moment between.
+    """
+
+    def __init__(self, path: str | Path, what: str = ""):
+        self.path, self.what = Path(path), what
+        real = real_path(path)
+        self.names = FolderLock(real.parent, what, name=f".{fit_name(real.parent, real.name, 6)}.lock")
+        self._fd: int | None = None
+        self._inode: tuple[int, int] | None = None
+
+    @property
+    def file(self) -> Path:
+        """The path lock's file."""
+        return self.names.file
+
+    def acquire(self) -> "FileLock":
+        self.names.acquire()
+        try:
+            self.follow()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def follow(self) -> None:
+        """Lock the inode the path names now, if it exists and is not the one locked already."""
+        import fcntl
+
+        for _ in range(20):
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                return
+            if (st.st_dev, st.st_ino) == self._inode:
+                return
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise OutputPathError(f"{self.path}: cannot be opened ({e.strerror or e})") from None
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):   # replaced between stat and open: again
+                os.close(fd)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockedError(f"{self.path}: in use by {_inode_holder(st.st_dev, st.st_ino)} writing the same "
+                                  f"file under another name (a hard link: device {st.st_dev}, inode {st.st_ino}); "
+                                  "wait for it to finish") from None
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._inode = fd, (st.st_dev, st.st_ino)
+            return
+        raise LockedError(f"{self.path}: could not lock it (it keeps being replaced)")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._inode = None
+        self.names.release()
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _inode_holder(dev: int, ino: int) -> str:
+    """Who holds an flock on the inode (pid and command, from /proc/locks on Linux), for a refusal's message."""
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            f = line.split()
+            if len(f) > 5 and f[1] == "FLOCK" and f[5] == want:
+                pid = f[4]
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"{' '.join(cmd.split()[:8]) or 'a process'} (pid {pid})"
+    except OSError:
+        pass
+    return "another process"
+
+
 __all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "save_tensors", "FolderLock",
-           "LockedError", "OutputPathError", "check_output_dir", "check_output_file", "real_path", "special_kind"]
+           "FileLock", "LockedError", "OutputPathError", "check_output_dir", "check_output_file", "real_path",
+           "special_kind", "fit_name", "name_max", "json_text"]

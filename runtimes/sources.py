@@ -223,7 +223,9 @@ def gguf_path(model: str | os.PathLike) -> Path:
     else:
         path = Path(model)
         if not path.is_file():
-            raise ModelSourceError(f"{model}: the llama.cpp backend needs a GGUF model, a packaged alias "
+            what = "is a folder" if path.is_dir() else "no such file" if path.suffix == ".gguf" or \
+                os.sep in str(model) else "no such file, and not a packaged alias"
+            raise ModelSourceError(f"{model}: {what}; the llama.cpp backend needs a GGUF model, a packaged alias "
                                    f"({', '.join(ALIASES)}) or a .gguf file")
     check_gguf(path)
     return path

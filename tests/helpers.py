@@ -10,11 +10,13 @@ import copy
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from corpus_tools import record as rec_mod
@@ -216,3 +218,23 @@ def assert_one_error_line(rc: int, err: str, expected: str, start: str = "") -> 
     assert len(errors) == 1 and errors[0] == lines[-1], err[-2000:]
     assert errors[0].startswith(start), (start, errors[0])
     assert expected in errors[0], (expected, errors[0])
+
+
+@contextlib.contextmanager
+def unwritable(path: Path):
+    """`path` made unwritable for this process while the block runs: immutable (chattr +i) as root, read-only
+    otherwise; skips the test where neither is possible."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here (root writes any read-only file)")
+        try:
+            yield path
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        mode = path.stat().st_mode
+        path.chmod(0o444)
+        try:
+            yield path
+        finally:
+            path.chmod(mode)

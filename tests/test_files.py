@@ -7,9 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from common.files import FolderLock, LockedError, OutputPathError, check_output_dir, check_output_file
+from common.files import (
+    FileLock,
+    FolderLock,
+    LockedError,
+    OutputPathError,
+    atomic_path,
+    check_output_dir,
+    check_output_file,
+    write_text,
+)
 
-from helpers import hold_lock, kill
+from helpers import hold_lock, kill, unwritable
 
 ROOT = Path(__file__).resolve().parents[1]
 def test_output_folder_checks(tmp_path):
@@ -126,8 +135,64 @@ def test_two_names_of_one_file_are_one_lock(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "r.jsonl").write_text("")
     (tmp_path / "a" / "r2.jsonl").symlink_to(tmp_path / "b" / "r.jsonl")
-    with FolderLock.of_file(tmp_path / "b" / "r.jsonl", "infer.py --output b/r.jsonl"):
+    with FileLock(tmp_path / "b" / "r.jsonl", "infer.py --output b/r.jsonl"):
         assert (tmp_path / "b" / ".r.jsonl.lock").is_file()
         with pytest.raises(LockedError, match=r"in use by infer.py --output b/r.jsonl"):
-            FolderLock.of_file(tmp_path / "a" / "r2.jsonl").acquire()
+            FileLock(tmp_path / "a" / "r2.jsonl").acquire()
     assert sorted(os.listdir(tmp_path / "a")) == ["r2.jsonl"] and os.listdir(tmp_path / "b") == ["r.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 29
+def test_a_hard_link_is_the_same_file_to_the_lock(tmp_path):
+    """Case 3: a hard link is another path to the same inode: the lock is on the file (device, inode) as well
+    as on its real path, and follows the file through an atomic rewrite (a new inode under the path)."""
+    (tmp_path / "a").mkdir()
+    out, link = tmp_path / "out.jsonl", tmp_path / "a" / "link.jsonl"
+    out.write_text("")
+    os.link(out, link)
+    with FileLock(out, "infer.py --output out.jsonl") as lock:
+        with pytest.raises(LockedError, match=r"link.jsonl: in use by .* \(pid \d+\) writing the same file under "
+                                              r"another name \(a hard link: device \d+, inode \d+\)"):
+            FileLock(link).acquire()
+        write_text(out, "repaired\n")      # a repair: `out` is a new inode now, the link keeps the old one
+        os.link(out, tmp_path / "a" / "link2.jsonl")
+        lock.follow()
+        with pytest.raises(LockedError, match="a hard link"):
+            FileLock(tmp_path / "a" / "link2.jsonl").acquire()
+        with pytest.raises(LockedError, match="in use by infer.py --output out.jsonl"):
+            FileLock(out).acquire()       # the path lock
+    with FileLock(tmp_path / "a" / "link2.jsonl"):   # released: free again
+        pass
+    assert sorted(os.listdir(tmp_path / "a")) == ["link.jsonl", "link2.jsonl"]
+
+
+def test_names_near_the_file_systems_limit(tmp_path):
+    """Case 9: a name of 250 bytes is legal; the names derived from it (its temporary file, its lock) are
+    shortened to fit, the same for every process; a name past the limit is refused before any work."""
+    name = "r" * 250
+    out = tmp_path / name
+    assert check_output_file(out, "--output") == out
+    write_text(out, "x\n")                          # its temporary name would be 250 + 21 bytes
+    with atomic_path(out) as tmp:
+        assert len(tmp.name) <= 255
+        tmp.write_text("y\n")
+    assert out.read_text() == "y\n"
+    with FileLock(out, "infer.py") as lock:
+        assert len(lock.file.name) <= 255 and lock.file.is_file()
+        with pytest.raises(LockedError):
+            FileLock(out).acquire()                  # the same shortened name: the same lock
+    with pytest.raises(OutputPathError, match=rf"^--output's summary .*: a name of 263 bytes, more than the 255 "):
+        check_output_file(f"{out}.summary.json", "--output's summary")
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_an_existing_file_that_cannot_be_written_is_refused(tmp_path):
+    """Case 9: an output that exists but cannot be written (chattr +i, which stops root too; or read-only for
+    another user) is refused when it is checked, not when the results are written."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("x\n")
+    with unwritable(out):
+        with pytest.raises(OutputPathError, match=r"^--output .*out.jsonl: cannot be written \((Operation not "
+                                                  r"permitted|Permission denied)\)"):
+            check_output_file(out, "--output")
+    assert out.read_text() == "x\n"

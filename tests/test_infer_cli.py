@@ -37,6 +37,7 @@ def ws(tmp_path_factory):
     (t / "stdout").symlink_to(t / "fifo")                   # stands in for /dev/stdout on a pipe (cases 1, 6)
     (t / "busy.jsonl").write_text("")
     (t / "busy_link.jsonl").symlink_to(t / "busy.jsonl")    # another name of the busy output (case 2)
+    (t / "sumdir.jsonl.summary.json").mkdir()               # an output whose summary path is a folder (issue 29)
     # A reader on the FIFO: a writer's open() would block forever without one (no subprocess timeout here).
     reader = os.open(t / "fifo", os.O_RDONLY | os.O_NONBLOCK)
     try:
@@ -58,7 +59,7 @@ NO_MODEL = [  # (infer.py arguments, text the error line must contain); {t} is t
     ("x -m 2 --json /proc/x.json", "--json /proc/x.json: cannot write in /proc"),
     ("x -m 2 --json {t}", "--json {t}: is a folder; name a file"),
     ("x --threshold 2 -t nan", "--temperature must be a finite number >= 0, got nan"),             # case 4
-    ("x -m 0", "-m must be >= 1"),
+    ("x -m 0", "-m must be an integer >= 1, got 0"),
     ("x --verify-below nan", "--verify-below must be a number, got nan"),
     ("x -m 2 --policy gate --gate {t}/no_gate", "--gate {t}/no_gate: no such folder"),
     ("--input {t}/in.jsonl", "--input and --output go together"),                                   # batch
@@ -70,16 +71,51 @@ NO_MODEL = [  # (infer.py arguments, text the error line must contain); {t} is t
     ("--input {t}/in.jsonl --output {t}/busy.jsonl", "{t}: in use by infer.py --output busy.jsonl (pid {pid} "),
     # issue 22
     ("Hello --json {t}/fifo", "--json {t}/fifo: is a FIFO (named pipe), not a regular file; writing would "
-                              "replace it (name a regular file)"),                                  # case 1
+                              "replace it (name a regular file, or '-' for stdout)"),               # case 1
     ("Hello --json {t}/stdout", "--json {t}/stdout: is a FIFO (named pipe), not a regular file"),
     ("--input {t}/in.jsonl --output {t}/stdout", "--output {t}/stdout: is a FIFO (named pipe), not a regular file; "
                                                  "writing would replace it (name a regular file, or '-' for stdout)"),
     ("--input {t}/in.jsonl --output {t}/busy_link.jsonl", "{t}: in use by infer.py --output busy.jsonl (pid {pid} "),
-    ("Hi -t 1e-300", "--temperature 1e-300: below 0.0001, sampling is greedy in all but name and overflows "
-                     "float32; use -t 0 for greedy"),                                               # case 4
-    ("Hi -t 1e-300 --backend llama.cpp", "--temperature 1e-300: below 0.0001"),
+    ("Hi -t 1e-300", "--temperature 1e-300 is below 0.0001: sampling there is greedy in all but name and "
+                     "overflows float32; write 0 for greedy"),                                      # case 4
+    ("Hi -t 1e-300 --backend llama.cpp", "--temperature 1e-300 is below 0.0001"),
     ("x --policy copy --chain-cut 0.5", "--chain-cut is read by --policy gate, not by --policy copy: drop it"),
     ("x --small self:2", "--small is read by --policy "),                                           # minor
+    # issue 29: every path a batch writes checked before any work (case 9)
+    ("--input {t}/in.jsonl --output {t}/sumdir.jsonl", "--output's summary {t}/sumdir.jsonl.summary.json: is a "
+                                                       "folder; name a file"),
+    ("--input {t}/in.jsonl --output {t}/" + "r" * 250, "--output's summary {t}/" + "r" * 250 + ".summary.json: a "
+                                                       "name of 263 bytes, more than the 255 its file system takes"),
+    # case 11, and case 14: one rule for a seed on the command line and on a line
+    ("x --seed 18446744073709551616", "--seed must be an integer in [0, 2**63), got 18446744073709551616"),
+    ("x --seed -1", "--seed must be an integer in [0, 2**63), got -1"),
+    # case 13: what is wrong is said, and before any model loads ({t}/no_model would fail to load)
+    ("--input {t}/in.jsonl --output {t}/r.jsonl --model {t}/no_model --policy gate --small self:2 --audit-scope job "
+     "--parallel 2 --no-audit", "--audit-scope job: the audit is off (--no-audit), so it would change nothing"),
+    ("--input {t}/in.jsonl --output {t}/r.jsonl --policy big --audit-scope job --parallel 2",
+     "--audit-scope is read by --policy gate, not by --policy big"),
+    ("--input {t}/in.jsonl --output {t}/r.jsonl --model {t}/no_model --policy gate --small self:2 --audit-scope job "
+     "--parallel 2", "--audit-scope job carries the audit from one prompt to the next: it needs --parallel 1"),
+    ("x --model {t}/no_model --policy gate --small self:2 --audit-target 2",
+     "--audit-target must be a number in (0, 1), got 2"),
+    ("--input {t}/in.jsonl --output {t}/r.jsonl --parallel 2 --backend hf", "--parallel 2: prompts share a pass "
+     "only on llama.cpp, and this run's models open on hf (--backend hf); use --backend llama.cpp"),
+    ("--input {t}/in.jsonl --output {t}/r.jsonl --parallel 2 --model {t}/no_model", "--parallel 2: prompts share a "
+     "pass only on llama.cpp, and this run's models open on hf ({t}/no_model is not a GGUF)"),
+    # case 14: nothing ignored in silence
+    ("x --parallel 4", "--parallel is an option of a batch (--input F --output R): drop it"),
+    ("x --rerun-mismatched", "--rerun-mismatched is an option of a batch (--input F --output R): drop it"),
+    ("x --plan fixed", "--plan fixed: it sizes the draft chains of a lossless --verify, and this run has no "
+                       "--verify: drop it, or add --verify"),
+    ("x --plan cost --verify-below 0.5", "--plan cost: it sizes the draft chains of a lossless --verify, and this "
+                                         "run verifies only skips below --verify-below"),
+    ("x --policy gate --small self:2 --no-audit --audit-target 0.05", "--audit-target: the audit is off "
+                                                                      "(--no-audit), so it would change nothing"),
+    ("x --policy gate --small self:2 --verify --audit-target 0.05", "--audit-target: the audit is off (a lossless "
+                                                                    "--verify checks every skip)"),
+    ("x --policy gate --small self:2 -t 0.7 --audit-scope job", "--audit-scope job: the audit is off (-t 0.7 "
+                                                                "samples, and the audit compares with the greedy"),
+    ("Hi --demo --json -", "--json -: the demo prints its text to stdout; name a file for the JSON"),
 ]
 
 WITH_MODEL = [  # each loads SmolLM2 (a few seconds): one per kind of check made after loading

@@ -166,7 +166,7 @@ def test_good_policy_options_build(tiny_rt):
     (["-t", "-1"], "--temperature must be a finite number >= 0, got -1"),
     (["--verify-below", "nan"], "--verify-below must be a number, got nan"),
     (["--prompt-file", "/nonexistent/p.txt"], "--prompt-file /nonexistent/p.txt: No such file or directory"),
-    (["-m", "0"], "-m must be >= 1"),
+    (["-m", "0"], "-m must be an integer >= 1, got 0"),
 ])
 def test_bad_run_options_exit_2_before_loading_models(argv, message, capsys):
     assert main(["x", *argv]) == 2

@@ -1,13 +1,16 @@
 """`infer.py --input prompts.jsonl --output results.jsonl`: many prompts, one model load, resumable.
 
 A line is {"prompt": text} or {"prompt_ids": [...]} with optional id, max_new_tokens, temperature, seed; unknown
-keys and repeated ids are refused. Each result row (id, line, prompt_ids, output_ids, text, sources, ledger, input
-hash, run identity) is appended with one fsynced write as its prompt ends; a bad line or one whose decoding fails
-is an error row and the rest goes on (exit status 2). A re-run skips ids with a row of the same line and run,
-refuses rows of another (or reruns them: --rerun-mismatched), retries error rows and drops a partial last line.
-A lock file beside the output refuses a second writer. --parallel N decodes N prompts side by side on llama.cpp
-(gate/decode/parallel.py); under `accelerate launch` each process takes every P-th line into its own part file,
-merged into the output at the end. A summary (tokens/s, big calls per token, errors) goes to OUTPUT.summary.json.
+or repeated keys, null values and repeated ids are refused. Each result row (id, line, prompt_ids, output_ids, text,
+sources, ledger, input hash, run identity) is appended with one fsynced write as its prompt ends; a bad line or one
+whose decoding fails is an error row and the rest goes on (exit status 2). A re-run checks every row of the
+output against this run (one file is one run): it skips ids with a row of the same line and run, refuses rows of
+another (or reruns them: --rerun-mismatched), keeps an id's first row only, retries error rows and drops a
+partial last line. Every path the run writes is checked before any work, and the output is locked under every
+name of it (common/files.py FileLock). Ctrl-C keeps every finished row and says how to resume (exit status 130).
+--parallel N decodes N prompts side by side on llama.cpp (gate/decode/parallel.py); under `accelerate launch`
+each process takes every P-th line into its own part file, merged into the output at the end. A summary of the
+file (rows, tokens, big calls per token, errors) and of the last run (tokens/s) goes to OUTPUT.summary.json.
 Details and the reasons: docs/batch.md.
 """
 from __future__ import annotations
@@ -27,13 +30,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.errors import ProjectError, UsageError, one_line
-from common.files import FolderLock, write_json, write_text
+from common.errors import INTERRUPTED, ProjectError, UsageError, one_line
+from common.files import FileLock, OutputPathError, check_output_file, write_json, write_text
 from gate.decode.cost import batch_curve
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
 from gate.decode.parallel import choose_parallel, run_parallel, slot_context
 from gate.decode.registry import namespace
-from gate.decode.session import MIN_TEMPERATURE, audits, encode, make_policy, open_runtime, run_one, user_text
+from gate.decode.session import audits, backend_of, encode, make_policy, open_runtime, option_problem, run_one, user_text
+from gate.model.artifact import artifact_digest
 from runtimes.info import tokenizer_fingerprint
 from runtimes.llamacpp import LlamaCppBackend
 from runtimes.loading import load_tokenizer
@@ -77,9 +81,11 @@ def read_input(path: str) -> list[Line]:
             line = parse_line(number, data)
             line.digest = hashlib.sha256(data.strip()).hexdigest()[:16]
             if line.error is None and line.key in seen:
+                first = seen[line.key]
                 line.repeated = True
-                line.error = f"id {line.id!r} repeats line {seen[line.key]}'s (ids must be unique: resuming goes by id)"
-            seen.setdefault(line.key, number)
+                line.error = (f"id {line.id!r}{default_id(line)} repeats line {first.number}'s{default_id(first)} "
+                              "(ids must be unique: resuming goes by id)")
+            seen.setdefault(line.key, line)
             lines.append(line)
     if not lines:
         raise UsageError(f"--input {path}: no prompts (the file is empty; write one JSON object a line, "
@@ -87,11 +93,30 @@ def read_input(path: str) -> list[Line]:
     return lines
 
 
+def default_id(line: Line) -> str:
+    """' (its line number: ...)' where the line's id is its line number because it gives none, else ''."""
+    return "" if line.obj is None or "id" in line.obj else ' (its line number: the line has no "id")'
+
+
+class RepeatedKey(ValueError):
+    """A key that appears twice in one JSON object (json.loads would keep the last in silence)."""
+
+
+def unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: the object, or RepeatedKey naming the first key given twice."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise RepeatedKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+    return dict(pairs)
+
+
 def parse_line(number: int, data: bytes) -> Line:
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys)
     except UnicodeDecodeError as e:
         return Line(number, number, error=f"not UTF-8 text ({e.reason} at byte {e.start})")
+    except RepeatedKey as e:
+        return Line(number, number, error=f"key {e.args[0]!r} appears twice (which one was meant? give each key once)")
     except ValueError as e:
         return Line(number, number, error=f"not JSON ({e})")
     if not isinstance(obj, dict):
@@ -118,23 +143,21 @@ def check_fields(obj: dict) -> str | None:
     ids = obj.get("prompt_ids", [0])
     if not (isinstance(ids, list) and ids and all(is_int(i) for i in ids)):
         return f"'prompt_ids' must be a non-empty list of integers, got {ids!r:.60}"
-    m, t, seed = (obj.get(k) for k in OPTIONS)
-    if m is not None and not (is_int(m) and m >= 1):
-        return f"'max_new_tokens' must be an integer >= 1, got {m!r}"
-    if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
-        return f"'temperature' must be a finite number >= 0, got {t!r}"
-    if t is not None and 0 < t < MIN_TEMPERATURE:
-        return (f"'temperature' {t!r} is below {MIN_TEMPERATURE:g}: sampling there is greedy in all but name and "
-                "overflows float32; write 0 for greedy")
-    if seed is not None and not (is_int(seed) and 0 <= seed < 2 ** 63):
-        return f"'seed' must be an integer in [0, 2**63), got {seed!r}"
+    for k in OPTIONS:   # the rule of -m / -t / --seed; null is no value (the option's default is: leave it out)
+        problem = option_problem(k, obj[k]) if k in obj else None
+        if problem:
+            return f"'{k}' {problem}"
     return None
 
 
 def prompt_ids_of(rt, line: Line, args) -> list[int]:
     """The line's prompt ids (text encoded as user text, ids checked against the vocabulary), checked to fit the
-    context with its max_new_tokens; UsageError / ContextLengthError say what is wrong."""
+    context with its max_new_tokens, and its options against the run's (an explicit --audit needs a greedy
+    line, as it needs -t 0); UsageError / ContextLengthError say what is wrong."""
     obj = line.obj
+    if getattr(args, "audit", None) and obj.get("temperature", 0) > 0:
+        raise UsageError(f"'temperature' {obj['temperature']!r}: --audit compares skips with the big model's greedy "
+                         "token: it needs temperature 0 (as it needs -t 0 on the command line)")
     if "prompt" in obj:
         ids = encode(rt, user_text(obj["prompt"], "'prompt'", from_bytes=False), args.chat, args.parse_special)
     else:
@@ -157,12 +180,15 @@ def run_identity(args, policies) -> dict:
     names = [*RUN_ARGS, *(a.dest for a in getattr(cls, "args", ()))]
     run = {k: getattr(args, k, None) for k in dict.fromkeys(names)}
     run = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in run.items()}
+    if run.get("gate"):   # the artifact itself, not only its path: a recalibration in place changes it
+        run["gate_sha256"] = artifact_digest(run["gate"])
     return json.loads(json.dumps(run, default=str))
 
 
-def line_identity(run: dict, line: Line, args, tokenizer: str | None) -> dict:
-    """The run's identity for one line: its effective options and the tokenizer."""
-    opts = {k: line.obj.get(k, getattr(args, k)) for k in OPTIONS} if line.obj else {}
+def line_identity(run: dict, line: Line | None, args, tokenizer: str | None) -> dict:
+    """The run's identity for one line: its effective options and the tokenizer (no line: what every row of
+    this run shares, whatever its line)."""
+    opts = {k: line.obj.get(k, getattr(args, k)) for k in OPTIONS} if line and line.obj else {}
     return json.loads(json.dumps({**run, **opts, "tokenizer": tokenizer}))
 
 
@@ -175,29 +201,37 @@ def big_tokenizer(args, policies) -> str:
     return tokenizer_fingerprint(load_tokenizer(big))
 
 
-def mismatch(row: dict, line: Line | None, want: dict | None) -> str | None:
-    """Why a kept row was not made from `line` by this run (None: it was, or its id is no line of the input)."""
-    if line is None:
-        return None
+def mismatch(row: dict, line: Line | None, want: dict) -> str | None:
+    """Why a kept row was not made from `line` by this run (line None: its id is no line of this input, and
+    only what every row of the run shares is compared), or None."""
     if "input" not in row or "run" not in row:
         return "made by an older infer.py (no input hash)"
-    if row["input"] != line.digest:
+    if line is not None and row["input"] != line.digest:
         return f"input line {line.number} is not the line it was made from"
     got = row["run"] if isinstance(row["run"], dict) else {}
     diff = [k for k in want if got.get(k) != want[k]]
     return ", ".join(f"{k} {got.get(k)!r} (this run: {want[k]!r})" for k in diff[:3]) or None
 
 
+def rows_text(n: int) -> str:
+    return f"{n} row{'s' * (n != 1)}"
+
+
 def repair_output(path: Path, lines: list[Line], want, rerun: bool) -> set[str]:
-    """The ids (keys) with a result row of their own line and this run (want(line): its identity) in the output.
-    A partial last line and error rows are removed; a row of another line or run is refused (UsageError naming
-    what differs) or, with `rerun`, removed."""
+    """The ids (keys) with a result row of their own line and this run (want(line): its identity; want(None):
+    what every row of the run shares) in the output. Every row is checked, not only those of this input's ids:
+    one file is one run. A partial last line, error rows and an id's later rows (duplicates: its first row is
+    kept) are removed; a row of another line or run is refused (UsageError naming what differs) or, with
+    `rerun`, removed when its line is in this input (else it is refused: it could not be made again)."""
     if not path.exists():
         return set()
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"--output {path}: cannot read it to resume ({e.strerror or e})") from None
     *whole, tail = raw.split(b"\n")
     by_key = {line.key: line for line in lines if not line.repeated}
-    keep, done, errors, wrong = [], set(), 0, []
+    keep, done, errors, wrong, foreign, repeats = [], set(), 0, [], [], 0
     for number, data in enumerate(whole, 1):
         row = result_row(path, number, data)
         if row is None:
@@ -205,21 +239,28 @@ def repair_output(path: Path, lines: list[Line], want, rerun: bool) -> set[str]:
         if "error" in row:
             errors += 1
             continue
-        line = by_key.get(id_key(row["id"]))
-        why = mismatch(row, line, want(line) if line else None)
+        key = id_key(row["id"])
+        line = by_key.get(key)
+        why = mismatch(row, line, want(line))
         if why:
-            wrong.append(f"row {number} (id {row['id']!r}): {why}")
+            (wrong if line else foreign).append(f"row {number} (id {row['id']!r}): {why}")
             if rerun:
                 continue
-        done.add(id_key(row["id"]))
+        if key in done:
+            repeats += 1
+            continue
+        done.add(key)
         keep.append(data.decode("utf-8") + "\n")
+    if foreign:
+        raise UsageError(f"--output {path}: {rows_text(len(foreign))} of another run, for ids that are no line of "
+                         f"this input, first {foreign[0]}; one output file holds one run: name a new --output")
     if wrong and not rerun:
-        raise UsageError(f"--output {path}: {len(wrong)} row{'s' * (len(wrong) > 1)} do not match this run's input "
-                         f"and settings, first {wrong[0]}; name a new --output, or add --rerun-mismatched to run "
-                         "those lines again")
+        raise UsageError(f"--output {path}: {rows_text(len(wrong))} do not match this run's input and settings, "
+                         f"first {wrong[0]}; name a new --output, or add --rerun-mismatched to run those lines again")
     dropped = ["a partial last line (an interrupted run)"] * bool(tail)
     dropped += [f"{errors} error row{'s' * (errors > 1)} (those lines are tried again)"] * bool(errors)
-    dropped += [f"{len(wrong)} row{'s' * (len(wrong) > 1)} of another line or run (--rerun-mismatched)"] * bool(wrong)
+    dropped += [f"{rows_text(len(wrong))} of another line or run (--rerun-mismatched)"] * bool(wrong)
+    dropped += [f"{rows_text(repeats)} repeating an earlier row's id (an id's first row is kept)"] * bool(repeats)
     if dropped:
         print(f"infer.py: {path}: removing {', '.join(dropped)}", file=sys.stderr)
         write_text(path, "".join(keep))
@@ -283,18 +324,26 @@ def input_name(args) -> str:
     return "stdin" if args.input == "-" else args.input
 
 
-def run_lines(rt, policy, todo: list[Line], args, run: dict, policies) -> tuple[list, int, dict]:
+def run_lines(rt, policy, todo: list[Line], args, run: dict, policies, lock: FileLock | None = None,
+              saved: list | None = None) -> tuple[list, int, dict]:
     """Every line in `todo`, each row appended to --output (or streamed to stdout: '-') as it finishes, one prompt
-    at a time or --parallel N side by side; (ledgers, bad lines, what the parallel run reports)."""
+    at a time or --parallel N side by side; (ledgers, bad lines, what the parallel run reports). The output is
+    opened (created) at its first row, and `lock` then follows its inode; `saved` gets each row's line."""
     ledgers, bad, info = [], 0, {"parallel": 1}
     stream = args.output == "-"
-    fd = sys.stdout.fileno() if stream else os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = sys.stdout.fileno() if stream else None
+    saved = [] if saved is None else saved
     tokens, t0 = 0, time.perf_counter()
     try:
         with tqdm(total=len(todo), unit="prompt", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
             def emit(line: Line, row: dict) -> None:
-                nonlocal bad, tokens
+                nonlocal bad, tokens, fd
+                if fd is None:
+                    fd = os.open(args.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                    if lock is not None:
+                        lock.follow()   # a new file, or a repair's: lock its inode too (hard links)
                 append_row(fd, row, sync=not stream)
+                saved.append(line)
                 if "error" in row:
                     bad += 1
                     tqdm.write(f"infer.py: {input_name(args)}:{line.number}: {row['error']}", file=sys.stderr)
@@ -308,7 +357,7 @@ def run_lines(rt, policy, todo: list[Line], args, run: dict, policies) -> tuple[
             if n > 1:
                 info = run_parallel(rt, [line for line in todo if line.error is None], n, slot_context(
                     [line.need for line in todo if line.error is None], rt), args, policies,
-                    partial(safe_row, args=args, run=run), emit, log=tqdm.write)
+                    partial(safe_row, args=args, run=run), emit, log=lambda m: tqdm.write(m, file=sys.stderr))
                 for line in todo:
                     if line.error is not None:
                         emit(line, safe_row(rt, policy, line, args, run))
@@ -316,7 +365,7 @@ def run_lines(rt, policy, todo: list[Line], args, run: dict, policies) -> tuple[
                 for line in todo:
                     emit(line, safe_row(rt, policy, line, args, run))
     finally:
-        if not stream:
+        if not stream and fd is not None:
             os.close(fd)
     info["wall_s"] = round(time.perf_counter() - t0, 3)
     return ledgers, bad, info
@@ -383,7 +432,7 @@ def plan(lines: list[Line], args, policies, run: dict) -> list[Line]:
         return list(lines)
     tokenizer = []   # read once, and only when some kept row has to be checked against it
 
-    def want(line: Line) -> dict:
+    def want(line: Line | None) -> dict:
         if not tokenizer:
             tokenizer.append(big_tokenizer(args, policies))
         return line_identity(run, line, args, tokenizer[0])
@@ -392,35 +441,88 @@ def plan(lines: list[Line], args, policies, run: dict) -> list[Line]:
     return [line for line in lines if line.repeated or line.key not in done]
 
 
+def check_batch_output(args) -> None:
+    """Every path a batch run writes, checked before any work (OutputPathError naming it): --output ('-':
+    stdout, nothing else), which a resume reads and appends to; its summary OUTPUT.summary.json; under
+    `accelerate launch` each process's part file and its summary. The temporary files and lock files derived
+    from them get names that fit (common/files.py), in folders the checks found writable."""
+    check_output_file(args.output, "--output", parents=False, stdout=True)
+    if args.output == "-":
+        return
+    if os.path.isfile(args.output) and not os.access(args.output, os.R_OK):
+        raise OutputPathError(f"--output {args.output}: cannot be read (a re-run reads it to resume); name "
+                              "another file")
+    _, processes = world()
+    outputs = [args.output] + [part_name(args.output, r, processes) for r in range(processes)] * (processes > 1)
+    for name in outputs[1:]:
+        check_output_file(name, "--output's part file", parents=False)
+    for name in outputs:
+        check_output_file(summary_name(name), "--output's summary", parents=False)
+
+
+def check_parallel(args, policies) -> None:
+    """An explicit --parallel N > 1 on models that will not open on llama.cpp: refused before loading them."""
+    n = getattr(args, "parallel", 1)
+    if isinstance(n, int) and n > 1:
+        kind, why = backend_of(args, policies)
+        if kind != "llama.cpp":
+            raise UsageError(f"--parallel {n}: prompts share a pass only on llama.cpp, and this run's models open "
+                             f"on {kind} ({why}); use --backend llama.cpp with GGUF models, or --parallel 1")
+
+
 def run_batch(args, policies) -> int:
-    """infer.py --input/--output: see the module docstring. Exit status 2 when some line was bad."""
+    """infer.py --input/--output: see the module docstring. Exit status 2 when some line was bad, 130 when
+    interrupted (every finished row kept)."""
     rank, processes = world()
     lines = read_input(args.input)
+    check_parallel(args, policies)
     run = run_identity(args, policies)
     if processes > 1:
         return run_sharded(args, policies, lines, run, rank, processes)
+    if args.output == "-":
+        return run_file(args, policies, lines, run)
+    with FileLock(args.output, f"infer.py --output {args.output}") as lock:
+        return run_file(args, policies, lines, run, lock)
+
+
+def run_file(args, policies, lines: list[Line], run: dict, lock: FileLock | None = None) -> int:
+    """The lines without a result in args.output (resumed), decoded and appended there; the summary. Ctrl-C:
+    says what is saved and how to resume, exit status 130."""
     stream = args.output == "-"
     where = "stdout" if stream else args.output
-    lock = contextlib.nullcontext() if stream else FolderLock.of_file(args.output, f"infer.py --output {where}")
-    with lock:
-        return run_file(args, policies, lines, run)
-
-
-def run_file(args, policies, lines: list[Line], run: dict) -> int:
-    """The lines without a result in args.output (resumed), decoded and appended there; the summary."""
-    where = "stdout" if args.output == "-" else args.output
     todo = plan(lines, args, policies, run)
     print(f"infer.py: {len(lines)} prompts in {input_name(args)}: {len(lines) - len(todo)} already in {where}, "
           f"{len(todo)} to run", file=sys.stderr)
     if not todo:
+        if not stream and Path(args.output).exists():
+            write_summary(args.output)   # the file's totals (a repair may have changed them), the last run kept
         return 0
-    rt = policy = None
-    if any(line.error is None for line in todo):   # only bad lines left: no model needed
-        rt = open_runtime(args, policies)
-        policy = make_policy(args, rt, policies)
-    ledgers, bad, info = run_lines(rt, policy, todo, args, run, policies)
+    saved: list[Line] = []
+    try:
+        rt = policy = None
+        if any(line.error is None for line in todo):   # only bad lines left: no model needed
+            rt = open_runtime(args, policies)
+            policy = make_policy(args, rt, policies)
+        ledgers, bad, info = run_lines(rt, policy, todo, args, run, policies, lock, saved)
+    except KeyboardInterrupt:
+        interrupted(args, todo, saved)
+        return INTERRUPTED
     print_summary(ledgers, bad, len(todo), args, info)
     return 2 if bad else 0
+
+
+def interrupted(args, todo: list[Line], saved: list[Line]) -> None:
+    """Ctrl-C: what was saved, and how to resume (the summary file then describes the rows saved)."""
+    n, left = len(saved), len(todo) - len(saved)
+    if args.output == "-":
+        print(f"infer.py: interrupted: {n} of {len(todo)} rows were written to stdout; --output - keeps nothing to "
+              "resume (name a file to make a batch resumable)", file=sys.stderr)
+        return
+    held = file_summary(Path(args.output))["prompts"] if Path(args.output).exists() else 0
+    if held:
+        write_summary(args.output)
+    print(f"infer.py: interrupted: {n} of the {len(todo)} prompts of this run saved in {args.output} ({held} rows "
+          f"in it); run the same command again to resume the other {left}", file=sys.stderr)
 
 
 def world() -> tuple[int, int]:
@@ -438,33 +540,41 @@ def run_sharded(args, policies, lines: list[Line], run: dict, rank: int, process
 
     state = PartialState(cpu=True, timeout=timedelta(days=7))   # the others may wait hours at a barrier
     final = Path(args.output)
-    part = Path(f"{args.output}.part-{rank}-of-{processes}")
+    part = Path(part_name(args.output, rank, processes))
     with contextlib.ExitStack() as held:
         if rank == 0:
-            held.enter_context(FolderLock.of_file(final, f"infer.py --output {final}"))
+            held.enter_context(FileLock(final, f"infer.py --output {final}"))
             if final.exists():
                 plan(lines, args, policies, run)     # repairs OUTPUT: drops error rows and a partial last line
         state.wait_for_everyone()
         done = {id_key(r["id"]) for r in read_rows(final)} if final.exists() else set()
         mine = [line for i, line in enumerate(lines) if i % processes == rank and (line.repeated or line.key not in done)]
-        with FolderLock.of_file(part, f"infer.py --output {part}"):
-            status = run_file(namespace(args, output=str(part)), policies, mine, run)
+        with FileLock(part, f"infer.py --output {part}") as part_lock:
+            status = run_file(namespace(args, output=str(part)), policies, mine, run, part_lock)
         state.wait_for_everyone()
         if rank == 0:
-            parts = [Path(f"{args.output}.part-{r}-of-{processes}") for r in range(processes)]
+            parts = [Path(part_name(args.output, r, processes)) for r in range(processes)]
             merged = [*read_rows(final, raw=True)] if final.exists() else []
             for p in parts:
                 merged += read_rows(p, raw=True) if p.exists() else []
             write_text(final, "".join(merged))
-            summaries = [json.loads(Path(f"{p}.summary.json").read_text()) for p in parts
-                         if Path(f"{p}.summary.json").exists()]
+            summaries = [json.loads(Path(summary_name(p)).read_text()).get("last_run") for p in parts
+                         if Path(summary_name(p)).exists()]
             for p in parts:
                 p.unlink(missing_ok=True)
-                Path(f"{p}.summary.json").unlink(missing_ok=True)
-            if summaries:
-                write_json(f"{final}.summary.json", merge_summaries(summaries))
+                Path(summary_name(p)).unlink(missing_ok=True)
+            write_summary(final, merge_summaries([x for x in summaries if x]) if any(summaries) else None)
             print(f"infer.py: {len(merged)} rows from {processes} processes in {final}", file=sys.stderr)
     return status
+
+
+def part_name(output: str, rank: int, processes: int) -> str:
+    """The part file process `rank` of `processes` writes (accelerate launch)."""
+    return f"{output}.part-{rank}-of-{processes}"
+
+
+def summary_name(output) -> str:
+    return f"{output}.summary.json"
 
 
 def read_rows(path: Path, raw: bool = False) -> list:
@@ -475,7 +585,8 @@ def read_rows(path: Path, raw: bool = False) -> list:
 
 
 def merge_summaries(parts: list[dict]) -> dict:
-    """One summary over the processes' summaries: counts add up, the wall time is the slowest process's."""
+    """One run's summary over the processes' (their last_run): counts add up, the wall time is the slowest
+    process's."""
     total = {k: sum(p[k] for p in parts) for k in ("prompts", "results", "errors", "tokens")}
     wall = max(p["wall_s"] for p in parts)
     calls = sum(p["big_calls_per_token"] * p["tokens"] for p in parts)
@@ -484,9 +595,31 @@ def merge_summaries(parts: list[dict]) -> dict:
                 parallel=[p.get("parallel") for p in parts])
 
 
+def file_summary(path: Path) -> dict:
+    """What a results file holds: rows (prompts), results, errors, tokens, big calls per token."""
+    rows = read_rows(path)
+    results = [r for r in rows if "error" not in r]
+    tokens = sum(r["ledger"]["new_tokens"] for r in results)
+    calls = sum(r["ledger"]["big_calls"] for r in results)
+    return dict(prompts=len(rows), results=len(results), errors=len(rows) - len(results), tokens=tokens,
+                big_calls_per_token=round(calls / tokens, 4) if tokens else 0.0)
+
+
+def write_summary(output, last_run: dict | None = None) -> None:
+    """OUTPUT.summary.json: the whole file's totals (every run that added to it) and, under "last_run", the
+    invocation that last decoded into it (tokens/s, wall time, slots; None: the one already recorded)."""
+    path = Path(summary_name(output))
+    if last_run is None:
+        try:
+            last_run = json.loads(path.read_text(encoding="utf-8")).get("last_run")
+        except (OSError, ValueError, AttributeError):
+            last_run = None
+    write_json(path, {**file_summary(Path(output)), "last_run": last_run})
+
+
 def print_summary(ledgers: list, bad: int, n: int, args, info: dict) -> None:
-    """Totals over the prompts of this run (tokens, big calls per token, skipped, wall time, tokens/s) on stderr,
-    and the same in OUTPUT.summary.json beside the output (not with --output -)."""
+    """Totals over the prompts of this run (tokens, big calls per token, skipped, wall time, tokens/s) on stderr;
+    OUTPUT.summary.json beside the output (not with --output -): the file's totals and this run's."""
     tokens = sum(led.new_tokens for led in ledgers)
     summary = dict(prompts=n, results=len(ledgers), errors=bad, tokens=tokens,
                    tokens_per_s=round(tokens / info["wall_s"], 3) if info["wall_s"] > 0 else 0.0,
@@ -495,7 +628,7 @@ def print_summary(ledgers: list, bad: int, n: int, args, info: dict) -> None:
     print(f"infer.py: {tokens} tokens in {info['wall_s']:.1f} s ({summary['tokens_per_s']:.1f} tok/s) over "
           f"{len(ledgers)} prompts, {info['parallel']} side by side", file=sys.stderr)
     if args.output != "-":
-        write_json(f"{args.output}.summary.json", summary)
+        write_summary(args.output, summary)
 
     if ledgers:
         total = sum_ledgers(ledgers)

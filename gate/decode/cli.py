@@ -14,21 +14,21 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import ProjectError, UsageError, fail
-from common.files import check_output_file, write_json
-from gate.decode.batch import run_batch
+from common.errors import BROKEN_PIPE, INTERRUPTED, ProjectError, UsageError, fail
+from common.files import check_output_file, json_text, write_json
+from gate.decode.batch import carries_audit, check_batch_output, run_batch
 from gate.decode.contract import number
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
-from gate.decode.policies import BigOnly
+from gate.decode.policies import BigOnly, check_audit_target
 from gate.decode.registry import add_policy_args, policies_help, policy_examples, registered, unread_options
 from gate.decode.session import (
-    MIN_TEMPERATURE,
     add_runtime_args,
     configure_torch,
     encode,
     held_out_prompts,
     make_policy,
     open_runtime,
+    option_problem,
     planner_for,
     run_one,
     user_text,
@@ -60,7 +60,8 @@ finishes; a re-run skips the ids already there (resume after a kill), and refuse
 line or by another model, tokenizer, policy or setting (--rerun-mismatched runs those lines again). A bad
 line, or one whose decoding fails, is reported as F:LINE on stderr and written as an error row {id, line,
 error} (tried again on a re-run) while the rest goes on; exit status 2 if some line was bad, else 0. A second
-run into the same R is refused (lock file .R.lock). --input - reads stdin; --output - streams to stdout."""
+run into the same R (under any name of it) is refused. Ctrl-C stops after saving every finished row (exit status
+130; the same command resumes). --input - reads stdin; --output - streams to stdout."""
 
 COLORS = {"scaffold": "\033[94m", "big": "", "small": "\033[91m", "skip": "\033[91m"}
 MID_COLOR, RESET, DIM = "\033[93m", "\033[0m", "\033[2m"
@@ -104,17 +105,18 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true", help="check skipped tokens at catch-up (lossless greedy)")
     g.add_argument("--verify-below", type=float, metavar="T2",
                    help="verify only skips whose score is below T2 (implies --verify)")
-    g.add_argument("--plan", choices=("cost", "fixed"), default="cost",
-                   help="with --verify: 'cost' (default) sizes each draft chain by the measured cost of a verify "
+    g.add_argument("--plan", choices=("cost", "fixed"),
+                   help="with a lossless --verify: 'cost' (default) sizes each draft chain by the measured cost of a verify "
                    "pass and the learned chance of acceptance, down to no draft where none pays (the cost curve "
                    "is measured once per model file, runtime, threads and CPU and cached); 'fixed' drafts while "
                    "the policy's --threshold / --max-skip allow")
     g.add_argument("-t", "--temperature", type=float, default=0.0,
                    help="0 = greedy (default); a temperature above 0 but below 1e-4 is refused (write 0): there "
                    "sampling is greedy in all but name, and logits / T overflow float32 further down")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, in [0, 2**63) (default: %(default)s)")
     g = ap.add_argument_group("output")
-    g.add_argument("--json", metavar="PATH", help="write prompt, output ids/text, sources and ledger as JSON")
+    g.add_argument("--json", metavar="PATH", help="write prompt, output ids/text, sources and ledger as JSON ('-': "
+                   "to stdout, in place of the streamed text)")
     g.add_argument("--check", action="store_true",
                    help="teacher-forced big-model pass: on-policy error and NLL of the output")
     g.add_argument("--no-color", action="store_true")
@@ -123,7 +125,7 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--input", metavar="PROMPTS.jsonl", help="prompts, one JSON object a line (see above)")
     g.add_argument("--output", metavar="RESULTS.jsonl", help="results, one JSON object a line; an existing file "
                    "is resumed (its prompts are skipped); '-': stream to stdout")
-    g.add_argument("--parallel", default="auto", metavar="N", help="decode up to N prompts side by side in one "
+    g.add_argument("--parallel", metavar="N", help="decode up to N prompts side by side in one "
                    "llama.cpp context (outputs as one at a time on models whose batched passes are bit-exact, e.g. "
                    "SmolLM2 Q4_1; K-quants can part at near-ties); default auto: the N the measured cost of a pass "
                    "over n sequences favours, or 1 where passes are not bit-exact and the output is meant to be "
@@ -144,14 +146,12 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
 
 # -- options -> runtime and policy ----------------------------------------------------------------------------
 def settle_args(args) -> None:
-    """Check the options that are not a policy's and fill in the implied ones (--verify-below, --demo)."""
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature:g}")
-    if 0 < args.temperature < MIN_TEMPERATURE:   # 1e-300 overflowed float32 in the softmax
-        raise UsageError(f"--temperature {args.temperature:g}: below {MIN_TEMPERATURE:g}, sampling is greedy in all "
-                         "but name and overflows float32; use -t 0 for greedy")
-    if args.max_new_tokens < 1:
-        raise UsageError("-m must be >= 1")
+    """Check the options that are not a policy's and fill in the implied ones (--verify-below, --demo). An option
+    that would change nothing in this run is refused, as a batch line's is (one rule: never ignored in silence)."""
+    for name, flag in (("temperature", "--temperature"), ("max_new_tokens", "-m"), ("seed", "--seed")):
+        problem = option_problem(name, getattr(args, name))   # the same rule as a batch line's options
+        if problem:
+            raise UsageError(f"{flag} {problem}")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be >= 1")
     try:
@@ -161,15 +161,17 @@ def settle_args(args) -> None:
     if args.verify_below is not None:
         args.verify = True
     args.verify_below = math.inf if args.verify_below is None else args.verify_below
-    args.planned = args.verify and math.isinf(args.verify_below) and args.plan == "cost"
-    if getattr(args, "audit", None):   # (only when a policy reads --audit)
-        if args.verify and math.isinf(args.verify_below):
-            raise UsageError("--audit watches a lossy decode, and --verify checks every skip already: drop one "
-                             "(or audit the unchecked skips of --verify-below T)")
-        if args.temperature > 0:
-            raise UsageError("--audit compares skips with the big model's greedy token: it needs -t 0")
-    if args.json:
-        check_output_file(args.json, "--json", parents=False)   # before any work: a typo fails at once
+    lossless = args.verify and math.isinf(args.verify_below)
+    if args.plan is not None and not (lossless or args.demo):
+        raise UsageError(f"--plan {args.plan}: it sizes the draft chains of a lossless --verify, and this run "
+                         f"{'verifies only skips below --verify-below' if args.verify else 'has no --verify'}: drop "
+                         "it, or add --verify")
+    args.plan = args.plan or "cost"
+    args.planned = lossless and args.plan == "cost"
+    if args.json:   # before any work: a typo fails at once
+        check_output_file(args.json, "--json", parents=False, stdout=True)   # '-': stdout
+        if args.json == "-" and args.demo:
+            raise UsageError("--json -: the demo prints its text to stdout; name a file for the JSON")
     settle_batch(args)
     if args.demo:
         if args.n_prompts < 1 or args.prompt_tokens < 1:
@@ -184,9 +186,41 @@ def settle_args(args) -> None:
                          "(train a gate with `python train.py fit`)")
 
 
+def settle_audit(args) -> None:
+    """The audit's options (read by --policy gate; after unread_options) against the run: refused where they
+    contradict it or would change nothing (the audit is off), --audit-target's value checked before any model
+    loads. --audit-scope job also needs prompts one at a time."""
+    audit, target = getattr(args, "audit", None), getattr(args, "audit_target", None)
+    job = getattr(args, "audit_scope", "prompt") == "job"
+    lossless = args.verify and math.isinf(args.verify_below)
+    if audit and lossless:
+        raise UsageError("--audit watches a lossy decode, and --verify checks every skip already: drop one "
+                         "(or audit the unchecked skips of --verify-below T)")
+    if audit and args.temperature > 0:
+        raise UsageError("--audit compares skips with the big model's greedy token: it needs -t 0")
+    off = "--no-audit" if audit is False else "a lossless --verify checks every skip" if lossless else \
+        f"-t {args.temperature:g} samples, and the audit compares with the greedy token" \
+        if args.temperature > 0 and not args.input else None   # (a batch line may still be greedy)
+    given = [f for f, v in (("--audit-target", target is not None), ("--audit-scope job", job)) if v]
+    if given and off:
+        raise UsageError(f"{given[0]}: the audit is off ({off}), so it would change nothing: drop it")
+    try:
+        check_audit_target(target)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.input and isinstance(args.parallel, int) and args.parallel > 1 and carries_audit(args):
+        raise UsageError(f"--audit-scope job carries the audit from one prompt to the next: it needs "
+                         f"--parallel 1 (or auto), not {args.parallel}")
+
+
 def settle_batch(args) -> None:
-    """--input/--output: both or neither, not with a single prompt or the demo, the output path checked now."""
+    """--input/--output: both or neither, not with a single prompt or the demo, the output path checked now;
+    the batch's own options only with them."""
     if args.input is None and args.output is None:
+        given = [f for f, v in (("--parallel", args.parallel is not None),
+                                ("--rerun-mismatched", args.rerun_mismatched)) if v]
+        if given:
+            raise UsageError(f"{given[0]} is an option of a batch (--input F --output R): drop it")
         return
     if not (args.input and args.output):
         raise UsageError("--input and --output go together (prompts in, results out)")
@@ -194,6 +228,7 @@ def settle_batch(args) -> None:
                              ("--json", args.json)) if v]
     if others:
         raise UsageError(f"--input takes its prompts from the file: drop {others[0]} (the results go to --output)")
+    args.parallel = args.parallel or "auto"
     if args.parallel != "auto":
         try:
             args.parallel = int(args.parallel)
@@ -201,10 +236,7 @@ def settle_batch(args) -> None:
             args.parallel = 0
         if args.parallel < 1:
             raise UsageError("--parallel must be a whole number >= 1 or auto")
-        if args.parallel > 1 and getattr(args, "audit_scope", "prompt") == "job":
-            raise UsageError(f"--audit-scope job carries the audit from one prompt to the next: it needs "
-                             f"--parallel 1 (or auto), not {args.parallel}")
-    check_output_file(args.output, "--output", parents=False, stdout=True)   # '-': stdout
+    check_batch_output(args)   # every path the run writes: the output ('-': stdout), its lock, its summary
     if "-" not in (args.input, args.output) and Path(args.input).resolve() == Path(args.output).resolve():
         raise UsageError(f"--output {args.output}: the same file as --input")
 
@@ -263,6 +295,11 @@ def nonempty(text: str, what: str) -> str:
 
 
 def save_json(path: str, obj) -> None:
+    """--json PATH ('-': stdout)."""
+    if path == "-":
+        sys.stdout.write(json_text(obj))
+        sys.stdout.flush()
+        return
     try:
         write_json(path, obj)
     except OSError as e:
@@ -281,7 +318,10 @@ def run_prompt(args, policies) -> int:
     planner_for(policy, rt, args)       # a first run measures the verify pass's cost: before the text streams
     prompt_ids = encode(rt, text, args.chat, args.parse_special)
     rt.check_fits(len(prompt_ids), args.max_new_tokens)
-    stream = None if args.quiet else Streamer(rt.tokenizer, use_color(args))
+    if args.json == "-" and not args.quiet:
+        print("infer.py: --json -: the JSON goes to stdout in place of the streamed text (it holds the text)",
+              file=sys.stderr)
+    stream = None if args.quiet or args.json == "-" else Streamer(rt.tokenizer, use_color(args))
     if stream:
         sys.stdout.write(text if not args.chat else "")
         sys.stdout.flush()
@@ -360,12 +400,30 @@ def main(argv=None, policies=None) -> int:
     try:
         settle_args(args)
         unread_options(args, policies)
+        settle_audit(args)
         configure_torch(args)
         if args.input:
-            return run_batch(args, policies)
+            return run_batch(args, policies)   # (says itself what an interrupt saved)
         return run_demo(args, policies) if args.demo else run_prompt(args, policies)
     except ProjectError as e:   # a user's mistake is one line; anything else is a bug and keeps its traceback
         return fail("infer.py", e)
+    except KeyboardInterrupt:   # Ctrl-C: no traceback; a batch's finished rows are saved (run_batch says which)
+        print("infer.py: interrupted" + ("; run the same command again to resume" if args.input and
+                                         args.output != "-" else ""), file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:     # stdout's reader went away (`| head`): nothing more can be shown, end quietly
+        quiet_stdout()
+        return BROKEN_PIPE
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of a closed pipe says nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):   # no file descriptor (a captured stdout)
+        pass
 
 
 if __name__ == "__main__":

@@ -53,6 +53,15 @@ CHAIN_CUT = arg("--chain-cut", type=float, help="gate: also stop skipping when t
                 "the last big pass (the chance every draft of the run is right) falls below this (EAGLE-2's dynamic "
                 "draft length; for --verify)")
 
+
+
+def check_audit_target(target: float | None) -> float | None:
+    """--audit-target unless it is outside (0, 1) or nan (None: not given); infer.py checks it before loading."""
+    if target is not None and not 0 < target < 1:   # also refuses nan
+        raise ValueError(f"--audit-target must be a number in (0, 1), got {target:g}")
+    return target
+
+
 DEFAULT_TAU = 0.3
 SMALL_LM_GATE_THRESHOLD = 0.8
 
@@ -418,9 +427,7 @@ class Gate(Policy):
             threshold = -math.inf
         kw = dict(threshold=threshold, max_skip=at_least("--max-skip", args.max_skip, 1),
                   chain_cut=unit_interval("--chain-cut", args.chain_cut))
-        target = getattr(args, "audit_target", None)
-        if target is not None and not 0 < target < 1:   # also refuses nan
-            raise ValueError(f"--audit-target must be a number in (0, 1), got {target:g}")
+        check_audit_target(getattr(args, "audit_target", None))
         if args.gate:
             return cls(load_gate(rt, args.gate), **kw)
         if args.small:
@@ -477,4 +484,4 @@ class Copy(Policy):
 
 
 __all__ = ["BigOnly", "SmallOnly", "Ratio", "Entropy", "Cascade", "Gate", "Copy", "entropy", "lm_draft",
-           "suffix_regex"]
+           "suffix_regex", "check_audit_target"]

@@ -25,9 +25,30 @@ from gate.decode.drafters import gate_layer
 from gate.decode.loop import Decoder, check_output
 from gate.decode.policies import BigOnly, Gate
 from gate.decode.registry import registered
-from runtimes.open import BACKENDS, Runtime, open_models
+from runtimes.open import BACKENDS, Runtime, auto_backend, open_models
 
 MIN_TEMPERATURE = 1e-4   # below it (but above 0) a temperature is refused: it overflows float32 in the softmax
+SEED_LIMIT = 2 ** 63     # seeds are in [0, 2**63): what torch's and the decoder's generators take
+
+
+def option_problem(name: str, value) -> str | None:
+    """Why `value` cannot be the decoding option `name` (max_new_tokens, temperature or seed), or None: the one
+    rule for -m / -t / --seed and for a line's "max_new_tokens" / "temperature" / "seed". The text follows the
+    option's name ("-m must be ...", "'seed' must be ...")."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    integer = number and isinstance(value, int)
+    shown = f"{value:g}" if isinstance(value, float) else repr(value)   # -1, not -1.0; 'a' with its quotes
+    if name == "max_new_tokens" and not (integer and value >= 1):
+        return f"must be an integer >= 1, got {shown}"
+    if name == "temperature":
+        if not (number and math.isfinite(value) and value >= 0):
+            return f"must be a finite number >= 0, got {shown}"
+        if 0 < value < MIN_TEMPERATURE:   # 1e-300 overflowed float32 in the softmax
+            return (f"{shown} is below {MIN_TEMPERATURE:g}: sampling there is greedy in all but name and overflows "
+                    "float32; write 0 for greedy")
+    if name == "seed" and not (integer and 0 <= value < SEED_LIMIT):
+        return f"must be an integer in [0, 2**63), got {shown}"
+    return None
 
 
 def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)", auto: bool = True) -> None:
@@ -53,11 +74,26 @@ def held_out_prompts(corpus: str, tokenizer, n: int, n_tokens: int, split: str =
         raise UsageError(str(e)) from None
 
 
-def open_runtime(args, policies) -> Runtime:
+def model_names(args, policies) -> tuple[str, list[str]]:
+    """(big model, predictors) the chosen policy opens."""
     try:
-        big, smalls = policies[args.policy].model_names(args)
+        return policies[args.policy].model_names(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def backend_of(args, policies) -> tuple[str, str]:
+    """(kind, why) of the backend open_runtime opens the models on, known before loading any: --backend, or what
+    auto picks for these models."""
+    if args.backend != "auto":
+        return args.backend, f"--backend {args.backend}"
+    big, smalls = model_names(args, policies)
+    gate = getattr(args, "gate", None)
+    return auto_backend(big, smalls, args.dtype, layer=gate_layer(gate) if gate else None)
+
+
+def open_runtime(args, policies) -> Runtime:
+    big, smalls = model_names(args, policies)
     gate = getattr(args, "gate", None)
     return open_models(big, smalls, args.dtype, args.backend, layer=gate_layer(gate) if gate else None,
                        log=lambda m: print(m, file=sys.stderr))

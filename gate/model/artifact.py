@@ -11,6 +11,7 @@ with TokenizerMismatch. docs/drafters.md describes the formats.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import platform
 from dataclasses import dataclass
@@ -55,6 +56,16 @@ def write_artifact(path: str | Path, tensor_file: str, tensors: dict[str, torch.
     meta = {**meta, "files": {tensor_file: sha}, "versions": library_versions()}
     write_json(path / META_FILE, meta)
     return meta
+
+
+def artifact_digest(path: str | Path) -> str | None:
+    """A hash of the artifact at `path`: of its META_FILE, which holds every tensor file's sha256 (checked on
+    load), the threshold and the precision maps, so a recalibrated or retrained artifact in the same folder gets
+    another one. None when there is no META_FILE to read (loading it says why)."""
+    try:
+        return hashlib.sha256((Path(path) / META_FILE).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def library_versions() -> dict:
