@@ -86,6 +86,15 @@ CASES = [  # (train.py arguments, text the error line must contain); {t} is the 
                                                                          "folder"),
     ("selfgen --model {t}/tiny --corpus {t}/corpus --chat --out {t}/sg", "--chat wraps the instructions of "
                                                                          "--prompts"),                  # minor
+    # issue 29: fit's and evaluate's own errors carry the command's name (checked for every case below)
+    ("fit --records {t}/records --out {t}/g", "{t}/records"),
+    ("evaluate --records {t}/records --gate {t}/router", "bench/pair.py coverage"),
+    # profile: a missing file is named as missing (case 13), --json checked before measuring (cases 10, 14)
+    ("profile {t}/missing.gguf", "{t}/missing.gguf: no such file; the llama.cpp backend needs a GGUF model"),
+    ("profile {t}", "{t}: is a folder; the llama.cpp backend needs a GGUF model"),
+    ("profile smollm2-135m --json {t}", "--json {t}: is a folder; name a file"),
+    ("profile smollm2-135m --json {t}/no_such/p.json", "--json {t}/no_such/p.json: folder {t}/no_such does not "
+                                                       "exist"),
 ]
 
 
@@ -101,8 +110,10 @@ def test_bad_input_is_one_error_line(ws, args, expected):
     import train
 
     fill = {"t": ws, "pid": os.getpid()}
+    cmd = args.split()[0]
     rc, err = call_main(train.main, args.format(**fill).split())
-    assert_one_error_line(rc, err, expected.format(**fill))
+    assert_one_error_line(rc, err, expected.format(**fill),   # README: `train.py COMMAND: error: ...`
+                          start=f"train.py {cmd}: error: " if cmd in train.COMMANDS else "train.py: error: ")
     assert_nothing_written(ws)
 
 

@@ -89,7 +89,16 @@ def test_eval_windows_stay_inside_runs_and_rows():
 
 
 # ------------------------------------------------------------------------------------------------ fit + decode
-from helpers import book_text, make_tiny_llama, make_tiny_tokenizer, save_model, split_records, write_corpus  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_one_error_line,
+    book_text,
+    call_main,
+    make_tiny_llama,
+    make_tiny_tokenizer,
+    save_model,
+    split_records,
+    write_corpus,
+)
 
 EAGLE_FIT = dict(drafter="eagle", eagle_vocab=64, eagle_window=16, eagle_batch=8, eagle_depth=3, eagle_epochs=4.0,
                  eagle_lr=3e-3, dtype="float32", threads=1)
@@ -248,15 +257,14 @@ def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
         big.close()
 
 
-def test_cli_errors_name_the_problem(tiny_eagle, tmp_path, capsys):
-    from gate.train.evaluate import main as evaluate_main
-    from gate.train.fit import main as fit_main
+def test_cli_errors_name_the_problem(tiny_eagle, tmp_path):
+    import train
 
     _, records, out, _ = tiny_eagle
-    assert evaluate_main(["--records", str(records), "--gate", str(out), "--out", str(tmp_path / "e")]) == 2
-    assert "bench/eagle.py" in capsys.readouterr().err
-    assert fit_main(["--records", str(records), str(records), "--out", str(tmp_path / "g")]) == 2
-    assert "--drafter eagle reads several" in capsys.readouterr().err
+    rc, err = call_main(train.main, ["evaluate", "--records", records, "--gate", out, "--out", tmp_path / "e"])
+    assert_one_error_line(rc, err, "bench/eagle.py", start="train.py evaluate: error: ")
+    rc, err = call_main(train.main, ["fit", "--records", records, records, "--out", tmp_path / "g"])
+    assert_one_error_line(rc, err, "--drafter eagle reads several", start="train.py fit: error: ")
 
 
 def test_eagle_scores_through_precision_maps_and_calibrate_rewrites_only_them(tiny_eagle, tmp_path):

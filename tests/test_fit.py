@@ -18,9 +18,7 @@ from gate.model import load as D
 from gate.model.copyrule import CopyIndex
 from gate.model.precision import combine_sources
 from gate.train.evaluate import evaluate
-from gate.train.evaluate import main as evaluate_main
 from gate.train.fit import FitError, fit
-from gate.train.fit import main as fit_main
 from runtimes.hf import HFBackend
 from runtimes.info import TokenizerMismatch
 from runtimes.loading import load
@@ -176,7 +174,8 @@ def test_calibrate_changes_only_the_threshold(tiny, tiny_gate, tmp_path, monkeyp
     new = json.loads((out / "drafter.json").read_text())
     assert (out / "drafter.safetensors").read_bytes() == (tiny_gate / "drafter.safetensors").read_bytes()
     changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
-    assert changed <= {"threshold", "calibration", "recalibrated", "precision_maps"} and "recalibrated" in changed
+    assert changed <= {"threshold", "calibration", "recalibrated", "precision_maps", "calibrated_on"}
+    assert "recalibrated" in changed and new["calibrated_on"]["split"] == "test" and new["calibrated_on"]["books"]
     assert new["precision_maps"]["fitted_on"]["by"] == "train.py calibrate"
     assert new["recalibrated"]["certification"]["oracle_coverage"] > 0
     assert new["recalibrated"]["previous_threshold"] == old["threshold"]
@@ -213,7 +212,8 @@ def test_refuses_other_tokenizer(tiny, tiny_gate, tmp_path):
     rec_mod.record([other_dir], corpus, other_rec, layers=("last",), **TINY_REC)
     with pytest.raises(TokenizerMismatch, match="other_records"):
         evaluate(other_rec, tiny_gate, tmp_path / "ev", log=lambda x: None)
-    assert evaluate_main(["--records", str(other_rec), "--gate", str(tiny_gate), "--out", str(tmp_path / "e2")]) == 2
+    rc, err = train_py("evaluate", "--records", other_rec, "--gate", tiny_gate, "--out", tmp_path / "e2")
+    one_error_line(rc, err, "were made with tokenizer")
     rc, err = train_py("calibrate", "--records", other_rec, "--gate", tiny_gate, "--split", "test", "--out",
                        tmp_path / "recal")
     one_error_line(rc, err, "were made with tokenizer")
@@ -223,10 +223,11 @@ def test_refuses_other_tokenizer(tiny, tiny_gate, tmp_path):
         fit(tiny[2], tmp_path / "g", model=other_dir, log=lambda m: None, **SMALL_FIT)
 
 
-def test_bad_records_give_clear_errors(tiny, tmp_path, capsys):
+def test_bad_records_give_clear_errors(tiny, tmp_path):
     model_dir = tiny[0]
-    assert fit_main(["--records", str(tmp_path / "nope"), "--out", str(tmp_path / "g")]) == 2
-    assert "nope" in capsys.readouterr().err
+    rc, err = train_py("fit", "--records", tmp_path / "nope", "--out", tmp_path / "g")
+    one_error_line(rc, err, "nope")
+    assert err.strip().splitlines()[-1].startswith("train.py fit: error: ")
     # no validation split
     corpus = write_corpus(tmp_path / "c1", [("a", "train", book_text(0, 2)), ("d", "test", book_text(3, 1))])
     rec = tmp_path / "r1"
@@ -385,6 +386,76 @@ AUSTEN = [
     "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, never took up any "
     "book but the Baronetage; there he found occupation for an idle hour, and consolation in a distressed one.",
 ]
+
+
+# ------------------------------------------------------------------------------------------------ issue 29
+def test_evaluate_refuses_the_books_the_gate_was_calibrated_on(tiny, tiny_gate, tmp_path, monkeypatch):
+    """Case 6: drafter.json says what the threshold was certified on (fit: its validation split; calibrate: the
+    split and --part); evaluate refuses those books unless --force (then says so in the log and the report),
+    and every report names the calibration."""
+    records, gate = tiny[2], tiny_gate
+    for plot in ("_plot_curves", "_plot_by_class", "_plot_runs"):   # (a second each; not what is tested)
+        monkeypatch.setattr(f"gate.train.evaluate.{plot}", lambda *a, **k: None)
+    fitted = json.loads((gate / "drafter.json").read_text())["calibrated_on"]
+    assert fitted["by"] == "train.py fit" and fitted["part"] is None and fitted["books"]
+    rc, err = train_py("evaluate", "--records", records, "--gate", gate, "--split", fitted["split"], "--out",
+                       tmp_path / "e0", "--no-probes")
+    one_error_line(rc, err, f"--split {fitted['split']}: the gate was calibrated on 1 of these 1 books")
+    assert err.strip().splitlines()[-1].startswith("train.py evaluate: error: ") and not (tmp_path / "e0").exists()
+    recal = tmp_path / "recal"
+    rc, err = train_py("calibrate", "--records", records, "--gate", gate, "--out", recal, "--split", "train",
+                       "--part", "1/2", "--force", "--target-precision", "0.6")
+    assert rc == 0, err[-2000:]
+    on = json.loads((recal / "drafter.json").read_text())["calibrated_on"]
+    assert (on["split"], on["part"], len(on["books"]), on["by"]) == ("train", "1/2", 1, "train.py calibrate")
+    rc, err = train_py("evaluate", "--records", records, "--gate", recal, "--split", "train", "--part", "1/2",
+                       "--out", tmp_path / "e1", "--no-probes")
+    one_error_line(rc, err, "--split train --part 1/2: the gate was calibrated on 1 of these 1 books (")
+    assert "by train.py calibrate on split 'train' of " in err and ", part 1/2), so its precision here is the " \
+        "calibration's own, not a test of it - evaluate on books it was not calibrated on" in err
+    rc, err = train_py("evaluate", "--records", records, "--gate", recal, "--split", "train", "--part", "2/2",
+                       "--out", tmp_path / "e2", "--no-probes")
+    assert rc == 0 and "warning" not in err, err[-2000:]
+    report = (tmp_path / "e2" / "report.md").read_text()
+    assert "Gate calibrated on: split 'train' of " in report and ", part 1/2; none of the books below" in report
+    rc, err = train_py("evaluate", "--records", records, "--gate", recal, "--split", "train", "--part", "1/2",
+                       "--out", tmp_path / "e3", "--no-probes", "--force")
+    assert rc == 0 and "[evaluate] warning (--force): --split train --part 1/2: the gate was calibrated on" in err
+    assert "1 of the books below are among them (--force)" in (tmp_path / "e3" / "report.md").read_text()
+    m = json.loads((tmp_path / "e3" / "metrics.json").read_text())
+    assert m["calibrated_on"] == on and m["calibration_overlap"] == on["books"]
+
+
+def test_a_batch_resume_sees_a_recalibrated_gate(tiny, tiny_gate, tmp_path):
+    """Case 2: a batch with --gate G, then `train.py calibrate --gate G` in place: the resume refuses the old
+    rows (the run's identity holds a hash of the artifact, not only its path), or runs them again with
+    --rerun-mismatched; every row of the file is then of the recalibrated gate."""
+    import shutil
+
+    from gate.decode.cli import main
+
+    gate = tmp_path / "gate"
+    shutil.copytree(tiny_gate, gate)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"prompt_ids": [20 + i, 30, 40 + i]}) + "\n" for i in range(2)))
+    batch = ["--model", tiny[0], "--input", inp, "--output", out, "-m", "4", "--policy", "gate", "--gate", gate]
+    rc, err = call_main(main, batch)
+    assert rc == 0, err[-2000:]
+    old = {r["run"]["gate_sha256"] for r in map(json.loads, out.read_text().splitlines())}
+    rc, err = train_py("calibrate", "--records", tiny[2], "--gate", gate, "--split", "test", "--target-precision",
+                       "0.6")
+    assert rc == 0, err[-2000:]
+    with open(inp, "a") as f:
+        f.write(json.dumps({"prompt_ids": [25, 35, 45]}) + "\n")
+    before = out.read_bytes()
+    rc, err = call_main(main, batch)
+    one_error_line(rc, err, f"--output {out}: 2 rows do not match this run's input and settings, first row 1 (id 1): "
+                            f"gate_sha256 '{old.pop()}' (this run: '")
+    assert out.read_bytes() == before
+    rc, err = call_main(main, batch + ["--rerun-mismatched"])
+    assert rc == 0, err[-2000:]
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in got) == [1, 2, 3] and len({r["run"]["gate_sha256"] for r in got}) == 1
 
 
 def test_smollm2_end_to_end(smollm2, tmp_path):

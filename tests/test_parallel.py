@@ -188,11 +188,23 @@ def test_parallel_outputs_are_the_one_at_a_time_outputs(tmp_path, policy):
     for k in range(1, 8):
         assert b[k]["output_ids"] == a[k]["output_ids"], k
     summary = json.loads(Path(f"{par}.summary.json").read_text())
-    assert summary["parallel"] == 3 and summary["results"] == 7 and summary["errors"] == 1
+    assert summary["last_run"]["parallel"] == 3 and summary["results"] == 7 and summary["errors"] == 1
     if "--verify" in policy:   # lossless: the big model's greedy text
         big = tmp_path / "big.jsonl"
         infer("--input", inp, "--output", big, "--parallel", 3, "--policy", "big")
         assert all(rows(big)[k]["output_ids"] == b[k]["output_ids"] for k in range(1, 8))
+
+
+@pytest.mark.real_model
+def test_parallel_stream_is_rows_only(tmp_path):
+    """Issue 29 case 5: `--output - --parallel 2 --policy copy --verify`: stdout holds the rows and nothing else
+    (the planner's line about a slot's draft cost goes to stderr)."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": 6}) + "\n" for p in PROMPTS[:4]))
+    r = infer("--input", inp, "--output", "-", "--parallel", 2, "--policy", "copy", "--verify")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(json.loads(line)["id"] for line in r.stdout.splitlines()) == [1, 2, 3, 4]
+    assert "one draft token costs a slot" in r.stderr
 
 
 @pytest.mark.real_model
@@ -210,10 +222,10 @@ def test_a_model_whose_passes_are_not_exact_decodes_one_prompt_at_a_time(tmp_pat
     assert main(run + ["--output", str(tmp_path / "a.jsonl")]) == 0
     err = capsys.readouterr().err
     assert "one prompt at a time" in err and "more than 3 tokens" in err
-    assert json.loads((tmp_path / "a.jsonl.summary.json").read_text())["parallel"] == 1
+    assert json.loads((tmp_path / "a.jsonl.summary.json").read_text())["last_run"]["parallel"] == 1
     assert main(run + ["--output", str(tmp_path / "b.jsonl"), "--parallel", "3"]) == 0
     assert "warning: --parallel 3" in capsys.readouterr().err
-    assert json.loads((tmp_path / "b.jsonl.summary.json").read_text())["parallel"] == 3
+    assert json.loads((tmp_path / "b.jsonl.summary.json").read_text())["last_run"]["parallel"] == 3
     assert main(run + ["--output", str(tmp_path / "c.jsonl"), "--parallel", "3", "-t", "0.8"]) == 0
     assert "more than 3 tokens" not in capsys.readouterr().err
     # the slots' inference-mode scopes interleave on one thread: the caller gets its grad mode back
@@ -274,7 +286,7 @@ def test_two_accelerate_processes_give_the_results_of_one(tiny_dir, tmp_path):
     assert all(a[k].get("output_ids") == b[k].get("output_ids") for k in a) and "error" in b[8]
     assert not list(tmp_path.glob("two.jsonl.part-*"))
     summary = json.loads(Path(f"{two}.summary.json").read_text())
-    assert summary["processes"] == 2 and summary["results"] == 7 and summary["errors"] == 1
+    assert summary["last_run"]["processes"] == 2 and summary["results"] == 7 and summary["errors"] == 1
     # a re-run finds everything done
     r = subprocess.run([*launch[:-2], str(free_port()), "infer.py", *common, "--output", str(two)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)

@@ -2,6 +2,7 @@
 
     ltt_calibrate(scores, correct, target_precision=0.99, delta=0.1, groups=None) -> dict   # the threshold
     precision_curve(scores, correct); coverage_at_precision(scores, correct); clopper_pearson_upper(k, n, delta)
+    calibrated_on(meta) / calibration_overlap(meta, records, split, books)   # what a gate's threshold was fitted on
 
 Contract: with probability >= 1 - delta the precision P(candidate == big argmax | score >= threshold) is at least
 the target, for positions drawn like the calibration ones (Learn-then-Test, fixed-sequence testing on a grid fixed
@@ -14,6 +15,7 @@ not cover: docs/training.md#calibration-learn-then-test-gatetraincalibrationpy.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -167,3 +169,31 @@ def ltt_calibrate(scores, correct, target_precision: float = 0.99, delta: float 
                   method="learn-then-test, fixed-sequence testing, exact binomial p-values"
                   + (", counts deflated by the clusters' design effect" if groups is not None else ""))
     return result
+
+
+def calibrated_on(meta: dict) -> dict | None:
+    """What an artifact's threshold was certified on: {"records", "split", "part", "books", "by"} as drafter.json's
+    calibrated_on says (fit and calibrate write it), else read from an older artifact's recalibrated / training
+    description; None when it does not say."""
+    if isinstance(meta.get("calibrated_on"), dict):
+        return meta["calibrated_on"]
+    rec = meta.get("recalibrated")
+    if isinstance(rec, dict) and rec.get("records"):
+        return {**{k: rec.get(k) for k in ("records", "split", "part", "books")}, "by": "train.py calibrate"}
+    data = meta.get("training_data") or {}
+    val = (data.get("splits") or {}).get("validation")
+    if val and isinstance(data.get("records"), str):
+        books = ((data.get("counts") or {}).get(val) or {}).get("books")
+        return {"records": data["records"], "split": val, "part": None, "books": books, "by": "train.py fit"}
+    return None
+
+
+def calibration_overlap(meta: dict, records, split: str, books: list[str]) -> list[str]:
+    """The books of `split` of `records` (the part being evaluated: `books`) that the artifact's threshold was
+    certified on: its precision there is the calibration's own, not a test of it."""
+    cal = calibrated_on(meta)
+    if not cal or cal.get("split") != split or not cal.get("records"):
+        return []
+    if Path(cal["records"]).resolve() != Path(records).resolve():
+        return []
+    return list(books) if cal.get("books") is None else [b for b in books if b in set(cal["books"])]

@@ -152,6 +152,11 @@ def parse_part(part: str | None) -> tuple[int, int] | None:
     return i, k
 
 
+def split_books(data: SplitData, part: str | None) -> list[str]:
+    """The books of a loaded split (only those of the part, with --part)."""
+    return list(data.books) if part is None else sorted({data.books[b] for b in set(data.book)})
+
+
 def select_part(data: SplitData, part: str | None, path) -> SplitData:
     """The rows of every K-th book of the split, from the I-th (--part I/K): disjoint parts of one split, to
     calibrate on one and evaluate on another."""

@@ -22,13 +22,11 @@ import numpy as np
 
 from common.files import write_json, write_text
 from corpus_tools.inventory import CLASSES
-from corpus_tools.records import RecordsError
-from gate.model.artifact import ArtifactError
 from gate.model.copyrule import is_copy_position
 from gate.model.features import SOURCES
 from gate.model.heads import context_copy_stats, pair_index
 from gate.model.load import kind_of, load_drafter, read_meta
-from gate.train.calibration import coverage_at_precision, precision_curve
+from gate.train.calibration import calibrated_on, calibration_overlap, coverage_at_precision, precision_curve
 from gate.train.data import (
     FitError,
     SplitData,
@@ -39,6 +37,7 @@ from gate.train.data import (
     open_records_checked,
     predict_pairs,
     select_part,
+    split_books,
 )
 from gate.train.probes import plot_probes, run_probes
 from runtimes.info import TokenizerMismatch
@@ -423,11 +422,39 @@ def against_target(cap: dict, acc: float, primary: str) -> dict:
     return target
 
 
+def check_calibration_overlap(inp: EvalInputs, part: str | None, force: bool, log) -> list[str]:
+    """The evaluated books the gate's threshold was certified on: refused (FitError) unless force, then warned
+    about and named in the report."""
+    books = split_books(inp.te, part)
+    overlap = calibration_overlap(inp.meta, inp.records, inp.split, books)
+    if not overlap:
+        return []
+    cal = calibrated_on(inp.meta)
+    what = (f"--split {inp.split}{f' --part {part}' if part else ''}: the gate was calibrated on {len(overlap)} of "
+            f"these {len(books)} books ({', '.join(overlap[:3])}{', ...' if len(overlap) > 3 else ''}; by "
+            f"{cal.get('by', 'its fit')} on {describe_calibration(cal)}), so its precision here is the calibration's "
+            "own, not a test of it")
+    if not force:
+        raise FitError(f"{what} - evaluate on books it was not calibrated on (another --part or --split), or add "
+                       "--force")
+    log(f"[evaluate] warning (--force): {what}")
+    return overlap
+
+
+def describe_calibration(cal: dict | None) -> str:
+    """'split S of RECORDS, part I/K' of calibrated_on, for messages and the report."""
+    if not cal:
+        return "unknown (the artifact does not say)"
+    return f"split {cal.get('split')!r} of {cal.get('records')}" + (f", part {cal['part']}" if cal.get("part") else "")
+
+
 def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 600000, probes: bool = True,
-             probe_k: int = 512, log=print, command: str = "", part: str | None = None) -> dict:
-    """Score the gate on the split's pairs, write report.md, metrics.json and the figures; returns the metrics."""
+             probe_k: int = 512, log=print, command: str = "", part: str | None = None, force: bool = False) -> dict:
+    """Score the gate on the split's pairs, write report.md, metrics.json and the figures; returns the metrics.
+    Books the gate was calibrated on are refused unless `force` (check_calibration_overlap)."""
     t_start = time.time()
     inp = open_inputs(records, gate, split, part)
+    overlap = check_calibration_overlap(inp, part, force, log)
     dr, te, max_s = inp.dr, inp.te, inp.dr.predictor.max_s
     out = Path(out) if out else inp.gate / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +478,9 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
     policy, runs = policy_and_runs(inp, methods, o, t, s, n_used)
     _plot_runs(runs, out / "runlengths.png")
     fut = o["head1_correct_future"]
-    metrics = {"records": str(inp.records), "gate": str(inp.gate), "split": inp.split, "books": te.books,
+    metrics = {"records": str(inp.records), "gate": str(inp.gate), "split": inp.split,
+               "books": split_books(te, part), "calibrated_on": calibrated_on(inp.meta),
+               "calibration_overlap": overlap,
                "positions": n_used, "pairs": int(len(t)), "predictor": dr.predictor.mode,
                "predictor_accuracy": acc, "head_accuracy": float(o["head1_correct"].mean()),
                "any_candidate_right": float(o["correct"].any(1).mean()),
@@ -511,7 +540,12 @@ def _md_intro(m: dict, meta: dict, dr) -> list[str]:
     cost = meta.get("cost", {})
     L = [f"# Gate evaluation: {big['name']} on held-out {m['split']} books", "",
          f"Command: `{m['command']}`" if m["command"] else "", "",
-         f"Test books: {', '.join(map(str, m['books']))}; {m['positions']:,} positions, {m['pairs']:,} pairs "
+         f"Gate calibrated on: {describe_calibration(m['calibrated_on'])}"
+         + (f" - **{len(m['calibration_overlap'])} of the books below are among them (--force): precision there is "
+            "the calibration's own, not a test**" if m["calibration_overlap"] else "; none of the books below") + ".",
+         "",
+         f"Test books{' (part ' + m['part'] + ')' if m['part'] else ''}: {', '.join(map(str, m['books']))}; "
+         f"{m['positions']:,} positions, {m['pairs']:,} pairs "
          f"(t, since_big s = 1..{dr.max_skip - 1}). Drafter reads big-model layer {dr.hidden_layer}; head mode "
          f"`{m['predictor']}`. The drafter's candidate (the best-scoring of: head top-1, head top-2, training-text "
          f"n-gram, in-context copy, or the copy rule's where its estimated precision is higher) equals the big "
@@ -664,12 +698,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pairs", type=int, default=600000)
     ap.add_argument("--no-probes", action="store_true")
     ap.add_argument("--probe-k", type=int, default=512, help="probe vocabulary: most frequent K tokens + other")
+    ap.add_argument("--force", action="store_true", help="evaluate even on books the gate was calibrated on (the "
+                    "report says so)")
     args = ap.parse_args(argv)
     cmd = "python train.py evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    try:
-        evaluate(args.records, args.gate, args.out, args.split, args.max_pairs, not args.no_probes, args.probe_k,
-                 log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd, part=args.part)
-    except (FitError, ArtifactError, TokenizerMismatch, RecordsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    evaluate(args.records, args.gate, args.out, args.split, args.max_pairs, not args.no_probes, args.probe_k,
+             log=lambda x: print(x, file=sys.stderr, flush=True), command=cmd, part=args.part, force=args.force)
+    return 0   # a mistake (FitError, ArtifactError, ...) is train.py's one error line

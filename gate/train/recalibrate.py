@@ -42,6 +42,7 @@ from gate.train.data import (
     open_records_checked,
     predict_pairs,
     select_part,
+    split_books,
     subsample_pairs,
 )
 from gate.train.evaluate import check_records_vs_gate, open_inputs
@@ -86,11 +87,6 @@ def training_books(meta: dict, records: Path, split: str) -> set[str]:
     recs = [recs] if isinstance(recs, str) else recs
     mine = str(Path(records).resolve()) in {str(Path(r).resolve()) for r in recs}
     return {"*"} if mine and split == (train or "train") else set()
-
-
-def split_books(te, part: str | None) -> list[str]:
-    """The books of a loaded split (only those of the part, with --part)."""
-    return list(te.books) if part is None else sorted({te.books[b] for b in set(te.book)})
 
 
 def check_split(meta: dict, records, split: str, books: list[str], force: bool) -> None:
@@ -211,9 +207,11 @@ def recalibrate(records, gate, out=None, split: str = "validation", part: str | 
     maps = {**(run.maps or {}), primary: cert["maps"][primary]}
     fitted = {"records": str(run.records), "split": run.split, "part": part, "pairs": int((~lt).sum()),
               "map_frac": mf, "by": "train.py calibrate"}
+    on = {"records": str(Path(run.records).resolve()), "split": run.split, "part": part, "books": run.books,
+          "by": "train.py calibrate"}
     calibration = cal if meta["format"] == ROUTER_FORMAT else {**meta.get("calibration", {}), primary: cal}
     meta = {k: v for k, v in meta.items() if k != "copy_trust"}      # an older artifact's trust table: replaced
-    meta = dict(meta, threshold=cal["threshold"], calibration=calibration,
+    meta = dict(meta, threshold=cal["threshold"], calibration=calibration, calibrated_on=on,
                 precision_maps=maps_meta(maps, {**meta.get("precision_maps", {}), "fitted_on": fitted}),
                 recalibrated={"gate": str(Path(gate).resolve()), "records": str(run.records), "split": run.split,
                               "part": part, "pairs": int(run.pairs), "map_pairs": int((~lt).sum()),
