@@ -169,3 +169,24 @@ def test_bugs_keep_their_traceback(monkeypatch, capsys):
     monkeypatch.setattr("runtimes.loading.main", lambda argv: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         train.main(["models"])
+
+
+def test_profile_json_dash_is_stdout(monkeypatch, capfd):
+    """Issue 29 case 14: `train.py profile MODEL --json -` writes the JSON to stdout, as '-' means for infer.py
+    (not a file named '-'); the tables then go to stderr. The measurement is stood in for (its own tests:
+    test_cost.py)."""
+    import train
+    from gate.decode import cost
+
+    class Fake:
+        name = "fake.gguf"
+
+    prof = cost.CostProfile({"file": "fake.gguf", "backend": "Fake", "threads": 1}, 10.0, [1, 2], [1.0, 1.5])
+    monkeypatch.setattr(cost, "profiled_backends", lambda args: iter([("fake (as shipped)", Fake())]))
+    monkeypatch.setattr(cost, "profile_key", lambda backend, hidden: prof.key)
+    monkeypatch.setattr(cost, "load_or_measure", lambda *a, **k: prof)
+    monkeypatch.chdir(ROOT)
+    assert train.main(["profile", "fake.gguf", "--json", "-"]) == 0
+    got = capfd.readouterr()
+    assert json.loads(got.out) == {"fake (as shipped)": prof.to_dict()}
+    assert "best ceiling" in got.err and not (ROOT / "-").exists()
