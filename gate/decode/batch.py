@@ -518,9 +518,12 @@ def interrupted(args, todo: list[Line], saved: list[Line]) -> None:
         print(f"infer.py: interrupted: {n} of {len(todo)} rows were written to stdout; --output - keeps nothing to "
               "resume (name a file to make a batch resumable)", file=sys.stderr)
         return
-    held = file_summary(Path(args.output))["prompts"] if Path(args.output).exists() else 0
-    if held:
-        write_summary(args.output)
+    if not Path(args.output).exists():
+        print(f"infer.py: interrupted before a prompt ended (nothing written to {args.output}); run the same "
+              f"command again to run the {left}", file=sys.stderr)
+        return
+    held = file_summary(Path(args.output))["prompts"]
+    write_summary(args.output)
     print(f"infer.py: interrupted: {n} of the {len(todo)} prompts of this run saved in {args.output} ({held} rows "
           f"in it); run the same command again to resume the other {left}", file=sys.stderr)
 
