@@ -1,6 +1,8 @@
 """One decode run, shared by infer.py (cli.py, batch.py) and the benchmarks: options -> runtime -> policy -> text.
 
     add_runtime_args(group)                      # --model --dtype --backend --threads
+    option_problem("seed", value)                # the one rule for -m / -t / --seed and a batch line's options
+    backend_of(args, policies)                   # (kind, why) the models will open on, known before loading
     rt = open_runtime(args, policies)            # the models the chosen policy needs (gate/decode/registry.py)
     policy = make_policy(args, rt, policies)     # built by its class; ValueErrors become UsageErrors
     ids = encode(rt, text, chat=False)           # user text is text: special-token strings stay literal
