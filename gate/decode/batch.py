@@ -36,7 +36,16 @@ from gate.decode.cost import batch_curve
 from gate.decode.ledger import Ledger, format_ledgers, policy_label, sum_ledgers
 from gate.decode.parallel import choose_parallel, run_parallel, slot_context
 from gate.decode.registry import namespace
-from gate.decode.session import audits, backend_of, encode, make_policy, open_runtime, option_problem, run_one, user_text
+from gate.decode.session import (
+    audits,
+    backend_of,
+    encode,
+    make_policy,
+    open_runtime,
+    option_problem,
+    run_one,
+    user_text,
+)
 from gate.model.artifact import artifact_digest
 from runtimes.info import tokenizer_fingerprint
 from runtimes.llamacpp import LlamaCppBackend

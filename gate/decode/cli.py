@@ -106,10 +106,10 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
     g.add_argument("--verify-below", type=float, metavar="T2",
                    help="verify only skips whose score is below T2 (implies --verify)")
     g.add_argument("--plan", choices=("cost", "fixed"),
-                   help="with a lossless --verify: 'cost' (default) sizes each draft chain by the measured cost of a verify "
-                   "pass and the learned chance of acceptance, down to no draft where none pays (the cost curve "
-                   "is measured once per model file, runtime, threads and CPU and cached); 'fixed' drafts while "
-                   "the policy's --threshold / --max-skip allow")
+                   help="with a lossless --verify (refused without one): 'cost' (default) sizes each draft chain by "
+                   "the measured cost of a verify pass and the learned chance of acceptance, down to no draft where "
+                   "none pays (the cost curve is measured once per model file, runtime, threads and CPU and cached); "
+                   "'fixed' drafts while the policy's --threshold / --max-skip allow")
     g.add_argument("-t", "--temperature", type=float, default=0.0,
                    help="0 = greedy (default); a temperature above 0 but below 1e-4 is refused (write 0): there "
                    "sampling is greedy in all but name, and logits / T overflow float32 further down")
