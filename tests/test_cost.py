@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gate.decode.cost import (Acceptance, CostProfile, Planner, cache_file, copy_acceptance, load_or_measure,
-                              measured_profile, profile_key, summarise_times)
+                              measured_profile, profile_key, summarise_times, useful_chain)
 from gate.decode.loop import Decoder
 from gate.decode.policies import BigOnly, Copy, Gate
 from gate.model import base
@@ -202,6 +202,29 @@ def test_no_entry_point_changes_openmp_settings():
     assert [(script, user) for script, user, _ in seen] == [(s, u) for u in ("<unset>", "ACTIVE") for s in scripts]
     for script, user, after in seen:
         assert after == user, (script, user, after)
+
+
+def test_acceptance_learns_per_depth_from_the_shallower_estimate():
+    """A deep draft starts as likely as the bucket before it and then follows its own counts: copies that hold
+    for 4 drafts and break at the 5th teach the planner that depth 5 fails while depth 1-4 stay sure."""
+    acc = copy_acceptance()
+    assert acc.p(12, depth=9) == pytest.approx(acc.p(12, depth=1))
+    for _ in range(30):
+        for depth in range(1, 5):
+            acc.update(12, True, depth=depth)
+        acc.update(12, False, depth=5)
+    assert acc.p(12, depth=4) > 0.95 and acc.p(12, depth=5) < 0.2
+    assert acc.p(12, depth=6) < 0.2          # deeper buckets without counts of their own inherit depth 5's
+    assert acc.learned()["12/6"] == [0.0, 30]
+
+
+def test_chains_stop_where_the_ceiling_flattens():
+    ks = list(range(1, 34))
+    flat_after_16 = CostProfile({}, 10.0, ks, [1 + 0.4 * (k - 1) if k <= 16 else 7.0 + 0.5 * (k - 16) for k in ks])
+    assert 8 <= useful_chain(flat_after_16) <= 16
+    assert useful_chain(CHEAP) >= 24                    # extra tokens nearly free: long chains
+    assert Planner(CHEAP, Acceptance()).max_chain == useful_chain(CHEAP)
+    assert Planner(CHEAP, Acceptance(), max_chain=5).max_chain == 5
 
 
 def spin(seconds: float) -> None:

@@ -38,6 +38,7 @@ PROFILE_KS = tuple(range(1, 33))      # pass lengths `train.py models --profile`
 QUICK_KS = tuple(range(1, 17)) + (20, 24, 32)   # what decoding measures on first use (a few seconds)
 CONTEXT = 256                          # tokens in the cache while a pass is timed
 MAX_CHAIN = 32                         # longest draft chain the planner considers
+CEILING_SHARE = 0.97                   # chains stop where a longer pass raises the ceiling by less than 3%
 NOISY = 0.10                           # repeated passes differing more than this (median relative deviation): not cached
 PROBE = 8                              # a drafter that does not pay is still asked at every PROBE-th chain start, or rarer
 
@@ -257,32 +258,61 @@ def probability_prior(score: float) -> float:
     return min(max(float(score), 0.0), 1.0)
 
 
+DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)   # a draft's place in its chain, in buckets: 1, 2, 3, 4, 5-6, ..., 25+
+
+
+def depth_bucket(depth: int) -> int:
+    return sum(depth > d for d in DEPTHS)
+
+
 @dataclass
 class Acceptance:
-    """P(draft accepted | every earlier draft of its pass was accepted), per score bin and decoding mode (greedy or
-    sampled): a Beta posterior whose prior is the policy's own estimate (`prior(score)`, with `strength` pseudo-
-    counts; halved when sampled), updated with every verified draft. It lives as long as its policy, so a batch
-    learns over all its prompts."""
+    """P(draft accepted | every earlier draft of its pass was accepted), per score bin, place in the chain (depth,
+    bucketed) and decoding mode (greedy or sampled): a Beta posterior updated with every verified draft. Its prior
+    (`strength` pseudo-counts) is, for a chain's first draft, the policy's own estimate `prior(score)` (halved when
+    sampled); for a deeper draft, the posterior of the bucket before it, so that a deep draft starts as likely as a
+    shallow one and its own counts take over: a copy deep in a chain is a different population (the end of a
+    repeated passage) from a copy that has just begun. It lives as long as its policy, so a batch learns over all
+    its prompts."""
     prior: Callable[[float], float] = probability_prior
     bin: Callable[[float], int] = lambda s: min(int(s * 20), 19) if s >= 0 else -1
     strength: float = 4.0
     sampled_prior: float = 0.5                   # sampled decoding: a draft is kept with chance q(x) <= 1, less
-    counts: dict = field(default_factory=dict)   # (sampled, bin) -> [accepted, verified]
+    counts: dict = field(default_factory=dict)   # (sampled, bin, depth bucket) -> [accepted, verified]
 
-    def p(self, score: float, sampled: bool = False) -> float:
-        a, n = self.counts.get((sampled, self.bin(score)), (0, 0))
-        prior = self.prior(score) * (self.sampled_prior if sampled else 1.0)
-        return (a + self.strength * prior) / (n + self.strength)
+    def p(self, score: float, sampled: bool = False, depth: int = 1) -> float:
+        b = self.bin(score)
+        q = self.prior(score) * (self.sampled_prior if sampled else 1.0)
+        for bucket in range(depth_bucket(depth) + 1):
+            a, n = self.counts.get((sampled, b, bucket), (0, 0))
+            q = (a + self.strength * q) / (n + self.strength)
+        return q
 
-    def update(self, score: float, accepted: float, sampled: bool = False) -> None:
-        """One verified draft: accepted is 0/1, or the chance it had (a sampled check, a shadow label)."""
-        c = self.counts.setdefault((sampled, self.bin(score)), [0, 0])
+    def update(self, score: float, accepted: float, sampled: bool = False, depth: int = 1) -> None:
+        """One verified draft at this depth of its chain: accepted is 0/1, or the chance it had (a sampled check,
+        a shadow label)."""
+        c = self.counts.setdefault((sampled, self.bin(score), depth_bucket(depth)), [0, 0])
         c[0] += float(accepted)
         c[1] += 1
+
+    def learned(self) -> dict:
+        """What the counts say, for the ledger: {"bin/depth bucket": [accepted, verified]} (greedy and sampled)."""
+        return {f"{'sampled ' if s else ''}{b}/{DEPTHS[d] if d < len(DEPTHS) else str(DEPTHS[-1] + 1) + '+'}":
+                [round(a, 2), n] for (s, b, d), (a, n) in sorted(self.counts.items())}
 
 
 def copy_acceptance() -> Acceptance:
     return Acceptance(prior=copy_prior, bin=lambda n: int(n))
+
+
+def useful_chain(profile: CostProfile, share: float = CEILING_SHARE) -> int:
+    """The longest chain worth drafting on this cost curve: one less than the shortest pass whose ceiling
+    n / cost(n) is within `share` of the best ceiling up to MAX_CHAIN + 1 tokens. Past it a longer pass barely
+    raises what a perfect drafter could gain, while one wrong draft throws more tokens away: on the packaged Q4_1
+    file the ceiling flattens near 16 tokens; on a flat (GPU-like) curve it keeps rising, and so do the chains."""
+    ns = range(2, MAX_CHAIN + 2)
+    best = max(profile.ceiling(n) for n in ns)
+    return next(n for n in ns if profile.ceiling(n) >= share * best) - 1
 
 
 # -- the planner -----------------------------------------------------------------------------------------------
@@ -303,7 +333,7 @@ class Planner:
     acceptance: Acceptance = field(default_factory=Acceptance)
     draft_ms: float = 0.0              # the drafter's cost per proposal (mean), in ms
     proposals: int = 0
-    max_chain: int = MAX_CHAIN
+    max_chain: int | None = None       # None: from the cost curve (useful_chain)
     margin: float = 0.1                # tokens a chain must gain over no draft to be kept
     start_gain: float = 0.0            # running mean of what proposing at a chain's start gained (tokens)
     starts: int = 0                    # chain starts observed, and skipped since the last probe
@@ -312,6 +342,10 @@ class Planner:
     tokens: float = 20.0               # tokens and cost (steps) of the passes so far, from a prior of 20 steps
     cost: float = 20.0                 # at rate 1: the achieved rate lam = tokens / cost
     stats: dict = field(default_factory=lambda: dict(chains=0, kept=0, cut_to_zero=0, skipped_starts=0))
+
+    def __post_init__(self):
+        if self.max_chain is None:
+            self.max_chain = useful_chain(self.profile)
 
     @property
     def d(self) -> float:
@@ -353,9 +387,10 @@ class Planner:
                 best_k, best_v = k, v
         return best_k, best_v
 
-    def extend(self, probs: Sequence[float]) -> bool:
-        """Propose another draft after these? Yes while a longer chain, with future drafts as likely as the
-        last, could beat the best cut of this one (counting the proposals it needs)."""
+    def extend(self, probs: Sequence[float], future: Callable[[int], float] | None = None) -> bool:
+        """Propose another draft after these? Yes while a longer chain could beat the best cut of this one
+        (counting the proposals it needs), its drafts at depth j as likely as future(j) says (default: as the
+        last)."""
         k = len(probs)
         if k >= self.max_chain or not probs or probs[-1] <= 0:
             return False
@@ -364,9 +399,8 @@ class Planner:
         for q in probs:
             chain *= q
             expected += chain
-        q = probs[-1]
         for j in range(1, self.max_chain - k + 1):
-            chain *= q
+            chain *= future(k + j) if future is not None else probs[-1]
             expected += chain
             if self.value(expected, k + j, k + j) > now:
                 return True

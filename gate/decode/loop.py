@@ -190,8 +190,10 @@ class Decoder:
                     if self.done():
                         break
                     self.emit(d.token, d.source, d)
-                    probs.append(acc.p(d.score, self.temperature > 0))
-                if not drafts or self.room() <= 0 or not plan.extend(probs):
+                    probs.append(acc.p(d.score, self.temperature > 0, len(probs) + 1))
+                last = drafts[-1].score if drafts else 0.0
+                if not drafts or self.room() <= 0 or not plan.extend(
+                        probs, lambda depth: acc.p(last, self.temperature > 0, depth)):
                     break
         keep = plan.cut(probs)
         shadow = None
@@ -205,7 +207,7 @@ class Decoder:
         plan.observe_cycle(len(self.ids) - start, fed, self.policy.calls - calls)
         if shadow is not None and len(self.ids) > start + keep and self.sources[start + keep - self.n_prompt] == "big":
             # The big model spoke where the first dropped draft stood: a free label for the acceptance model.
-            acc.update(shadow.score, self.draft_chance(self.big_logits, shadow), self.temperature > 0)
+            acc.update(shadow.score, self.draft_chance(self.big_logits, shadow), self.temperature > 0, keep + 1)
 
     def draft_chance(self, logits: torch.Tensor, draft: Draft) -> float:
         """The chance the verify rule would have accepted `draft` against these logits: 0/1 when greedy,
@@ -268,13 +270,13 @@ class Decoder:
     def check_pending(self, logits: torch.Tensor, hidden: torch.Tensor | None, row0: int) -> bool:
         """Check the pending drafts against a catch-up pass whose logits[0] is at position row0; at the
         first refused one roll back and emit the big model's token there (True)."""
-        for q, d in self.pending:
+        for depth, (q, d) in enumerate(self.pending, 1):   # a planned chain's drafts are all pending
             i = q - 1 - row0
             row = logits[i] if i >= 0 else self.big_logits
             self.counts.verified += 1
             ok, tok = accept_draft(row, d, self.temperature, self.gen)
             if self.planner is not None:
-                self.planner.acceptance.update(d.score, ok, self.temperature > 0)
+                self.planner.acceptance.update(d.score, ok, self.temperature > 0, depth)
             if not ok:
                 self.rollback(q)
                 self.big_logits = row.clone()
@@ -364,7 +366,8 @@ class Decoder:
             return None
         p = self.planner
         return dict({k: v - self.plan0[k] for k, v in p.stats.items()}, step_ms=p.profile.step_ms,
-                    draft_ms=round(p.draft_ms, 4))
+                    draft_ms=round(p.draft_ms, 4), max_chain=p.max_chain, rate=round(p.lam, 3),
+                    acceptance=p.acceptance.learned())
 
 
 def backend_counters(big: Backend, predictors: Sequence[Backend]) -> dict:
