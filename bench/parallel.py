@@ -15,10 +15,13 @@ Refused when the load average is above 0.5 before the run. Writes --out .json an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shlex
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,8 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 from bench.quiet import Quiet, load  # noqa: E402
 from bench.speed import binding_runner  # noqa: E402
+from common.cpu import OtherCPU  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
 from gate.decode.cost import batch_curve  # noqa: E402
@@ -53,6 +59,10 @@ def parse(argv):
     ap.add_argument("--parallel", nargs="+", default=["auto", "4", "8", "16", "32"])
     ap.add_argument("--policies", nargs="+", default=["big", "copy"], choices=("big", "copy"))
     ap.add_argument("--rounds", type=int, default=1, help="rounds over the methods (order rotated)")
+    ap.add_argument("--commands", nargs="*", default=["auto", "1"], metavar="N",
+                    help="also time whole `infer.py --input --parallel N` commands (process start, model load and "
+                    "auto's measuring included; 'auto' runs twice: with an empty curve cache, then cached), each "
+                    "compared with the --parallel 1 command's output (default: auto 1; none: --commands)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="default: one per core")
     ap.add_argument("--force", action="store_true", help="run even on a busy machine (marked in the result)")
     ap.add_argument("--out", default="bench/results/parallel")
@@ -92,6 +102,37 @@ def decode_args(args, policy: str) -> argparse.Namespace:
     return argparse.Namespace(model=args.model, policy=policy, verify=verify, verify_below=float("inf"),
                               planned=verify, plan="cost", temperature=0.0, seed=0, max_new_tokens=args.new_tokens,
                               check=False, min_match=None, max_skip=None, gate=None, small=None)
+
+
+def command_runs(args, prompts, tmp: Path) -> dict:
+    """{name: (tokens/s, wall s, output ids per prompt)} of whole infer.py commands over the prompts as a JSONL
+    file. cmd_auto_first runs with an empty cost-curve cache (what a user's first run pays for measuring)."""
+    src = tmp / "in.jsonl"
+    src.write_text("".join(json.dumps(dict(id=i, prompt_ids=p)) + "\n" for i, p in enumerate(prompts)))
+    cache = tmp / "cache"
+    real = Path(os.environ.get("SKIPGATE_CACHE", Path.home() / ".cache" / "skipgate"))
+    cache.mkdir()
+    for sub in ("models", "tokenizers", "exact_pass"):      # what a user has after make demo, curves left out
+        if (real / sub).exists():
+            (cache / sub).symlink_to(real / sub)
+    runs = {}
+    plan = [("cmd_auto_first", "auto")] * ("auto" in args.commands) + [(f"cmd_{n}", n) for n in args.commands]
+    for name, n in plan:
+        out = tmp / f"{name}.jsonl"
+        cmd = [sys.executable, "infer.py", "--input", str(src), "--output", str(out), "--parallel", n,
+               "-m", str(args.new_tokens), "--threads", str(args.threads), "--quiet"]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, SKIPGATE_CACHE=str(cache)), capture_output=True,
+                              text=True)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        rows = {r["id"]: r["output_ids"] for r in map(json.loads, out.read_text().splitlines())}
+        ids = [rows[i] for i in range(len(prompts))]
+        runs[name] = (round(sum(map(len, ids)) / wall, 2), round(wall, 2), ids,
+                      [line for line in done.stderr.splitlines() if "parallel" in line or "measured" in line])
+        print(f"{name}: {runs[name][0]} tok/s, {wall:.1f} s", file=sys.stderr)
+    return runs
 
 
 def one_at_a_time(rt, prompts, n):
@@ -147,11 +188,11 @@ def bench(args) -> dict:
         order = names[r % len(names):] + names[:r % len(names)]
         for m in order:
             before = load()
-            with PeakRSS() as mem:
+            with PeakRSS() as mem, OtherCPU() as other:
                 t0 = time.perf_counter()
                 out, info = methods[m]()
                 wall = time.perf_counter() - t0
-            quiet.mark(m, before, load())
+            quiet.mark(m, before, load(), other.cores)
             res[m]["tokens"] += sum(map(len, out))
             res[m]["wall_s"] += wall
             res[m].update(info, added_mb=max(mem.added_mb, res[m].get("added_mb", 0.0)), rss_mb=round(mem.peak, 1))
@@ -164,10 +205,18 @@ def bench(args) -> dict:
         d["x_one_big"] = round(d["tokens_per_s"] / base, 3)
         d["x_binding"] = round(d["tokens_per_s"] / yard, 3)
         d["identical_to_one_big"] = sum(a == b for a, b in zip(outs[m], outs["one_big"]))
+    commands = {}
+    if args.commands:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = command_runs(args, prompts, Path(tmp))
+        ref = runs.get("cmd_1", next(iter(runs.values())))
+        for name, (tps, wall, ids, said) in runs.items():
+            commands[name] = dict(tokens_per_s=tps, wall_s=wall, x_cmd_1=round(tps / ref[0], 3),
+                                  identical_to_cmd_1=sum(a == b for a, b in zip(ids, ref[2])), said=said)
     return dict(command="python " + " ".join(map(shlex.quote, sys.argv)), model=args.model, gguf=str(rt.big.path),
                 threads=args.threads, prompts=len(prompts), new_tokens=args.new_tokens, step_ms=step_ms,
-                batch_curve=curve, auto_parallel=auto, exact_pass=exact, methods=res, load=quiet.to_dict(),
-                note=quiet.note())
+                batch_curve=curve, auto_parallel=auto, exact_pass=exact, methods=res, commands=commands,
+                load=quiet.to_dict(), note=quiet.note())
 
 
 def markdown(r: dict) -> str:
@@ -184,6 +233,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {m} | {d['tokens_per_s']} | {d['x_one_big']} | {d['x_binding']} | "
                      f"{d['identical_to_one_big']}/{r['prompts']} | {d.get('big_calls', '-')} | {d['rss_mb']} | "
                      f"{d['added_mb']} |")
+    if r.get("commands"):
+        lines += ["", "Whole commands (`infer.py --input --output --parallel N`, process start, model load and "
+                  "measuring included; cmd_auto_first with no cost curve cached):", "",
+                  "| command | tokens/s | wall s | x --parallel 1 | identical | what it said |", "|---|---|---|---|---|---|"]
+        for m, d in r["commands"].items():
+            lines.append(f"| {m} | {d['tokens_per_s']} | {d['wall_s']} | {d['x_cmd_1']} | "
+                         f"{d['identical_to_cmd_1']}/{r['prompts']} | {'; '.join(d['said'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """Speed is measured on a quiet machine: the load average before a benchmark, refused above QUIET unless forced.
 
     quiet = Quiet.check(force=args.force, what="bench/speed.py")   # exit 2 with one line when the machine is busy
-    quiet.mark("big")                                                # load before/after each method, for the file
+    quiet.mark("big", before, after, other.cores)                    # load before/after each method, and the cores
+                                                                     # other processes took meanwhile (common/cpu.py)
     quiet.to_dict(); quiet.note()                                   # what the result files say about the load
 
 On 2 cores a benchmark that shares them with a test run or a build measures the contention, not the method
@@ -24,7 +25,7 @@ def load() -> float:
 class Quiet:
     before: float
     forced: bool = False
-    marks: dict = field(default_factory=dict)     # method -> [load before, load after] of its last run
+    marks: dict = field(default_factory=dict)     # method -> [load before, load after, most other cores] of its runs
 
     @classmethod
     def check(cls, force: bool, what: str) -> "Quiet":
@@ -36,8 +37,10 @@ class Quiet:
             raise SystemExit(2)
         return cls(now, forced=now > QUIET)
 
-    def mark(self, method: str, before: float, after: float) -> None:
-        self.marks[method] = [before, after]
+    def mark(self, method: str, before: float, after: float, other: float | None = None) -> None:
+        """Load before/after the method's last run; the most cores other processes took during any of its runs."""
+        worst = max(x for x in (other, (self.marks.get(method) or [0, 0, None])[2], -1.0) if x is not None)
+        self.marks[method] = [before, after, None if worst < 0 else worst]
 
     def to_dict(self) -> dict:
         return dict(loadavg_before=self.before, measured_under_load=self.forced, per_method=self.marks,

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from bench.decode import tie_gap  # noqa: E402
 from bench.quiet import Quiet, load  # noqa: E402
+from common.cpu import OtherCPU  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
 from gate.decode.cost import cpu_name  # noqa: E402
@@ -195,8 +196,9 @@ def bench(args) -> dict:
         k = i % len(names)
         for m in names[k:] + names[:k]:
             before = load()
-            new, dec_s, tot_s, led = methods[m](ids, args.new_tokens, i)
-            quiet.mark(m, before, load())
+            with OtherCPU() as other:
+                new, dec_s, tot_s, led = methods[m](ids, args.new_tokens, i)
+            quiet.mark(m, before, load(), other.cores)
             r = rows[m]
             r["tokens"] += len(new)
             r["decode_tokens"] = r.get("decode_tokens", 0) + max(len(new) - 1, 0)
@@ -272,7 +274,7 @@ def markdown(res: dict) -> str:
              f"{res['new_tokens']} new tokens; decode tokens/s exclude the prompt pass. {res['load_note']}; "
              f"CPU {res['cpu']}, llama-cpp-python {res['llama_cpp_python']}.", "",
              f"| method | tokens/s | x big | x {own} | x best {own.split()[0]} PLD | identical to big | "
-             "big calls/token | policy ms/proposal | load before/after |",
+             "big calls/token | policy ms/proposal | load before/after, others' cores |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m, d in res["methods"].items():
         def f(x):

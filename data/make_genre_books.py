@@ -12,8 +12,11 @@ shows it here. Three genres, each from a Debian package (downloaded once with `a
             rejoined into paragraphs, a <p> each), one chapter per 60 paragraphs after the table of contents.
   guide     the Ubuntu Packaging Guide (package ubuntu-packaging-guide-epub): a how-to with shell sessions and
             file listings, shipped as an EPUB (used as it is). Added after the gate's scoring was designed.
-Not used, on purpose: the Bible (bible-kjv*) and The Devil's Dictionary (dict-devil), which stay unseen by the
-project. Output bytes are the same on every run; each file is written atomically.
+  devil     FINAL CHECK ONLY: The Devil's Dictionary (package dict-devil, a dictd database: the entries as plain
+            text, hard-wrapped), one chapter per letter. Nothing is designed, tuned or trained with it in view: the
+            speed benchmarks run on it last, to report what the defaults do on text the project never saw.
+Not used, on purpose: the Bible (bible-kjv*), which stays unseen by the project. Output bytes are the same on
+every run; each file is written atomically.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from make_demo_books import book_args, epub_bytes, fetch_deb, paragraphs, write_
 POLICY = ("debian-policy", "./usr/share/doc/debian-policy/policy.epub")
 JARGON = ("jargon-text", "./usr/share/doc/jargon-text/jargon.txt.gz")
 GUIDE = ("ubuntu-packaging-guide-epub", "./usr/share/doc/ubuntu-packaging-guide-epub/ubuntu-packaging-guide.epub")
+DEVIL = ("dict-devil", "./usr/share/dictd/devil.dict.dz")
 CHAPTER_PARAGRAPHS = 60
 
 
@@ -56,10 +60,25 @@ def jargon_epub(raw_gz: bytes) -> bytes:
                       "Debian package jargon-text", paras[:1], chaps)
 
 
+def devil_epub(raw_dz: bytes) -> bytes:
+    """The dictd text (dictzip is gzip) without its database header entries, a chapter per initial letter."""
+    lines = gzip.decompress(raw_dz).decode("utf-8", "replace").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "PREFACE")
+    paras = [p for p in paragraphs(lines[start:]) if not p.startswith("00-database")]
+    chaps: dict[str, list[str]] = {}
+    for p in paras:
+        head = p[:1].upper() if p[:1].isalpha() and p.split()[0].isupper() else ""
+        key = head or (list(chaps)[-1] if chaps else "Preface")
+        chaps.setdefault(key, []).append(p)
+    return epub_bytes("urn:devils-dictionary:bierce", "The Devil's Dictionary", "Ambrose Bierce",
+                      "Debian package dict-devil", paras[:1], list(chaps.items()))
+
+
 BOOKS = {  # file name -> (package, how to make the EPUB from the .deb)
     "debian-policy-manual.epub": (POLICY[0], lambda deb: member(deb, POLICY[1])),
     "the-jargon-file.epub": (JARGON[0], lambda deb: jargon_epub(member(deb, JARGON[1]))),
     "ubuntu-packaging-guide.epub": (GUIDE[0], lambda deb: member(deb, GUIDE[1])),
+    "the-devils-dictionary.epub": (DEVIL[0], lambda deb: devil_epub(member(deb, DEVIL[1]))),   # final check only
 }
 
 
