@@ -91,6 +91,12 @@ class LlamaCppSlots(LlamaCppBackend):
             hidden = self._hidden_rows(end - (hidden_rows or keep), hidden_rows or keep, False)
         return logits, hidden
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Give sequence dst (empty) the cache of sequence src: a shared prefix without feeding it again."""
+        self.remove(dst, 0)
+        self.lib.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+        self.slots[dst].n_cached = self.slots[src].n_cached
+
     def remove(self, seq: int, n: int) -> None:
         """Drop positions n.. of sequence seq from the cache."""
         if not self.lib.llama_memory_seq_rm(self._memory, seq, n, -1):

@@ -478,3 +478,20 @@ def test_profile_command_and_requantized_copy(tmp_path, monkeypatch, capsys):
     assert "as shipped" in out and "requantized Q4_0" in out and out.count("best ceiling") == 2
     assert len(list((tmp_path / "requantized").glob("*.Q4_0.gguf"))) == 1
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+
+
+def test_a_copied_sequence_continues_like_a_fed_one(gguf, layered, ids):
+    """LlamaCppSlots.copy_sequence (how the batch cost curve fills 64 sequences at once): a sequence given another's
+    cache by llama_memory_seq_cp gives, bit for bit, the logits of one that was fed the same prefix."""
+    from runtimes.batched import LlamaCppSlots
+
+    ctx = LlamaCppSlots(gguf, n_slots=3, slot_ctx=64, n_threads=1, weights_of=layered)
+    try:
+        ctx.decode([(0, ids, 1), (1, ids, 1)])
+        ctx.copy_sequence(0, 2)
+        assert ctx.slots[2].n_cached == len(ids)
+        spans = ctx.decode([(i, [ids[0], ids[1]], 2) for i in range(3)])
+        rows = [ctx.rows(*span)[0].clone() for span in spans]
+    finally:
+        ctx.close()
+    assert torch.equal(rows[2], rows[1]) and torch.equal(rows[0], rows[1])
