@@ -98,6 +98,18 @@ def test_planner_backs_off_when_nothing_pays():
             plan.observe_cycle(tokens=1, fed=1, proposals=0)
     assert starts[:8] == [True] * 8 and 1 <= sum(starts[8:]) <= 72 / PROBE
     assert plan.stats["skipped_starts"] == starts.count(False)
+
+
+def test_a_free_source_is_asked_at_every_chain_start():
+    """The copy rule (Policy.free) never backs off, even when a slow proposal made it look costly and its chains
+    did not pay: a free source is never hidden behind probes (planner_for and --parallel pass backoff=False)."""
+    assert Copy.free and not Gate.free and not BigOnly.free
+    plan = Planner(LINEAR, draft_ms=1.0, backoff=False)
+    for _ in range(40):
+        assert plan.start_chain()
+        plan.cut([0.2])
+        plan.observe_cycle(tokens=1, fed=1, proposals=1)
+    assert plan.stats["skipped_starts"] == 0 and plan.start_gain < 0
     paying = Planner(CHEAP, draft_ms=1.0)
     for _ in range(40):
         assert paying.start_chain()

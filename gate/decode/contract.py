@@ -140,6 +140,8 @@ class Policy:
     needs_big_hidden: ClassVar[bool] = False
     needs_all_hidden = False                    # also every earlier position's (DecodeState.big_hiddens)
     source = "small"                            # the source of its drafts
+    free: ClassVar[bool] = False                # its proposals cost next to nothing (the copy rule): the planner
+                                                # asks it at every chain start, never only at probes
     hidden_layer: int | None = None             # read when needs_big_hidden
     threshold: float | None = None              # the score a draft must reach, if the policy has one (the gate's)
     live_threshold: float | None = None         # the audit's raised one in this text (gate/decode/audit.py)

@@ -335,6 +335,7 @@ class Planner:
     draft_ms: float = 0.0              # the drafter's cost per proposal (mean), in ms
     proposals: int = 0
     max_chain: int | None = None       # None: from the cost curve (useful_chain)
+    backoff: bool = True               # False: a free source (the copy rule), asked at every chain start
     margin: float = 0.1                # tokens a chain must gain over no draft to be kept
     start_gain: float = 0.0            # running mean of what proposing at a chain's start gained (tokens)
     starts: int = 0                    # chain starts observed, and skipped since the last probe
@@ -422,7 +423,7 @@ class Planner:
         """Propose at this chain start? Not while a drafter that costs over 1% of a step has lost time on average
         (after 8 starts), except at probes (every PROBE-th start, then every 2nd, 4th, 8th time rarer while they
         keep failing), which keep the estimate current."""
-        if self.d > 0.01 and self.starts >= 8 and self.start_gain < 0:
+        if self.backoff and self.d > 0.01 and self.starts >= 8 and self.start_gain < 0:
             if self.skipped < self.interval - 1:
                 self.skipped += 1
                 self.stats["skipped_starts"] += 1

@@ -91,7 +91,8 @@ def run_parallel(rt: Runtime, lines: list, n: int, slot_ctx: int, args, policies
         profile = slot_profile(curve, n, step_ms, key)
         shared = policy_objs[0].acceptance()   # every slot's verified drafts teach one acceptance model
         for p in policy_objs:
-            p.planner = Planner(profile, shared if isinstance(shared, Acceptance) else p.acceptance())
+            p.planner = Planner(profile, shared if isinstance(shared, Acceptance) else p.acceptance(),
+                                backoff=not p.free)
         plan = dict(step_ms=profile.step_ms, cost_of_8_tokens=profile.of(8))
         log(f"parallel: one draft token costs a slot {profile.of(2) - 1:.2f} of its one-token share of a pass")
     queue = list(lines)

@@ -444,6 +444,7 @@ class Copy(Policy):
     drafts. Lossy alone; with --verify every draft is checked at the next big pass (lossless)."""
     name = "copy"
     source = "skip"
+    free = True
     summary = ("the copy rule (prompt lookup as a gate, no training): where the last --min-match tokens\n"
                "occurred earlier, skip with the token that followed them (up to --max-skip - 1 = 10 per\n"
                "big pass by default); lossless with --verify")

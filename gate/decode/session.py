@@ -145,7 +145,7 @@ def planner_for(policy, rt: Runtime, args):
     if getattr(policy, "planner", None) is None:
         hidden = bool(policy.needs_big_hidden and policy.hidden_layer is not None)
         profile = load_or_measure(rt.big, hidden=hidden, log=lambda m: print(m, file=sys.stderr))
-        policy.planner = Planner(profile, policy.acceptance())
+        policy.planner = Planner(profile, policy.acceptance(), backoff=not policy.free)
     return policy.planner
 
 
