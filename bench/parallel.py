@@ -169,7 +169,7 @@ def bench(args) -> dict:
     per = [args.n_prompts // len(args.corpus) + (i < args.n_prompts % len(args.corpus)) for i in range(len(args.corpus))]
     prompts = [p for c, k in zip(args.corpus, per) if k for p in held_out_prompts(c, rt.tokenizer, k, args.prompt_tokens,
                                                                                     args.split)]
-    curve, step_ms, _ = batch_curve(rt.big, refresh=True, log=lambda m: print(m, file=sys.stderr))
+    curve, step_ms, _ = batch_curve(rt.big, len(prompts), refresh=True, log=lambda m: print(m, file=sys.stderr))
     exact = rt.big.exact_pass        # infer.py decodes one prompt at a time when passes are not exact
     auto = choose_parallel(curve, len(prompts)) if exact is None else 1
     methods = {"binding_generate": lambda: (binding(rt, prompts, args.new_tokens), {}),

@@ -414,7 +414,7 @@ def parallel_slots(rt, todo: list[Line], args) -> int:
     if want == "auto":
         if len(good) < 2 or not on_llama:
             return 1
-        curve, _, _ = batch_curve(rt.big, log=lambda m: print(m, file=sys.stderr))
+        curve, _, _ = batch_curve(rt.big, len(good), log=lambda m: print(m, file=sys.stderr))
         n = choose_parallel(curve, len(good))
         print(f"infer.py: --parallel auto: {n} prompts side by side (the measured gain of a pass over n "
               f"sequences: {', '.join(f'{k}: {k / c:.1f}x' for k, c in sorted(curve.items()))})", file=sys.stderr)

@@ -207,14 +207,16 @@ SLOT_NS = (1, 2, 4, 8, 16, 24, 32, 48, 64)   # sequences per pass the batch curv
 SLOT_CONTEXT = 96                           # tokens cached per sequence while a batched pass is timed
 
 
-def batch_curve(backend, reps: int = 3, refresh: bool = False,
+def batch_curve(backend, up_to: int = SLOT_NS[-1], reps: int = 3, refresh: bool = False,
                 log: Callable[[str], None] | None = None) -> tuple[dict[int, float], float, dict]:
     """({n: cost of one pass feeding one token to each of n sequences, in one-token steps}, step ms, key) for
-    the llama.cpp model under `backend`, for every size in SLOT_NS: measured once in a LlamaCppSlots context and
-    cached like a profile."""
+    the llama.cpp model under `backend`, for the sizes in SLOT_NS up to the first >= up_to (a run of up_to
+    prompts uses no more slots): measured in a LlamaCppSlots context and cached like a profile. A cached curve
+    that reaches far enough is used as it is; a larger run measures once more, up to its own size."""
+    ns = [n for n in SLOT_NS if n < up_to] + [next((n for n in SLOT_NS if n >= up_to), SLOT_NS[-1])]
     key = dict(profile_key(backend), curve="slots")
-    prof = measured_profile(key, SLOT_NS, f"the cost of a pass over 1..{SLOT_NS[-1]} sequences for {backend.name}",
-                            lambda: measure_slots(backend, SLOT_NS, reps, backend_threads(backend)), refresh, log)
+    prof = measured_profile(key, ns, f"the cost of a pass over 1..{ns[-1]} sequences for {backend.name}",
+                            lambda: measure_slots(backend, ns, reps, backend_threads(backend)), refresh, log)
     return dict(zip(prof.ks, prof.cost)), prof.step_ms, key
 
 

@@ -87,7 +87,7 @@ def run_parallel(rt: Runtime, lines: list, n: int, slot_ctx: int, args, policies
     policy_objs = [make_policy(args, r, policies) for r in runtimes]
     plan = None
     if getattr(args, "planned", False) and policy_objs[0].name != "big":
-        curve, step_ms, key = batch_curve(rt.big, log=log)
+        curve, step_ms, key = batch_curve(rt.big, 2 * n, log=log)   # slot_profile reads the pass over 2n
         profile = slot_profile(curve, n, step_ms, key)
         shared = policy_objs[0].acceptance()   # every slot's verified drafts teach one acceptance model
         for p in policy_objs:
