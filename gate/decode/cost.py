@@ -234,7 +234,8 @@ def measure_slots(backend, ns: Sequence[int], reps: int, threads: int) -> tuple[
         times = {}
         for n in [1, *ns]:                          # the first n = 1 round warms up
             t = []
-            for _ in range(reps):
+            # small passes are cheap and the one-sequence step scales every other cost: time them more often
+            for _ in range(max(reps, min(16, 32 // n))):
                 toks = torch.randint(0, vocab, (n,), generator=gen).tolist()
                 t0 = time.perf_counter()
                 ctx.decode([(i, [toks[i]], 1) for i in range(n)])
