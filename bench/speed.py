@@ -32,6 +32,7 @@ from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
 from gate.decode.cost import cpu_name  # noqa: E402
 from gate.decode.drafters import load_gate  # noqa: E402
+from gate.decode.ledger import PLAN_COUNTS  # noqa: E402
 from gate.decode.loop import Decoder  # noqa: E402
 from gate.decode.policies import BigOnly, Copy, Gate  # noqa: E402
 from gate.decode.session import held_out_prompts, planner_for  # noqa: E402
@@ -253,7 +254,7 @@ def summarise(args, rows, prompts, quiet, gguf) -> dict:
                      policy_share_of_wall=round(sum(x["policy_s"] for x in leds) / sum(x["wall_s"] for x in leds), 4))
             plans = [x["plan"] for x in leds if x.get("plan")]
             if plans:
-                d["plan"] = {k: sum(p[k] for p in plans) for k in ("chains", "kept", "cut_to_zero", "skipped_starts")}
+                d["plan"] = {k: sum(p.get(k, 0) for p in plans) for k in PLAN_COUNTS}
                 d["plan"]["step_ms"] = plans[0]["step_ms"]
         methods[m] = d
     return dict(command="python " + " ".join(shlex.quote(a) for a in sys.argv), model=args.model, gguf=gguf,
@@ -298,7 +299,8 @@ def markdown(res: dict) -> str:
     plans = {m: d["plan"] for m, d in res["methods"].items() if d.get("plan")}
     if plans:
         lines += ["", "Planner: " + "; ".join(f"{m}: {p['chains']} chains, {p['kept']} drafts kept, "
-                                            f"{p['cut_to_zero']} cut to none, {p['skipped_starts']} starts skipped"
+                                            f"{p['cut_to_zero']} cut to none, {p['skipped_starts']} starts skipped, "
+                                            f"{p['free_drafts']} copy drafts while the drafter was held back"
                                             for m, p in plans.items())]
     return "\n".join(lines) + "\n"
 

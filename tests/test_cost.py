@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from gate.decode.cost import (Acceptance, CostProfile, Planner, cache_file, copy
 from gate.decode.loop import Decoder
 from gate.decode.policies import BigOnly, Copy, Gate
 from gate.model import base
+from gate.model.precision import CONTEXTS
 from runtimes.hf import HFBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +192,42 @@ def test_planned_gate_verify_is_greedy_big(tiny_llama, one_thread):
     for ids in ([5, 6, 7], [11, 12, 13, 14, 15]):
         assert Decoder(big, pol, verify=True, planner=plan).generate(ids, 30).ids == greedy(big, ids, 30)
     assert plan.stats["kept"] > 0
+
+
+def test_the_copy_rule_drafts_while_a_costly_drafter_is_held_back(tiny_llama, one_thread):
+    """A gate whose learned part costs a millisecond and is always wrong gets held back by the planner; its copy
+    rule (the free source, scored by the artifact's copy maps) is still asked at every held-back chain start, its
+    drafts are kept, and the output is greedy big's."""
+    import time as _time
+
+    from gate.model.copyrule import CopyIndex
+    from gate.model.precision import PrecisionMap, SourceMaps
+
+    big = HFBackend(tiny_llama, name="tiny")
+    sure = PrecisionMap(np.array([0.0, 1.0]), np.array([0.0, 0.97]))    # any match: 97%
+    asked = []
+
+    class Drafter(base.Drafter):
+        threshold, max_skip, hidden_layer = -1.0, 16, None
+        copies, extend = CopyIndex(12), 0
+        scoring = SourceMaps({c: PrecisionMap(np.array([0.0]), np.array([0.0])) for c in CONTEXTS},
+                             {"agree": sure, "disagree": sure}, 12, 0)
+
+        def propose(self, ids, hidden, s):
+            _time.sleep(0.001)
+            return (ids[-1] + 1) % 300, 0.0
+
+        def propose_free(self, ids):
+            asked.append(len(ids))
+            return super().propose_free(ids)
+
+    pol = Gate(Drafter())
+    plan = Planner(profile(lambda n: 1 + 0.2 * (n - 1), step_ms=5.0), pol.acceptance())
+    ids = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]
+    res = Decoder(big, pol, verify=True, planner=plan).generate(ids, 60)
+    assert res.ids == greedy(big, ids, 60)
+    assert plan.stats["skipped_starts"] > 0 and len(asked) >= plan.stats["skipped_starts"]
+    assert plan.stats["free_drafts"] > 0 and res.ledger["plan"]["free_drafts"] == plan.stats["free_drafts"]
 
 
 def test_no_entry_point_changes_openmp_settings():

@@ -163,6 +163,11 @@ class Policy:
         """Drafts for positions len(state.ids), ...; [] hands the next position to the big model."""
         return []
 
+    def propose_free(self, state: DecodeState) -> list[Draft]:
+        """Drafts from the policy's sources that cost nothing (the copy rule inside a gate), asked where the
+        planner holds its costly proposals back; [] by default. Not counted in `calls` (the drafter's cost)."""
+        return []
+
     def big_source(self, state: DecodeState) -> str:
         return "big"
 

@@ -346,7 +346,8 @@ class Planner:
     interval: int = PROBE              # starts between probes while proposing does not pay
     tokens: float = 20.0               # tokens and cost (steps) of the passes so far, from a prior of 20 steps
     cost: float = 20.0                 # at rate 1: the achieved rate lam = tokens / cost
-    stats: dict = field(default_factory=lambda: dict(chains=0, kept=0, cut_to_zero=0, skipped_starts=0))
+    stats: dict = field(default_factory=lambda: dict(chains=0, kept=0, cut_to_zero=0, skipped_starts=0,
+                                                     free_drafts=0))
 
     def __post_init__(self):
         if self.max_chain is None:

@@ -63,7 +63,7 @@ class Ledger:
 
 
 TOTALS = tuple(f.name for f in dataclasses.fields(Ledger) if f.metadata.get("total"))
-PLAN_COUNTS = ("chains", "kept", "cut_to_zero", "skipped_starts")   # the planner's counts that add up
+PLAN_COUNTS = ("chains", "kept", "cut_to_zero", "skipped_starts", "free_drafts")   # the planner's counts that add up
 
 
 def sum_ledgers(ledgers: list[Ledger]) -> Ledger:
@@ -79,7 +79,7 @@ def sum_ledgers(ledgers: list[Ledger]) -> Ledger:
     out.stopped = f"{len(ledgers)} runs"
     plans = [x.plan for x in ledgers if x.plan]
     if plans:
-        out.plan = {**plans[0], **{k: sum(p[k] for p in plans) for k in PLAN_COUNTS}}
+        out.plan = {**plans[0], **{k: sum(p.get(k, 0) for p in plans) for k in PLAN_COUNTS}}
     checks = [x.check for x in ledgers]
     out.check = sum_checks(checks) if all(c is not None for c in checks) else None
     audits = [x.audit for x in ledgers if x.audit]
@@ -129,7 +129,9 @@ ROWS = [  # (label, the cell of one ledger)
     ("wall time", lambda l: f"{l.wall_s:.2f} s (policy {l.policy_s:.2f} s"
                             + (f", {l.draft_steps} draft steps)" if l.draft_steps else ")")),
     ("draft plan", lambda l: f"{l.plan['kept']} drafts in {l.plan['chains'] - l.plan['cut_to_zero']} of "
-                             f"{l.plan['chains']} chains" if l.plan else "-"),
+                             f"{l.plan['chains']} chains" + (f", {l.plan['skipped_starts']} held back ("
+                             f"{l.plan.get('free_drafts', 0)} copy drafts meanwhile)" if l.plan['skipped_starts']
+                             else "") if l.plan else "-"),
     ("tokens/s", lambda l: f"{l.tokens_per_s:.1f}"),
     ("on-policy error", _check_cell),
     ("NLL (nats/token)", lambda l: f"{l.check['nll']:.3f}" if l.check is not None else "-"),

@@ -176,15 +176,26 @@ class Decoder:
             self.planner.observe_draft_time(dt)
         return drafts
 
+    def propose_free(self) -> list[Draft]:
+        """The policy's free drafts: timed into the policy's time, not into the drafter's cost per proposal."""
+        t0 = time.perf_counter()
+        drafts = self.policy.propose_free(self.state())
+        self.policy_s += time.perf_counter() - t0
+        if drafts and self.planner is not None:
+            self.planner.stats["free_drafts"] += len(drafts)
+        return drafts
+
     def planned_step(self) -> None:
         """A draft chain sized by the planner: propose while a longer chain may pay, cut it to its best length
         (maybe none), then one big pass verifies what is left and speaks."""
         plan, acc = self.planner, self.planner.acceptance
         start, calls = len(self.ids), self.policy.calls
         probs: list[float] = []
-        if plan.start_chain() and self.room() > 0:
+        # a costly drafter held back by the planner still lets its free sources (the copy rule) draft
+        propose = self.propose if plan.start_chain() else self.propose_free
+        if self.room() > 0:
             while not self.done():
-                drafts = self.propose()[:max(self.room(), 0)]
+                drafts = propose()[:max(self.room(), 0)]
                 self.keep_predictors(self.ids + [d.token for d in drafts])
                 for d in drafts:
                     if self.done():

@@ -405,6 +405,16 @@ class Gate(Policy):
             return [Draft(state.sample(logits), self.source, float(score), draft_probs(logits, state.temperature))]
         return [Draft(int(tok), self.source, float(score))]
 
+    def propose_free(self, state):
+        s = state.since_big
+        if state.big_cached == 0 or not 1 <= s < self.max_skip:
+            return []
+        free = self.drafter.propose_free(state.ids)
+        threshold = self.threshold if self.live_threshold is None else self.live_threshold
+        if free is None or free[1] < threshold:
+            return []
+        return [Draft(free[0], self.source, free[1])]
+
     @classmethod
     def model_names(cls, args):
         """A router artifact (--gate) runs over its small model: --small, or the one it was trained with."""

@@ -25,6 +25,9 @@ class Drafter:
     last_logits: torch.Tensor | None = None   # next-token logits [V] behind the last proposal, if any: sampled
     #                                            decoding drafts a sample of them (speculative sampling)
     steps = 0                     # draft steps so far (the ledger's)
+    copies = None                 # a CopyIndex over the text, where the drafter grades the copy rule
+    scoring = None                # and its SourceMaps (gate/model/precision.py); extend: how far a match is measured
+    extend = 0
 
     def start(self) -> None:
         """A new text begins: forget per-text state."""
@@ -32,6 +35,18 @@ class Drafter:
     def propose(self, ids: Sequence[int], hidden: torch.Tensor | None, since_big: int) -> tuple[int, float]:
         """(candidate for position len(ids), estimated P(candidate == the big model's greedy token))."""
         raise NotImplementedError
+
+    def propose_free(self, ids: Sequence[int]) -> tuple[int, float] | None:
+        """The drafter's source that costs nothing, the copy rule, alone: (candidate, score on the drafter's scale),
+        or None where it has no copy source or no precision map for it (older artifacts). The gate was not asked,
+        so the score is the copy map's lower estimate over its two verdicts (agreeing with the copy or not)."""
+        alone = getattr(self.scoring, "copy_alone", None)
+        if self.copies is None or alone is None:
+            return None
+        self.copies.sync(ids)
+        tok, n = self.copies.query(self.extend)
+        score = alone(n)
+        return None if score is None else (int(tok), score)
 
 
 __all__ = ["Drafter"]

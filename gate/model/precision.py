@@ -115,6 +115,14 @@ class SourceMaps:
         used = copy_est > est
         return np.where(used, copy_token, token), np.maximum(est, copy_est).astype(np.float32), used
 
+    def copy_alone(self, copy_len: int) -> float | None:
+        """The copy rule's estimated precision at this match length when the gate's pick is not known: the lower of
+        its maps beside an agreeing and a disagreeing pick (None: no copy map, or no candidate)."""
+        if self.copy is None or copy_len <= 0:
+            return None
+        b = length_bin(np.array([copy_len]))
+        return float(min(self.copy[c](b)[0] for c in CONTEXTS[1:]))
+
     def to_json(self) -> dict:
         return {"gate": {k: m.to_json() for k, m in self.gate.items()}, "max_n": self.max_n, "extend": self.extend,
                 "copy": None if self.copy is None else {"length_edges": list(LENGTH_EDGES),
