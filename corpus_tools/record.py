@@ -5,8 +5,9 @@
 
 Each book is tokenized once, with the first model's tokenizer, and every model reads the same ids; windows of
 --context tokens, --stride apart, record every position once. Output: a records folder (corpus_tools/records.py).
-`--backend llama.cpp` gives the last layer's hidden state only. Resumable (a resumed run writes the same bytes);
-settings.json pins the settings; --out and --context are checked and the folder locked before any work.
+`--backend llama.cpp` gives any layer on llama-architecture models (SmolLM2), the last only on others.
+Resumable (a resumed run writes the same bytes); settings.json pins the settings; --out and --context are checked
+and the folder locked before any work.
 Tokenization, windows, runtimes, dtype, resume and scale-out in full: docs/corpus.md.
 """
 from __future__ import annotations
@@ -220,7 +221,7 @@ def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layer
            max_tokens_per_book: int | None = None, shard_tokens: int = 16384, hidden_dtype: str = "float16",
            dtype: str = "float32", progress: bool = True, backend: str = "hf") -> dict:
     """Record `model_names` over `corpus` into `out` (see the module docstring); returns the manifest.
-    backend "llama.cpp": the GGUF models in llama.cpp (the last layer's hidden state only)."""
+    backend "llama.cpp": the GGUF models in llama.cpp (inner layers where its graph marks them)."""
     from accelerate import PartialState
 
     if not 0 < stride <= context:
@@ -246,9 +247,6 @@ def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layer
         for lm in lms:
             check_context(context, lm.info, f"--context {context}")
         meta_models = describe_models(lms, layers)
-        if backend == "llama.cpp" and any(m["layers"] not in ([], [m["n_layers"]]) for m in meta_models):
-            raise ValueError("--backend llama.cpp records the last layer's hidden state only: use --layers last "
-                             "(or --layers with no value for none)")
         settings = {"format": FORMAT, "models": meta_models, "fingerprint": fingerprint,
                     "tokenization": {"tokenizer_of": model_names[0], "add_special_tokens": True},
                     "context": context, "stride": stride, "topk": topk, "batch_size": batch_size,
@@ -317,8 +315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                     help="model weights dtype: the one you will decode with (see above for speed)")
     ap.add_argument("--backend", choices=tuple(BACKENDS), default="hf",
-                    help="model runtime: transformers (any layer), or llama.cpp for GGUF models (the last layer's "
-                         "hidden state only: --layers last; --dtype does not apply)")
+                    help="model runtime: transformers (any layer), or llama.cpp for GGUF models (any layer on llama-"
+                         "architecture models such as SmolLM2, the last only on others; --dtype does not apply)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
