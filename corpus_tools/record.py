@@ -247,6 +247,11 @@ def record(model_names: list[str], corpus: str | Path, out: str | Path, *, layer
         for lm in lms:
             check_context(context, lm.info, f"--context {context}")
         meta_models = describe_models(lms, layers)
+        for lm, m in zip(lms, meta_models):   # a runtime that cannot give these layers says so before any work
+            if m["layers"]:
+                saved = lm.backend.hidden_layer
+                lm.backend.hidden_layer = tuple(m["layers"])
+                lm.backend.hidden_layer = saved
         settings = {"format": FORMAT, "models": meta_models, "fingerprint": fingerprint,
                     "tokenization": {"tokenizer_of": model_names[0], "add_special_tokens": True},
                     "context": context, "stride": stride, "topk": topk, "batch_size": batch_size,

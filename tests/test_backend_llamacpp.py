@@ -384,6 +384,23 @@ def test_record_on_llamacpp_matches_transformers_records(tmp_path):
         assert torch.nn.functional.cosine_similarity(ha, hb).min() > 0.98, layer
 
 
+def test_record_refuses_layers_the_graph_does_not_mark_before_any_work(tmp_path, monkeypatch):
+    """On an architecture whose llama.cpp graph does not mark layer inputs (qwen2), --layers middle is refused
+    before anything is pinned in --out: a retry with --layers last is not blocked by a settings.json of the first."""
+    import runtimes.llamacpp as lc
+    from corpus_tools import record as rec_mod
+
+    from helpers import SPLIT_REC, book_text, write_corpus
+
+    monkeypatch.setattr(lc, "LAYER_INP_ARCHS", frozenset())
+    corpus = write_corpus(tmp_path / "corpus", [("a", "train", book_text(0, 2))])
+    opts = dict(SPLIT_REC, max_tokens_per_book=40, backend="llama.cpp")
+    with pytest.raises(LayerUnavailable):
+        rec_mod.record(["smollm2-135m"], corpus, tmp_path / "out", **{**opts, "layers": ("middle",)})
+    assert not (tmp_path / "out" / "settings.json").exists()
+    rec_mod.record(["smollm2-135m"], corpus, tmp_path / "out", **{**opts, "layers": ("last",)})
+
+
 def test_selfgen_on_llamacpp_is_the_backends_greedy_text(backend, tmp_path):
     """train.py selfgen --backend llama.cpp: each sample is the prompt + llama.cpp's greedy continuation."""
     from corpus_tools import selfgen as sg
