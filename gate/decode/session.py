@@ -59,8 +59,8 @@ def add_runtime_args(g, dtype_help: str = "model dtype (default: %(default)s)", 
     g.add_argument("--dtype", default="float32", help=dtype_help)
     g.add_argument("--backend", default="auto" if auto else "hf", choices=(["auto"] if auto else []) + list(BACKENDS),
                    help="model runtime (default: %(default)s); llama.cpp runs GGUF models (a packaged alias or a "
-                   ".gguf file) several times faster than transformers on a CPU and gives the last layer's hidden "
-                   "state only; auto picks llama.cpp wherever it can serve every model and layer the run needs")
+                   ".gguf file) several times faster than transformers on a CPU; auto picks it for runs that read "
+                   "the big model's last hidden layer or none, transformers for an inner layer")
     g.add_argument("--threads", type=int, help="torch's and llama.cpp's threads (default: one per core, the fastest "
                    "on an idle machine; on a machine busy with other jobs fewer threads and OMP_WAIT_POLICY=PASSIVE "
                    "avoid stalls: docs/speed.md)")
