@@ -49,8 +49,8 @@ class Quiet:
 
     def mark(self, method: str, before: float, after: float, other: float | None = None) -> None:
         """Load before/after the method's last run; the most cores other processes took during any of its runs."""
-        worst = max(x for x in (other, (self.marks.get(method) or [0, 0, None])[2], -1.0) if x is not None)
-        self.marks[method] = [before, after, None if worst < 0 else worst]
+        seen = [x for x in (other, *self.marks.get(method, [None] * 3)[2:]) if x is not None]
+        self.marks[method] = [before, after, max(seen, default=None)]
 
     def to_dict(self) -> dict:
         return dict(loadavg_before=self.before, other_cores_before=self.others, measured_under_load=self.forced,
