@@ -17,9 +17,9 @@ from common.errors import UsageError
 from runtimes.backend import Backend, HiddenLayer
 from runtimes.hf import HFBackend, early_exit_view
 from runtimes.info import ModelInfo, check_context, check_same_tokenizer
-from runtimes.llamacpp import eos_ids, open_gguf
+from runtimes.llamacpp import LAYER_INP_ARCHS, eos_ids, open_gguf
 from runtimes.loading import load
-from runtimes.sources import ALIASES
+from runtimes.sources import ALIASES, gguf_path
 
 
 @dataclass
@@ -101,10 +101,22 @@ def refuse_early_exit(name: str) -> None:
         raise UsageError(f"{name!r}: an early-exit predictor needs the 'hf' backend (llama.cpp runs whole models)")
 
 
+def gguf_arch(name: str) -> str | None:
+    """general.architecture of a GGUF model (an alias or a file), None where it cannot be read."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf_path(name))).fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception:  # noqa: BLE001 - a model auto cannot inspect falls back to transformers, with the reason
+        return None
+
+
 def auto_backend(big: str, smalls: list[str], dtype: str = "float32", layer=None) -> tuple[str, str]:
     """(kind, why) for --backend auto: llama.cpp when every model is a GGUF (a packaged alias or a .gguf file),
-    none is an early exit (self:K), the dtype is the default and the run reads the big model's last hidden layer
-    or none (`layer`: None, "last" or a layer number); else hf."""
+    none is an early exit (self:K), the dtype is the default and the run reads the big model's last hidden layer,
+    none, or inner layers of an architecture llama.cpp gives them on (`layer`: None, "last", a layer number or a
+    tuple); else hf."""
     def gguf(name: str) -> bool:
         return name in ALIASES or (name.endswith(".gguf") and Path(name).is_file())
 
@@ -116,8 +128,9 @@ def auto_backend(big: str, smalls: list[str], dtype: str = "float32", layer=None
         return "hf", f"{other} is not a GGUF"
     if dtype != "float32":
         return "hf", f"--dtype {dtype}"
-    if layer is not None and layer != "last":
-        return "hf", f"the gate reads hidden layer {layer}"
+    if layer is not None and layer != "last" and (arch := gguf_arch(big)) not in LAYER_INP_ARCHS:
+        return "hf", f"the gate reads hidden layer {layer}, which llama.cpp gives on {', '.join(sorted(LAYER_INP_ARCHS))} " \
+                     f"models, not {arch or 'this one'}"
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

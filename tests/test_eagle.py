@@ -1,21 +1,20 @@
-"""The feature head: its training levels equal step-by-step chain drafting with its KV cache; training lowers
-its loss and resumes; the artifact refuses another model; decoding with it is lossless."""
+"""The feature head (EAGLE-3's layout): its training levels equal step-by-step chain drafting with its KV cache
+(the batch-1 path), in float32 and in its int8 copy; training lowers its loss and resumes; the artifact refuses
+another model; decoding with it is lossless."""
 import json
 
 import pytest
 import torch
 
-from gate.model.eagle import ChainCache, FeatureHead, level_mask
+from gate.model.eagle import ChainCache, FeatureHead, int8_head, level_mask
 
 
-def tiny_head(seed=0, V=50, D=16, K=20):
+def tiny_head(seed=0, V=50, D=16, K=20, kv=1):
     torch.manual_seed(seed)
-    head = FeatureHead(V, D, K, n_heads=2, mlp=24)
+    head = FeatureHead(V, D, K, layers=(0, 1, 2), n_heads=2, n_kv_heads=kv, mlp=24)
     head.embed.normal_()
-    head.out_rows.normal_()
     head.draft_ids.copy_(torch.arange(K))
-    head.h_mean.normal_()
-    head.h_std.uniform_(0.5, 2.0)
+    head.feat_scale.uniform_(0.5, 2.0)
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return head.eval()
@@ -29,26 +28,49 @@ def test_level_mask_reads_the_chain_and_the_true_entries_before_it():
     assert m[0].sum() == 1 and m[0, 10]       # no anchor: its own key only
 
 
-def test_levels_equal_chain_drafting_with_the_cache():
-    head = tiny_head()
-    L, depth = 9, 3
-    h = torch.randn(1, L, 16)
-    toks = torch.randint(0, 50, (L + 1,))
+def chain_vs_levels(head, L=9, depth=3, seed=0):
+    """The cache's step-by-step logits and the training levels' logits at every (depth, position)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, L, 3 * head.hidden_size, generator=g)
+    toks = torch.randint(0, head.vocab_size, (L + 1,), generator=g)
     with torch.no_grad():
-        preds = head(h, toks[1:][None], depth=depth)
-    cache = ChainCache(head)
+        outs = head(h, toks[1:][None], depth=depth)
+    cache, got, want = ChainCache(head), [], []
     for d in range(1, depth + 1):
         for i in range(d - 1, L):
             big_cached = i - d + 2            # true entries 0 .. i-d+1, chain entries after
-            ids = toks[:i + 2].tolist()
-            got = cache.draft(ids, h[0, :big_cached])
-            want = head.logits(preds[d - 1][0, i])
-            assert torch.allclose(got, want, atol=1e-4), (d, i)
+            got.append(cache.draft(toks[:i + 2].tolist(), h[0, :big_cached]))
+            with torch.no_grad():
+                want.append(head.logits(outs[d - 1][0, i]))
+    return torch.stack(got), torch.stack(want)
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_levels_equal_chain_drafting_with_the_cache(kv):
+    """The batch-1 path (one entry a step, grown buffers, no mask) computes the training levels' numbers, with
+    grouped key/value heads (kv=1) and without."""
+    got, want = chain_vs_levels(tiny_head(kv=kv))
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_int8_copy_drafts_what_the_float_head_drafts():
+    """The decode path's int8 copy: the same top token as float32 almost everywhere, logits within a small part
+    of their spread (activations are quantised per call, so its batch and its steps differ a little too)."""
+    head = tiny_head(2, V=300, D=64, K=200)
+    fast = int8_head(head)
+    if fast is None:
+        pytest.skip("this torch has no int8 linear kernels (the drafter then runs in float32)")
+    got, want = chain_vs_levels(fast, L=20)
+    _, ref = chain_vs_levels(head, L=20)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    for a, b in ((got, ref), (got, want)):
+        err = (a - b).abs().max(-1).values / b.std(-1)
+        assert err.median() < 0.15 and err.max() < 0.3, err
 
 
 def test_cache_keeps_and_crops_entries_like_a_fresh_one():
     head = tiny_head(1)
-    h = torch.randn(12, 16)
+    h = torch.randn(12, 48)
     toks = torch.randint(0, 50, (14,)).tolist()
     cache = ChainCache(head)
     cache.draft(toks[:10], h[:6])             # 6 true + 3 chain entries
@@ -100,7 +122,7 @@ from helpers import (  # noqa: E402
     write_corpus,
 )
 
-EAGLE_FIT = dict(drafter="eagle", eagle_vocab=64, eagle_window=16, eagle_batch=8, eagle_depth=3, eagle_epochs=4.0,
+EAGLE_FIT = dict(drafter="eagle", eagle_layers="0,1,2", eagle_vocab=64, eagle_window=16, eagle_batch=8, eagle_depth=3, eagle_epochs=4.0,
                  eagle_lr=3e-3, dtype="float32", threads=1)
 
 
@@ -109,7 +131,7 @@ def tiny_eagle(tmp_path_factory, tiny_llama, tiny_tokenizer):
     from gate.train.fit import fit
 
     root = tmp_path_factory.mktemp("eagle")
-    model_dir, _, records = split_records(root, tiny_llama, tiny_tokenizer, ("last",))
+    model_dir, _, records = split_records(root, tiny_llama, tiny_tokenizer, ("0", "1", "2"))
     logs = []
     fit(records, root / "eagle", log=logs.append, **EAGLE_FIT)
     return model_dir, records, root / "eagle", logs
@@ -122,7 +144,7 @@ def test_training_lowers_the_loss_and_resumes(tiny_eagle, tmp_path):
     meta = json.loads((out / "drafter.json").read_text())
     first, last = meta["timings"]["head"]["first_losses"], meta["timings"]["head"]["last_losses"]
     assert last["ce1"] < 0.75 * first["ce1"] and last["ce2"] < first["ce2"]
-    assert meta["max_skip"] == EAGLE_FIT["eagle_depth"] + 1 and meta["format"] == "skipgate-eagle/1"
+    assert meta["max_skip"] == EAGLE_FIT["eagle_depth"] + 1 and meta["format"] == "skipgate-eagle/2"
     assert meta["cost"]["head_flops_per_token"] < meta["cost"]["big_flops_per_token"] * 10
     # a re-run with the same settings loads the finished head instead of training it again
     again = []
@@ -138,7 +160,7 @@ def test_artifact_refuses_another_tokenizer_or_hidden_size(tiny_eagle, tmp_path)
     model_dir, _, out, _ = tiny_eagle
     info = load(model_dir, dtype="float32").info
     dr = load_drafter(out, info)
-    assert dr.reads_all_hidden and dr.hidden_layer == info.n_layers
+    assert dr.reads_all_hidden and dr.hidden_layer == (0, 1, 2)
     other = save_model(tmp_path / "other", make_tiny_llama(300), make_tiny_tokenizer(280))
     with pytest.raises(TokenizerMismatch):
         load_drafter(out, load(other, dtype="float32").info)
@@ -222,10 +244,10 @@ def smollm2_eagle(smollm2, tmp_path_factory):
     texts = [AUSTEN, AUSTEN[120:] + " " + AUSTEN[:120]]
     corpus = write_corpus(root / "corpus", [("pp", "train", "\n\n".join(texts * 3)), ("va", "val", texts[1]),
                                             ("te", "test", texts[0])])
-    rec_mod.record(["smollm2-135m"], corpus, root / "records", layers=("last",), context=128, stride=96,
+    rec_mod.record(["smollm2-135m"], corpus, root / "records", layers=("2", "15", "27"), context=128, stride=96,
                    max_tokens_per_book=400, shard_tokens=1000, progress=False)
     fit(root / "records", root / "eagle", log=lambda m: None,
-        **{**EAGLE_FIT, "eagle_vocab": 512, "eagle_epochs": 2.0})
+        **{**EAGLE_FIT, "eagle_layers": "2,middle,-3", "eagle_vocab": 512, "eagle_epochs": 2.0})
     return root / "eagle"
 
 
@@ -238,7 +260,7 @@ def test_smollm2_eagle_decode_is_lossless(smollm2, smollm2_eagle):
 
 
 def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
-    """The same drafter on the llama.cpp backend (its last-layer hidden rows) with --verify == big there."""
+    """The same drafter on the llama.cpp backend (the inputs of blocks 2, 15 and 27) with --verify == big there."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make venv` builds it)")
     from gate.decode.loop import Decoder
     from gate.decode.policies import BigOnly, Gate
@@ -282,7 +304,7 @@ def test_eagle_scores_through_precision_maps_and_calibrate_rewrites_only_them(ti
     meta = json.loads((out / "drafter.json").read_text())
     assert set(meta["precision_maps"]["gates"]) == {"gate"} and meta["precision_maps"]["fitted_on"]["pairs"] > 0
     ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 2
-    hid = torch.zeros(len(ids) - 1, dr.head.hidden_size)
+    hid = torch.zeros(len(ids) - 1, 3 * dr.head.hidden_size)
     assert 0 < dr.propose(ids, hid, 1)[1] < 1
     rc, err = calibrate_cli(records, out, tmp_path / "new", "--split", "test")
     assert rc == 0 and "pairs: " in err and ("of the oracle" in err or "skip nothing here" in err), err[-2000:]

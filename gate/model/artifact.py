@@ -95,7 +95,9 @@ def check_big_model(meta: dict, big_info, where: str) -> None:
             raise ArtifactError(f"{where}: drafter expects {key} {big[key]} but {info.get('name')!r} has "
                                 f"{info[key]}")
     n_layers = info.get("n_layers")
-    if n_layers is not None and not 0 <= meta["hidden_layer"] <= n_layers:
+    lay = meta["hidden_layer"]
+    if n_layers is not None and lay is not None and not all(0 <= x <= n_layers for x in
+                                                            (lay if isinstance(lay, list) else [lay])):
         raise ArtifactError(f"{where}: drafter reads hidden layer {meta['hidden_layer']} but "
                             f"{info.get('name')!r} has layers 0..{n_layers}")
 

@@ -1,17 +1,22 @@
-"""The feature head (EAGLE-style): one decoder layer predicts the big model's next hidden state from its last
-one and the next token's embedding, then the token through the big model's output rows.
+"""The feature head in EAGLE-3's layout: fc fuses the big model's states at a low, a middle and a high layer; one
+decoder layer reads them with the next token's embedding; lm_head scores a draft vocabulary (FR-Spec's most frequent
+tokens, mapped back to the big model's ids).
 
     logits = ChainCache(head).draft(ids, hiddens)                    # draft-vocabulary logits for len(ids)
     tok, score = drafter.propose(ids, hiddens, since_big)            # EagleDrafter: every computed hidden row
 
-FeatureHead.forward trains every chain depth at once (`level_mask`); ChainCache keeps one KV entry per text
-position, "true" over the big model's rows and "chain" over its own predictions. The gate scores the head's token
-and the copy rule's (candidate_features); its pick and the copy rule's meet as estimated precisions (drafter.json's
-precision_maps, gate/model/precision.py). Format skipgate-eagle/1 (`EAGLE`, eagle.safetensors). docs/drafters.md.
+FeatureHead.forward trains every chain depth at once (`level_mask`, EAGLE-3's training-time test); ChainCache keeps
+one KV entry per text position, "true" over the big model's rows and "chain" over the head's own outputs, and
+runs an int8 copy of the head (Int8Linear). The gate scores the head's token and the copy rule's
+(candidate_features); its pick and the copy rule's meet as estimated precisions (drafter.json's precision_maps,
+gate/model/precision.py). Format skipgate-eagle/2 (`EAGLE`, eagle.safetensors); train.py export writes the
+Hugging Face EAGLE-3 folder that vLLM, SGLang and llama.cpp read. docs/drafters.md.
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +34,7 @@ from gate.model.precision import SourceMaps, combine_sources, maps_from_meta, ma
 
 
 def rotary(pos: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [len(pos), dim] of rotary position embeddings (the half-split layout LLaMA uses)."""
+    """cos, sin [len(pos), dim] of rotary position embeddings (the half-split layout of Hugging Face LLaMA)."""
     inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     ang = pos.float()[:, None] * inv[None, :]
     ang = torch.cat([ang, ang], -1)
@@ -55,100 +60,122 @@ def level_mask(L: int, d: int) -> torch.Tensor:
     return torch.where(mask.any(1, keepdim=True), mask, own)
 
 
-class FeatureHead(nn.Module):
-    """One decoder layer over (feature, next-token embedding) entries; see the module docstring."""
+def eagle3_layers(n_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's default low, middle and high layers of a target with n_layers blocks (inputs of blocks
+    2, n/2 and n-3 in Hugging Face numbering; llama.cpp's converter picks the same)."""
+    return (min(2, n_layers), n_layers // 2, max(n_layers - 3, 0))
 
-    def __init__(self, vocab_size: int, hidden_size: int, n_draft: int, n_heads: int | None = None,
-                 mlp: int | None = None):
+
+class FeatureHead(nn.Module):
+    """EAGLE-3's draft layer (the layout vLLM, SGLang and llama.cpp read; docs/drafters.md):
+
+        g = fc(big model's states at `layers`, concatenated)              # once per position the big model computed
+        x = layer(norm(embed(next token)) ++ hidden_norm(g)), residual g  # one decoder layer, q/k/v read 2H
+        logits = lm_head(norm(x))                                         # over the draft vocabulary
+    The chain's next step takes x as its g. Training runs every chain depth at once (training-time test,
+    `level_mask`); ChainCache keeps one KV entry per text position at decode time. `feat_scale` (1/RMS of each
+    input column, from the training data) is folded into fc on export."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, n_draft: int, layers: Sequence[int] = (0,),
+                 n_heads: int | None = None, n_kv_heads: int | None = None, mlp: int | None = None,
+                 rope_theta: float = 10000.0, eps: float = 1e-6):
         super().__init__()
         D = hidden_size
-        self.vocab_size, self.hidden_size, self.n_draft = vocab_size, D, n_draft
+        self.vocab_size, self.hidden_size, self.n_draft, self.layers = vocab_size, D, n_draft, tuple(layers)
         self.n_heads = n_heads or max(1, D // 64)
-        self.mlp = mlp or 2 * D
-        if D % self.n_heads or (D // self.n_heads) % 2:
-            raise ValueError(f"hidden size {D} does not split into {self.n_heads} heads of even width")
+        self.n_kv_heads = n_kv_heads or self.n_heads
+        self.mlp, self.rope_theta, self.eps = mlp or 2 * D, float(rope_theta), float(eps)
+        hd = D // self.n_heads
+        if D % self.n_heads or hd % 2 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"hidden size {D} does not split into {self.n_heads} heads of even width sharing "
+                             f"{self.n_kv_heads} key/value heads")
+        self.head_dim, F_in = hd, len(self.layers) * D
         self.register_buffer("embed", torch.zeros(vocab_size, D))         # big model's input embedding
-        self.register_buffer("out_rows", torch.zeros(n_draft, D))         # its output rows of the draft vocab
         self.register_buffer("draft_ids", torch.zeros(n_draft, dtype=torch.long))
-        self.register_buffer("h_mean", torch.zeros(D))
-        self.register_buffer("h_std", torch.ones(D))
-        self.norm_h, self.norm_e = nn.RMSNorm(D, eps=1e-6), nn.RMSNorm(D, eps=1e-6)
-        self.fc = nn.Linear(2 * D, D, bias=False)
-        self.norm_attn, self.norm_mlp, self.norm_out = (nn.RMSNorm(D, eps=1e-6) for _ in range(3))
-        self.qkv = nn.Linear(D, 3 * D, bias=False)
-        self.o = nn.Linear(D, D, bias=False)
-        self.up = nn.Linear(D, 2 * self.mlp, bias=False)
+        self.register_buffer("feat_scale", torch.ones(F_in))
+        self.fc = nn.Linear(F_in, D, bias=False)
+        self.input_norm, self.hidden_norm = nn.RMSNorm(D, eps=eps), nn.RMSNorm(D, eps=eps)
+        self.qkv = nn.Linear(2 * D, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
+        self.o = nn.Linear(self.n_heads * hd, D, bias=False)
+        self.post_norm, self.norm = nn.RMSNorm(D, eps=eps), nn.RMSNorm(D, eps=eps)
+        self.up = nn.Linear(D, 2 * self.mlp, bias=False)                  # gate and up, fused
         self.down = nn.Linear(self.mlp, D, bias=False)
-        self.out = nn.Linear(D, D)
+        self.lm_head = nn.Linear(D, n_draft, bias=False)
+        self._rope = (torch.zeros(0, hd), torch.zeros(0, hd))
 
     def config(self) -> dict:
         return {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "n_draft": self.n_draft,
-                "n_heads": self.n_heads, "mlp": self.mlp}
+                "layers": list(self.layers), "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+                "mlp": self.mlp, "rope_theta": self.rope_theta, "eps": self.eps}
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def flops_per_token(self) -> int:
-        """2 x multiply-accumulates of one draft step (attention over the context not counted: it is
-        context-length x width, small next to the matrices at these lengths)."""
-        D = self.hidden_size
-        return 2 * (2 * D * D + 3 * D * D + D * D + 3 * D * self.mlp + D * D + self.n_draft * D)
+        """2 x multiply-accumulates of one draft step (fc, on the big model's rows only, and attention over the
+        context not counted)."""
+        return 2 * sum(m.weight.numel() for m in (self.qkv, self.o, self.up, self.down, self.lm_head))
 
     # -- pieces ---------------------------------------------------------------------------------------------
-    def standardise(self, h: torch.Tensor) -> torch.Tensor:
-        return (h.float() - self.h_mean) / self.h_std
+    def fuse(self, h: torch.Tensor) -> torch.Tensor:
+        """g [.., D] from the big model's concatenated layer states h [.., len(layers) * D]."""
+        return self.fc(h.float() * self.feat_scale)
 
-    def entry(self, feat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Entry vectors from standardised features [.., D] and the next tokens [..]."""
-        return self.fc(torch.cat([self.norm_h(feat), self.norm_e(self.embed[tokens])], -1))
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(pos.max()) + 1 if len(pos) else 0
+        if n > len(self._rope[0]):                                       # a table grown by doubling
+            self._rope = rotary(torch.arange(max(n, 2 * len(self._rope[0]), 256)), self.head_dim, self.rope_theta)
+        return self._rope[0][pos], self._rope[1][pos]
 
-    def project(self, u: torch.Tensor, pos: torch.Tensor):
-        """q, k, v [.., T, H, hd] of entries u [.., T, D] at positions pos [T]."""
-        *lead, T, D = u.shape
-        q, k, v = self.qkv(self.norm_attn(u)).view(*lead, T, 3, self.n_heads, D // self.n_heads).unbind(-3)
-        cos, sin = rotary(pos, D // self.n_heads)
+    def project(self, g: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor):
+        """q [.., T, heads, hd], k, v [.., T, kv heads, hd] of entries (g [.., T, D], next tokens [.., T]) at pos [T]."""
+        *lead, T, _ = g.shape
+        x = torch.cat([self.input_norm(self.embed[tokens]), self.hidden_norm(g)], -1)
+        q, k, v = self.qkv(x).view(*lead, T, -1, self.head_dim).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], -2)
+        cos, sin = self.rope(pos)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def finish(self, u: torch.Tensor, q, k, v, mask: torch.Tensor) -> torch.Tensor:
-        """The standardised prediction of each entry: attention (q over k, v with a bool mask), MLP, output."""
+    def finish(self, g: torch.Tensor, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [.., T, D], the entries' pre-norm outputs: attention (q over k, v; a bool mask, None: every key),
+        residual g, MLP."""
         att = F.scaled_dot_product_attention(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3),
-                                             attn_mask=mask)
-        x = u + self.o(att.transpose(-2, -3).flatten(-2))
-        gate, up = self.up(self.norm_mlp(x)).chunk(2, -1)
-        x = x + self.down(F.silu(gate) * up)
-        return self.out(self.norm_out(x))
+                                             attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        x = g + self.o(att.transpose(-2, -3).flatten(-2))
+        gate, up = self.up(self.post_norm(x)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up)
 
-    def logits(self, pred: torch.Tensor) -> torch.Tensor:
-        """Logits over the draft vocabulary from standardised predictions."""
-        return (pred * self.h_std + self.h_mean) @ self.out_rows.T
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary from pre-norm outputs."""
+        return self.lm_head(self.norm(x))
 
     # -- training: every level at once --------------------------------------------------------------------
     def forward(self, h: torch.Tensor, next_tokens: torch.Tensor, depth: int = 1) -> list[torch.Tensor]:
-        """Standardised predictions per level: h [B, L, D] raw hidden states at positions 0..L-1,
-        next_tokens [B, L] the token at each position + 1. Level d's row i predicts the hidden state at i+1
-        from a chain anchored at i-d+1 (rows i < d-1 have no anchor)."""
+        """Pre-norm outputs per level: h [B, L, len(layers) * D] the big model's states at positions 0..L-1,
+        next_tokens [B, L] the token at each position + 1. Level d's row i predicts the token at i+2 from a chain
+        anchored at i-d+1 (rows i < d-1 have no anchor)."""
         B, L, _ = h.shape
         pos = torch.arange(L)
-        u = self.entry(self.standardise(h), next_tokens)
-        q, k, v = self.project(u, pos)
-        keys, vals, preds = [k], [v], []
+        g = self.fuse(h)
+        keys, vals, outs = [], [], []
         for d in range(1, depth + 1):
             if d > 1:
-                prev = F.pad(preds[-1][:, :-1], (0, 0, 1, 0))          # level d-1's prediction at i-1
-                u = self.entry(prev, next_tokens)
-                q, k, v = self.project(u, pos)
-                keys.append(k)
-                vals.append(v)
-            preds.append(self.finish(u, q, torch.cat(keys, 1), torch.cat(vals, 1), level_mask(L, d)))
-        return preds
+                g = F.pad(outs[-1][:, :-1], (0, 0, 1, 0))              # level d-1's output at i-1
+            q, k, v = self.project(g, next_tokens, pos)
+            keys.append(k)
+            vals.append(v)
+            outs.append(self.finish(g, q, torch.cat(keys, 1), torch.cat(vals, 1), level_mask(L, d)))
+        return outs
 
 
 class ChainCache:
     """The feature head's KV cache over one text at decode time (see the module docstring, "Entries").
 
     `draft(ids, hiddens)` returns the draft-vocabulary logits for position len(ids): it keeps the entries whose
-    inputs are unchanged, adds true entries for positions the big model computed since (hiddens: its hidden
-    states at positions 0 .. big_cached-1, big_cached = len(hiddens)), then chain entries up to len(ids)-2.
+    inputs are unchanged, adds true entries for positions the big model computed since (hiddens: its states
+    at positions 0 .. big_cached-1, big_cached = len(hiddens)), then chain entries up to len(ids)-2. Keys and
+    values live in buffers grown by doubling; a chain step is one entry (the batch-1 path: the same functions
+    as training, no mask).
     """
 
     def __init__(self, head: FeatureHead):
@@ -156,23 +183,23 @@ class ChainCache:
         self.reset()
 
     def reset(self) -> None:
-        D, H = self.head.hidden_size, self.head.n_heads
-        self.k = torch.zeros(0, H, D // H)
-        self.v = torch.zeros(0, H, D // H)
-        self.preds = torch.zeros(0, D)
+        h = self.head
+        self._k = torch.zeros(64, h.n_kv_heads, h.head_dim)
+        self._v = torch.zeros_like(self._k)
+        self._x = torch.zeros(64, h.hidden_size)
+        self.n_entries = 0
         self.tokens: list[int] = []      # ids[0 .. n_entries]: the text the entries were computed from
         self.n_true = 0
         self.steps = 0                   # entries computed (the ledger's draft steps)
 
     @property
-    def n_entries(self) -> int:
-        return len(self.preds)
+    def preds(self) -> torch.Tensor:
+        return self._x[:self.n_entries]
 
     def crop(self, n: int) -> None:
-        n = max(0, min(n, self.n_entries))
-        self.k, self.v, self.preds = self.k[:n], self.v[:n], self.preds[:n]
-        self.tokens = self.tokens[:n + 1] if n else []
-        self.n_true = min(self.n_true, n)
+        self.n_entries = max(0, min(n, self.n_entries))
+        self.tokens = self.tokens[:self.n_entries + 1] if self.n_entries else []
+        self.n_true = min(self.n_true, self.n_entries)
 
     def sync(self, ids: Sequence[int], big_cached: int) -> None:
         """Keep the entries still valid for `ids` (true ones only if the big model has new rows)."""
@@ -194,25 +221,27 @@ class ChainCache:
         self.sync(ids, big_cached)
         n = self.n_entries
         if n < big_cached:                            # true entries, one batched pass
-            feats = self.head.standardise(torch.as_tensor(hiddens[n:big_cached]))
-            self._add(feats, torch.as_tensor(list(ids[n + 1:big_cached + 1])), n)
+            g = self.head.fuse(torch.as_tensor(hiddens[n:big_cached]))
+            self._add(g, torch.as_tensor(list(ids[n + 1:big_cached + 1])), n)
             self.n_true = big_cached
         while self.n_entries < len(ids) - 1:          # chain entries, one step each
             j = self.n_entries
-            self._add(self.preds[j - 1:j], torch.as_tensor([ids[j + 1]]), j)
+            self._add(self._x[j - 1:j], torch.as_tensor([ids[j + 1]]), j)
         self.tokens = list(ids)
-        return self.head.logits(self.preds[-1])
+        return self.head.logits(self._x[self.n_entries - 1])
 
-    def _add(self, feats: torch.Tensor, tokens: torch.Tensor, start: int) -> None:
+    def _add(self, g: torch.Tensor, tokens: torch.Tensor, start: int) -> None:
         """Entries for positions start .. start+T-1, attending to the cache and causally to each other."""
-        T = len(tokens)
-        pos = torch.arange(start, start + T)
-        u = self.head.entry(feats, tokens)
-        q, k, v = self.head.project(u[None], pos)
-        keys, vals = torch.cat([self.k, k[0]]), torch.cat([self.v, v[0]])
-        mask = torch.ones(T, start + T, dtype=torch.bool).tril(start)
-        pred = self.head.finish(u[None], q, keys[None], vals[None], mask)[0]
-        self.k, self.v, self.preds = keys, vals, torch.cat([self.preds, pred])
+        T, end = len(tokens), start + len(tokens)
+        if end > len(self._x):
+            grow = max(end, 2 * len(self._x))
+            self._k, self._v, self._x = (torch.cat([b, b.new_zeros(grow - len(b), *b.shape[1:])])
+                                         for b in (self._k, self._v, self._x))
+        q, k, v = self.head.project(g, tokens, torch.arange(start, end))
+        self._k[start:end], self._v[start:end] = k, v
+        mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool).tril(start)
+        self._x[start:end] = self.head.finish(g, q, self._k[:end], self._v[:end], mask)
+        self.n_entries = end
         self.steps += T
 
 
@@ -264,16 +293,18 @@ class EagleDrafter(Drafter):
     reads_all_hidden = True
     GATE = "gate"       # the name of its one gate (drafter.json's calibration and precision_maps)
 
-    def __init__(self, head: FeatureHead, gate, threshold: float, max_skip: int, hidden_layer: int,
-                 tables: dict, copy_trust: np.ndarray | None, depth: int, meta: dict | None = None,
-                 maps: SourceMaps | None = None):
+    def __init__(self, head: FeatureHead, gate, threshold: float, max_skip: int, tables: dict,
+                 copy_trust: np.ndarray | None, depth: int, meta: dict | None = None, maps: SourceMaps | None = None,
+                 int8: bool = True):
         self.head, self.gate = head.eval(), gate
         self.maps = maps
         self.table = None if maps is not None or copy_trust is None else np.asarray(copy_trust, dtype=np.float32)
-        self.threshold, self.max_skip, self.hidden_layer = float(threshold), int(max_skip), int(hidden_layer)
+        self.threshold, self.max_skip = float(threshold), int(max_skip)
+        self.hidden_layer = head.layers if len(head.layers) > 1 else head.layers[0]   # what the loop asks for
         self.depth = int(depth)     # chain steps the head and its gate were trained for; beyond: copies only
         self.tables, self.meta = tables, meta or {}
-        self.cache = ChainCache(self.head)
+        self.fast = int8_head(self.head) if int8 else None     # the decode path's copy (None: float32)
+        self.cache = ChainCache(self.fast or self.head)
         if maps is not None:
             self.copies, self.extend = CopyIndex(maps.max_n or MAX_N), maps.extend
         else:
@@ -329,7 +360,7 @@ class EagleDrafter(Drafter):
         t.update({f"gate.{k}": v for k, v in self.gate.state().items()})
         t.update({f"tables.{k}": torch.from_numpy(np.asarray(v).copy()) for k, v in self.tables.items()})
         meta = dict(self.meta)
-        meta.update(format=EAGLE_FORMAT, hidden_layer=self.hidden_layer, max_skip=self.max_skip,
+        meta.update(format=EAGLE_FORMAT, hidden_layer=list(self.head.layers), max_skip=self.max_skip,
                     threshold=self.threshold, head=self.head.config(), gate={"kind": self.gate.kind},
                     features=gate_feature_names(self.depth), depth=self.depth,
                     copy_trust=None if self.table is None else [float(x) for x in self.table])
@@ -350,8 +381,8 @@ class EagleDrafter(Drafter):
             maps = maps_from_meta(meta, path, cls.GATE)
         except ValueError as e:
             raise ArtifactError(str(e)) from None
-        return cls(head, gate, meta["threshold"], meta["max_skip"], meta["hidden_layer"], tables,
-                   meta.get("copy_trust"), meta["depth"], meta, None if maps is None else maps[cls.GATE])
+        return cls(head, gate, meta["threshold"], meta["max_skip"], tables, meta.get("copy_trust"), meta["depth"],
+                   meta, None if maps is None else maps[cls.GATE])
 
     @classmethod
     def load(cls, path: Path, meta: dict, small=None) -> "EagleDrafter":
@@ -361,10 +392,43 @@ class EagleDrafter(Drafter):
         return cls.from_tensors(load_file(str(path / EAGLE_TENSORS)), meta, path)
 
 
-EAGLE_FORMAT = "skipgate-eagle/1"
+EAGLE_FORMAT = "skipgate-eagle/2"     # /1: the feature head before EAGLE-3's layout (retrain)
 EAGLE_TENSORS = "eagle.safetensors"
 EAGLE = Format(EAGLE_FORMAT, "a feature-head drafter (train.py fit --drafter eagle)", ("head", "gate"),
                EagleDrafter.load)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer through fbgemm's int8 kernels (weights per output channel, activations per call, as torch's
+    dynamic quantisation does): at batch 1 the head reads a quarter of the bytes, several times faster than
+    float32 on a CPU (docs/drafters.md). Written with the two torch ops because torch.ao's wrappers are
+    deprecated; inference only."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+        with warnings.catch_warnings():          # quantised tensors are deprecated; the kernels are not replaced yet
+            warnings.simplefilter("ignore")
+            wq = torch.quantize_per_channel(w, scale, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(wq, None if lin.bias is None else lin.bias.detach())
+        self.out_features = w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).contiguous(), self.packed, True)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def int8_head(head: FeatureHead) -> FeatureHead | None:
+    """A copy of the head whose matrices run in int8 (Int8Linear), or None where this torch has no int8 kernels."""
+    try:
+        fast = copy.deepcopy(head).eval()
+        for name in ("fc", "qkv", "o", "up", "down", "lm_head"):
+            setattr(fast, name, Int8Linear(getattr(head, name)))
+        fast(torch.zeros(1, 2, len(head.layers) * head.hidden_size), torch.zeros(1, 2, dtype=torch.long))
+        return fast
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
 
 
 def draft_index(head: FeatureHead) -> torch.Tensor:
@@ -383,4 +447,5 @@ def draft_vocab(argmax, n: int, must: Sequence[int] = ()) -> torch.Tensor:
 
 
 __all__ = ["FeatureHead", "ChainCache", "EagleDrafter", "EAGLE", "level_mask", "draft_index", "draft_vocab",
+           "eagle3_layers", "int8_head",
            "candidate_features", "gate_feature_names", "rotary", "apply_rotary"]

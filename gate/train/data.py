@@ -122,10 +122,13 @@ def load_fields(rec, path, split: str, model: str, fields) -> dict:
     return a
 
 
-def load_split(rec, path, split: str, model: str, layer: int) -> SplitData:
-    a = load_fields(rec, path, split, model, SPLIT_FIELDS + (f"hidden/{layer}",))
+def load_split(rec, path, split: str, model: str, layer: int | tuple[int, ...]) -> SplitData:
+    """One split of a records folder; with several layers, their hidden states side by side [n, len(layers) * d]."""
+    layers = tuple(layer) if isinstance(layer, (tuple, list)) else (layer,)
+    hid = [f"hidden/{lay}" for lay in layers]
+    a = load_fields(rec, path, split, model, SPLIT_FIELDS + tuple(hid))
     pre = f"{model}/"
-    need = ["token", "target", "book", "pos", pre + "argmax", f"{pre}hidden/{layer}"]
+    need = ["token", "target", "book", "pos", pre + "argmax", *(pre + h for h in hid)]
     miss = [k for k in need if k not in a]
     if miss:
         raise FitError(f"{path}: split {split!r} lacks fields {', '.join(miss)}")
@@ -133,8 +136,9 @@ def load_split(rec, path, split: str, model: str, layer: int) -> SplitData:
     if n == 0:
         raise FitError(f"{path}: split {split!r} is empty (no recorded positions)")
     book, pos = np.asarray(a["book"]), np.asarray(a["pos"])
+    hidden = a[pre + hid[0]] if len(hid) == 1 else np.concatenate([a.pop(pre + h) for h in hid], axis=1)
     return SplitData(split, np.asarray(a["token"], dtype=np.int64), np.asarray(a[pre + "argmax"], dtype=np.int64),
-                     np.asarray(a["target"], dtype=np.int64), book, pos, a[f"{pre}hidden/{layer}"],
+                     np.asarray(a["target"], dtype=np.int64), book, pos, hidden,
                      run_starts(book, pos), a.get(pre + "topk_ids"), a.get(pre + "topk_p"), a.get(pre + "p_max"),
                      a.get(pre + "entropy_norm"), list(rec.books(split)))
 

@@ -5,7 +5,7 @@
 
 Windows of `window` + 1 consecutive positions of one recorded run (window_starts, window_batch, eval_windows); the
 loss (head_loss) sums over levels d = 1..depth, weighted 0.8^(d-1): cross-entropy on the big model's greedy token
-plus `reg_weight` x smooth-L1 feature regression.
+(EAGLE-3: no feature regression).
 Data, loss and why: docs/training.md#training-the-feature-head-gatetraineaglepy.
 
 Resumable: a checkpoint (head, optimiser, epoch) is written atomically after every epoch under the fit's
@@ -44,25 +44,23 @@ def window_starts(data: SplitData, L: int, offset: int = 0, rows: np.ndarray | N
 
 
 def window_batch(data: SplitData, starts: np.ndarray, L: int, dmap: torch.Tensor) -> dict:
-    """Tensors of windows starting at `starts`: h [B, L, D], next [B, L], label [B, L] (draft index or -100),
-    target [B, L, D] (hidden at +1), rows [B, L] (the record row of each label)."""
+    """Tensors of windows starting at `starts`: h [B, L, F] (the big model's states), next [B, L], label [B, L]
+    (the big model's greedy token at +1, as a draft index; -100 outside the draft vocabulary), rows [B, L] (the
+    record row of each label)."""
     idx = starts[:, None] + np.arange(L + 1)[None, :]
-    h = torch.from_numpy(np.asarray(data.hidden[idx.ravel()], dtype=np.float32)).view(len(starts), L + 1, -1)
+    h = torch.from_numpy(np.asarray(data.hidden[idx[:, :L].ravel()], dtype=np.float32)).view(len(starts), L, -1)
     tok = torch.from_numpy(data.tokens[idx])
     lab = dmap[torch.from_numpy(data.argmax[idx[:, 1:]])]
-    return {"h": h[:, :L], "next": tok[:, 1:], "label": lab, "target": h[:, 1:], "rows": idx[:, 1:]}
+    return {"h": h, "next": tok[:, 1:], "label": lab, "rows": idx[:, 1:]}
 
 
-def head_loss(head: FeatureHead, batch: dict, depth: int, reg_weight: float) -> tuple[torch.Tensor, dict]:
-    preds = head(batch["h"], batch["next"], depth)
-    target = head.standardise(batch["target"])
+def head_loss(head: FeatureHead, batch: dict, depth: int) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the big model's greedy token at every level (EAGLE-3 drops the feature regression)."""
     total, parts = 0.0, {}
-    for d, pred in enumerate(preds, 1):
-        lab = batch["label"][:, d - 1:]
-        logits = head.logits(pred[:, d - 1:])
-        ce = F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=-100)
-        reg = F.smooth_l1_loss(pred[:, d - 1:], target[:, d - 1:])
-        total = total + LEVEL_DECAY ** (d - 1) * (ce + reg_weight * reg)
+    for d, out in enumerate(head(batch["h"], batch["next"], depth), 1):
+        logits = head.logits(out[:, d - 1:])
+        ce = F.cross_entropy(logits.flatten(0, 1), batch["label"][:, d - 1:].flatten(), ignore_index=-100)
+        total = total + LEVEL_DECAY ** (d - 1) * ce
         parts[f"ce{d}"] = float(ce)
     return total, parts
 
@@ -97,7 +95,7 @@ def train_feature_head(head: FeatureHead, parts: list[tuple[SplitData, np.ndarra
                 break
             for grp in opt.param_groups:
                 grp["lr"] = _lr_at(step, total, cfg.eagle_lr)
-            loss, last = _step(head, opt, parts, [order[j] for j in perm[i:i + B]], L, dmap, depth, cfg.reg_weight)
+            loss, last = _step(head, opt, parts, [order[j] for j in perm[i:i + B]], L, dmap, depth)
             first = first or last
             step += 1
             bar.update(1)
@@ -111,13 +109,13 @@ def train_feature_head(head: FeatureHead, parts: list[tuple[SplitData, np.ndarra
             "last_losses": last}
 
 
-def _step(head, opt, parts, picks, L, dmap, depth, reg_weight) -> tuple[float, dict]:
+def _step(head, opt, parts, picks, L, dmap, depth) -> tuple[float, dict]:
     batches = []
     for i in sorted({p for p, _ in picks}):
         starts = np.array([s for p, s in picks if p == i])
         batches.append(window_batch(parts[i][0], starts, L, dmap))
-    batch = {k: torch.cat([b[k] for b in batches]) for k in ("h", "next", "label", "target")}
-    loss, last = head_loss(head, batch, depth, reg_weight)
+    batch = {k: torch.cat([b[k] for b in batches]) for k in ("h", "next", "label")}
+    loss, last = head_loss(head, batch, depth)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

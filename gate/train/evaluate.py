@@ -55,9 +55,12 @@ def check_records_vs_gate(rec, rec_path, meta, gate_path) -> str:
         raise FitError(f"records {rec_path} hold no records of {big['name']!r} (the gate's big model); "
                        f"they hold {', '.join(rec.models)}")
     entry = next(m for m in rec.meta["models"] if m["name"] == big["name"])
-    if int(meta["hidden_layer"]) not in [int(x) for x in entry.get("layers", [])]:
-        raise FitError(f"records {rec_path}: hidden layer {meta['hidden_layer']} (read by the gate) not recorded "
-                       f"(recorded: {entry.get('layers')})")
+    lay = meta["hidden_layer"]
+    missing = [int(x) for x in (lay if isinstance(lay, list) else [lay]) if int(x) not in
+               [int(y) for y in entry.get("layers", [])]]
+    if missing:
+        raise FitError(f"records {rec_path}: hidden layer(s) {', '.join(map(str, missing))} (read by the gate) not "
+                       f"recorded (recorded: {entry.get('layers')})")
     return big["name"]
 
 

@@ -62,7 +62,7 @@ class Source:
     rec: object
     path: Path
     entry: dict
-    layer: int
+    layer: int | tuple[int, ...]      # a tuple for the feature head (eagle_layers)
     split_train: str
     split_val: str
 
@@ -82,6 +82,7 @@ class BigModel:
     tokenizer: object
     V: int                                         # vocabulary (output rows)
     D: int                                         # hidden size
+    arch: dict | None = None                       # heads, kv heads, MLP width, rope theta, norm eps, final norm
 
 
 @dataclass
@@ -108,8 +109,29 @@ def open_source(records, model: str | None, cfg: FitConfig) -> Source:
     entry = model_entry(rec, path, model)
     if model is not None and not entry:
         _refuse_unrecorded_model(rec, path, model)
-    return Source(rec, path, entry, resolve_layer(entry, cfg.layer, path), find_split(rec, path, "train"),
-                  find_split(rec, path, "validation"))
+    layer = (tuple(resolve_layer(entry, lay, path) for lay in eagle_layer_spec(cfg.eagle_layers, entry["n_layers"]))
+             if cfg.drafter == "eagle" else resolve_layer(entry, cfg.layer, path))
+    return Source(rec, path, entry, layer, find_split(rec, path, "train"), find_split(rec, path, "validation"))
+
+
+def eagle_layer_spec(spec: str, n_layers: int) -> list[int]:
+    """--eagle-layers "2,middle,-3" -> [2, n/2, n-3] (FitError on anything else than three layers in 0..n)."""
+    out = []
+    for s in str(spec).split(","):
+        s = s.strip()
+        lay = n_layers // 2 if s == "middle" else n_layers if s == "last" else None
+        if lay is None:
+            try:
+                lay = int(s)
+            except ValueError:
+                raise FitError(f"--eagle-layers {spec!r}: {s!r} is not a layer (a number, middle or last)") from None
+            lay = lay + n_layers if lay < 0 else lay
+        if not 0 <= lay <= n_layers:
+            raise FitError(f"--eagle-layers {spec!r}: layer {s} outside 0..{n_layers}")
+        out.append(lay)
+    if len(out) != 3 or len(set(out)) != 3:
+        raise FitError(f"--eagle-layers {spec!r}: EAGLE-3 fuses three different layers (low, middle, high)")
+    return sorted(out)
 
 
 def _refuse_unrecorded_model(rec, path: Path, model: str):
@@ -132,10 +154,22 @@ def load_big_model(src: Source, cfg: FitConfig, log) -> BigModel:
                                 f"{src.name!r} now loads with tokenizer {lm.info.fingerprint}")
     embed = lm.model.get_input_embeddings().weight.detach().clone()        # model dtype; rows cast when used
     big = BigModel(embed, lm.model.get_output_embeddings().weight.detach().clone(), lm.info.to_dict(),
-                   _token_tables(token_table(lm.tokenizer), embed.shape[0]), lm.tokenizer, *embed.shape)
+                   _token_tables(token_table(lm.tokenizer), embed.shape[0]), lm.tokenizer, *embed.shape,
+                   arch=_arch(lm.model))
     log(f"[fit] big model {src.name} ({big.info['n_params'] / 1e6:.1f}M params, layer {src.layer}/"
         f"{src.entry['n_layers']}, V={big.V}, d={big.D}) loaded in {time.time() - t0:.1f}s")
     return big
+
+
+def _arch(model) -> dict:
+    """The big model's shapes a head in its layout copies, and its final norm's weight (None where unknown)."""
+    c = model.config
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", None) or 1e4
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    return {"n_heads": c.num_attention_heads, "n_kv_heads": getattr(c, "num_key_value_heads", None),
+            "mlp": getattr(c, "intermediate_size", None), "rope_theta": float(rope),
+            "eps": float(getattr(c, "rms_norm_eps", 1e-6)),
+            "final_norm": None if norm is None else norm.weight.detach().float().clone()}
 
 
 def _token_tables(tab: dict, V: int) -> dict:

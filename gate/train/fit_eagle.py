@@ -20,7 +20,6 @@ from common.files import atomic_path
 from gate.model.copyrule import COPY_SPAN, MAX_N
 from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab
 from gate.model.features import LogisticGate, pick_candidate
-from gate.model.heads import HiddenNorm
 from gate.model.precision import COPY_EXTEND, SourceMaps, combine_sources
 from gate.train.calibration import coverage_at_precision
 from gate.train.config import FitConfig
@@ -54,8 +53,9 @@ def load_parts(sources, big, kind: str) -> list[SplitData]:
     for src in sources:
         split = src.split_train if kind == "train" else src.split_val
         d = load_split(src.rec, src.path, split, src.name, src.layer)
-        if d.hidden.shape[1] != big.D:
-            raise FitError(f"{src.path}: hidden size {d.hidden.shape[1]} but model {src.name!r} has {big.D}")
+        if d.hidden.shape[1] != big.D * len(src.layer):
+            raise FitError(f"{src.path}: hidden size {d.hidden.shape[1] // len(src.layer)} but model {src.name!r} "
+                           f"has {big.D}")
         out.append(d)
     return out
 
@@ -66,24 +66,32 @@ def check_sources(sources) -> None:
         if s.rec.fingerprint != first.rec.fingerprint or s.name != first.name:
             raise TokenizerMismatch(f"{s.path}: records of {s.name!r} (tokenizer {s.rec.fingerprint}) cannot "
                                     f"train one drafter with {first.path} ({first.name!r}, {first.rec.fingerprint})")
-        if s.layer != s.entry["n_layers"]:
-            raise FitError(f"{s.path}: the feature head reads the last layer ({s.entry['n_layers']}); "
-                           f"--layer {s.layer} was asked for")
+        if s.layer != first.layer:
+            raise FitError(f"{s.path}: layers {list(s.layer)} differ from {first.path}'s {list(first.layer)}")
+
+
+def new_head(big, layers, ids: torch.Tensor, sample: np.ndarray, cfg: FitConfig) -> FeatureHead:
+    """A head in the big model's shapes: its embedding (as the artifact stores it, fp16), lm_head from its output
+    rows of the draft vocabulary times its final norm, feat_scale 1/RMS of each input column of `sample`."""
+    a = big.arch or {}
+    torch.manual_seed(cfg.seed)
+    head = FeatureHead(big.V, big.D, len(ids), layers, n_heads=a.get("n_heads"), n_kv_heads=a.get("n_kv_heads"),
+                       mlp=cfg.eagle_mlp or a.get("mlp"), rope_theta=a.get("rope_theta", 1e4), eps=a.get("eps", 1e-6))
+    head.embed.copy_(big.embed.half().float())
+    rows = big.out_emb[ids].float()
+    head.lm_head.weight.data.copy_(rows if a.get("final_norm") is None else rows * a["final_norm"])
+    head.draft_ids.copy_(ids)
+    rms = np.sqrt(np.mean(np.square(sample.astype(np.float32)), 0)) + 1e-6
+    head.feat_scale.copy_(torch.from_numpy(1.0 / rms))
+    return head
 
 
 def stage_head(cache: StageCache, big, train: list[SplitData], head_rows: list[np.ndarray], data_id: str,
-               cfg: FitConfig, log) -> tuple[FeatureHead, dict]:
-    key = stage_key("eagle", data_id, cfg.stage_settings("eagle"), cfg.seed, cfg.reg_weight)
-    hidden0 = np.concatenate([np.asarray(d.hidden[r[:20000]]) for d, r in zip(train, head_rows)])
-    mean, std = HiddenNorm.stats(hidden0, seed=cfg.seed)
+               layers, cfg: FitConfig, log) -> tuple[FeatureHead, dict]:
+    key = stage_key("eagle3", data_id, cfg.stage_settings("eagle"), cfg.seed)
+    sample = np.concatenate([np.asarray(d.hidden[r[:20000]]) for d, r in zip(train, head_rows)])
     ids = draft_vocab(np.concatenate([d.argmax[r] for d, r in zip(train, head_rows)]), cfg.eagle_vocab)
-    torch.manual_seed(cfg.seed)
-    head = FeatureHead(big.V, big.D, len(ids))
-    head.embed.copy_(big.embed.half().float())      # the artifact stores it in fp16: train on those values
-    head.out_rows.copy_(big.out_emb[ids].float())
-    head.draft_ids.copy_(ids)
-    head.h_mean.copy_(torch.from_numpy(mean))
-    head.h_std.copy_(torch.from_numpy(std))
+    head = new_head(big, layers, ids, sample, cfg)
     dmap = torch.full((big.V,), -100, dtype=torch.long)
     dmap[ids] = torch.arange(len(ids))
 
@@ -211,7 +219,7 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
     data_id = stage_key([str(s.path.resolve()) for s in sources], sources[0].rec.fingerprint,
                         [len(d) for d in train], [int(d.tokens[:1000].sum()) for d in train])
     cache = StageCache(out / "stages", force, log)
-    head, hmeta = stage_head(cache, big, train, head_rows, data_id, cfg, log)
+    head, hmeta = stage_head(cache, big, train, head_rows, data_id, sources[0].layer, cfg, log)
     gate_pairs = drafts_on(head, train, gate_rows, cfg, big.tables, "gate pairs")
     gate = fit_gate(gate_pairs, cfg)
     val_pairs = drafts_on(head, val, None, cfg, big.tables, "calibration pairs")
@@ -237,8 +245,8 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
                                             "map_frac": cfg.map_frac, "by": "train.py fit"}}
     # the head drafts at most eagle_depth steps per big pass; up to max_skip - 1 when the copy rule is trusted
     max_skip = max(cfg.max_skip, cfg.eagle_depth + 1)
-    EagleDrafter(head, gate, cal["threshold"], max_skip, sources[0].layer, big.tables, None, cfg.eagle_depth,
-                 meta, cert["maps"][EagleDrafter.GATE]).save(out)
+    EagleDrafter(head, gate, cal["threshold"], max_skip, big.tables, None, cfg.eagle_depth, meta,
+                 cert["maps"][EagleDrafter.GATE]).save(out)
     log(f"[fit] saved {out} ({time.time() - t_start:.0f}s)")
     return out
 
