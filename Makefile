@@ -8,21 +8,26 @@ MODEL  := smollm2-135m
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv model books genres demo test test-fast bench bench-speed bench-parallel bench-pair clean help
+.PHONY: all venv model books genres demo test test-fast bench bench-eagle bench-speed bench-parallel bench-pair llama-tools clean help
 
 help:
-	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit -> evaluate -> side-by-side decode"
+	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit (the EAGLE-3 head) -> evaluate ->"
+	@echo "              side-by-side decode"
 	@echo "make test   - set up, then run the test suite (pytest)"
 	@echo "make bench  - after make demo: the benchmarks in bench/ (recording, the yardstick on the test book and"
-	@echo "              held-out genres, the feature head (train.py fit --drafter eagle) beside the heads drafter,"
-	@echo "              decoding greedy and sampled), written to bench/results/"
+	@echo "              held-out genres, decoding greedy and sampled, for the heads drafter), in bench/results/"
+	@echo "make bench-eagle - the EAGLE-3 head at full size: training data, fit, held-out evaluation beside the copy"
+	@echo "              rule and the oracle, tau, predicted speed-ups (bench/results/eagle3.md; about 75 min)"
 	@echo "make bench-pair - the Qwen2.5-Coder 0.5B -> 1.5B pair: record, fit the router, coverage table, the"
 	@echo "              policies in decoding on llama.cpp and transformers (about 2 hours on 2 cores; resumes)"
-	@echo "make bench-speed - after make demo: decode speed on llama.cpp against the binding's own generate and"
-	@echo "              prompt lookup, on a quiet machine (bench/results/speed_*.md, docs/speed.md)"
+	@echo "make bench-speed - after make demo and bench-eagle: decode speed on llama.cpp against the binding's own"
+	@echo "              generate and prompt lookup, on a quiet machine (bench/results/speed_*.md, docs/speed.md)"
 	@echo "make bench-parallel - after make demo: offline throughput of infer.py --parallel against one prompt at a"
 	@echo "              time (bench/results/parallel_*.md), on a quiet machine"
 	@echo "make test-fast - the test suite without the tests that load real weights or take minutes (about 2 min)"
+	@echo "make llama-tools - build llama.cpp's llama-speculative-simple, llama-simple (and llama-completion,"
+	@echo "              llama-server) from the pinned llama-cpp-python source into .venv/bin, once (train.py export's"
+	@echo "              engine check, bench/llamacpp_eagle3.py; SKIPGATE_LLAMA_BIN=DIR uses a llama.cpp of your own)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -35,6 +40,16 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	# The project's own packages (common, runtimes, corpus_tools, gate, bench), editable: importable from anywhere, bench/ included.
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
+
+# llama.cpp's own programs (runtimes/llama_tools.py): the pinned llama-cpp-python sdist (pip download, cached in
+# $$SKIPGATE_CACHE/llama.cpp-src) built with cmake + ninja, CPU only, static; the stamp is written last, so the build
+# runs again only when it is missing (delete it to rebuild).
+# LLAMA_TOOLS_ARGS="--without llama-server" leaves out the server (about 10 of the 16 minutes it took here).
+LLAMA_TOOLS := $(VENV)/bin/.llama-tools.json
+LLAMA_TOOLS_ARGS ?=
+llama-tools: $(LLAMA_TOOLS)
+$(LLAMA_TOOLS): | venv
+	$(PY) -m runtimes.llama_tools build $(LLAMA_TOOLS_ARGS)
 
 # Held-out genres (data/make_genre_books.py): a technical manual and a lexicon, from Debian packages; nothing
 # is trained or tuned on them.
@@ -52,21 +67,32 @@ data/books/.done: data/make_demo_books.py | venv
 	$(PY) data/make_demo_books.py --out data/books --force
 	touch $@
 
-# Demo size: the first DEMO_TOKENS positions of each of the six novels for the findings report, and SELFGEN
-# greedy continuations per novel (the decoder's own kind of text) for the gate: about 15 minutes on 2 cores.
+# Demo size: the first DEMO_TOKENS positions of each of the six novels for the findings report (with the layers
+# an EAGLE-3 head reads, for its evaluation), and the drafter's training data, the big model's own text: SELFGEN
+# greedy continuations per novel and its answers to the everyday instructions of data/prompts/general.txt, recorded
+# with the three layers the head fuses (on transformers: a 1024-token pass of the Q4_1 file on llama.cpp runs at
+# ~250 tokens/s here, transformers' float32 at ~400). The head trains DEMO_EPOCHS epochs (a few minutes; bench/
+# trains a bigger one). About 25 minutes on 2 cores.
 DEMO_TOKENS ?= 4000
 SELFGEN     ?= 50
+DEMO_EPOCHS ?= 3
 demo: venv books model
 	$(PY) train.py corpus --epubs data/books --out $(RUN)/corpus --tokens-of $(MODEL)
 	$(PY) train.py inventory --model $(MODEL) --corpus $(RUN)/corpus --split train --out $(RUN)/inventory
 	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/corpus --out $(RUN)/records \
-	    --max-tokens-per-book $(DEMO_TOKENS)
+	    --max-tokens-per-book $(DEMO_TOKENS) --layers eagle3 last
 	$(PY) train.py report --records $(RUN)/records --out $(RUN)/report
 	$(PY) train.py selfgen --model $(MODEL) --corpus $(RUN)/corpus --out $(RUN)/selfgen --per-book $(SELFGEN)
-	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/selfgen --out $(RUN)/selfgen_records
-	$(PY) train.py fit --records $(RUN)/selfgen_records --out $(RUN)/gate --max-skip 8
-	$(PY) train.py evaluate --records $(RUN)/selfgen_records --gate $(RUN)/gate --out $(RUN)/eval
-	$(PY) train.py evaluate --records $(RUN)/records --gate $(RUN)/gate --out $(RUN)/eval_books --no-probes
+	$(PY) train.py selfgen --model $(MODEL) --prompts data/prompts/general.txt --chat --out $(RUN)/chat \
+	    --new-tokens 256
+	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/selfgen --out $(RUN)/selfgen_records \
+	    --layers eagle3
+	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/chat --out $(RUN)/chat_records \
+	    --layers eagle3
+	$(PY) train.py fit --drafter eagle --records $(RUN)/selfgen_records $(RUN)/chat_records --out $(RUN)/gate \
+	    --max-skip 8 --eagle-epochs $(DEMO_EPOCHS) --threads 0
+	$(PY) train.py evaluate --records $(RUN)/selfgen_records --gate $(RUN)/gate --out $(RUN)/eval --no-probes
+	$(PY) train.py evaluate --records $(RUN)/records --gate $(RUN)/gate --out $(RUN)/eval_books
 	$(PY) infer.py --demo --corpus $(RUN)/corpus --gate $(RUN)/gate -m 64
 
 test: venv books model
@@ -79,59 +105,58 @@ test-fast: venv books
 	$(PY) -m pytest -m "not slow and not real_model"
 
 # The decode benchmarks: greedy on the test book (every method), greedy on the held-out genres, and the sampled
-# workload (temperature 0.7) on both (the genre corpora runs/genres/*/corpus are made by bench/yardstick.py).
-# The feature head (train.py fit --drafter eagle) at full size: the first EAGLE_TOKENS positions of every novel
-# teacher-forced (last layer only), the demo's self-generated records, and the big model's answers to the
-# everyday instructions of data/prompts/general.txt (text beyond one author's novels); about 35 min in all.
+# workload (temperature 0.7) on both (the genre corpora runs/genres/*/corpus are made by bench/yardstick.py). They
+# measure the heads drafter (HEADS: trained here as the demo did before its drafter became the EAGLE-3 head).
 BENCH_PROMPTS ?= 12
-EAGLE_TOKENS  ?= 30000
-EAGLE         := runs/eagle
+HEADS         := runs/heads
 GENRES        := debian-policy-manual the-jargon-file ubuntu-packaging-guide
-EAGLE_DATA    := "test book, greedy continuations=$(RUN)/selfgen_records" "test book, book text=$(EAGLE)/records" \
-    $(foreach g,$(GENRES),"$(g), greedy continuations=runs/genres/$(g)/selfgen_records" \
-    "$(g), book text=runs/genres/$(g)/records")
 bench: venv books genres model
 	$(PY) bench/record.py
 	$(PY) bench/llamacpp.py
-	$(PY) bench/yardstick.py --gate $(RUN)/gate --demo-run $(RUN)
-	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/corpus --out $(EAGLE)/records --layers last \
-	    --max-tokens-per-book $(EAGLE_TOKENS)
-	$(PY) train.py selfgen --model $(MODEL) --prompts data/prompts/general.txt --chat --out $(EAGLE)/prompts_selfgen \
-	    --new-tokens 256
-	$(PY) train.py record --model $(MODEL) --corpus $(EAGLE)/prompts_selfgen --out $(EAGLE)/prompts_records \
-	    --layers last
-	$(PY) train.py fit --drafter eagle --records $(EAGLE)/records $(RUN)/selfgen_records --out $(EAGLE)/gate \
-	    --threads 0 --eagle-epochs 4 --max-skip 8
-	$(PY) train.py fit --drafter eagle --records $(EAGLE)/records $(RUN)/selfgen_records $(EAGLE)/prompts_records \
-	    --out $(EAGLE)/gate_mixed --threads 0 --eagle-epochs 4 --max-skip 8
-	$(PY) bench/eagle.py --eagle $(EAGLE)/gate --heads $(RUN)/gate --data $(EAGLE_DATA) --out bench/results/eagle
-	$(PY) bench/eagle.py --eagle $(EAGLE)/gate_mixed --heads $(RUN)/gate --data $(EAGLE_DATA) \
-	    --out bench/results/eagle_mixed
+	$(PY) train.py record --model $(MODEL) --corpus $(RUN)/selfgen --out $(HEADS)/selfgen_records
+	$(PY) train.py fit --records $(HEADS)/selfgen_records --out $(HEADS)/gate --max-skip 8
+	$(PY) bench/yardstick.py --gate $(HEADS)/gate --demo-run $(RUN)
 	$(PY) bench/llamacpp_features.py --threads 1
-	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus runs/genres/*/corpus --n-prompts 8 \
-	    --new-tokens 64 --threads 1 --methods big,hf_pld,copy_verify,gate_verify,eagle,eagle_verify,eagle_chain \
-	    --verify-sweep 0.5,0.3 --chain-cuts 0.4,0.2 --out bench/results/decode_genres_eagle
-	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate_mixed --corpus runs/genres/*/corpus \
-	    --n-prompts 8 --new-tokens 64 --threads 1 --methods big,copy_verify,gate_verify,eagle_verify \
-	    --verify-sweep 0.5,0.3 --out bench/results/decode_genres_eagle_mixed
-	$(PY) bench/decode.py --backend llama.cpp --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus runs/genres/*/corpus \
-	    --n-prompts 8 --new-tokens 64 --threads 1 --methods big,copy,copy_verify,gate_verify,eagle_verify \
-	    --verify-sweep 0.5 --out bench/results/decode_genres_llamacpp
-	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
-	    --n-prompts 9 --new-tokens 64 --threads 1 --temperature 0.7 \
-	    --methods big,hf_pld,copy_verify,gate_verify,eagle_verify,eagle_chain --verify-sweep 0.5,0.3 \
-	    --chain-cuts 0.4,0.2 --out bench/results/decode_sampled_eagle
-	$(PY) bench/decode.py --gate $(RUN)/gate --eagle $(EAGLE)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
-	    --n-prompts 9 --new-tokens 64 --threads 1 --temperature 0.7 \
-	    --methods big,copy_verify,gate_verify,eagle_verify,eagle_chain --verify-sweep 0.5,0.3 --chain-cuts 0.2 \
-	    --out bench/results/decode_sampled_eagle_drafts
-	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus --n-prompts $(BENCH_PROMPTS) \
+	$(PY) bench/decode.py --gate $(HEADS)/gate --corpus $(RUN)/corpus --n-prompts $(BENCH_PROMPTS) \
 	    --methods big,hf_greedy,hf_assisted,hf_pld,ratio,entropy,copy,copy_verify,spec_small,gate,gate_sweep,gate_verify,gate_dial
-	$(PY) bench/decode.py --gate $(RUN)/gate --corpus runs/genres/*/corpus --n-prompts $(BENCH_PROMPTS) \
+	$(PY) bench/decode.py --gate $(HEADS)/gate --corpus runs/genres/*/corpus --n-prompts $(BENCH_PROMPTS) \
 	    --methods big,hf_pld,copy,copy_verify,gate,gate_sweep,gate_verify --out bench/results/decode_genres
-	$(PY) bench/decode.py --gate $(RUN)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
+	$(PY) bench/decode.py --gate $(HEADS)/gate --corpus $(RUN)/corpus runs/genres/*/corpus \
 	    --n-prompts $(BENCH_PROMPTS) --temperature 0.7 --methods big,hf_greedy,hf_pld,copy_verify,gate_verify \
 	    --out bench/results/decode_sampled
+
+# The learned drafter at full size (issue 27): the EAGLE-3 head trained on the big model's answers to
+# data/prompts/general.txt (recorded on llama.cpp) and the novels' text (on transformers, faster here); then its
+# evaluation beside the copy rule and the oracle on the test book and the held-out genres (their greedy
+# continuations and text, recorded on llama.cpp as decoding sees them; nothing is trained or tuned on them), with tau
+# and the speed-ups the measured cost curves predict (Q4_1 and a Q8_0 copy). About 75 minutes on 2 idle cores (the fit: EAGLE3_EPOCHS epochs).
+EAGLE         := runs/eagle3
+EAGLE3_EPOCHS ?= 5
+EVAL_GENRES   := $(GENRES) the-devils-dictionary
+bench-eagle: venv books genres model
+	$(PY) train.py selfgen --model $(MODEL) --prompts data/prompts/general.txt --chat --out $(EAGLE)/chat --new-tokens 256
+	$(PY) train.py record --model $(MODEL) --backend llama.cpp --layers eagle3 --corpus $(EAGLE)/chat \
+	    --out $(EAGLE)/chat_records
+	$(PY) train.py record --model $(MODEL) --layers eagle3 --corpus $(RUN)/corpus --splits train val \
+	    --max-tokens-per-book 30000 --batch-size 4 --out $(EAGLE)/books_records
+	$(PY) train.py fit --drafter eagle --records $(EAGLE)/chat_records $(EAGLE)/books_records \
+	    --out $(EAGLE)/gate --eagle-epochs $(EAGLE3_EPOCHS) --max-skip 8 --threads 0
+	for g in $(EVAL_GENRES); do test -f runs/genres/$$g/corpus/manifest.jsonl || $(PY) train.py corpus \
+	    --epubs data/genres/$$g.epub --out runs/genres/$$g/corpus --pin test=- --quiet || exit 1; \
+	    $(PY) train.py selfgen --model $(MODEL) --corpus runs/genres/$$g/corpus --out runs/genres/$$g/selfgen \
+	    --per-book 32 && $(PY) train.py record --model $(MODEL) --backend llama.cpp --layers eagle3 \
+	    --corpus runs/genres/$$g/selfgen --out runs/genres/$$g/selfgen_records3 && $(PY) train.py record \
+	    --model $(MODEL) --backend llama.cpp --layers eagle3 --corpus runs/genres/$$g/corpus \
+	    --max-tokens-per-book 8000 --out runs/genres/$$g/records3 || exit 1; done
+	$(PY) train.py record --model $(MODEL) --backend llama.cpp --layers eagle3 --corpus $(RUN)/selfgen --splits test \
+	    --out $(EAGLE)/testbook_records
+	$(PY) train.py record --model $(MODEL) --backend llama.cpp --layers eagle3 --corpus $(RUN)/corpus --splits test \
+	    --max-tokens-per-book 12000 --out $(EAGLE)/testbook_text_records
+	$(PY) train.py profile $(MODEL) --requant Q8_0 --json bench/results/profile_smollm2.json
+	$(PY) bench/eagle.py --eagle $(EAGLE)/gate --profile bench/results/profile_smollm2.json \
+	    --data "test book, greedy continuations=$(EAGLE)/testbook_records" "test book, text=$(EAGLE)/testbook_text_records" \
+	    $(foreach g,$(EVAL_GENRES),"$(g), greedy continuations=runs/genres/$(g)/selfgen_records3" \
+	    "$(g), text=runs/genres/$(g)/records3") --out bench/results/eagle3
 
 # Speed against llama-cpp-python's own generate and prompt lookup (docs/speed.md), after make demo: each run refuses
 # to start above load average 0.5, so run nothing else meanwhile; about 20 minutes (Qwen's packages on first use).
@@ -139,15 +164,16 @@ SPEED_GENRES := runs/genres/debian-policy-manual/corpus runs/genres/the-jargon-f
 # A genre for the final check only (data/make_genre_books.py): nothing is designed or tuned on it.
 FINAL_GENRES := the-devils-dictionary
 bench-speed: venv books genres
+	test -f $(EAGLE)/gate/drafter.json || $(MAKE) bench-eagle
 	for g in $(GENRES) $(FINAL_GENRES); do test -f runs/genres/$$g/corpus/manifest.jsonl || $(PY) train.py corpus \
 	    --epubs data/genres/$$g.epub --out runs/genres/$$g/corpus --pin test=- --quiet || exit 1; done
 	$(PY) train.py profile $(MODEL) --requant Q4_0 Q8_0 --json bench/results/profile_smollm2.json
-	$(PY) bench/speed.py --corpus $(SPEED_GENRES) --gate $(RUN)/gate --out bench/results/speed_smollm2_genres
-	$(PY) bench/speed.py --corpus $(RUN)/corpus --gate $(RUN)/gate --pld 2,4 \
+	$(PY) bench/speed.py --corpus $(SPEED_GENRES) --gate $(EAGLE)/gate --out bench/results/speed_smollm2_genres
+	$(PY) bench/speed.py --corpus $(RUN)/corpus --gate $(EAGLE)/gate --pld 2,4 \
 	    --methods binding_generate,binding_pld,big,copy,gate --out bench/results/speed_smollm2_testbook
-	$(PY) bench/speed.py --corpus $(RUN)/corpus $(SPEED_GENRES) --gate $(RUN)/gate --n-prompts 9 --temperature 0.7 \
+	$(PY) bench/speed.py --corpus $(RUN)/corpus $(SPEED_GENRES) --gate $(EAGLE)/gate --n-prompts 9 --temperature 0.7 \
 	    --methods binding_generate,big,copy,gate --out bench/results/speed_smollm2_sampled
-	$(PY) bench/speed.py --corpus $(foreach g,$(FINAL_GENRES),runs/genres/$(g)/corpus) --gate $(RUN)/gate \
+	$(PY) bench/speed.py --corpus $(foreach g,$(FINAL_GENRES),runs/genres/$(g)/corpus) --gate $(EAGLE)/gate \
 	    --out bench/results/speed_smollm2_final
 	$(PY) bench/speed.py --model qwen2.5-coder-1.5b --corpus $(SPEED_GENRES) --pld 2,4 \
 	    --methods binding_generate,binding_pld,big,copy --out bench/results/speed_qwen15b_genres

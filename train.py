@@ -8,6 +8,7 @@
     python train.py fit       --records runs/demo/records --out runs/demo/gate
     python train.py evaluate  --records runs/demo/records --gate runs/demo/gate
     python train.py calibrate --records runs/mine/records --gate runs/demo/gate --out runs/mine/gate
+    python train.py export    --gate runs/eagle3/gate --format eagle3 --out runs/eagle3/export   (vLLM, SGLang, llama.cpp)
     python train.py models    [NAME]      list model aliases, or load one and print its info
     python train.py profile   smollm2-135m [--requant Q4_0 Q8_0]   what a verify pass of n tokens costs here
 `train.py COMMAND --help`: its options. A mistake in the input: one line `train.py COMMAND: error: ...`, exit 2.
@@ -31,6 +32,7 @@ COMMANDS = {  # name -> module whose main(argv) implements it; imported lazily (
     "fit": "gate.train.fit",
     "evaluate": "gate.train.evaluate",
     "calibrate": "gate.train.recalibrate",
+    "export": "gate.train.export",
     "models": "runtimes.loading",
     "profile": "gate.decode.cost",
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Does a drafter fitted on transformers records keep its precision on llama.cpp's hidden states?
 
-    python bench/llamacpp_features.py [--records runs/demo/selfgen_records] [--heads runs/demo/gate]
-                                      [--eagle runs/eagle/gate] [--runs 40] [--out bench/results/llamacpp_features]
+    python bench/llamacpp_features.py [--records runs/heads/selfgen_records] [--heads runs/heads/gate]
+                                      [--runs 40] [--out bench/results/llamacpp_features]
+
+(The feature head, EAGLE-3's layout, is evaluated on records made by llama.cpp itself: bench/eagle.py.)
 
 The drafters are fitted on records made by transformers (float32, the GGUF's weights de-quantized); llama.cpp
 runs the same GGUF with its quantized kernels, so its last-layer states differ a little. This re-computes the
@@ -25,10 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from bench.eagle import eagle_pairs, heads_pairs  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
-from gate.model.load import load_drafter  # noqa: E402
-from gate.train.config import FitConfig  # noqa: E402
+from gate.model.heads import context_copy_stats  # noqa: E402
+from gate.train.data import apply_scoring, predict_pairs  # noqa: E402
 from gate.train.evaluate import open_inputs  # noqa: E402
 from runtimes.llamacpp import LlamaCppBackend  # noqa: E402
 from runtimes.sources import packaged_gguf  # noqa: E402
@@ -50,6 +51,23 @@ def llamacpp_hidden(te, rows: np.ndarray, model: str, threads: int) -> np.ndarra
     return out
 
 
+def heads_pairs(inp, t, s) -> dict:
+    """The heads drafter on pairs (t, s): its pick's token, score and whether it is right."""
+    dr = inp.dr
+    o = predict_pairs(dr.predictor, inp.te, t, s, gates={dr.primary: dr.gates[dr.primary]}, desc="heads",
+                      copy=context_copy_stats(inp.te.tokens, inp.te.run_start))
+    sel = apply_scoring(o, inp.te, dr.scoring_by_gate, dr.predictor.tables)["sel"][dr.primary]
+    return {"token": sel["token"], "score": sel["score"], "correct": sel["correct"]}
+
+
+def pairs_of(te, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(t, s): drafting s = 1..depth steps from the big model's position t - s, inside one run."""
+    t = np.arange(len(te))
+    ok = [t - s >= te.run_start for s in range(1, depth + 1)]
+    return (np.concatenate([t[m] for m in ok]),
+            np.concatenate([np.full(int(m.sum()), s) for s, m in enumerate(ok, 1)]))
+
+
 def pick_stats(pick_hf: dict, pick_lc: dict, threshold: float) -> dict:
     def at(p):
         m = p["score"] >= threshold
@@ -63,9 +81,8 @@ def pick_stats(pick_hf: dict, pick_lc: dict, threshold: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", default="runs/demo/selfgen_records")
-    ap.add_argument("--heads", default="runs/demo/gate")
-    ap.add_argument("--eagle", default="runs/eagle/gate")
+    ap.add_argument("--records", default="runs/heads/selfgen_records")
+    ap.add_argument("--heads", default="runs/heads/gate")
     ap.add_argument("--runs", type=int, default=40, help="test-split runs to re-compute on llama.cpp")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/llamacpp_features")
@@ -85,15 +102,10 @@ def main(argv=None) -> int:
     states = {"positions": int(len(rows)),
               "cosine_mean": float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean()),
               "relative_l2_mean": float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)).mean())}
-    eagle_dr = load_drafter(args.eagle, None)
-    cfg = FitConfig.from_options(**{k: v for k, v in eagle_dr.meta["config"].items()
-                                    if k in FitConfig.__dataclass_fields__})
-    e_hf, e_lc = eagle_pairs(eagle_dr, te_hf, cfg), eagle_pairs(eagle_dr, te_lc, cfg)
-    t, s = e_hf["t"], e_hf["s"]
+    t, s = pairs_of(te_hf, 3)
     h_hf = heads_pairs(dataclasses.replace(inp, te=te_hf), t, s)
     h_lc2 = heads_pairs(dataclasses.replace(inp, te=te_lc), t, s)
-    res = {"states": states, "pairs": int(len(t)),
-           "eagle": pick_stats(e_hf, e_lc, eagle_dr.threshold), "heads": pick_stats(h_hf, h_lc2, inp.dr.threshold)}
+    res = {"states": states, "pairs": int(len(t)), "heads": pick_stats(h_hf, h_lc2, inp.dr.threshold)}
     cmd = "python bench/llamacpp_features.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     write_json(Path(args.out + ".json"), {"command": cmd, **res})
     write_text(Path(args.out + ".md"), markdown(res, cmd, args))
@@ -110,7 +122,7 @@ def markdown(res: dict, cmd: str, args) -> str:
              f"mean relative L2 difference {st['relative_l2_mean']:.3f}.", "",
              "| drafter | same pick | mean score difference | calibrated threshold | transformers states: coverage / "
              "precision / accuracy | llama.cpp states: coverage / precision / accuracy |", "|---|---|---|---|---|---|"]
-    for name in ("heads", "eagle"):
+    for name in ("heads",):
         r = res[name]
         cell = lambda d: f"{pct(d['coverage'])} / {pct(d['precision'])} / {pct(d['accuracy'])}"
         lines.append(f"| {name} | {pct(r['same_token'])} | {r['score_mean_abs_diff']:.4f} | {r['threshold']:.4g} | "

@@ -6,7 +6,8 @@
 
 Methods, on the same GGUF, threads and prompt ids, in an order rotating per prompt: binding_generate and
 binding_pld_N (llama-cpp-python's generate, plain and with N-token prompt lookup), big, copy (--verify, planned),
-copy_fixed (--plan fixed) and gate (with --gate, --verify). Speed is decode tokens/s without the prompt pass;
+copy_fixed (--plan fixed), gate (with --gate, --verify) and gate_lossy (the gate at its calibrated threshold, audited,
+its on-policy error checked afterwards). Speed is decode tokens/s without the prompt pass;
 lossless methods are compared with `big` token for token (greedy). Refused when the load average is above 0.5
 before the run (--force: the files then say "measured under load"). Writes --out .json and .md.
 Each method: docs/bench.md; how it measures, and the results: docs/speed.md.
@@ -30,12 +31,12 @@ from bench.quiet import Quiet, load  # noqa: E402
 from common.cpu import OtherCPU  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
 from common.files import write_json, write_text  # noqa: E402
-from gate.decode.cost import cpu_name  # noqa: E402
+from gate.decode.cost import MAX_CHAIN, cpu_name  # noqa: E402
 from gate.decode.drafters import load_gate  # noqa: E402
 from gate.decode.ledger import PLAN_COUNTS  # noqa: E402
-from gate.decode.loop import Decoder  # noqa: E402
+from gate.decode.loop import Decoder, check_output  # noqa: E402
 from gate.decode.policies import BigOnly, Copy, Gate  # noqa: E402
-from gate.decode.session import held_out_prompts, planner_for  # noqa: E402
+from gate.decode.session import audit_for, held_out_prompts, planner_for  # noqa: E402
 from runtimes.open import open_models  # noqa: E402
 from runtimes.sources import gguf_path  # noqa: E402
 
@@ -120,19 +121,44 @@ def hf_runner(model, eos, temperature: float, seed: int, **kw):
     return run
 
 
-def decoder_runner(rt, policy, temperature: float, seed: int, planned: bool):
-    planner = planner_for(policy, rt, argparse.Namespace(planned=planned))   # infer.py's, as --verify makes it
+def decoder_runner(rt, policy, temperature: float, seed: int, planned: bool, lossy: bool = False):
+    """infer.py's decode of one policy: lossless (--verify; planned: chains sized by the planner) or, with `lossy`,
+    the gate at its calibrated threshold with infer.py's default audit, its on-policy error checked afterwards by a
+    teacher-forced big pass (not timed)."""
+    planner = planner_for(policy, rt, argparse.Namespace(planned=planned), lossy=lossy)   # infer.py's
+    audit_args = argparse.Namespace(audit=None, no_audit=False, verify_below=None, temperature=temperature)
 
     def run(ids, n, i):
         first = []
-        dec = Decoder(rt.big, policy, verify=planned or policy.name != "big", temperature=temperature,
+        verify = not lossy and (planned or policy.name != "big")
+        dec = Decoder(rt.big, policy, verify=verify, temperature=temperature,
                       seed=seed + i, eos_ids=rt.eos_ids, planner=planner,
+                      audit=audit_for(policy, audit_args, verify) if lossy else None,
                       on_final=lambda toks, src: first or first.append(time.perf_counter()))
         t0 = time.perf_counter()
         res = dec.generate(ids, n)
         end = time.perf_counter()
-        return res.ids, end - (first[0] if first else end), end - t0, res.ledger
+        led = {**res.ledger, "sources": res.sources}
+        if lossy:
+            led["check"] = check_output(rt.big, ids, res.ids)
+        return res.ids, end - (first[0] if first else end), end - t0, led
     return run
+
+
+def non_copy_skips(prompts, outputs, ledgers) -> dict:
+    """Of the generated positions whose 4 tokens before occur nowhere earlier in the text (non-copy), and of the
+    others, how many the method did not leave to the big model (drafts it kept)."""
+    counts = {"non_copy": [0, 0], "copy": [0, 0]}
+    for ids, out, led in zip(prompts, outputs, ledgers):
+        text, seen = list(ids) + list(out), set()
+        for j in range(len(ids), len(text)):
+            if j - 5 >= 0:
+                seen.add(tuple(text[j - 5:j - 1]))      # 4-grams that end before position j - 1
+            kind = "copy" if j >= 4 and tuple(text[j - 4:j]) in seen else "non_copy"
+            counts[kind][0] += 1
+            counts[kind][1] += led["sources"][j - len(ids)] != "big"
+    return {k: {"positions": n, "skipped": sk, "share": round(sk / n, 4) if n else None}
+            for k, (n, sk) in counts.items()}
 
 
 def make_methods(args, rt, gguf: str) -> dict:
@@ -165,9 +191,15 @@ def make_methods(args, rt, gguf: str) -> dict:
         out["copy"] = decoder_runner(rt, Copy(min_match=1, max_skip=33), t, s, planned=True)
     if "copy_fixed" in wanted:
         out["copy_fixed"] = decoder_runner(rt, Copy(), t, s, planned=False)
-    if "gate" in wanted and args.gate:
-        out["gate"] = decoder_runner(rt, Gate(load_gate(rt, args.gate), threshold=-float("inf")), t, s, planned=True)
+    if ("gate" in wanted or "gate_lossy" in wanted) and args.gate:
+        dr = load_gate(rt, args.gate)
+        if "gate" in wanted:
+            out["gate"] = decoder_runner(rt, Gate(dr, threshold=-float("inf"), free_max_skip=MAX_CHAIN + 1), t, s,
+                                         planned=True)
+        if "gate_lossy" in wanted and t == 0:
+            out["gate_lossy"] = decoder_runner(rt, Gate(dr), t, s, planned=False, lossy=True)
     return out
+
 
 
 def prompts_of(args, rt) -> list[list[int]]:
@@ -252,10 +284,18 @@ def summarise(args, rows, prompts, quiet, gguf) -> dict:
                      drafted=sum(x["drafted"] for x in leds), rollbacks=sum(x["rollbacks"] for x in leds),
                      policy_ms_per_proposal=round(1000 * sum(x["policy_s"] for x in leds) / calls, 4) if calls else None,
                      policy_share_of_wall=round(sum(x["policy_s"] for x in leds) / sum(x["wall_s"] for x in leds), 4))
+            d["tokens_per_big_pass"] = round(n / max(1, sum(x["big_calls"] for x in leds)), 3)
+            checks = [x["check"] for x in leds if x.get("check")]
+            if checks:
+                d["on_policy_error"] = round(sum(c["mismatches"] for c in checks) /
+                                             max(1, sum(c["checked"] for c in checks)), 5)
+            if len(leds) == len(prompts):
+                d["skipped_by_position"] = non_copy_skips(prompts, r["outputs"], leds)
             plans = [x["plan"] for x in leds if x.get("plan")]
             if plans:
                 d["plan"] = {k: sum(p.get(k, 0) for p in plans) for k in PLAN_COUNTS}
                 d["plan"]["step_ms"] = plans[0]["step_ms"]
+                d["plan"]["draft_ms"] = plans[-1]["draft_ms"]     # the planner's mean over the run's proposals
         methods[m] = d
     return dict(command="python " + " ".join(shlex.quote(a) for a in sys.argv), model=args.model, gguf=gguf,
                 backend=args.backend,
@@ -296,9 +336,25 @@ def markdown(res: dict) -> str:
     if res["temperature"] > 0:
         lines += ["", "Sampled: 'identical to big' is not expected (lossless means the same distribution, not the "
                   "same sample)."]
+    pos = {m: d for m, d in res["methods"].items() if d.get("skipped_by_position")}
+    if pos:
+        lines += ["", "Tokens per big pass, and the generated positions each method did not leave to the big model, "
+                  "on non-copy positions (the 4 tokens before occur nowhere earlier in the text) and copy positions:",
+                  ""] + [f"- {m}: {d['tokens_per_big_pass']} tokens per big pass; non-copy "
+                         f"{d['skipped_by_position']['non_copy']['skipped']}/"
+                         f"{d['skipped_by_position']['non_copy']['positions']} ("
+                         f"{100 * (d['skipped_by_position']['non_copy']['share'] or 0):.1f}%), copy "
+                         f"{d['skipped_by_position']['copy']['skipped']}/{d['skipped_by_position']['copy']['positions']}"
+                         f" ({100 * (d['skipped_by_position']['copy']['share'] or 0):.1f}%)" for m, d in pos.items()]
+    errs = {m: d["on_policy_error"] for m, d in res["methods"].items() if d.get("on_policy_error") is not None}
+    if errs:
+        lines += ["", "On-policy error of the lossy runs (share of generated tokens that differ from the big model's "
+                  "argmax on the same prefix, one teacher-forced pass afterwards): " +
+                  ", ".join(f"{m} {100 * e:.2f}%" for m, e in errs.items())]
     plans = {m: d["plan"] for m, d in res["methods"].items() if d.get("plan")}
     if plans:
         lines += ["", "Planner: " + "; ".join(f"{m}: {p['chains']} chains, {p['kept']} drafts kept, "
+                                            f"{p.get('draft_ms', 0):.2f} ms a proposal of the costly drafter, "
                                             f"{p['cut_to_zero']} cut to none, {p['skipped_starts']} starts skipped, "
                                             f"{p['free_drafts']} copy drafts while the drafter was held back"
                                             for m, p in plans.items())]

@@ -32,6 +32,7 @@ from common.files import FolderLock, atomic_dir, check_output_dir, write_json
 from corpus_tools.corpus import SPLITS, books_of_split, load_manifest, read_book
 from corpus_tools.records import FORMAT, RecordsError, field_file, sha256_file
 from corpus_tools.tokens import encode_text
+from runtimes.backend import eagle3_layers
 from runtimes.info import check_context, check_same_tokenizer
 from runtimes.loading import DTYPES
 from runtimes.open import BACKENDS, Opened, open_backend
@@ -69,9 +70,13 @@ def batches(wins: list[Window], batch_size: int) -> list[list[Window]]:
 
 
 def resolve_layers(spec: list[str], n_layers: int) -> list[int]:
-    """"middle" -> n_layers // 2, "last" -> n_layers (HF output_hidden_states numbering), or integers."""
+    """"middle" -> n_layers // 2, "last" -> n_layers (HF output_hidden_states numbering), "eagle3" -> the three
+    layers an EAGLE-3 head fuses (2, n/2, n-3), or integers."""
     layers = []
     for s in spec:
+        if s == "eagle3":
+            layers += eagle3_layers(n_layers)
+            continue
         layer = {"middle": n_layers // 2, "last": n_layers}.get(s)
         if layer is None:
             if not s.lstrip("-").isdigit() or not 0 <= int(s) <= n_layers:
@@ -305,7 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", required=True, help="corpus folder (train.py corpus)")
     ap.add_argument("--out", required=True, help="records folder to create or resume")
     ap.add_argument("--layers", nargs="*", default=["middle", "last"],
-                    help="hidden states to store: middle, last or numbers (HF numbering, 0 = embeddings); "
+                    help="hidden states to store: middle, last, eagle3 (the three an EAGLE-3 head fuses: 2, n/2, "
+                    "n-3) or numbers (HF numbering, 0 = embeddings); "
                          "none if given without values")
     ap.add_argument("--context", type=int, default=1024, help="window length in tokens")
     ap.add_argument("--stride", type=int, default=768,

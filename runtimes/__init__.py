@@ -6,4 +6,5 @@
     backend.py   the Backend protocol (one model + one KV cache), catch_up, the LM view policies read
     hf.py        HFBackend (transformers); llamacpp.py: LlamaCppBackend (llama.cpp, GGUF on CPU)
     open.py      BACKENDS (kind -> opener), open_backend, open_models -> Runtime
+    llama_tools.py  llama.cpp's own converter and programs from the pinned source (train.py export, make llama-tools)
 """

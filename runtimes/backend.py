@@ -23,6 +23,12 @@ import torch
 HiddenLayer = Union[int, tuple[int, ...], None]   # one layer, several (rows concatenated in order), or none
 
 
+def eagle3_layers(n_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low, middle and high layers of a model with n_layers blocks: the inputs of blocks 2, n/2 and n-3 (HF
+    numbering; llama.cpp's converter and vLLM pick the same)."""
+    return (min(2, n_layers), n_layers // 2, max(n_layers - 3, 0))
+
+
 def hidden_layers(layer: HiddenLayer, n_layers: int, name: str = "") -> tuple[int, ...]:
     """The layers a hidden_layer setting asks for, each checked to lie in 0..n_layers: () for None."""
     layers = () if layer is None else tuple(map(operator.index, layer if isinstance(layer, (tuple, list))

@@ -74,8 +74,8 @@ CASES = [  # (train.py arguments, text the error line must contain); {t} is the 
         ("--eagle-depth 0", ">= 1"), ("--eagle-depth -2", ">= 1"), ("--eagle-vocab 0", ">= 2"),
         ("--eagle-window 0", ">= 2"), ("--eagle-batch 0", ">= 1"), ("--eagle-lr nan", "> 0"), ("--threads -1", ">= 0"),
         ("--target-precision 1", "in [0.5, 1)"), ("--delta 0", "in (0, 1)"), ("--gate-frac 1", "in (0, 1)"))],
-    ("fit --drafter eagle --records {t}/records --out {t}/g --eagle-window 3", "--eagle-window 3: must be more "
-                                                                                "than --eagle-depth 3"),
+    ("fit --drafter eagle --records {t}/records --out {t}/g --eagle-window 4", "--eagle-window 4: must be more "
+                                                                                "than --eagle-depth 4"),
     ("fit --drafter router --records {t}/records --out {t}/g --router-topk 0", "--router-topk 0: must be >= 1"),
     ("fit --drafter router --records {t}/records --out {t}/g --router-pca -1", "--router-pca -1: must be >= 1"),
     ("calibrate --records {t}/records --gate {t}/garbled --max-pairs -5", "--max-pairs -5: must be >= 1"),

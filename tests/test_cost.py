@@ -230,6 +230,37 @@ def test_the_copy_rule_drafts_while_a_costly_drafter_is_held_back(tiny_llama, on
     assert plan.stats["free_drafts"] > 0 and res.ledger["plan"]["free_drafts"] == plan.stats["free_drafts"]
 
 
+def test_a_lossy_gate_holds_back_a_drafter_that_does_not_pay(tiny_llama, one_thread):
+    """Without --verify the planner only holds the learned part back: a drafter that costs a millisecond and never
+    clears the threshold is asked at a few probes, not every step; its copy rule still skips where it is sure."""
+    import time as _time
+
+    from gate.model.copyrule import CopyIndex
+    from gate.model.precision import PrecisionMap, SourceMaps
+
+    big = HFBackend(tiny_llama, name="tiny")
+    sure = PrecisionMap(np.array([0.0, 1.0]), np.array([0.0, 0.97]))
+    calls = []
+
+    class Drafter(base.Drafter):
+        threshold, max_skip, hidden_layer = 0.9, 8, None
+        copies, extend = CopyIndex(12), 0
+        scoring = SourceMaps({c: PrecisionMap(np.array([0.0]), np.array([0.0])) for c in CONTEXTS},
+                             {"agree": sure, "disagree": sure}, 12, 0)
+
+        def propose(self, ids, hidden, s):
+            calls.append(len(ids))
+            _time.sleep(0.001)
+            return (ids[-1] + 1) % 300, 0.0
+
+    pol = Gate(Drafter())
+    plan = Planner(profile(lambda n: 1 + 0.2 * (n - 1), step_ms=5.0), pol.acceptance())
+    res = Decoder(big, pol, verify=False, planner=plan).generate([5, 6, 7, 8, 5, 6, 7, 8, 9], 80)
+    steps = res.ledger["big_calls"]
+    assert plan.stats["skipped_starts"] > 0 and len(calls) < steps / 2, (len(calls), steps)
+    assert res.ledger["plan"]["skipped_starts"] == plan.stats["skipped_starts"]
+
+
 def test_no_entry_point_changes_openmp_settings():
     """infer.py, train.py and the bench scripts leave OMP_WAIT_POLICY as the user set it, and set none. One fresh
     interpreter (not one per script and setting: each imports torch anew) runs every script's top level, first

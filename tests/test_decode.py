@@ -496,8 +496,9 @@ def test_cli_demo_side_by_side(tmp_path, smollm2, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("ledger"))
-    assert header.split() == ["ledger", "big", "gate", "gate+verify"]
-    assert "on-policy error" in out
+    assert header.split() == ["ledger", "big", "copy+verify", "gate", "gate+verify"]
+    assert "on-policy error" in out and "x big" in out
     runs = json.loads((tmp_path / "d.json").read_text())["runs"]
-    assert [r["ledger"]["verify"] for r in runs] == [False, False, True]
-    assert runs[2]["output_ids"] == runs[0]["output_ids"] or runs[2]["ledger"]["check"]["beyond_ties"] == 0
+    assert [r["ledger"]["verify"] for r in runs] == [False, True, False, True]
+    for lossless in (runs[1], runs[3]):
+        assert lossless["output_ids"] == runs[0]["output_ids"] or lossless["ledger"]["check"]["beyond_ties"] == 0

@@ -244,10 +244,10 @@ def smollm2_eagle(smollm2, tmp_path_factory):
     texts = [AUSTEN, AUSTEN[120:] + " " + AUSTEN[:120]]
     corpus = write_corpus(root / "corpus", [("pp", "train", "\n\n".join(texts * 3)), ("va", "val", texts[1]),
                                             ("te", "test", texts[0])])
-    rec_mod.record(["smollm2-135m"], corpus, root / "records", layers=("2", "15", "27"), context=128, stride=96,
+    rec_mod.record(["smollm2-135m"], corpus, root / "records", layers=("eagle3",), context=128, stride=96,
                    max_tokens_per_book=400, shard_tokens=1000, progress=False)
     fit(root / "records", root / "eagle", log=lambda m: None,
-        **{**EAGLE_FIT, "eagle_layers": "2,middle,-3", "eagle_vocab": 512, "eagle_epochs": 2.0})
+        **{**EAGLE_FIT, "eagle_layers": "eagle3", "eagle_vocab": 512, "eagle_epochs": 2.0})
     return root / "eagle"
 
 
@@ -279,12 +279,28 @@ def test_smollm2_eagle_on_llamacpp_is_lossless(smollm2, smollm2_eagle):
         big.close()
 
 
-def test_cli_errors_name_the_problem(tiny_eagle, tmp_path):
+def test_evaluate_reports_the_head_beside_the_copy_rule_and_tau(tiny_eagle, tmp_path):
+    """train.py evaluate on a feature head: agreement, coverage beside the copy rule and the oracle, tau(k) for
+    k = 1 .. depth, non-decreasing in k and at most k + 1, the oracle's at least the head's."""
     import train
 
     _, records, out, _ = tiny_eagle
     rc, err = call_main(train.main, ["evaluate", "--records", records, "--gate", out, "--out", tmp_path / "e"])
-    assert_one_error_line(rc, err, "bench/eagle.py", start="train.py evaluate: error: ")
+    assert rc == 0, err[-2000:]
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    taus = [m["all"]["chains"]["by_k"][str(k)] for k in range(1, EAGLE_FIT["eagle_depth"] + 1)]
+    for k, t in enumerate(taus, 1):
+        assert 1 <= t["head_tau"] <= t["oracle_tau"] <= k + 1 and 1 <= t["copy_tau"] <= t["oracle_tau"]
+    assert all(a["head_tau"] <= b["head_tau"] for a, b in zip(taus, taus[1:]))
+    assert 0 <= m["all"]["first_token_agreement"] <= 1 and m["non_copy"]["pairs"] + m["copy_positions"]["pairs"] \
+        == m["all"]["pairs"]
+    assert "tau(k)" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_cli_errors_name_the_problem(tiny_eagle, tmp_path):
+    import train
+
+    _, records, out, _ = tiny_eagle
     rc, err = call_main(train.main, ["fit", "--records", records, records, "--out", tmp_path / "g"])
     assert_one_error_line(rc, err, "--drafter eagle reads several", start="train.py fit: error: ")
 
@@ -292,14 +308,14 @@ def test_cli_errors_name_the_problem(tiny_eagle, tmp_path):
 def test_eagle_scores_through_precision_maps_and_calibrate_rewrites_only_them(tiny_eagle, tmp_path):
     """Issue 19: the feature head's gate and the copy rule on one score scale (maps in drafter.json, monotone and
     bounded); train.py calibrate refits maps and threshold, its tensors byte for byte, refusing its training
-    books; an artifact from before the maps (a copy trust table) proposes as it did until calibrated."""
-    from test_precision_maps import calibrate_cli, check_maps, files_sha, make_old
+    books."""
+    from test_precision_maps import calibrate_cli, check_maps, files_sha
 
     from gate.model.load import load_drafter
 
     _, records, out, _ = tiny_eagle
     dr = load_drafter(out, None)
-    assert dr.table is None and dr.extend == 64 and dr.maps.max_n == 12
+    assert dr.extend == 64 and dr.maps.max_n == 12
     check_maps(dr.maps)
     meta = json.loads((out / "drafter.json").read_text())
     assert set(meta["precision_maps"]["gates"]) == {"gate"} and meta["precision_maps"]["fitted_on"]["pairs"] > 0
@@ -314,12 +330,36 @@ def test_eagle_scores_through_precision_maps_and_calibrate_rewrites_only_them(ti
     check_maps(load_drafter(tmp_path / "new", None).maps)
     rc, err = calibrate_cli(records, out, tmp_path / "t", "--split", "train")
     assert rc == 2 and "was trained on" in err
-    meta = make_old(out, tmp_path / "old", [0.0] + [0.5] * 11 + [1.0])
-    dr = load_drafter(tmp_path / "old", None)
-    assert dr.maps is None and dr.extend == 0 and dr.copies.max_n == 12
-    assert dr.propose(ids, hid, 1)[1] == 1.0                             # a trusted 12-token copy, as before
-    rc, err = calibrate_cli(records, tmp_path / "old", tmp_path / "old2", "--split", "test")
-    assert rc == 0, err[-2000:]
-    dr = load_drafter(tmp_path / "old2", None)
-    assert dr.maps is not None and dr.table is None and 0 < dr.propose(ids, hid, 1)[1] < 1
-    assert "copy_trust" not in json.loads((tmp_path / "old2" / "drafter.json").read_text())
+
+
+
+def test_a_sure_copy_is_proposed_without_running_the_head(tiny_eagle):
+    """Free sources first: where the copy rule's estimate alone beats the best the gate's map can give, propose
+    takes the copy and the head computes nothing; otherwise the head runs."""
+    from gate.model.load import load_drafter
+
+    dr = load_drafter(tiny_eagle[2], None)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] * 2 + [5, 6, 7]
+    hid = torch.randn(len(ids) - 1, 3 * dr.head.hidden_size)
+    alone = dr.propose_free(ids)
+    assert alone is not None and alone[0] == 8
+    dr.start()
+    dr.gate_ceiling = alone[1]                          # the copy's estimate reaches the gate's best
+    assert dr.propose(ids, hid, 1) == (8, alone[1]) and dr.steps == 0 and dr.last_logits is None
+    dr.start()
+    dr.gate_ceiling = alone[1] + 1e-3                   # the gate could outbid it: the head is asked
+    dr.propose(ids, hid, 1)
+    assert dr.steps == len(hid)
+
+
+@pytest.mark.parametrize("spec, want", [("eagle3", [2, 15, 27]), ("2,middle,-3", [2, 15, 27]), ("last,0,10", [0, 10, 30]),
+                                        ("1,2", None), ("2,2,3", None), ("2,15,31", None), ("a,b,c", None)])
+def test_eagle_layers_name_three_distinct_layers(spec, want):
+    from gate.train.data import FitError
+    from gate.train.fit import eagle_layer_spec
+
+    if want is None:
+        with pytest.raises(FitError, match="--eagle-layers"):
+            eagle_layer_spec(spec, 30)
+    else:
+        assert eagle_layer_spec(spec, 30) == want

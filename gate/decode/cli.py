@@ -135,9 +135,9 @@ def build_parser(policies=None) -> argparse.ArgumentParser:
                    "(default: refuse)")
     g = ap.add_argument_group("demo")
     g.add_argument("--demo", action="store_true",
-                   help="generate from prompts of held-out corpus books with big, with the chosen policy "
-                   "(default: gate, --gate runs/demo/gate) and with it + --verify; print the ledgers side by "
-                   "side (--check is on)")
+                   help="generate from prompts of held-out corpus books with big, the copy rule + --verify, the "
+                   "chosen policy (default: gate, --gate runs/demo/gate) and it + --verify; print the ledgers side "
+                   "by side, speeds as x big (--check is on)")
     g.add_argument("--corpus", default="runs/demo/corpus", help="demo: corpus folder (default: %(default)s)")
     g.add_argument("--n-prompts", type=int, default=2, help="demo: prompts (default: %(default)s)")
     g.add_argument("--prompt-tokens", type=int, default=48, help="demo: prompt length (default: %(default)s)")
@@ -336,8 +336,9 @@ def run_prompt(args, policies) -> int:
 
 
 def run_demo(args, policies) -> int:
-    """Prompts from held-out books, each generated with big, the policy, and the policy with --verify (its chains
-    sized by the planner); on llama.cpp the binding's own generate speed on the same GGUF is named beside them."""
+    """Prompts from held-out books, each generated with big, the copy rule with --verify (no training), the policy,
+    and the policy with --verify (chains sized by the planner), speeds as ratios to big; on llama.cpp the binding's
+    own generate speed on the same GGUF is named beside them."""
     rt = open_runtime(args, policies)
     prompts = held_out_prompts(args.corpus, rt.tokenizer, args.n_prompts, args.prompt_tokens)
     for ids in prompts:
@@ -345,12 +346,14 @@ def run_demo(args, policies) -> int:
     policy = make_policy(args, rt, policies)
     lossless = argparse.Namespace(**{**vars(args), "verify": True, "planned": args.plan == "cost"})
     verified = make_policy(lossless, rt, policies)
+    copy = make_policy(argparse.Namespace(**{**vars(lossless), "policy": "copy", "min_match": None,
+                                             "max_skip": None}), rt, policies)      # the rule that needs no training
     runs, totals = [], {}
     for i, ids in enumerate(prompts, 1):
         print(f"\n=== prompt {i}: {len(ids)} tokens from a held-out book ===")
         print((DIM + rt.tokenizer.decode(ids) + RESET) if use_color(args) else rt.tokenizer.decode(ids))
         cols = {}
-        for pol, a in ((BigOnly(), args), (policy, args), (verified, lossless)):
+        for pol, a in ((BigOnly(), args), (copy, lossless), (policy, args), (verified, lossless)):
             r = run_one(rt, pol, ids, a)
             led = Ledger.from_dict(r["ledger"])
             print(f"\n--- {policy_label(led)} ---")

@@ -41,6 +41,8 @@ MAX_CHAIN = 32                         # longest draft chain the planner conside
 CEILING_SHARE = 0.97                   # chains stop where a longer pass raises the ceiling by less than 3%
 NOISY = 0.10                           # repeated passes differing more than this (median relative deviation): not cached
 PROBE = 8                              # a drafter that does not pay is still asked at every PROBE-th chain start, or rarer
+MAX_PROBE_GAP = 64 * PROBE             # ... down to every 512th while its probes keep failing (a probe of a held-back
+#                                        feature head pays for the rows it missed: a few steps)
 
 
 # -- the cost curve ----------------------------------------------------------------------------------------
@@ -425,14 +427,14 @@ class Planner:
 
     def start_chain(self) -> bool:
         """Propose at this chain start? Not while a drafter that costs over 1% of a step has lost time on average
-        (after 8 starts), except at probes (every PROBE-th start, then every 2nd, 4th, 8th time rarer while they
-        keep failing), which keep the estimate current."""
+        (after 8 starts), except at probes (every PROBE-th start, then twice, four times, ... up to 64 times rarer
+        while they keep failing), which keep the estimate current."""
         if self.backoff and self.d > 0.01 and self.starts >= 8 and self.start_gain < 0:
             if self.skipped < self.interval - 1:
                 self.skipped += 1
                 self.stats["skipped_starts"] += 1
                 return False
-            self.interval = min(2 * self.interval, 8 * PROBE)   # probes that keep failing come rarer
+            self.interval = min(2 * self.interval, MAX_PROBE_GAP)   # probes that keep failing come rarer
         else:
             self.interval = PROBE
         self.skipped = 0

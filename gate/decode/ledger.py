@@ -149,6 +149,10 @@ def format_ledgers(columns: dict[str, Ledger]) -> str:
     """Ledgers side by side: one row per quantity, one column per run (the audit's row only if one was audited)."""
     heads = list(columns)
     rows = [(label, cell) for label, cell in ROWS if label != "audit" or any(columns[h].audit for h in heads)]
+    big = next((columns[h] for h in heads if h == "big"), None)
+    if big is not None and big.tokens_per_s > 0:      # every speed as a ratio to the plain run beside it
+        i = next(i for i, (label, _) in enumerate(rows) if label == "tokens/s") + 1
+        rows.insert(i, ("x big", lambda l: f"{l.tokens_per_s / big.tokens_per_s:.2f}x"))
     table = [["ledger"] + heads] + [[label] + [cell(columns[h]) for h in heads] for label, cell in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]

@@ -69,6 +69,26 @@ class Counts:
     rolled_back_tokens: int = 0
 
 
+class RowBuffer:
+    """Every position's hidden rows in one buffer grown by doubling: a pass appends its own rows instead of copying
+    the whole text's (3 layers x 576 floats a row for an EAGLE-3 head)."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+
+    def put(self, at: int, rows: torch.Tensor) -> torch.Tensor:
+        """Write rows at positions at.. (dropping what stood there and after); the rows 0 .. at+len(rows)-1."""
+        end = at + len(rows)
+        if self.buf is None or end > len(self.buf) or rows.shape[1:] != self.buf.shape[1:]:
+            old = self.buf if self.buf is not None and rows.shape[1:] == self.buf.shape[1:] else None
+            new = rows.new_empty((max(end, 256, 2 * len(old) if old is not None else 0), *rows.shape[1:]))
+            if old is not None and at:
+                new[:at] = old[:at]
+            self.buf = new
+        self.buf[at:end] = rows
+        return self.buf[:end]
+
+
 class Decoder:
     """Runs a policy against the big model; see the module docstring for the loop."""
 
@@ -78,14 +98,21 @@ class Decoder:
                  planner: Planner | None = None, audit: Audit | None = None):
         self.big, self.policy = big, policy
         self.verify, self.verify_below = verify, verify_below
-        # The planner sizes each draft chain by cost (gate/decode/cost.py); it needs every draft verified.
+        # The planner sizes each draft chain by cost (gate/decode/cost.py); it needs every draft verified. In a lossy
+        # decode it only holds back a costly drafter whose proposals have not paid (its free source still drafts).
         self.planner = planner if verify and math.isinf(verify_below) else None
+        self.backoff = planner if self.planner is None else None
         self.temperature, self.seed = temperature, seed
         self.eos = frozenset(eos_ids)
         self.on_final = on_final        # streaming: gets tokens once no rollback can remove them
         # The audit judges unchecked skips by the big model's argmax: lossy greedy decoding only (docs/decode.md).
         lossless = verify and math.isinf(verify_below)
         self.audit = audit if not lossless and temperature <= 0 else None
+
+    @property
+    def plan(self) -> Planner | None:
+        """This decode's planner: sizing chains (lossless) or only holding a costly drafter back (lossy)."""
+        return self.planner or self.backoff
 
     @property
     def n_new(self) -> int:
@@ -124,6 +151,7 @@ class Decoder:
         self.all_hidden = bool(self.policy.needs_big_hidden and self.policy.needs_all_hidden)
         self.big.hidden_all = self.all_hidden
         self.hidden_rows: torch.Tensor | None = None    # every position's hidden state, when all_hidden
+        self.row_buffer = RowBuffer()
         self.gen = torch.Generator().manual_seed(self.seed)
         self.sample = partial(sample_token, temperature=self.temperature, gen=self.gen)
         self.ids, self.n_prompt, self.max_new = list(prompt_ids), len(prompt_ids), max_new_tokens
@@ -144,7 +172,8 @@ class Decoder:
             self.audit.start(bar)
             if self.audit.bar != bar:       # carried over from the job's earlier texts (--audit-scope job)
                 self.set_bar(self.audit.bar)
-        self.plan0 = dict(self.planner.stats) if self.planner is not None else None
+        self.plan0 = dict(self.plan.stats) if self.plan is not None else None
+        self.cycle = (len(self.ids), self.policy.calls, True)     # (text length, proposals, ask the drafter)
 
     def room(self) -> int:
         """Drafts the next catch-up pass can still take: under a lossless verify no pass may be longer than the
@@ -157,10 +186,16 @@ class Decoder:
         """One policy decision: emit its drafts, or let the big model catch up and speak."""
         if self.planner is not None:
             return self.planned_step()
-        drafts = self.propose()[:max(self.room(), 0)]
+        ask = self.cycle[2]
+        drafts = (self.propose() if ask else self.propose_free())[:max(self.room(), 0)]
         self.keep_predictors(self.ids + [d.token for d in drafts])   # drop a lookahead the policy refused
         if not drafts:
+            start, calls, _ = self.cycle
+            fed = len(self.ids) - self.big.n_cached
             self.big_step(emit=True)
+            if self.backoff is not None:    # one cycle: the skips since the last pass, that pass, its proposals
+                self.backoff.observe_cycle(len(self.ids) - start, fed, self.policy.calls - calls)
+                self.cycle = (len(self.ids), self.policy.calls, self.backoff.start_chain())
         for d in drafts:
             if self.done():
                 break
@@ -172,8 +207,8 @@ class Decoder:
         drafts = self.policy.propose(self.state())
         dt = time.perf_counter() - t0
         self.policy_s += dt
-        if self.planner is not None:
-            self.planner.observe_draft_time(dt)
+        if self.plan is not None:
+            self.plan.observe_draft_time(dt)
         return drafts
 
     def propose_free(self) -> list[Draft]:
@@ -181,8 +216,8 @@ class Decoder:
         t0 = time.perf_counter()
         drafts = self.policy.propose_free(self.state())
         self.policy_s += time.perf_counter() - t0
-        if drafts and self.planner is not None:
-            self.planner.stats["free_drafts"] += len(drafts)
+        if drafts and self.plan is not None:
+            self.plan.stats["free_drafts"] += len(drafts)
         return drafts
 
     def planned_step(self) -> None:
@@ -264,8 +299,7 @@ class Decoder:
             keep = len(self.ids) - max(first - 1, c)
             logits, hidden = self.big.forward(self.ids[c:], keep=keep, copy=False)   # rows read once here
             if self.all_hidden:
-                old = self.hidden_rows[:c] if self.hidden_rows is not None else hidden[:0]
-                self.hidden_rows, hidden = torch.cat([old, hidden]), hidden[-keep:]
+                self.hidden_rows, hidden = self.row_buffer.put(c, hidden), hidden[-keep:]
             verdicts = self.audit_rows(logits, row0=len(self.ids) - keep)
             rolled_back = self.check_pending(logits, hidden, row0=len(self.ids) - keep)
             if verdicts:
@@ -373,9 +407,9 @@ class Decoder:
             audit=self.audit.report(not_audited=len(self.unaudited)) if self.audit is not None else None).to_dict()
 
     def plan_counts(self) -> dict | None:
-        if self.planner is None:
+        p = self.plan
+        if p is None:
             return None
-        p = self.planner
         return dict({k: v - self.plan0[k] for k, v in p.stats.items()}, step_ms=p.profile.step_ms,
                     draft_ms=round(p.draft_ms, 4), max_chain=p.max_chain, rate=round(p.lam, 3),
                     acceptance=p.acceptance.learned())

@@ -364,12 +364,16 @@ class Gate(Policy):
                 '"def fib(n):" --model qwen2.5-coder-1.5b --policy gate --small qwen2.5-coder-0.5b --verify')
 
     def __init__(self, drafter: Drafter, threshold: float | None = None, max_skip: int | None = None,
-                 name: str | None = None, lms: tuple[LM, ...] | None = None, chain_cut: float | None = None):
+                 name: str | None = None, lms: tuple[LM, ...] | None = None, chain_cut: float | None = None,
+                 free_max_skip: int | None = None):
         super().__init__(drafter.lms if lms is None else lms)
         self.drafter = drafter
         self.chain_cut, self.chain = chain_cut, 1.0
         self.threshold = drafter.threshold if threshold is None else threshold
         self.max_skip = drafter.max_skip if max_skip is None else min(max_skip, drafter.max_skip)
+        # how far the drafter's free source (the copy rule) drafts past the big model: max_skip, or in planned
+        # decoding the planner's own cap, as the copy policy's (the drafter's reach ends at its max_skip)
+        self.free_max_skip = max(self.max_skip, free_max_skip or 0)
         if name:
             self.name = name
 
@@ -391,7 +395,9 @@ class Gate(Policy):
 
     def propose(self, state):
         s = state.since_big
-        if state.big_cached == 0 or not 1 <= s < self.max_skip:
+        if s >= self.max_skip:              # past the drafter's reach: its free source alone, as far as allowed
+            return self.propose_free(state)
+        if state.big_cached == 0 or s < 1:
             return []
         hidden = state.big_hiddens if self.needs_all_hidden else state.big_hidden
         tok, score = self.drafter.propose(state.ids, hidden, s)
@@ -407,7 +413,7 @@ class Gate(Policy):
 
     def propose_free(self, state):
         s = state.since_big
-        if state.big_cached == 0 or not 1 <= s < self.max_skip:
+        if state.big_cached == 0 or not 1 <= s < self.free_max_skip:
             return []
         free = self.drafter.propose_free(state.ids)
         threshold = self.threshold if self.live_threshold is None else self.live_threshold
@@ -436,7 +442,8 @@ class Gate(Policy):
         if threshold is None and planned(args):   # the planner sizes chains by cost: propose every candidate
             threshold = -math.inf
         kw = dict(threshold=threshold, max_skip=at_least("--max-skip", args.max_skip, 1),
-                  chain_cut=unit_interval("--chain-cut", args.chain_cut))
+                  chain_cut=unit_interval("--chain-cut", args.chain_cut),
+                  free_max_skip=MAX_CHAIN + 1 if planned(args) else None)
         check_audit_target(getattr(args, "audit_target", None))
         if args.gate:
             return cls(load_gate(rt, args.gate), **kw)

@@ -124,7 +124,7 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
     verify = args.verify if verify is None else verify
     dec = Decoder(rt.big, policy, verify=verify, verify_below=args.verify_below if verify else math.inf,
                   temperature=args.temperature, seed=args.seed, eos_ids=rt.eos_ids, on_final=stream,
-                  planner=planner_for(policy, rt, args) if verify else None, audit=audit_for(policy, args, verify))
+                  planner=planner_for(policy, rt, args, lossy=not verify), audit=audit_for(policy, args, verify))
     res = dec.generate(prompt_ids, args.max_new_tokens)
     ledger = res.ledger
     ledger["models"] = {"big": rt.big_info.name, **ledger["models"]}
@@ -137,10 +137,14 @@ def run_one(rt: Runtime, policy, prompt_ids: list[int], args, stream=None, verif
                         for k, v in vars(args).items() if k != "prompt"}, ledger=ledger)
 
 
-def planner_for(policy, rt: Runtime, args):
+def planner_for(policy, rt: Runtime, args, lossy: bool = False):
     """The policy's draft planner (made once per policy, so a batch or the demo keeps learning), or None
-    without --plan cost and a lossless --verify."""
-    if not getattr(args, "planned", False) or isinstance(policy, BigOnly):
+    without --plan cost and a lossless --verify. `lossy`: a gate decode without --verify, whose planner only holds
+    back a costly drafter whose proposals have not paid for their time (None for a free drafter)."""
+    if lossy:
+        if not isinstance(policy, Gate) or getattr(policy.drafter, "copies", None) is None:
+            return None
+    elif not getattr(args, "planned", False) or isinstance(policy, BigOnly):
         return None
     if getattr(policy, "planner", None) is None:
         hidden = bool(policy.needs_big_hidden and policy.hidden_layer is not None)

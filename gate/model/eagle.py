@@ -60,12 +60,6 @@ def level_mask(L: int, d: int) -> torch.Tensor:
     return torch.where(mask.any(1, keepdim=True), mask, own)
 
 
-def eagle3_layers(n_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3's default low, middle and high layers of a target with n_layers blocks (inputs of blocks
-    2, n/2 and n-3 in Hugging Face numbering; llama.cpp's converter picks the same)."""
-    return (min(2, n_layers), n_layers // 2, max(n_layers - 3, 0))
-
-
 class FeatureHead(nn.Module):
     """EAGLE-3's draft layer (the layout vLLM, SGLang and llama.cpp read; docs/drafters.md):
 
@@ -284,37 +278,36 @@ def candidate_features(head_tok, p1, p2, entropy, p_copy, copy_tok, copy_len, de
 class EagleDrafter(Drafter):
     """The Drafter contract (gate/model/base.py) around the feature head, its KV cache, the copy rule and
     a gate over both candidates; like the heads drafter, the gate's pick and the copy rule's candidate are
-    compared as estimated precisions (gate.model.precision: `maps`, one SourceMaps; an artifact from before them
-    keeps its per-length trust table, `copy_trust` in drafter.json, and proposes as it did). It reads every
-    hidden row the big model computed (reads_all_hidden), so the decode loop keeps them and the cache turns them
-    into true entries. When it proposes its head's token it leaves the head's distribution in `last_logits` (over
-    the whole vocabulary, -inf outside the draft vocabulary): sampled decoding then drafts a sample of it, and
-    speculative sampling accepts with min(1, q/p) (EAGLE's sampling)."""
+    compared as estimated precisions (gate.model.precision: `maps`, one SourceMaps). The copy rule is asked
+    first: where its estimate alone beats anything the gate's map can give, the head is not run (its chain
+    entries are computed later, if ever needed). It reads every hidden row the big model computed
+    (reads_all_hidden), so the decode loop keeps them and the cache turns them into true entries. When it proposes
+    its head's token it leaves the head's distribution in `last_logits` (over the whole vocabulary, -inf outside
+    the draft vocabulary): sampled decoding then drafts a sample of it, and speculative sampling accepts with
+    min(1, q/p) (EAGLE's sampling)."""
     reads_all_hidden = True
     GATE = "gate"       # the name of its one gate (drafter.json's calibration and precision_maps)
 
-    def __init__(self, head: FeatureHead, gate, threshold: float, max_skip: int, tables: dict,
-                 copy_trust: np.ndarray | None, depth: int, meta: dict | None = None, maps: SourceMaps | None = None,
-                 int8: bool = True):
+    def __init__(self, head: FeatureHead, gate, threshold: float, max_skip: int, tables: dict, depth: int,
+                 meta: dict | None = None, maps: SourceMaps | None = None, int8: bool = True):
         self.head, self.gate = head.eval(), gate
         self.maps = maps
-        self.table = None if maps is not None or copy_trust is None else np.asarray(copy_trust, dtype=np.float32)
+        # the best estimate the gate's pick can get: a copy estimated at least this high is proposed without the head
+        self.gate_ceiling = max(float(m.y[-1]) for m in maps.gate.values()) if maps is not None else math.inf
         self.threshold, self.max_skip = float(threshold), int(max_skip)
         self.hidden_layer = head.layers if len(head.layers) > 1 else head.layers[0]   # what the loop asks for
         self.depth = int(depth)     # chain steps the head and its gate were trained for; beyond: copies only
         self.tables, self.meta = tables, meta or {}
         self.fast = int8_head(self.head) if int8 else None     # the decode path's copy (None: float32)
         self.cache = ChainCache(self.fast or self.head)
-        if maps is not None:
-            self.copies, self.extend = CopyIndex(maps.max_n or MAX_N), maps.extend
-        else:
-            self.copies, self.extend = CopyIndex(MAX_N if self.table is None else len(self.table) - 1), 0
+        self.copies = CopyIndex(maps.max_n or MAX_N if maps is not None else MAX_N)
+        self.extend = maps.extend if maps is not None else 0
         self.index = draft_index(head)
 
     @property
     def scoring(self):
-        """What gate.model.precision.combine_sources takes: the SourceMaps, an older artifact's table, or None."""
-        return self.maps if self.maps is not None else self.table
+        """What gate.model.precision.combine_sources takes: the SourceMaps, or None (the gate's pick alone)."""
+        return self.maps
 
     def start(self) -> None:
         self.cache.reset()
@@ -329,6 +322,10 @@ class EagleDrafter(Drafter):
     def propose(self, ids: Sequence[int], hiddens: torch.Tensor, since_big: int) -> tuple[int, float]:
         if since_big < 1 or hiddens is None or len(hiddens) != len(ids) - since_big:
             raise ValueError("the feature head needs every hidden row the big model computed (len(ids) - since_big)")
+        self.last_logits = None
+        free = self.propose_free(ids)
+        if free is not None and free[1] >= self.gate_ceiling:     # the head could not outbid this copy
+            return free[0], free[1] if since_big < self.max_skip else 0.0
         logits = self.cache.draft(ids, hiddens)
         p = torch.softmax(logits, -1)
         (p1, p2), (i1, _) = p.topk(2)
@@ -343,7 +340,7 @@ class EagleDrafter(Drafter):
         scores = self.gate.score(f["X"][0]).numpy()
         scores[~f["valid"][0]] = -1.0
         if since_big > self.depth:      # untrained chain depth: only the copy rule can skip here
-            scores[:] = -1.0 if self.maps is not None else np.minimum(scores, 0.0)   # (-1: no gate candidate)
+            scores[:] = -1.0                                                      # (-1: no gate candidate)
         k = int(scores.argmax())
         tok, score, used = combine_sources(f["cands"][0, k:k + 1], scores[k:k + 1], np.array([copy_tok]),
                                            np.array([copy_len]), self.scoring)
@@ -362,8 +359,7 @@ class EagleDrafter(Drafter):
         meta = dict(self.meta)
         meta.update(format=EAGLE_FORMAT, hidden_layer=list(self.head.layers), max_skip=self.max_skip,
                     threshold=self.threshold, head=self.head.config(), gate={"kind": self.gate.kind},
-                    features=gate_feature_names(self.depth), depth=self.depth,
-                    copy_trust=None if self.table is None else [float(x) for x in self.table])
+                    features=gate_feature_names(self.depth), depth=self.depth)
         if self.maps is not None:
             meta["precision_maps"] = maps_meta({self.GATE: self.maps}, self.meta.get("precision_maps"))
         self.meta = write_artifact(path, EAGLE_TENSORS, t, meta)
@@ -381,8 +377,8 @@ class EagleDrafter(Drafter):
             maps = maps_from_meta(meta, path, cls.GATE)
         except ValueError as e:
             raise ArtifactError(str(e)) from None
-        return cls(head, gate, meta["threshold"], meta["max_skip"], tables, meta.get("copy_trust"), meta["depth"],
-                   meta, None if maps is None else maps[cls.GATE])
+        return cls(head, gate, meta["threshold"], meta["max_skip"], tables, meta["depth"], meta,
+                   None if maps is None else maps[cls.GATE])
 
     @classmethod
     def load(cls, path: Path, meta: dict, small=None) -> "EagleDrafter":
@@ -447,5 +443,5 @@ def draft_vocab(argmax, n: int, must: Sequence[int] = ()) -> torch.Tensor:
 
 
 __all__ = ["FeatureHead", "ChainCache", "EagleDrafter", "EAGLE", "level_mask", "draft_index", "draft_vocab",
-           "eagle3_layers", "int8_head",
+           "int8_head",
            "candidate_features", "gate_feature_names", "rotary", "apply_rotary"]

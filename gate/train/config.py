@@ -96,13 +96,14 @@ class FitConfig:
              "threshold is certified on the rest", "calibration")
     eagle_vocab: int = setting(8192, "eagle: draft vocabulary, the most frequent greedy tokens of the training "
                                      "records", "eagle")
-    eagle_layers: str = setting("2,middle,-3", "eagle: the big model's three layers the head fuses (HF numbering: "
-                                               "l is the input of block l; negative counts from the end; EAGLE-3's "
-                                               "choice, which llama.cpp's converter also makes)", "eagle")
+    eagle_layers: str = setting("eagle3", "eagle: the big model's three layers the head fuses, as L1,L2,L3 (HF "
+                                          "numbering: l is the input of block l; middle, last, negative from the "
+                                          "end) or eagle3: 2, n/2, n-3, EAGLE-3's choice, which llama.cpp's "
+                                          "converter also makes (record them with --layers eagle3)", "eagle")
     eagle_mlp: int = setting(0, "eagle: the head's MLP width (0: the big model's)", "eagle")
     eagle_window: int = setting(64, "eagle: positions per training window", "eagle")
     eagle_batch: int = setting(16, "eagle: windows per optimiser step", "eagle")
-    eagle_depth: int = setting(3, "eagle: draft steps trained from each anchor (training-time test); the "
+    eagle_depth: int = setting(4, "eagle: draft steps trained from each anchor (training-time test); the "
                                   "drafter skips at most this many positions per big pass", "eagle")
     eagle_epochs: float = setting(2.0, "eagle: epochs over the training windows", "eagle")
     eagle_lr: float = setting(1e-3, "eagle: peak learning rate (AdamW, warmup + cosine)", "eagle")

@@ -61,7 +61,7 @@ def head_loss(head: FeatureHead, batch: dict, depth: int) -> tuple[torch.Tensor,
         logits = head.logits(out[:, d - 1:])
         ce = F.cross_entropy(logits.flatten(0, 1), batch["label"][:, d - 1:].flatten(), ignore_index=-100)
         total = total + LEVEL_DECAY ** (d - 1) * ce
-        parts[f"ce{d}"] = float(ce)
+        parts[f"ce{d}"] = float(ce.detach())
     return total, parts
 
 

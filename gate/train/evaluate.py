@@ -2,7 +2,8 @@
 
 The heads drafter beside the untrained rules (entropy, max-probability, the copy rule), a smaller recorded model
 and the oracle, on all, copy and non-copy positions and per token class; a teacher-forced simulation of the
-decode policy; linear probes of the recorded layers.
+decode policy; linear probes of the recorded layers. The feature head (EAGLE-3 layout) beside the copy rule and
+the oracle, with tokens per verify pass (gate/train/evaluate_eagle.py).
 
     evaluate(records, gate, out=None, split="test", ...) -> metrics
 
@@ -39,6 +40,8 @@ from gate.train.data import (
     select_part,
     split_books,
 )
+from gate.train.evaluate_eagle import eagle_metrics, pct
+from gate.train.evaluate_eagle import report as eagle_report
 from gate.train.probes import plot_probes, run_probes
 from runtimes.info import TokenizerMismatch
 
@@ -218,10 +221,9 @@ class EvalInputs:
 def open_inputs(records, gate, split: str, part: str | None = None) -> EvalInputs:
     gate = Path(gate)
     meta = read_meta(gate)
-    if "predictor" not in meta:
-        where = "bench/pair.py coverage" if "small_model" in meta else "bench/eagle.py"
-        raise FitError(f"{gate}: {kind_of(meta)}; this reads the heads drafter (its side-by-side evaluation with "
-                       f"the copy rule and the oracle is {where})")
+    if "predictor" not in meta and "head" not in meta:
+        raise FitError(f"{gate}: {kind_of(meta)}; this reads the heads drafter and the feature head (a router's "
+                       "side-by-side evaluation with the copy rule and the oracle is bench/pair.py coverage)")
     rec = records if hasattr(records, "load") else open_records_checked(records)
     records = Path(getattr(rec, "path", records)) if not hasattr(records, "load") else getattr(rec, "path", "<records>")
     name = check_records_vs_gate(rec, records, meta, gate)
@@ -458,6 +460,8 @@ def evaluate(records, gate, out=None, split: str = "test", max_pairs: int = 6000
     t_start = time.time()
     inp = open_inputs(records, gate, split, part)
     overlap = check_calibration_overlap(inp, part, force, log)
+    if "head" in inp.meta:
+        return evaluate_feature_head(inp, out, max_pairs, log, command, overlap, t_start, probes, probe_k)
     dr, te, max_s = inp.dr, inp.te, inp.dr.predictor.max_s
     out = Path(out) if out else inp.gate / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -686,6 +690,35 @@ def _md_probes(m: dict) -> list[str]:
                                                          for k in pr["offsets"]) + " |")
         L += ["", "![probes](probes.png)", ""]
     return L
+
+
+def evaluate_feature_head(inp: EvalInputs, out, max_pairs: int, log, command: str, overlap: list[str],
+                          t_start: float, probes: bool, probe_k: int) -> dict:
+    """evaluate for the feature head (gate/train/evaluate_eagle.py): report.md and metrics.json (and the probes of
+    every recorded layer)."""
+    dr = inp.dr
+    out = Path(out) if out else inp.gate / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    m = eagle_metrics(dr, inp.te, "test pairs", max_positions=max(1, max_pairs // dr.depth))
+    a, n = m["all"], m["non_copy"]
+    log(f"[evaluate] feature head on {m['positions']:,} positions of {inp.records} ({inp.split}): first-token "
+        f"agreement {pct(a['first_token_agreement'])} (non-copy {pct(n['first_token_agreement'])}); coverage at 99%: "
+        f"gate {pct(a['gate_coverage_at_99'])}, copy rule {pct(a['copy_coverage_at_99'])}, oracle {pct(a['oracle'])}")
+    metrics = {"records": str(inp.records), "split": inp.split, "gate": str(inp.gate), "kind": "feature head",
+               "calibrated_overlap": overlap, "threshold": dr.threshold, **m,
+               "probes": probe_layers(inp, probe_k, log, out / "probes.png") if probes else None,
+               "seconds": round(time.time() - t_start, 1)}
+    lines = [f"# Feature head (EAGLE-3 layout) on {inp.records}, split {inp.split}", "", f"`{command}`", "",
+             f"Gate {inp.gate}, threshold {dr.threshold:.4g}; the head drafts up to {dr.depth} tokens per big pass. "
+             "Teacher-forced pairs (t, s = since_big); non-copy: the 4 tokens before are nowhere earlier. "
+             "Coverage @99%: the largest share of pairs a threshold on the score skips with >= 99% right; the "
+             "oracle: the head's or the copy rule's token is right." + (
+                 f" Warning: the gate was calibrated on {len(overlap)} of these books (--force)." if overlap else ""),
+             ""] + eagle_report({inp.split: m}, dr.depth) + [""] + _md_probes(metrics)
+    write_json(out / "metrics.json", _jsonable(metrics))
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    log(f"[evaluate] wrote {out / 'report.md'} ({time.time() - t_start:.0f}s)")
+    return metrics
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,7 @@ from gate.train.fit_eagle import fit_eagle
 from gate.train.fit_router import fit_router
 from gate.train.pca import pca_fit
 from gate.train.stages import StageCache, stage_key
+from runtimes.backend import eagle3_layers
 from runtimes.info import TokenizerMismatch
 from runtimes.loading import load as load_model
 
@@ -115,7 +116,9 @@ def open_source(records, model: str | None, cfg: FitConfig) -> Source:
 
 
 def eagle_layer_spec(spec: str, n_layers: int) -> list[int]:
-    """--eagle-layers "2,middle,-3" -> [2, n/2, n-3] (FitError on anything else than three layers in 0..n)."""
+    """--eagle-layers "eagle3" or "2,middle,-3" -> [2, n/2, n-3] (FitError on anything but three layers in 0..n)."""
+    if spec == "eagle3":
+        return list(eagle3_layers(n_layers))
     out = []
     for s in str(spec).split(","):
         s = s.strip()

@@ -18,7 +18,7 @@ import torch
 
 from common.files import atomic_path
 from gate.model.copyrule import COPY_SPAN, MAX_N
-from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab
+from gate.model.eagle import EagleDrafter, FeatureHead, candidate_features, draft_vocab, int8_head
 from gate.model.features import LogisticGate, pick_candidate
 from gate.model.precision import COPY_EXTEND, SourceMaps, combine_sources
 from gate.train.calibration import coverage_at_precision
@@ -220,9 +220,10 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
                         [len(d) for d in train], [int(d.tokens[:1000].sum()) for d in train])
     cache = StageCache(out / "stages", force, log)
     head, hmeta = stage_head(cache, big, train, head_rows, data_id, sources[0].layer, cfg, log)
-    gate_pairs = drafts_on(head, train, gate_rows, cfg, big.tables, "gate pairs")
+    decoding = int8_head(head) or head          # the gate and its calibration see the numbers decoding computes
+    gate_pairs = drafts_on(decoding, train, gate_rows, cfg, big.tables, "gate pairs")
     gate = fit_gate(gate_pairs, cfg)
-    val_pairs = drafts_on(head, val, None, cfg, big.tables, "calibration pairs")
+    val_pairs = drafts_on(decoding, val, None, cfg, big.tables, "calibration pairs")
     cert = certify_eagle(gate, val_pairs, val, big.tables, cfg.target_precision, cfg.delta, cfg.map_frac, cfg.seed)
     sel, cal = cert["pairs"]["sel"][EagleDrafter.GATE], cert["calibration"][EagleDrafter.GATE]
     metrics = summarize(val_pairs, sel, cfg.target_precision)
@@ -245,7 +246,7 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
                                             "map_frac": cfg.map_frac, "by": "train.py fit"}}
     # the head drafts at most eagle_depth steps per big pass; up to max_skip - 1 when the copy rule is trusted
     max_skip = max(cfg.max_skip, cfg.eagle_depth + 1)
-    EagleDrafter(head, gate, cal["threshold"], max_skip, big.tables, None, cfg.eagle_depth, meta,
+    EagleDrafter(head, gate, cal["threshold"], max_skip, big.tables, cfg.eagle_depth, meta,
                  cert["maps"][EagleDrafter.GATE]).save(out)
     log(f"[fit] saved {out} ({time.time() - t_start:.0f}s)")
     return out

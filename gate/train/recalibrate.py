@@ -147,7 +147,8 @@ def eagle_run(records, gate, meta, split, part, tp, dl, mf, max_pairs, force) ->
     te = select_part(load_split(rec, path, split, name, dr.hidden_layer), part, path)
     check_split(meta, path, split, split_books(te, part), force)
     n = max(1, max_pairs // dr.depth)          # positions: up to depth pairs each
-    o = drafts_on(dr.head, [te], None if len(te) <= n else [np.arange(n)], SimpleNamespace(eagle_depth=dr.depth),
+    o = drafts_on(dr.fast or dr.head, [te], None if len(te) <= n else [np.arange(n)],
+                  SimpleNamespace(eagle_depth=dr.depth),
                   dr.tables, "recalibration")
     cert = certify_eagle(dr.gate, o, [te], dr.tables, tp, dl, mf, 0)
     return Run(path, split, split_books(te, part), dr.GATE, dr.threshold,
