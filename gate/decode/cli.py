@@ -315,7 +315,7 @@ def run_prompt(args, policies) -> int:
     text = read_prompt(args)
     rt = open_runtime(args, policies)
     policy = make_policy(args, rt, policies)
-    planner_for(policy, rt, args)       # a first run measures the verify pass's cost: before the text streams
+    planner_for(policy, rt, args, lossy=not args.verify)   # a first run measures pass costs before the text streams
     prompt_ids = encode(rt, text, args.chat, args.parse_special)
     rt.check_fits(len(prompt_ids), args.max_new_tokens)
     if args.json == "-" and not args.quiet:
