@@ -95,7 +95,7 @@ demo: venv books model
 	$(PY) train.py evaluate --records $(RUN)/records --gate $(RUN)/gate --out $(RUN)/eval_books
 	$(PY) infer.py --demo --corpus $(RUN)/corpus --gate $(RUN)/gate -m 64
 
-# llama.cpp's own programs first (without the server: about 6 minutes once), so the tests of the exported EAGLE-3
+# llama.cpp's own programs first (without the server: 4 min 13 s once here, idle), so the tests of the exported EAGLE-3
 # head run llama.cpp's speculative decoding instead of skipping.
 test: venv books model
 	test -f $(LLAMA_TOOLS) || $(MAKE) llama-tools LLAMA_TOOLS_ARGS="--without llama-server"
