@@ -330,7 +330,8 @@ class EagleDrafter(Drafter):
         p = torch.softmax(logits, -1)
         (p1, p2), (i1, _) = p.topk(2)
         entropy = float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(len(p))
-        self.copies.sync(ids)
+        if free is None:                              # propose_free synced the index unless it had no maps to ask
+            self.copies.sync(ids)
         copy_tok, copy_len = self.copies.query(self.extend)   # the gate reads the length up to max_n, the map all
         i = int(self.index[copy_tok]) if copy_tok >= 0 else -1
         p_copy = float(p[i]) if i >= 0 else 0.0
@@ -344,8 +345,7 @@ class EagleDrafter(Drafter):
         k = int(scores.argmax())
         tok, score, used = combine_sources(f["cands"][0, k:k + 1], scores[k:k + 1], np.array([copy_tok]),
                                            np.array([copy_len]), self.scoring)
-        self.last_logits = None                       # the head's own distribution, when its token is proposed
-        if k == 0 and not used[0]:
+        if k == 0 and not used[0]:                    # the head's own distribution, when its token is proposed
             self.last_logits = torch.full((self.head.vocab_size,), -math.inf)
             self.last_logits[self.head.draft_ids] = logits
         return int(tok[0]), float(score[0]) if since_big < self.max_skip else 0.0
