@@ -80,7 +80,7 @@ def resolve_layers(spec: list[str], n_layers: int) -> list[int]:
         layer = {"middle": n_layers // 2, "last": n_layers}.get(s)
         if layer is None:
             if not s.lstrip("-").isdigit() or not 0 <= int(s) <= n_layers:
-                raise ValueError(f"layer {s!r}: use middle, last or an integer 0..{n_layers} (0 = embeddings)")
+                raise ValueError(f"layer {s!r}: use middle, last, eagle3 or an integer 0..{n_layers} (0 = embeddings)")
             layer = int(s)
         layers.append(layer)
     return sorted(set(layers))
