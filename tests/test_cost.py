@@ -52,9 +52,9 @@ def test_cheap_passes_keep_long_sure_chains():
     assert plan.extend([0.95] * 5)
     probs = [0.95] * 20
 
-    def value(k):   # brute force at rate 1: 1 + expected accepted of k drafts - cost of a pass of k + 1 tokens
-        return 1 + sum(0.95 ** i for i in range(1, k + 1)) - CHEAP.of(k + 1)
-    assert plan.cut(probs) == max(range(21), key=value) >= 15
+    def rate(k):    # brute force: (1 + expected accepted of k drafts) / cost of a pass of k + 1 tokens
+        return (1 + sum(0.95 ** i for i in range(1, k + 1))) / CHEAP.of(k + 1)
+    assert plan.cut(probs) == max(range(21), key=rate) >= 15
     assert plan.cut([0.95, 0.95, 0.01, 0.9]) == 2    # a chain is cut before an unlikely draft
 
 
@@ -62,17 +62,24 @@ def test_measured_curve_needs_confidence():
     plan = Planner(LLAMA)
     assert plan.cut([0.3]) == 0 and not plan.extend([0.3])
     assert plan.cut([0.99] * 4) == 4
-    # expected gain by hand at rate 1: 3 drafts at 0.9 yield 1 + .9 + .81 + .729 tokens for cost(4) = 2.39 steps
-    assert Planner(LLAMA).value(0.9 + 0.81 + 0.729, 3, 0) == pytest.approx(3.439 - 2.39)
+    # by hand: 3 drafts at 0.9 yield 1 + .9 + .81 + .729 tokens for cost(4) = 2.39 steps
+    assert Planner(LLAMA).rate(0.9 + 0.81 + 0.729, 3, 0) == pytest.approx(3.439 / 2.39)
+    # the highest rate, not the most tokens: 4 sure-ish drafts beat 12 on a curve that costs n/2 past 4
+    probs = [0.95] * 12
+    rates = [Planner(LLAMA).rate(sum(0.95 ** i for i in range(1, k + 1)), k, 0) for k in range(13)]
+    assert Planner(LLAMA).cut(probs) == int(np.argmax(rates)) < 12
 
 
-def test_a_faster_run_asks_more_of_a_chain():
-    """At an achieved rate of 2 tokens per step a chain must yield more per step than at rate 1 (Dinkelbach)."""
+def test_a_fast_run_keeps_chains_that_beat_plain_steps():
+    """Long copies elsewhere in the run (an achieved rate of 4 tokens per step) do not make these tokens cheaper:
+    a chain that beats plain steps at this place is kept (pricing tokens at the run's rate cut it to none, and
+    planned copy fell behind fixed chains on copy-rich text)."""
     slow, fast = Planner(LLAMA), Planner(LLAMA)
     fast.observe_cycle(tokens=4000, fed=1, proposals=0)
     assert fast.lam == pytest.approx(4.0) and slow.lam == 1.0
     probs = [0.8] * 3
-    assert slow.cut(probs) == 3 and fast.cut(probs) == 0
+    assert slow.cut(probs) == fast.cut(probs) == 3
+    assert slow.cut([0.5]) == fast.cut([0.5]) == 0   # 1.5 tokens for 1.56 steps: no better than a plain step
 
 
 def test_drafter_cost_counts():

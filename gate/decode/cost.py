@@ -331,10 +331,11 @@ class Planner:
     after it, `observe_cycle` with what the pass yielded. `start_chain()` says whether to propose at all at a
     chain's start (a drafter whose proposals have not paid for their cost is asked every PROBE-th time only).
 
-    A chain of k drafts is worth value(k) = (1 + S_k) - lam (cost[k + 1] + D m): the tokens it yields minus its
-    cost at lam tokens per step, lam being the rate the run achieves (>= 1; Dinkelbach's ratio maximisation:
-    maximising each pass's value at the achieved rate maximises the rate). A chain is kept only when it beats no
-    draft, value(0) = 1 - lam (1 + D m), by `margin` tokens."""
+    A chain of k drafts yields tokens at rate(k) = (1 + S_k) / (cost[k + 1] + D m), m the proposals it still needs
+    (those made are spent either way); the planner keeps the k of the highest rate, and only when it yields `margin`
+    tokens more than plain steps would in the same time. The rate is the chain's own, not the run's: the tokens at stake here would otherwise cost plain
+    steps, however fast long copies elsewhere made the run (pricing them at the run's rate, Dinkelbach-style, cut
+    most short chains on copy-rich text, and planned copy fell behind fixed chains: docs/speed.md)."""
     profile: CostProfile
     acceptance: Acceptance = field(default_factory=Acceptance)
     draft_ms: float = 0.0              # the drafter's cost per proposal (mean), in ms
@@ -362,6 +363,7 @@ class Planner:
 
     @property
     def lam(self) -> float:
+        """The rate the run achieves so far (tokens per step), for the ledger."""
         return min(max(self.tokens / self.cost, 1.0), 4.0)
 
     def observe_draft_time(self, seconds: float) -> None:
@@ -375,25 +377,31 @@ class Planner:
         cost = self.profile.of(max(fed, 1)) + self.d * proposals
         self.tokens += tokens
         self.cost += cost
-        if proposals:                          # what proposing gained over one plain step, at the achieved rate
-            gain = tokens - self.lam * cost - (1 - self.lam)
+        if proposals:                          # what proposing gained over plain steps in the same time
+            gain = tokens - cost
             self.starts += 1
             self.start_gain += (gain - self.start_gain) / min(self.starts, 32)
 
-    def value(self, expected: float, k: int, proposals: int) -> float:
-        return 1 + expected - self.lam * (self.profile.of(k + 1) + self.d * proposals)
+    def rate(self, expected: float, k: int, more: int = 0) -> float:
+        """Tokens per step of a pass of k drafts, `expected` of them accepted, that needs `more` proposals first
+        (the proposals already made are spent either way)."""
+        return (1 + expected) / (self.profile.of(k + 1) + self.d * more)
 
-    def best(self, probs: Sequence[float], proposals: int) -> tuple[int, float]:
-        """(k, value) of the best cut of a chain whose conditional acceptance chances are probs."""
-        best_k, best_v = 0, self.value(0.0, 0, proposals) + self.margin
+    def pays(self, expected: float, k: int, more: int = 0) -> bool:
+        """Does the chain yield `margin` tokens more than plain steps in the time it takes?"""
+        return 1 + expected - (self.profile.of(k + 1) + self.d * more) > self.margin
+
+    def best(self, probs: Sequence[float]) -> tuple[int, float]:
+        """(k, rate) of the best cut of a chain whose conditional acceptance chances are probs (k = 0: none)."""
+        best_k, best_r = 0, 1.0
         chain, expected = 1.0, 0.0
         for k, q in enumerate(probs, 1):
             chain *= q
             expected += chain
-            v = self.value(expected, k, proposals)
-            if v > best_v:
-                best_k, best_v = k, v
-        return best_k, best_v
+            r = self.rate(expected, k)
+            if r > best_r and self.pays(expected, k):
+                best_k, best_r = k, r
+        return best_k, best_r
 
     def extend(self, probs: Sequence[float], future: Callable[[int], float] | None = None) -> bool:
         """Propose another draft after these? Yes while a longer chain could beat the best cut of this one
@@ -402,7 +410,7 @@ class Planner:
         k = len(probs)
         if k >= self.max_chain or not probs or probs[-1] <= 0:
             return False
-        _, now = self.best(probs, k)
+        _, now = self.best(probs)
         chain, expected = 1.0, 0.0
         for q in probs:
             chain *= q
@@ -410,7 +418,7 @@ class Planner:
         for j in range(1, self.max_chain - k + 1):
             chain *= future(k + j) if future is not None else probs[-1]
             expected += chain
-            if self.value(expected, k + j, k + j) > now:
+            if self.rate(expected, k + j, j) > now and self.pays(expected, k + j, j):
                 return True
             if chain < 1e-3:
                 break
@@ -419,7 +427,7 @@ class Planner:
     def cut(self, probs: Sequence[float]) -> int:
         if not probs:                          # nothing was proposed: no chain
             return 0
-        k, _ = self.best(probs, len(probs))
+        k, _ = self.best(probs)
         self.stats["chains"] += 1
         self.stats["kept"] += k
         self.stats["cut_to_zero"] += k == 0
