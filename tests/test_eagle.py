@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from gate.model.eagle import ChainCache, FeatureHead, int8_head, level_mask
+from gate.model.eagle import (ChainCache, FeatureHead, candidate_features, candidate_rows, int8_head,
+                              level_mask)
 
 
 def tiny_head(seed=0, V=50, D=16, K=20, kv=1):
@@ -363,3 +364,23 @@ def test_eagle_layers_name_three_distinct_layers(spec, want):
             eagle_layer_spec(spec, 30)
     else:
         assert eagle_layer_spec(spec, 30) == want
+
+
+def test_one_proposals_feature_rows_equal_the_batched_features():
+    """The decode path's candidate_rows (Python floats, one proposal) gives the fit's candidate_features: the same
+    candidates, validity and gate features, over agreeing, differing and missing copies, depths and classes."""
+    import numpy as np
+    from corpus_tools.inventory import CLASSES
+
+    rng = np.random.default_rng(0)
+    tables = {"cls": rng.integers(0, len(CLASSES), 200).astype(np.int8), "ends_alnum": rng.random(200) < 0.5}
+    for _ in range(300):
+        head = int(rng.integers(0, 200))
+        copy = int(rng.choice([-1, head, int(rng.integers(0, 200))]))
+        p1 = float(rng.random())
+        p2, ent, pc = p1 * float(rng.random()), float(rng.random()), float(rng.random()) * (copy >= 0)
+        n, depth, last = int(rng.integers(0, 40)) * (copy >= 0), int(rng.integers(1, 9)), int(rng.integers(-1, 200))
+        f = candidate_features([head], [p1], [p2], [ent], [pc], [copy], [n], [min(depth, 6)], [last], tables, 6)
+        cands, valid, X = candidate_rows(head, p1, p2, ent, pc, copy, n, min(depth, 6), last, tables, 6)
+        assert cands.tolist() == f["cands"][0].tolist() and valid.tolist() == f["valid"][0].tolist()
+        np.testing.assert_allclose(X, f["X"][0], rtol=1e-6, atol=1e-6)
