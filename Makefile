@@ -8,7 +8,7 @@ MODEL  := smollm2-135m
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv model books genres demo test test-fast bench bench-eagle bench-speed bench-parallel bench-pair llama-tools clean help
+.PHONY: all venv model books genres train-books demo test test-fast bench bench-eagle bench-speed bench-parallel bench-pair llama-tools clean help
 
 help:
 	@echo "make demo   - set up, then corpus -> records -> report -> selfgen -> fit (the EAGLE-3 head) -> evaluate ->"
@@ -56,6 +56,11 @@ $(LLAMA_TOOLS): | venv
 genres: data/genres/.done
 data/genres/.done: data/make_genre_books.py data/make_demo_books.py | venv
 	$(PY) data/make_genre_books.py --out data/genres
+	touch $@
+
+train-books: data/train_books/.done
+data/train_books/.done: data/make_train_books.py data/make_demo_books.py | venv
+	$(PY) data/make_train_books.py --out data/train_books
 	touch $@
 
 # Convert the packaged GGUF once into the safetensors cache ($$SKIPGATE_CACHE, default ~/.cache/skipgate).
@@ -134,16 +139,24 @@ bench: venv books genres model
 # continuations and text, recorded on llama.cpp as decoding sees them; nothing is trained or tuned on them), with tau
 # and the speed-ups the measured cost curves predict (Q4_1 and a Q8_0 copy). About 75 minutes on 2 idle cores (the fit: EAGLE3_EPOCHS epochs).
 EAGLE         := runs/eagle3
-EAGLE3_EPOCHS ?= 5
+TRAIN         := runs/train_genres
+EAGLE3_EPOCHS ?= 2
 EVAL_GENRES   := $(GENRES) the-devils-dictionary
-bench-eagle: venv books genres model
+bench-eagle: venv books genres train-books model
 	$(PY) train.py selfgen --model $(MODEL) --prompts data/prompts/general.txt --chat --out $(EAGLE)/chat --new-tokens 256
 	$(PY) train.py record --model $(MODEL) --backend llama.cpp --layers eagle3 --corpus $(EAGLE)/chat \
 	    --out $(EAGLE)/chat_records
 	$(PY) train.py record --model $(MODEL) --layers eagle3 --corpus $(RUN)/corpus --splits train val \
 	    --max-tokens-per-book 30000 --batch-size 4 --out $(EAGLE)/books_records
-	$(PY) train.py fit --drafter eagle --records $(EAGLE)/chat_records $(EAGLE)/books_records \
-	    --out $(EAGLE)/gate --eagle-epochs $(EAGLE3_EPOCHS) --max-skip 8 --threads 0
+	$(PY) train.py corpus --epubs data/train_books --out $(TRAIN)/corpus --val 0 --test 0 --quiet
+	$(PY) train.py selfgen --model $(MODEL) --corpus $(TRAIN)/corpus --out $(TRAIN)/selfgen --per-book 200
+	$(PY) train.py record --model $(MODEL) --layers eagle3 --corpus $(TRAIN)/selfgen --batch-size 4 \
+	    --out $(TRAIN)/selfgen_records
+	$(PY) train.py record --model $(MODEL) --layers eagle3 --corpus $(TRAIN)/corpus --max-tokens-per-book 60000 \
+	    --batch-size 4 --out $(TRAIN)/books_records
+	$(PY) train.py fit --drafter eagle --records $(EAGLE)/chat_records $(EAGLE)/books_records $(RUN)/selfgen_records \
+	    $(TRAIN)/selfgen_records $(TRAIN)/books_records --out $(EAGLE)/gate --eagle-epochs $(EAGLE3_EPOCHS) \
+	    --max-skip 8 --threads 0
 	for g in $(EVAL_GENRES); do test -f runs/genres/$$g/corpus/manifest.jsonl || $(PY) train.py corpus \
 	    --epubs data/genres/$$g.epub --out runs/genres/$$g/corpus --pin test=- --quiet || exit 1; \
 	    $(PY) train.py selfgen --model $(MODEL) --corpus runs/genres/$$g/corpus --out runs/genres/$$g/selfgen \

@@ -384,3 +384,23 @@ def test_one_proposals_feature_rows_equal_the_batched_features():
         cands, valid, X = candidate_rows(head, p1, p2, ent, pc, copy, n, min(depth, 6), last, tables, 6)
         assert cands.tolist() == f["cands"][0].tolist() and valid.tolist() == f["valid"][0].tolist()
         np.testing.assert_allclose(X, f["X"][0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_records_folder_without_validation_books_only_trains(tiny_eagle, tmp_path):
+    """Training genres recorded whole (no validation books) join a fit beside folders that have some; alone they
+    are refused with the reason (the gate's calibration needs held-out books)."""
+    from corpus_tools import record as rec_mod
+    from gate.train.data import FitError
+    from gate.train.fit import fit
+    from helpers import SPLIT_REC
+
+    model_dir, records, _, _ = tiny_eagle
+    corpus = write_corpus(tmp_path / "corpus", [("e", "train", book_text(4, 6)), ("f", "train", book_text(5, 5))])
+    rec_mod.record([model_dir], corpus, tmp_path / "train_only", layers=("0", "1", "2"), **SPLIT_REC)
+    with pytest.raises(FitError, match="no records folder has a validation split"):
+        fit(tmp_path / "train_only", tmp_path / "refused", log=lambda m: None, **EAGLE_FIT)
+    logs = []
+    fit([records, tmp_path / "train_only"], tmp_path / "both", log=logs.append, **{**EAGLE_FIT, "eagle_epochs": 1.0})
+    meta = json.loads((tmp_path / "both" / "drafter.json").read_text())
+    assert len(meta["precision_maps"]["fitted_on"]["records"]) == 2
+    assert any("2 records folder(s)" in m for m in logs)

@@ -65,7 +65,7 @@ class Source:
     entry: dict
     layer: int | tuple[int, ...]      # a tuple for the feature head (eagle_layers)
     split_train: str
-    split_val: str
+    split_val: str | None             # None: a --drafter eagle folder with no validation books (it only trains)
 
     @property
     def name(self) -> str:
@@ -112,7 +112,13 @@ def open_source(records, model: str | None, cfg: FitConfig) -> Source:
         _refuse_unrecorded_model(rec, path, model)
     layer = (tuple(resolve_layer(entry, lay, path) for lay in eagle_layer_spec(cfg.eagle_layers, entry["n_layers"]))
              if cfg.drafter == "eagle" else resolve_layer(entry, cfg.layer, path))
-    return Source(rec, path, entry, layer, find_split(rec, path, "train"), find_split(rec, path, "validation"))
+    try:
+        val = find_split(rec, path, "validation")
+    except FitError:
+        if cfg.drafter != "eagle":   # the feature head reads several folders: one without validation books trains
+            raise
+        val = None
+    return Source(rec, path, entry, layer, find_split(rec, path, "train"), val)
 
 
 def eagle_layer_spec(spec: str, n_layers: int) -> list[int]:

@@ -49,9 +49,12 @@ class Checkpoint:
 
 
 def load_parts(sources, big, kind: str) -> list[SplitData]:
+    """The train or validation split of every source (a source without validation books gives only train)."""
     out = []
     for src in sources:
         split = src.split_train if kind == "train" else src.split_val
+        if split is None:
+            continue
         d = load_split(src.rec, src.path, split, src.name, src.layer)
         if d.hidden.shape[1] != big.D * len(src.layer):
             raise FitError(f"{src.path}: hidden size {d.hidden.shape[1] // len(src.layer)} but model {src.name!r} "
@@ -208,6 +211,9 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
     """Train, calibrate and save the feature-head drafter (see the module docstring)."""
     t_start = time.time()
     check_sources(sources)
+    if all(s.split_val is None for s in sources):
+        raise FitError(f"{sources[0].path}: no records folder has a validation split (the gate's calibration needs "
+                       "held-out books); record a corpus with train/validation/test books")
     train, val = load_parts(sources, big, "train"), load_parts(sources, big, "val")
     # chunks of 512 positions, smaller for small record sets so that every set gives the gate some
     folds = [chunk_folds(len(d), cfg.seed + i, GATE_FRAC, chunk=max(32, min(512, len(d) // 8)))
@@ -242,7 +248,8 @@ def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path
     meta = eagle_meta(sources, big, cfg, head, counts, cal, metrics, cover,
                       {"head": hmeta, "fit_total_s": round(time.time() - t_start, 1)})
     meta["precision_maps"] = {"fitted_on": {"records": [str(s.path.resolve()) for s in sources],
-                                            "split": sources[0].split_val, "pairs": int((~lt).sum()),
+                                            "split": next(s.split_val for s in sources if s.split_val),
+                                            "pairs": int((~lt).sum()),
                                             "map_frac": cfg.map_frac, "by": "train.py fit"}}
     # the head drafts at most eagle_depth steps per big pass; up to max_skip - 1 when the copy rule is trusted
     max_skip = max(cfg.max_skip, cfg.eagle_depth + 1)
