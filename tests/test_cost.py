@@ -88,6 +88,7 @@ def test_drafter_cost_counts():
     plan.draft_ms = LLAMA.step_ms           # a drafter as slow as the big model is not asked for more
     assert not plan.extend([0.8, 0.8])
     assert plan.cut([0.8, 0.8]) > 0         # but drafts already paid for are still worth verifying
+    assert plan.extend([0.8, 0.8], free=True)   # and a free source (its copy rule, while it is held back) goes on
 
 
 def test_planner_backs_off_when_nothing_pays():

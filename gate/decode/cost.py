@@ -403,10 +403,11 @@ class Planner:
                 best_k, best_r = k, r
         return best_k, best_r
 
-    def extend(self, probs: Sequence[float], future: Callable[[int], float] | None = None) -> bool:
+    def extend(self, probs: Sequence[float], future: Callable[[int], float] | None = None,
+               free: bool = False) -> bool:
         """Propose another draft after these? Yes while a longer chain could beat the best cut of this one
-        (counting the proposals it needs), its drafts at depth j as likely as future(j) says (default: as the
-        last)."""
+        (counting the proposals it needs at the drafter's cost, none when a free source makes them), its drafts at
+        depth j as likely as future(j) says (default: as the last)."""
         k = len(probs)
         if k >= self.max_chain or not probs or probs[-1] <= 0:
             return False
@@ -418,7 +419,8 @@ class Planner:
         for j in range(1, self.max_chain - k + 1):
             chain *= future(k + j) if future is not None else probs[-1]
             expected += chain
-            if self.rate(expected, k + j, j) > now and self.pays(expected, k + j, j):
+            more = 0 if free else j
+            if self.rate(expected, k + j, more) > now and self.pays(expected, k + j, more):
                 return True
             if chain < 1e-3:
                 break

@@ -239,7 +239,8 @@ class Decoder:
                     probs.append(acc.p(d.score, self.temperature > 0, len(probs) + 1))
                 last = drafts[-1].score if drafts else 0.0
                 if not drafts or self.room() <= 0 or not plan.extend(
-                        probs, lambda depth: acc.p(last, self.temperature > 0, depth)):
+                        probs, lambda depth: acc.p(last, self.temperature > 0, depth),
+                        free=propose == self.propose_free):    # a held-back drafter's copies cost nothing
                     break
         keep = plan.cut(probs)
         shadow = None
