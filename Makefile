@@ -17,7 +17,7 @@ help:
 	@echo "make bench  - after make demo: the benchmarks in bench/ (recording, the yardstick on the test book and"
 	@echo "              held-out genres, decoding greedy and sampled, for the heads drafter), in bench/results/"
 	@echo "make bench-eagle - the EAGLE-3 head at full size: training data, fit, held-out evaluation beside the copy"
-	@echo "              rule and the oracle, tau, predicted speed-ups (bench/results/eagle3.md; about 75 min)"
+	@echo "              rule and the oracle, tau, predicted speed-ups (bench/results/eagle3.md; about 2 h 15 min)"
 	@echo "make bench-pair - the Qwen2.5-Coder 0.5B -> 1.5B pair: record, fit the router, coverage table, the"
 	@echo "              policies in decoding on llama.cpp and transformers (about 2 hours on 2 cores; resumes)"
 	@echo "make bench-speed - after make demo and bench-eagle: decode speed on llama.cpp against the binding's own"
@@ -134,10 +134,12 @@ bench: venv books genres model
 	    --out bench/results/decode_sampled
 
 # The learned drafter at full size (issue 27): the EAGLE-3 head trained on the big model's answers to
-# data/prompts/general.txt (recorded on llama.cpp) and the novels' text (on transformers, faster here); then its
-# evaluation beside the copy rule and the oracle on the test book and the held-out genres (their greedy
-# continuations and text, recorded on llama.cpp as decoding sees them; nothing is trained or tuned on them), with tau
-# and the speed-ups the measured cost curves predict (Q4_1 and a Q8_0 copy). About 75 minutes on 2 idle cores (the fit: EAGLE3_EPOCHS epochs).
+# data/prompts/general.txt (recorded on llama.cpp), the novels' text and greedy continuations, and five training
+# genres (data/make_train_books.py: their text and the big model's continuations of 200 openings each; transformers,
+# faster here): 560k positions; then its evaluation beside the copy rule and the oracle on the test book and the
+# held-out genres (their greedy continuations and text, recorded on llama.cpp as decoding sees them; nothing is
+# trained or tuned on them), with tau and the speed-ups the measured cost curves predict (Q4_1 and a Q8_0 copy).
+# About 2 h 15 min on 2 idle cores (making the data 55 min, the fit 31 min for EAGLE3_EPOCHS epochs).
 EAGLE         := runs/eagle3
 TRAIN         := runs/train_genres
 EAGLE3_EPOCHS ?= 2

@@ -166,7 +166,7 @@ def test_real_smollm2_head_on_llamacpp(tmp_path):
         assert len(ids) == spec["n_prompt"]
         rows = target_rows(gguf, ids + generated(spec["rounds"]), head.layers)
         pairs = [(a, b) for theirs, mine, margins in chain_drafts(head, rows, ids, spec["rounds"])
-                 for a, b, m in zip(theirs, mine, margins) if m > 1e-3]
+                 for a, b, m in zip(theirs, mine, margins) if m > 1e-2]   # float32 in both; near-ties may flip
         assert len(pairs) >= 0.9 * spec["n_drafted"] and all(a == b for a, b in pairs)
         print(f"\nSmolLM2 + {REAL_GATE}: {prompt[:40]!r}: llama.cpp drafted {spec['n_drafted']}, accepted "
               f"{spec['n_accept']} ({spec['accept_rate']}), {spec['tokens_per_pass']} tokens per target pass; "
