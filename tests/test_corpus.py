@@ -365,3 +365,21 @@ def test_the_six_demo_novels_convert(tmp_path):
     assert report["books"] == 6 and report["failed"] == []
     assert report["total"]["words"] == 717_537  # the word count of the janeaustenr text: nothing lost or glued
     assert [report["splits"][s]["books"] for s in ("train", "val", "test")] == [4, 1, 1]
+
+
+def test_training_genres_strip_markup_and_keep_the_held_out_books_out():
+    """data/make_train_books.py: POD, AsciiDoc and Vim help markup become plain paragraphs; a fortune that quotes
+    a held-out book (Bierce's Devil's Dictionary, the Jargon File) is dropped; Latin-1 files and overstrikes read."""
+    spec = importlib.util.spec_from_file_location("make_train_books", ROOT / "data" / "make_train_books.py")
+    mtb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mtb)
+    assert mtb.paragraphs(mtb.pod(["=head1 NAME", "", "Use B<strict> and C<< $x >> here.", "", "=cut"])) == \
+        ["NAME", "Use strict and $x here."]
+    assert mtb.paragraphs(mtb.asciidoc(["== Getting a repo", "[[anchor]]", "----", "See linkgit:git-log[1] and",
+                                        "<<sec,the section>>."])) == ["Getting a repo", "See git-log and the section."]
+    assert mtb.paragraphs(mtb.vimhelp(["*usr_01.txt*  For Vim", "=" * 20, "Type |:help| to read.~"])) == \
+        ["For Vim", "Type :help to read."]
+    files = {"./f/cookie": "A fine day.\n%\nCYNIC, n. A blackguard.\n\t\t-- Ambrose Bierce\n%\nOne\n  two\n".encode(),
+             "./f/latin": "Caf\xe9 n_\bo_\bt\x07e\n%\n".encode("latin-1")}
+    paras = [p for _, ps in mtb.fortunes(files) for p in ps]
+    assert paras == ["A fine day.", "One\n  two", "Café note"]
