@@ -333,9 +333,9 @@ class Planner:
 
     A chain of k drafts yields tokens at rate(k) = (1 + S_k) / (cost[k + 1] + D m), m the proposals it still needs
     (those made are spent either way); the planner keeps the k of the highest rate, and only when it yields `margin`
-    tokens more than plain steps would in the same time. The rate is the chain's own, not the run's: the tokens at stake here would otherwise cost plain
-    steps, however fast long copies elsewhere made the run (pricing them at the run's rate, Dinkelbach-style, cut
-    most short chains on copy-rich text, and planned copy fell behind fixed chains: docs/speed.md)."""
+    tokens more than plain steps would in the same time. The rate is the chain's own, not the run's: the tokens at
+    stake would otherwise cost plain steps, however fast long copies elsewhere made the run (pricing them at the
+    run's rate, Dinkelbach-style, cut most short chains on copy-rich text: docs/speed.md)."""
     profile: CostProfile
     acceptance: Acceptance = field(default_factory=Acceptance)
     draft_ms: float = 0.0              # the drafter's cost per proposal (mean), in ms
@@ -382,14 +382,17 @@ class Planner:
             self.starts += 1
             self.start_gain += (gain - self.start_gain) / min(self.starts, 32)
 
+    def pass_cost(self, k: int, more: int = 0) -> float:
+        """Cost in steps of a pass of k drafts that needs `more` proposals first (those made are spent either way)."""
+        return self.profile.of(k + 1) + self.d * more
+
     def rate(self, expected: float, k: int, more: int = 0) -> float:
-        """Tokens per step of a pass of k drafts, `expected` of them accepted, that needs `more` proposals first
-        (the proposals already made are spent either way)."""
-        return (1 + expected) / (self.profile.of(k + 1) + self.d * more)
+        """Tokens per step of that pass, `expected` of its drafts accepted."""
+        return (1 + expected) / self.pass_cost(k, more)
 
     def pays(self, expected: float, k: int, more: int = 0) -> bool:
-        """Does the chain yield `margin` tokens more than plain steps in the time it takes?"""
-        return 1 + expected - (self.profile.of(k + 1) + self.d * more) > self.margin
+        """Does it yield `margin` tokens more than plain steps in the same time?"""
+        return 1 + expected - self.pass_cost(k, more) > self.margin
 
     def best(self, probs: Sequence[float]) -> tuple[int, float]:
         """(k, rate) of the best cut of a chain whose conditional acceptance chances are probs (k = 0: none)."""
