@@ -76,17 +76,27 @@ def fetch_deb(debs: Path, package: str = PACKAGE) -> Path:
     return debs / deb.name
 
 
-def read_rdata(deb: Path) -> tuple[bytes, bytes]:
-    """Rdata.rdx and Rdata.rdb from the package's file system tar, streamed from dpkg-deb."""
-    wanted = {RDATA + ".rdx": b"", RDATA + ".rdb": b""}
+def deb_files(deb: Path, keep) -> dict[str, bytes]:
+    """The files of a .deb's file system tree whose path `keep(path)` accepts, by path in path order, streamed
+    from dpkg-deb (exits when dpkg-deb fails)."""
+    out = {}
     with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as proc:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for member in tar:
-                if member.name in wanted:
-                    wanted[member.name] = tar.extractfile(member).read()
-    if proc.returncode or not all(wanted.values()):
-        sys.exit(f"{deb}: dpkg-deb failed or the package has no {RDATA}.rdx/.rdb (exit {proc.returncode})")
-    return wanted[RDATA + ".rdx"], wanted[RDATA + ".rdb"]
+                if member.isfile() and keep(member.name):
+                    out[member.name] = tar.extractfile(member).read()
+    if proc.returncode:
+        sys.exit(f"{deb}: dpkg-deb failed (exit {proc.returncode})")
+    return dict(sorted(out.items()))
+
+
+def read_rdata(deb: Path) -> tuple[bytes, bytes]:
+    """Rdata.rdx and Rdata.rdb from the package's file system tar."""
+    names = (RDATA + ".rdx", RDATA + ".rdb")
+    found = deb_files(deb, lambda p: p in names)
+    if not all(found.get(n) for n in names):
+        sys.exit(f"{deb}: the package has no {RDATA}.rdx/.rdb")
+    return found[names[0]], found[names[1]]
 
 
 def unserialize(buf: bytes):
@@ -273,6 +283,21 @@ def book_args(doc: str, out: str, argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--debs", type=Path, default=HERE / "debs", help="cache of the .debs (default data/debs)")
     ap.add_argument("--force", action="store_true", help="re-make books that already exist")
     return ap.parse_args(argv)
+
+
+def make_books(books: dict, args: argparse.Namespace, what: str) -> int:
+    """Write each EPUB of `books` ({file name: (Debian package, make(deb) -> EPUB bytes)}) into args.out that is
+    missing there (all with --force), atomically."""
+    t0 = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, (package, make) in books.items():
+        path = args.out / name
+        if path.is_file() and not args.force:
+            continue
+        write_atomic(path, make(fetch_deb(args.debs, package)))
+        print(f"{path}  {path.stat().st_size / 1e6:.2f} MB, from Debian package {package}")
+    print(f"{what} in {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,17 +21,13 @@ every run; each file is written atomically.
 from __future__ import annotations
 
 import gzip
-import io
-import subprocess
 import sys
-import tarfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from make_demo_books import book_args, epub_bytes, fetch_deb, paragraphs, write_atomic  # noqa: E402
+from make_demo_books import book_args, deb_files, epub_bytes, make_books, paragraphs  # noqa: E402
 
 POLICY = ("debian-policy", "./usr/share/doc/debian-policy/policy.epub")
 JARGON = ("jargon-text", "./usr/share/doc/jargon-text/jargon.txt.gz")
@@ -41,13 +37,11 @@ CHAPTER_PARAGRAPHS = 60
 
 
 def member(deb: Path, path: str) -> bytes:
-    """One file of a .deb's file system tree, streamed from dpkg-deb."""
-    proc = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True)
-    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-        f = tar.extractfile(path)
-        if f is None:
-            sys.exit(f"{deb}: {path} is not a file")
-        return f.read()
+    """One file of a .deb's file system tree."""
+    f = deb_files(deb, lambda p: p == path).get(path)
+    if f is None:
+        sys.exit(f"{deb}: {path} is not a file")
+    return f
 
 
 def jargon_epub(raw_gz: bytes) -> bytes:
@@ -83,17 +77,7 @@ BOOKS = {  # file name -> (package, how to make the EPUB from the .deb)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = book_args(__doc__, "genres", argv)
-    t0 = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, (package, make) in BOOKS.items():
-        path = args.out / name
-        if path.is_file() and not args.force:
-            continue
-        write_atomic(path, make(fetch_deb(args.debs, package)))
-        print(f"{path}  {path.stat().st_size / 1e6:.2f} MB, from Debian package {package}")
-    print(f"genre books in {args.out} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return make_books(BOOKS, book_args(__doc__, "genres", argv), "genre books")
 
 
 if __name__ == "__main__":

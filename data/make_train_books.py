@@ -18,34 +18,19 @@ model meets in such documents. Output bytes are the same on every run; each file
 from __future__ import annotations
 
 import gzip
-import io
 import re
-import subprocess
 import sys
-import tarfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from make_demo_books import book_args, epub_bytes, fetch_deb, paragraphs, write_atomic  # noqa: E402
+from make_demo_books import book_args, deb_files, epub_bytes, make_books, paragraphs  # noqa: E402
 
 CHAPTER_PARAGRAPHS = 60
 PERL_PODS = re.compile(r"perl(faq\d?|intro|\w*tut|syn|data|sub|mod|style|trap|var|run|sec|port|re|perf|pod)\.pod")
 HELD_OUT = re.compile(r"bierce|devil's dictionary|jargon", re.I)
 FORTUNE_SKIP = {"art", "ascii-art", "definitions"}
-
-
-def members(deb: Path, keep) -> dict[str, bytes]:
-    """The files of a .deb whose path `keep(path)` accepts, by path, in path order."""
-    proc = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True)
-    out = {}
-    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-        for m in tar.getmembers():
-            if m.isfile() and keep(m.name):
-                out[m.name] = tar.extractfile(m).read()
-    return dict(sorted(out.items()))
 
 
 def chunked(paras: list[str]) -> list[tuple[str, list[str]]]:
@@ -115,7 +100,7 @@ def fortunes(files: dict[str, bytes]) -> list[tuple[str, list[str]]]:
 
 
 def git_book(deb: Path) -> bytes:
-    files = members(deb, lambda p: p.startswith("./usr/share/doc/git-doc/") and p.endswith(".txt"))
+    files = deb_files(deb, lambda p: p.startswith("./usr/share/doc/git-doc/") and p.endswith(".txt"))
     manual = {k: v for k, v in files.items() if k.endswith("user-manual.txt")}
     chaps = by_file(manual, asciidoc) + by_file({k: v for k, v in files.items() if k not in manual}, asciidoc)
     return epub_bytes("urn:skipgate-train:git-doc", "Git User Manual and Commands", "The Git project",
@@ -123,25 +108,25 @@ def git_book(deb: Path) -> bytes:
 
 
 def perl_book(deb: Path) -> bytes:
-    files = members(deb, lambda p: "/pod/" in p and PERL_PODS.fullmatch(Path(p).name) is not None)
+    files = deb_files(deb, lambda p: "/pod/" in p and PERL_PODS.fullmatch(Path(p).name) is not None)
     return epub_bytes("urn:skipgate-train:perl-doc", "Perl Tutorials and FAQ", "The Perl 5 Porters",
                       "Debian package perl-doc", ["Perl documentation"], by_file(files, pod))
 
 
 def gnu_book(deb: Path) -> bytes:
-    files = members(deb, lambda p: p.endswith(".text.gz"))
+    files = deb_files(deb, lambda p: p.endswith(".text.gz"))
     return epub_bytes("urn:skipgate-train:gnu-standards", "GNU Coding Standards", "Free Software Foundation",
                       "Debian package gnu-standards", ["GNU Coding Standards"], by_file(files, lambda x: x))
 
 
 def vim_book(deb: Path) -> bytes:
-    files = members(deb, lambda p: re.search(r"/doc/usr_\d\d\.txt$", p) is not None)
+    files = deb_files(deb, lambda p: re.search(r"/doc/usr_\d\d\.txt$", p) is not None)
     return epub_bytes("urn:skipgate-train:vim-runtime", "Vim User Manual", "Bram Moolenaar",
                       "Debian package vim-runtime", ["Vim user manual"], by_file(files, vimhelp))
 
 
 def fortunes_book(deb: Path) -> bytes:
-    files = members(deb, lambda p: p.startswith("./usr/share/games/fortunes/") and "." not in Path(p).name
+    files = deb_files(deb, lambda p: p.startswith("./usr/share/games/fortunes/") and "." not in Path(p).name
                     and Path(p).name not in FORTUNE_SKIP)
     return epub_bytes("urn:skipgate-train:fortunes", "Fortunes", "Various", "Debian package fortunes",
                       ["Fortunes"], fortunes(files))
@@ -157,17 +142,7 @@ BOOKS = {  # file name -> (package, how to make the EPUB from the .deb)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = book_args(__doc__, "train_books", argv)
-    t0 = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, (package, make) in BOOKS.items():
-        path = args.out / name
-        if path.is_file() and not args.force:
-            continue
-        write_atomic(path, make(fetch_deb(args.debs, package)))
-        print(f"{path}  {path.stat().st_size / 1e6:.2f} MB, from Debian package {package}")
-    print(f"training books in {args.out} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return make_books(BOOKS, book_args(__doc__, "train_books", argv), "training books")
 
 
 if __name__ == "__main__":
