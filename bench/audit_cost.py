@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 from bench.quiet import Quiet
-from common.files import write_json, write_text
+from common.files import write_result
 from gate.decode.audit import Audit
 from gate.decode.cli import build_parser, settle_args
 from gate.decode.loop import Decoder
@@ -99,9 +98,7 @@ def main(argv=None) -> int:
                     "| variant | ms / token (median) | vs off |", "|---|---|---|"]
                    + [f"| {v} | {med[v]:.2f} | {med[v] / med['off']:.3f} |" for v in VARIANTS]
                    + ["", f"count gave off's text in {summary['same_text_count']} of {len(rows)} runs."]) + "\n"
-    write_json(Path(own.out).with_suffix(".json"), dict(summary=summary, runs=rows))
-    write_text(Path(own.out).with_suffix(".md"), md)
-    print(md)
+    write_result(own.out, dict(summary=summary, runs=rows), md)
     return 0
 
 

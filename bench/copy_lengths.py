@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from common.files import write_json, write_text
+from common.errors import ProjectError, fail
+from common.files import write_result
 from corpus_tools.records import open_records
 from gate.model.copyrule import copy_rule
 from gate.model.heads import run_starts
@@ -44,7 +44,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-n", type=int, default=64)
     ap.add_argument("--out", default="bench/results/copy_lengths", help="output path without extension")
     args = ap.parse_args(argv)
-    res = {r: by_length(r, args.split, args.max_n) for r in args.records}
+    try:
+        res = {r: by_length(r, args.split, args.max_n) for r in args.records}
+    except (ProjectError, KeyError) as e:   # no records there, a split they lack: one line
+        return fail("bench/copy_lengths.py", e)
     cols = [n for n in LENGTHS if n <= args.max_n]
     lines = ["# Copy rule precision by match length", "",
              f"Command: `python bench/copy_lengths.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
@@ -57,9 +60,7 @@ def main(argv=None) -> int:
                                                           else f"{100 * row[str(n)]['precision']:.2f}%")
             for n in cols) + " |")
     md = "\n".join(lines) + "\n"
-    write_json(Path(args.out).with_suffix(".json"), res)
-    write_text(Path(args.out).with_suffix(".md"), md)
-    print(md)
+    write_result(args.out, res, md)
     return 0
 
 

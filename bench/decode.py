@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from common.errors import ProjectError, fail  # noqa: E402
-from common.files import write_json, write_text  # noqa: E402
+from common.files import write_result  # noqa: E402
 from gate.decode.audit import DEFAULT_TARGET, Audit, calibrated_target, sum_audits  # noqa: E402
 from gate.decode.contract import BIG_SOURCES
 from gate.decode.drafters import load_gate
@@ -545,10 +545,7 @@ def main(argv=None) -> int:
     except ProjectError as e:   # a user's mistake (a prompt past the context, a bad model name) is one line
         return fail("bench/decode.py", e)
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), dict(results=results))
-    md = markdown(results, argv)
-    write_text(out.with_suffix(".md"), md)
-    print(md)
+    write_result(out, dict(results=results), markdown(results, argv))
     return 0
 
 

@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.quiet import Quiet, load  # noqa: E402
 from common.cpu import OtherCPU  # noqa: E402
 from common.errors import ProjectError, UsageError, fail  # noqa: E402
-from common.files import write_json, write_text  # noqa: E402
+from common.files import write_result  # noqa: E402
 from gate.decode.cost import cpu_name  # noqa: E402
 from gate.decode.session import held_out_prompts  # noqa: E402
 from gate.train.export import export_eagle3  # noqa: E402
@@ -206,11 +206,7 @@ def main(argv=None) -> int:
                 res["exported_from"] = args.gate
     except ProjectError as e:
         return fail("bench/llamacpp_eagle3.py", e)
-    out = Path(args.out)
-    write_json(out.with_suffix(".json"), res)
-    md = markdown(res)
-    write_text(out.with_suffix(".md"), md)
-    print(md)
+    write_result(args.out, res, markdown(res))
     return 0
 
 

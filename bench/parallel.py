@@ -37,7 +37,7 @@ from bench.quiet import Quiet, load  # noqa: E402
 from bench.speed import binding_runner  # noqa: E402
 from common.cpu import OtherCPU  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
-from common.files import write_json, write_text  # noqa: E402
+from common.files import write_result  # noqa: E402
 from gate.decode.cost import batch_curve  # noqa: E402
 from gate.decode.loop import Decoder  # noqa: E402
 from gate.decode.parallel import choose_parallel, run_parallel, slot_context  # noqa: E402
@@ -250,9 +250,7 @@ def main(argv=None) -> int:
     except ProjectError as e:
         return fail("bench/parallel.py", e)
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), res)
-    write_text(out.with_suffix(".md"), markdown(res))
-    print(markdown(res))
+    write_result(out, res, markdown(res))
     return 0
 
 

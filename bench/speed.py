@@ -30,7 +30,7 @@ from bench.decode import tie_gap  # noqa: E402
 from bench.quiet import Quiet, load  # noqa: E402
 from common.cpu import OtherCPU  # noqa: E402
 from common.errors import ProjectError, fail  # noqa: E402
-from common.files import write_json, write_text  # noqa: E402
+from common.files import write_result  # noqa: E402
 from gate.decode.cost import MAX_CHAIN, cpu_name  # noqa: E402
 from gate.decode.drafters import load_gate  # noqa: E402
 from gate.decode.ledger import PLAN_COUNTS  # noqa: E402
@@ -367,11 +367,7 @@ def main(argv=None) -> int:
         res = bench(args)
     except ProjectError as e:   # a user's mistake (no corpus there, a bad model name) is one line
         return fail("bench/speed.py", e)
-    out = Path(args.out)
-    write_json(out.with_suffix(".json"), res)
-    md = markdown(res)
-    write_text(out.with_suffix(".md"), md)
-    print(md)
+    write_result(args.out, res, markdown(res))
     return 0
 
 

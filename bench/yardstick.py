@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.files import write_json, write_text
+from common.files import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,10 +165,7 @@ def main(argv=None) -> int:
             rows.append(row(label, metrics[label]))
         recal.append(recalibrate(name, run_dir, args.gate, log, args.force))
     md = markdown(rows, recal, log, argv, time.time() - t0)
-    write_json(args.out.with_suffix(".json"), {"rows": rows, "recalibration": recal, "commands": log,
-                                               "metrics": metrics})
-    write_text(args.out.with_suffix(".md"), md)
-    print(md)
+    write_result(args.out, {"rows": rows, "recalibration": recal, "commands": log, "metrics": metrics}, md)
     return 0
 
 

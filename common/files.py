@@ -135,6 +135,13 @@ def write_json(path: str | Path, obj, indent: int | None = 1) -> None:
     write_text(path, json_text(obj, indent))
 
 
+def write_result(out: str | Path, obj, md: str) -> None:
+    """A benchmark's result: OUT.json (obj) and OUT.md (md), each atomically; the markdown is printed too."""
+    write_json(Path(out).with_suffix(".json"), obj)
+    write_text(Path(out).with_suffix(".md"), md)
+    print(md)
+
+
 def save_tensors(tensors: dict, path: str | Path) -> None:
     """A safetensors file, written atomically."""
     from safetensors.torch import save_file
@@ -426,6 +433,6 @@ def _inode_holder(dev: int, ino: int) -> str:
     return "another process"
 
 
-__all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "save_tensors", "FolderLock",
+__all__ = ["atomic_path", "atomic_dir", "write_bytes", "write_text", "write_json", "write_result", "save_tensors", "FolderLock",
            "FileLock", "LockedError", "OutputPathError", "check_output_dir", "check_output_file", "real_path",
            "special_kind", "fit_name", "name_max", "json_text"]
