@@ -45,7 +45,7 @@ from gate.train.data import (
     subsample_pairs,
 )
 from gate.train.distill import train_future_heads, train_word_head
-from gate.train.fit_eagle import fit_eagle
+from gate.train.fit_eagle import check_sources, fit_eagle
 from gate.train.fit_router import fit_router
 from gate.train.pca import pca_fit
 from gate.train.stages import StageCache, stage_key
@@ -542,6 +542,7 @@ def fit(records: str | Path, out: str | Path, model: str | None = None, force: b
         if cfg.drafter == "eagle":
             _check_settings(cfg)
             sources = [open_source(p, model, cfg) for p in paths]
+            check_sources(sources)          # before the big model loads
             return fit_eagle(sources, load_big_model(sources[0], cfg, log), Path(out), cfg, force, log)
         return _fit(paths[0], Path(out), model, force, log, cfg)
 

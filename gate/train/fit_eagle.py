@@ -64,7 +64,11 @@ def load_parts(sources, big, kind: str) -> list[SplitData]:
 
 
 def check_sources(sources) -> None:
+    """One big model, tokenizer and layer set across the records folders, and validation books in one at least."""
     first = sources[0]
+    if all(s.split_val is None for s in sources):
+        raise FitError(f"{first.path}: no records folder has a validation split (the gate's calibration needs "
+                       "held-out books); record a corpus with train/validation/test books")
     for s in sources:
         if s.rec.fingerprint != first.rec.fingerprint or s.name != first.name:
             raise TokenizerMismatch(f"{s.path}: records of {s.name!r} (tokenizer {s.rec.fingerprint}) cannot "
@@ -208,12 +212,9 @@ def eagle_meta(sources, big, cfg: FitConfig, head: FeatureHead, counts: dict, ca
 
 
 def fit_eagle(sources, big, out: Path, cfg: FitConfig, force: bool, log) -> Path:
-    """Train, calibrate and save the feature-head drafter (see the module docstring)."""
+    """Train, calibrate and save the feature-head drafter (see the module docstring) from sources that passed
+    check_sources."""
     t_start = time.time()
-    check_sources(sources)
-    if all(s.split_val is None for s in sources):
-        raise FitError(f"{sources[0].path}: no records folder has a validation split (the gate's calibration needs "
-                       "held-out books); record a corpus with train/validation/test books")
     train, val = load_parts(sources, big, "train"), load_parts(sources, big, "val")
     # chunks of 512 positions, smaller for small record sets so that every set gives the gate some
     folds = [chunk_folds(len(d), cfg.seed + i, GATE_FRAC, chunk=max(32, min(512, len(d) // 8)))
